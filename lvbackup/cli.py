@@ -1,0 +1,473 @@
+"""The command line: parse, call the engine, render (rich tables, or one JSON document)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import click
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+from rich.table import Table
+
+from . import __version__, engine
+from .catalog import STATUSES
+from .config import Config, as_dict, load_config
+from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError
+from .sources import device_source
+
+EXIT_CODES = """\b
+Exit status:
+  0   success
+  1   the operation failed (I/O error, corruption found, ...)
+  2   invalid usage, or a request the current state forbids
+  75  the repository or volume is locked by another run (see --wait)
+"""
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in "KMG" and t[-1:] else ""
+    try:
+        return int(t[: len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 131072, 128K, 1M)") from None
+
+
+class App:
+    """Per-invocation state: global options, the configuration, the open engine."""
+
+    def __init__(self, config_path: str | None, as_json: bool, quiet: bool, verbose: bool):
+        self.config_path = config_path
+        self.as_json = as_json
+        self.quiet = quiet
+        self.verbose = verbose
+        self._config: Config | None = None
+        self._lv: engine.Lvbackup | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
+
+    def lv(self, wait: float = 0.0) -> engine.Lvbackup:
+        if self._lv is None:
+            self._lv = engine.Lvbackup(self.config, wait)
+            click.get_current_context().call_on_close(self._lv.close)
+        return self._lv
+
+    def emit(self, data: Any, human: Callable[[Any], None]) -> None:
+        if self.as_json:
+            click.echo(json.dumps(data, indent=2))
+        else:
+            human(data)
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(message, err=True)
+
+    @contextmanager
+    def progress(self, label: str) -> Iterator[Callable[[int, int], None] | None]:
+        """A progress bar on stderr when it is a terminal and not --quiet."""
+        if self.quiet or not sys.stderr.isatty():
+            yield None
+            return
+        with Progress(TextColumn(label), BarColumn(), DownloadColumn(binary_units=True),
+                      TransferSpeedColumn(), TimeRemainingColumn(), console=err_console,
+                      transient=True) as bar:
+            task = bar.add_task(label, total=None)
+
+            def update(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            yield update
+
+
+class Group(click.Group):
+    """Turns LvbackupError into one line on stderr and its exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LvbackupError as e:
+            click.echo(f"lvbackup: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+pass_app = click.make_pass_decorator(App)
+wait_option = click.option("--wait", type=click.FloatRange(min=0), default=0.0,
+                           show_default=True, metavar="SECONDS",
+                           help="Wait this long for a lock held by another run, then exit 75.")
+
+
+@click.group(cls=Group, epilog=EXIT_CODES,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", metavar="FILE",
+              help="Configuration file [default: $LVBACKUP_CONFIG, else /etc/lvbackup/lvbackup.yaml]")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but the result.")
+@click.option("--verbose", "-v", is_flag=True, help="Explain more; tracebacks on internal errors.")
+@click.version_option(__version__, prog_name="lvbackup")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, as_json: bool, quiet: bool,
+        verbose: bool) -> None:
+    """Back up LVM logical volumes, their snapshots, and any block device or image file:
+    full and incremental, deduplicated, compressed and verifiable.
+
+    \b
+    Example:
+      lvbackup init
+      lvbackup create --device /srv/disk.img
+      lvbackup create --device /srv/disk.img --incremental
+      lvbackup list
+    """
+    ctx.obj = App(config_path, as_json, quiet, verbose)
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+_SHOW_FIELDS = ("id", "name", "description", "status", "fail_reason", "volume_name", "volume_id",
+                "snapshot_name", "snapshot_id", "parent_id", "is_incremental", "data_timestamp",
+                "created_at", "updated_at", "size", "block_size", "stored_bytes",
+                "num_dependent_backups", "has_dependent_backups")
+
+
+def print_record(rec: dict) -> None:
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    for key in _SHOW_FIELDS:
+        value = rec.get(key)
+        if key in ("size", "stored_bytes") and value is not None:
+            value = f"{human_size(value)} ({value} bytes)"
+        table.add_row(key, "-" if value is None else str(value))
+    Console().print(table)
+
+
+def print_records(recs: list[dict]) -> None:
+    table = Table()
+    for col in ("id", "volume", "kind", "status", "data timestamp", "size", "stored", "parent",
+                "deps", "name"):
+        table.add_column(col, overflow="fold")
+    for r in recs:
+        table.add_row(r["id"][:8], r["volume_name"] or "", "incr" if r["is_incremental"] else "full",
+                      r["status"], (r["data_timestamp"] or "")[:19].replace("T", " "),
+                      human_size(r["size"]), human_size(r["stored_bytes"]),
+                      (r["parent_id"] or "-")[:8], str(r["num_dependent_backups"]),
+                      r["name"] or "")
+    Console().print(table)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--block-size", metavar="N", help="Block size of a new repository (e.g. 128K).")
+@pass_app
+def init(app: App, block_size: str | None) -> None:
+    """Create the repository and the catalog (idempotent).
+
+    \b
+    Example:
+      lvbackup --config /etc/lvbackup/lvbackup.yaml init --block-size 128K
+    """
+    result = engine.init_repository(app.config, parse_size(block_size) if block_size else None)
+
+    def human(r: dict) -> None:
+        verb = "Created" if r["created"] else "Using existing"
+        click.echo(f"{verb} repository {r['repository']} (block size {human_size(r['block_size'])}),"
+                   f" catalog {r['catalog']}")
+
+    app.emit(result, human)
+
+
+@cli.command()
+@click.option("--device", metavar="PATH", help="Back up a block device or image file.")
+@click.option("--incremental", is_flag=True,
+              help="Incremental: the parent is the volume's latest available backup.")
+@click.option("--name", help="A name for the backup.")
+@click.option("--description", help="A description for the backup.")
+@wait_option
+@pass_app
+def create(app: App, device: str | None, incremental: bool, name: str | None,
+           description: str | None, wait: float) -> None:
+    """Back up a source and print the new backup record.
+
+    \b
+    Examples:
+      lvbackup create --device /dev/sdb
+      lvbackup --json create --device /srv/vm.img --incremental --name nightly
+    """
+    if not device:
+        raise click.UsageError("give the source: --device PATH")
+    lv = app.lv(wait)
+    with app.progress("backup") as progress:
+        result = engine.create_backup(lv, device_source(device), incremental=incremental,
+                                      name=name, description=description, progress=progress)
+    s = result.stats
+    app.log(f"read {human_size(s.bytes_read)}, holes {human_size(s.hole_bytes)}, unchanged "
+            f"{human_size(s.unchanged_bytes)}, reused {human_size(s.reused_bytes)}, "
+            f"stored {human_size(s.stored_bytes)} (of {human_size(s.new_bytes)} new)")
+    app.emit(result.record, print_record)
+
+
+@cli.command("list")
+@click.option("--volume", metavar="VG/LV|UUID|PATH", help="Only backups of this volume.")
+@click.option("--status", type=click.Choice(STATUSES), help="Only backups in this status.")
+@pass_app
+def list_(app: App, volume: str | None, status: str | None) -> None:
+    """List backups (deleted ones only with --status deleted).
+
+    \b
+    Example:
+      lvbackup list --volume vg0/data --status available
+    """
+    from .catalog import to_record
+    lv = app.lv()
+    engine.recover_dead_runs(lv)
+    rows = [to_record(r) for r in lv.catalog.list(volume=volume, status=status)]
+    app.emit(rows, print_records)
+
+
+@cli.command()
+@click.argument("backup_id")
+@pass_app
+def show(app: App, backup_id: str) -> None:
+    """Show one backup's record (ID may be a unique prefix).
+
+    \b
+    Example:
+      lvbackup show 3f2a
+    """
+    from .catalog import to_record
+    lv = app.lv()
+    engine.recover_dead_runs(lv)
+    app.emit(to_record(lv.catalog.resolve(backup_id)), print_record)
+
+
+@cli.command()
+@click.argument("backup_id")
+@click.option("--to", metavar="DEVICE", help="An existing device or file, at least as large.")
+@click.option("--to-file", metavar="PATH|-", help="A new image file, or - for standard output.")
+@click.option("--force", is_flag=True, help="Write to a target that is in use.")
+@wait_option
+@pass_app
+def restore(app: App, backup_id: str, to: str | None, to_file: str | None, force: bool,
+            wait: float) -> None:
+    """Restore a backup to a device, a file, or standard output.
+
+    \b
+    Examples:
+      lvbackup restore 3f2a --to-file /srv/restored.img
+      lvbackup restore 3f2a --to-file - | ssh host 'dd of=/dev/vg0/data bs=1M'
+    """
+    if (to is None) == (to_file is None):
+        raise click.UsageError("give exactly one target: --to DEVICE or --to-file PATH|-")
+    if to_file == "-" and app.as_json:
+        raise click.UsageError("--json cannot be combined with --to-file - (stdout carries the image)")
+    lv = app.lv(wait)
+    with app.progress("restore") as progress:
+        rec = engine.restore_backup(lv, backup_id, to=to, to_file=to_file, force=force,
+                                    progress=progress)
+    if to_file == "-":
+        return
+    app.emit(rec, lambda r: click.echo(f"Restored backup {r['id']} to {to or to_file}"))
+
+
+@cli.command()
+@click.argument("backup_id")
+@click.option("--force", is_flag=True, help="Delete whatever its status (not if it has dependents).")
+@wait_option
+@pass_app
+def delete(app: App, backup_id: str, force: bool, wait: float) -> None:
+    """Delete a backup (its data is reclaimed by the next 'lvbackup gc').
+
+    \b
+    Example:
+      lvbackup delete 3f2a
+    """
+    rec = engine.delete_backup(app.lv(wait), backup_id, force=force)
+    app.emit(rec, lambda r: click.echo(f"Deleted backup {r['id']}"))
+
+
+@cli.command()
+@click.argument("backup_ids", nargs=-1, metavar="[ID]...")
+@click.option("--deep", is_flag=True, help="Re-read and re-hash every chunk.")
+@wait_option
+@pass_app
+def verify(app: App, backup_ids: tuple[str, ...], deep: bool, wait: float) -> None:
+    """Check backups (all available ones by default); exit 1 if any is damaged.
+
+    \b
+    Example:
+      lvbackup verify --deep
+    """
+    with app.progress("verify") as progress:
+        report = engine.verify_backups(app.lv(wait), list(backup_ids), deep=deep,
+                                       progress=progress)
+
+    def human(r: dict) -> None:
+        for e in r["index_errors"]:
+            click.echo(f"FAILED  {e}")
+        for b in r["backups"]:
+            click.echo(f"{'ok    ' if b['ok'] else 'FAILED'}  {b['id']}  {b['volume_name']}"
+                       + (f"  {b['error']}" if b["error"] else ""))
+
+    app.emit(report, human)
+    if not report["ok"]:
+        bad = [b["id"] for b in report["backups"] if not b["ok"]]
+        detail = f"backups {', '.join(bad)}" if bad else "the index"
+        raise LvbackupError(f"verify found damage in {detail}")
+
+
+@cli.command()
+@wait_option
+@pass_app
+def gc(app: App, wait: float) -> None:
+    """Reclaim space: delete packs no backup uses, repack mostly-unused ones.
+
+    \b
+    Example:
+      lvbackup gc
+    """
+    from .repository.gc import collect_garbage
+    lv = app.lv(wait)
+    with lv.exclusive_lock():
+        engine.recover_dead_runs(lv)
+        stats = collect_garbage(lv.repo, lv.config.cache_dir, lv.lock_dir)
+
+    def human(s: dict) -> None:
+        click.echo(f"Deleted {s['packs_deleted']} packs, repacked {s['packs_repacked']}, "
+                   f"freed {human_size(s['bytes_freed'])}")
+
+    app.emit(stats, human)
+
+
+@cli.command("export-record")
+@click.argument("backup_id")
+@pass_app
+def export_record(app: App, backup_id: str) -> None:
+    """Print a backup's catalog record as base64 text (for import-record).
+
+    \b
+    Example:
+      lvbackup export-record 3f2a > 3f2a.record
+    """
+    click.echo(engine.export_record(app.lv(), backup_id))
+
+
+@cli.command("import-record")
+@click.argument("source", metavar="FILE|-")
+@wait_option
+@pass_app
+def import_record(app: App, source: str, wait: float) -> None:
+    """Re-create a backup's catalog row from export-record's output.
+
+    \b
+    Example:
+      lvbackup import-record 3f2a.record
+    """
+    try:
+        text = sys.stdin.read() if source == "-" else open(source).read()
+    except OSError as e:
+        raise LvbackupError(f"cannot read {source}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        text = "\x00"
+    rec = engine.import_record(app.lv(wait), text)
+    app.emit(rec, lambda r: click.echo(f"Imported backup {r['id']}"))
+
+
+@cli.group()
+def catalog() -> None:
+    """Catalog maintenance."""
+
+
+@catalog.command("rebuild")
+@wait_option
+@pass_app
+def catalog_rebuild(app: App, wait: float) -> None:
+    """Recreate the catalog from the repository's manifests.
+
+    \b
+    Example:
+      lvbackup catalog rebuild
+    """
+    result = engine.rebuild_catalog(app.config, wait)
+    app.emit(result, lambda r: click.echo(f"Recovered {r['recovered']} backups from the repository"))
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Configuration."""
+
+
+@config_group.command("check")
+@pass_app
+def config_check(app: App) -> None:
+    """Validate the configuration file and print the effective configuration.
+
+    \b
+    Example:
+      lvbackup --config ./lvbackup.yaml config check
+    """
+    app.emit(as_dict(app.config),
+             lambda d: [click.echo(f"{k}: {v}") for k, v in d.items()])
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+def _on_signal(signum: int, _frame) -> None:
+    # Unwind through every finally: temporary snapshots are removed, rows marked error.
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _on_signal)
+    verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
+    try:
+        code = cli.main(prog_name="lvbackup", standalone_mode=False)
+    except click.ClickException as e:
+        click.echo(f"lvbackup: error: {e.format_message()}", err=True)
+        code = e.exit_code if e.exit_code else EXIT_USAGE
+    except click.exceptions.Abort:
+        click.echo("lvbackup: interrupted", err=True)
+        code = 130
+    except LvbackupError as e:
+        click.echo(f"lvbackup: error: {e}", err=True)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        click.echo("lvbackup: interrupted", err=True)
+        code = 130
+    except BrokenPipeError:
+        code = EXIT_FAILED
+    except Exception as e:  # noqa: BLE001 - never a traceback unless asked for
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"lvbackup: internal error: {type(e).__name__}: {e} "
+                   "(rerun with --verbose for details)", err=True)
+        code = EXIT_FAILED
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,534 @@
+"""Backup, restore, delete, verify, gc and record import/export: one function per operation.
+
+The order of writes for a backup is packs, then the index entries that point into them,
+then the manifest, then the catalog row turns `available`; a run killed anywhere leaves no
+`available` backup that cannot be restored (docs/format.md, docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import json
+import os
+import stat
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager
+
+from .catalog import COLUMNS, Catalog, choose_parent, to_record
+from .chunker import ScanStats, backup_blocks, restore_blocks, source_size
+from .config import Config
+from .errors import CorruptionError, LvbackupError, NotFoundError, UsageError
+from .locks import RunLock, repository_lock, run_is_alive, volume_lock
+from .manifest import ENTRY_SIZE, HOLE, Manifest, ManifestWriter, manifest_name
+from .repository.pack import pack_name
+from .repository.repo import Repository
+from .sources import Source
+from .timeutil import now_iso
+
+Progress = Callable[[int], None]
+
+class Lvbackup:
+    """An open configuration: the catalog and repository it names, opened on first use."""
+
+    def __init__(self, config: Config, wait: float = 0.0):
+        self.config = config
+        self.wait = wait
+        self._catalog: Catalog | None = None
+        self._repo: Repository | None = None
+
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = Catalog(self.config.catalog)
+        return self._catalog
+
+    @property
+    def repo(self) -> Repository:
+        if self._repo is None:
+            self._repo = Repository.open(self.config.repository, self.config.cache_dir)
+        return self._repo
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.config.lock_dir
+
+    def close(self) -> None:
+        if self._catalog is not None:
+            self._catalog.close()
+        if self._repo is not None:
+            self._repo.close()
+
+    def shared_lock(self) -> ContextManager:
+        return repository_lock(self.lock_dir, exclusive=False).acquire(self.wait)
+
+    def exclusive_lock(self) -> ContextManager:
+        return repository_lock(self.lock_dir, exclusive=True).acquire(self.wait)
+
+
+# --- init ----------------------------------------------------------------------------
+
+def init_repository(config: Config, block_size: int | None) -> dict:
+    """Create the repository and the catalog if they do not exist (idempotent)."""
+    repo, created = Repository.init(config.repository, config.cache_dir, block_size)
+    try:
+        Catalog(config.catalog).close()
+    finally:
+        repo.close()
+    return {"repository": str(config.repository), "catalog": str(config.catalog),
+            "repository_id": repo.id, "block_size": repo.block_size, "created": created}
+
+
+# --- recovery of dead runs -------------------------------------------------------------
+
+def recover_dead_runs(lv: Lvbackup) -> list[dict]:
+    """Settle rows left in a transitional state by runs that died (rule 11).
+
+    A `creating` backup whose manifest was written is complete and becomes `available`;
+    otherwise it becomes `error`. A `restoring` one is `available` again. A `deleting` one
+    is `deleted` if its manifest is gone, else `error_deleting`.
+    """
+    cat = lv.catalog
+    changed = []
+    for row in cat.in_states("creating", "restoring", "deleting"):
+        if run_is_alive(lv.lock_dir, row["id"]):
+            continue
+        has_manifest = _manifest_ok(lv, row["id"])
+        if row["status"] == "creating":
+            if has_manifest:
+                fields = {"status": "available", "fail_reason": None}
+            else:
+                fields = {"status": "error", "fail_reason":
+                          "incomplete backup reset: the run creating it was interrupted"}
+        elif row["status"] == "restoring":
+            fields = {"status": "available"}
+        else:
+            fields = ({"status": "error_deleting", "fail_reason":
+                       "the run deleting it was interrupted; delete it again with --force"}
+                      if has_manifest else {"status": "deleted"})
+        with cat.db.atomic():
+            cat.update(row["id"], **fields)
+            cat.refresh_dependents(row["parent_id"])
+        changed.append({**row, **fields})
+    return changed
+
+
+def _manifest_ok(lv: Lvbackup, backup_id: str) -> bool:
+    try:
+        Manifest(lv.repo.storage, backup_id)
+        return True
+    except (CorruptionError, UsageError):
+        return False
+
+
+# --- create --------------------------------------------------------------------------
+
+@dataclass
+class CreateResult:
+    record: dict
+    stats: ScanStats
+
+
+def create_backup(lv: Lvbackup, source_cm: ContextManager[Source], *, incremental: bool,
+                  name: str | None = None, description: str | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> CreateResult:
+    """Back up a source; returns the new record (status `available`) and what was stored."""
+    repo, cat = lv.repo, lv.catalog
+    with ExitStack() as stack:
+        stack.enter_context(lv.shared_lock())
+        source = stack.enter_context(source_cm)
+        stack.enter_context(volume_lock(lv.lock_dir, source.volume_id, source.volume_name)
+                            .acquire(lv.wait))
+        recover_dead_runs(lv)
+        parent = (choose_parent(cat.candidates(source.volume_id), source.snapshot_time)
+                  if incremental else None)
+        backup_id = str(uuid.uuid4())
+        stack.enter_context(RunLock(lv.lock_dir, backup_id).acquire())
+        try:
+            fd = os.open(source.path, os.O_RDONLY)
+        except OSError as e:
+            raise LvbackupError(f"cannot open {source.path}: {e.strerror}") from None
+        stack.callback(os.close, fd)
+        size = source_size(fd)
+        now = now_iso()
+        record = {
+            "id": backup_id, "name": name, "description": description,
+            "volume_id": source.volume_id, "volume_name": source.volume_name,
+            "snapshot_id": source.snapshot_id, "snapshot_name": source.snapshot_name,
+            "parent_id": parent["id"] if parent else None, "is_incremental": parent is not None,
+            "data_timestamp": source.snapshot_time or now, "created_at": now,
+            "updated_at": now, "status": "creating", "fail_reason": None, "size": size,
+            "block_size": repo.block_size, "stored_bytes": 0, "num_dependent_backups": 0,
+        }
+        cat.insert(record)
+        try:
+            stats = _write_backup(lv, source, fd, size, record, parent, progress)
+        except BaseException as e:
+            cat.update(backup_id, status="error", fail_reason=_reason(e))
+            if isinstance(e, OSError):
+                raise LvbackupError(f"backup of {source.volume_name} failed: {_reason(e)}") from None
+            raise
+        return CreateResult(to_record(cat.get(backup_id)), stats)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror or e}{where}"
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, SystemExit):
+        return "terminated by a signal"
+    return str(e) or type(e).__name__
+
+
+def _write_backup(lv: Lvbackup, source: Source, fd: int, size: int, record: dict,
+                  parent: dict | None, progress) -> ScanStats:
+    repo, cat = lv.repo, lv.catalog
+    repo.sync_index(lv.lock_dir)
+    parent_manifest = None
+    if parent is not None:
+        try:
+            parent_manifest = Manifest(repo.storage, parent["id"])
+        except CorruptionError as e:
+            raise CorruptionError(f"parent backup {parent['id']}: {e}; make a full backup") from None
+    packer = repo.packer(record["id"])
+    writer = ManifestWriter(repo.storage, record["id"])
+    try:
+        stats = backup_blocks(repo, packer, fd, size, parent_manifest, writer,
+                              workers=lv.config.workers, level=lv.config.compression_level,
+                              progress=(lambda done: progress(done, size)) if progress else None)
+        packer.commit()
+        final = {**record, "status": "available", "stored_bytes": stats.stored_bytes,
+                 "updated_at": now_iso()}
+        writer.close({"block_size": repo.block_size, "size": size,
+                      "backup": to_record(final)})
+    except BaseException:
+        writer.abort()
+        try:  # index what this run did store, so a rerun reuses it
+            packer.commit()
+        except Exception:  # noqa: BLE001 - the original failure is the one to report
+            pass
+        raise
+    with cat.db.atomic():
+        cat.update(record["id"], status="available", stored_bytes=stats.stored_bytes)
+        cat.refresh_dependents(record["parent_id"])
+    return stats
+
+
+# --- restore -------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    fd: int
+    name: str
+    fresh: bool      # already zero-filled: holes may be skipped
+    seekable: bool
+
+
+def _open_target(to: str | None, to_file: str | None, size: int, force: bool) -> Target:
+    if to_file == "-":
+        _grow_pipe(1)
+        return Target(1, "standard output", fresh=False, seekable=False)
+    path = to if to is not None else to_file
+    assert path is not None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise UsageError(f"cannot access {path}: {e.strerror}") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{path} is a directory; give a file or device path")
+    if to is not None and st is None:
+        raise UsageError(f"restore target {path} does not exist; use --to-file to create a file")
+    existing = to is not None or (st is not None and stat.S_ISBLK(st.st_mode))
+    flags = os.O_WRONLY
+    if not existing:
+        flags |= os.O_CREAT | os.O_TRUNC
+    elif st is not None and stat.S_ISBLK(st.st_mode) and not force:
+        flags |= os.O_EXCL  # EBUSY if mounted or held open exclusively
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        if e.errno == 16:
+            raise UsageError(f"restore target {path} is in use; unmount it or pass --force") from None
+        raise UsageError(f"cannot open restore target {path}: {e.strerror}") from None
+    if existing:
+        have = source_size(fd)
+        if have < size:
+            os.close(fd)
+            raise UsageError(f"volume size {have} is too small to restore backup of size {size}.")
+    return Target(fd, path, fresh=not existing, seekable=True)
+
+
+def _grow_pipe(fd: int) -> None:
+    try:  # a bigger pipe buffer means fewer wake-ups for whoever reads the stream
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ
+    except OSError:
+        pass
+
+
+def restore_backup(lv: Lvbackup, backup_id: str, *, to: str | None = None,
+                   to_file: str | None = None, force: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write a backup's image to a file, device or stdout; returns the backup's record."""
+    cat = lv.catalog
+    row = cat.resolve(backup_id)
+    with ExitStack() as stack:
+        stack.enter_context(lv.shared_lock())
+        recover_dead_runs(lv)
+        row = cat.get(row["id"])
+        if row["status"] != "available":
+            raise UsageError(f"Backup status must be available (backup {row['id']} is {row['status']})")
+        repo = lv.repo
+        repo.sync_index(lv.lock_dir)
+        try:
+            manifest = Manifest(repo.storage, row["id"])
+        except CorruptionError as e:
+            raise CorruptionError(f"backup {row['id']}: {e}") from None
+        target = _open_target(to, to_file, manifest.size, force)
+        if target.fd != 1:
+            stack.callback(os.close, target.fd)
+        stack.enter_context(RunLock(lv.lock_dir, row["id"]).acquire())
+        cat.update(row["id"], status="restoring")
+        try:
+            _write_image(repo, manifest, target, lv.config.workers, progress)
+        except CorruptionError as e:
+            raise CorruptionError(f"backup {row['id']}: {e}") from None
+        except BrokenPipeError:
+            raise LvbackupError(f"restore of backup {row['id']}: the reader of the output "
+                                "closed it early") from None
+        except OSError as e:
+            raise LvbackupError(f"restore of backup {row['id']} to {target.name} failed: "
+                                f"{_reason(e)}") from None
+        finally:
+            cat.update(row["id"], status="available")
+    return to_record(cat.get(row["id"]))
+
+
+def _write_image(repo: Repository, manifest: Manifest, target: Target, workers: int,
+                 progress) -> None:
+    bs, size = manifest.block_size, manifest.size
+    zero = bytes(bs)
+    done = 0
+    for first, blocks in restore_blocks(repo, manifest, workers=workers):
+        pos = first * bs
+        for data in blocks:
+            n = min(bs, size - pos)
+            if data is None and target.fresh:
+                pos += n
+                continue
+            buf = memoryview(zero)[:n] if data is None else memoryview(data)
+            while buf:
+                w = os.pwrite(target.fd, buf, pos) if target.seekable else os.write(target.fd, buf)
+                buf = buf[w:]
+                pos += w
+        done = pos
+        if progress:
+            progress(done, size)
+    if target.seekable:
+        if target.fresh:
+            os.ftruncate(target.fd, size)
+        os.fsync(target.fd)
+
+
+# --- delete --------------------------------------------------------------------------
+
+def delete_backup(lv: Lvbackup, backup_id: str, *, force: bool = False) -> dict:
+    """Remove a backup's manifest and mark it deleted (its chunks go at the next gc)."""
+    cat = lv.catalog
+    row = cat.resolve(backup_id)
+    with ExitStack() as stack:
+        stack.enter_context(lv.shared_lock())
+        recover_dead_runs(lv)
+        row = cat.get(row["id"])
+        if row["status"] == "deleted":
+            raise UsageError(f"backup {row['id']} is already deleted")
+        if row["status"] not in ("available", "error") and not force:
+            raise UsageError(f"Backup status must be available or error (backup {row['id']} "
+                             f"is {row['status']}); pass --force to delete it anyway")
+        children = cat.children(row["id"])
+        if children:
+            ids = ", ".join(c["id"] for c in children)
+            raise UsageError(f"Incremental backups exist for this backup. "
+                             f"(backup {row['id']} has dependents: {ids}; delete them first)")
+        stack.enter_context(RunLock(lv.lock_dir, row["id"]).acquire())
+        cat.update(row["id"], status="deleting")
+        try:
+            lv.repo.storage.delete(manifest_name(row["id"]))
+        except OSError as e:
+            cat.update(row["id"], status="error_deleting", fail_reason=_reason(e))
+            raise LvbackupError(f"cannot delete backup {row['id']}: {_reason(e)}") from None
+        with cat.db.atomic():
+            cat.update(row["id"], status="deleted")
+            cat.refresh_dependents(row["parent_id"])
+    return to_record(cat.get(row["id"]))
+
+
+# --- verify --------------------------------------------------------------------------
+
+def verify_backups(lv: Lvbackup, ids: list[str], *, deep: bool,
+                   progress: Callable[[int, int], None] | None = None) -> dict:
+    """Check backups: manifests, index entries and packs; with `deep`, every chunk's hash."""
+    cat = lv.catalog
+    with lv.shared_lock():
+        recover_dead_runs(lv)
+        rows = ([cat.resolve(i) for i in ids] if ids else cat.list(status="available"))
+        repo = lv.repo
+        bad_index = repo.sync_index(lv.lock_dir)
+        results = []
+        total = sum(r["size"] or 0 for r in rows)
+        done = 0
+        for row in rows:
+            error = None
+            if row["status"] != "available":
+                error = f"backup {row['id']} is {row['status']}, not available"
+            else:
+                try:
+                    _verify_one(repo, row["id"], deep)
+                except CorruptionError as e:
+                    error = f"backup {row['id']}: {e}"
+            results.append({"id": row["id"], "name": row["name"],
+                            "volume_name": row["volume_name"], "ok": error is None,
+                            "error": error})
+            done += row["size"] or 0
+            if progress:
+                progress(done, total)
+    errors = [f"index file {n} is corrupt" for n in bad_index]
+    return {"ok": not errors and all(r["ok"] for r in results), "deep": deep,
+            "index_errors": errors, "backups": results}
+
+
+def _verify_one(repo: Repository, backup_id: str, deep: bool) -> None:
+    manifest = Manifest(repo.storage, backup_id)
+    if manifest.record.get("id") != backup_id:
+        raise CorruptionError(f"manifest {manifest.name} holds the record of another backup")
+    if deep:
+        for _ in restore_blocks(repo, manifest, workers=os.cpu_count() or 2):
+            pass
+        return
+    seen_packs: set[bytes] = set()
+    per = 4096
+    for n, entries in enumerate(manifest.entries(per)):
+        ids = {}
+        for i, o in enumerate(range(0, len(entries), ENTRY_SIZE)):
+            if entries[o:o + ENTRY_SIZE] != HOLE:
+                ids.setdefault(entries[o + 16:o + ENTRY_SIZE], n * per + i)
+        refs = repo.index.lookup(ids)
+        for cid, block in ids.items():
+            ref = refs.get(cid)
+            if ref is None:
+                raise CorruptionError(f"block {block}: chunk {cid.hex()} is not in the "
+                                      "repository index")
+            if ref.pack_id not in seen_packs:
+                size = repo.storage.size(pack_name(ref.pack_id))
+                if ref.offset + ref.length > size:
+                    raise CorruptionError(f"block {block}: pack {ref.pack_id.hex()} is truncated")
+                seen_packs.add(ref.pack_id)
+
+
+# --- export / import of records ---------------------------------------------------------
+
+def export_record(lv: Lvbackup, backup_id: str) -> str:
+    """Base64 of a JSON object with every catalog field of an available backup (rule 19)."""
+    row = lv.catalog.resolve(backup_id)
+    if row["status"] != "available":
+        raise UsageError(f"Backup status must be available (backup {row['id']} is {row['status']})")
+    rec = {k: row[k] for k in COLUMNS}
+    return base64.b64encode(json.dumps(rec, sort_keys=True).encode()).decode()
+
+
+def import_record(lv: Lvbackup, text: str) -> dict:
+    """Re-create a catalog row from export_record's output (rule 20)."""
+    try:
+        raw = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError("Can't decode backup record.") from None
+    try:
+        rec = json.loads(raw)
+        if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+            raise ValueError
+        uuid.UUID(rec["id"])
+        if not rec.get("volume_id") or not isinstance(rec.get("size"), int):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError("Can't parse backup record.") from None
+    cat = lv.catalog
+    with lv.shared_lock():
+        existing = cat.find(rec["id"])
+        if existing is not None and existing["status"] != "deleted":
+            raise UsageError("Backup already exists in database.")
+        try:
+            manifest = Manifest(lv.repo.storage, rec["id"])
+        except CorruptionError as e:
+            raise LvbackupError(f"cannot import backup {rec['id']}: {e}; copy its manifest "
+                                f"into {lv.config.repository} first") from None
+        row = {k: rec.get(k) for k in COLUMNS}
+        row.update(status="available", fail_reason=None, updated_at=now_iso(),
+                   size=manifest.size, block_size=manifest.block_size,
+                   is_incremental=bool(rec.get("parent_id")), num_dependent_backups=0)
+        for key in ("created_at", "data_timestamp"):
+            row[key] = row[key] or manifest.record.get(key) or now_iso()
+        with cat.db.atomic():
+            cat.table.upsert(row, pk="id")
+            cat.refresh_dependents(row["id"])
+            cat.refresh_dependents(row["parent_id"])
+    return to_record(cat.get(row["id"]))
+
+
+# --- catalog rebuild ------------------------------------------------------------------
+
+def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
+    """Recreate the catalog from the manifests in the repository.
+
+    Rows for manifests are restored as `available`; rows whose manifest is gone are kept
+    but no longer claim to be restorable. A catalog that SQLite cannot read is moved
+    aside (…corrupt-<time>) first.
+    """
+    lv = Lvbackup(config, wait)
+    try:
+        with lv.exclusive_lock():
+            repo = lv.repo
+            moved = None
+            try:
+                cat = lv.catalog
+                cat.db.execute("SELECT count(*) FROM backups").fetchone()
+            except LvbackupError:
+                moved = config.catalog.with_name(
+                    f"{config.catalog.name}.corrupt-{now_iso().replace(':', '')}")
+                for suffix in ("", "-wal", "-shm"):
+                    src = Path(str(config.catalog) + suffix)
+                    if src.exists():
+                        src.rename(str(moved) + suffix)
+                lv._catalog = None
+                cat = lv.catalog
+            found, bad = set(), []
+            for name, _ in repo.storage.list("manifests/"):
+                backup_id = name.rsplit("/", 1)[1]
+                try:
+                    rec = Manifest(repo.storage, backup_id).record
+                except CorruptionError as e:
+                    bad.append(str(e))
+                    continue
+                row = {k: rec.get(k) for k in COLUMNS}
+                row["status"], row["fail_reason"] = "available", None
+                with cat.db.atomic():
+                    cat.table.upsert(row, pk="id")
+                found.add(backup_id)
+            for row in cat.list(include_deleted=True):
+                if row["id"] in found or row["status"] in ("deleted", "error"):
+                    continue
+                fields = ({"status": "deleted"} if row["status"] == "deleting" else
+                          {"status": "error", "fail_reason": "manifest missing from the repository"})
+                cat.update(row["id"], **fields)
+            cat.refresh_all_dependents()
+    finally:
+        lv.close()
+    return {"recovered": len(found), "corrupt_manifests": bad,
+            "old_catalog_moved_to": str(moved) if moved else None}

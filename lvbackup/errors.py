@@ -1,0 +1,32 @@
+"""Exceptions that carry the command's exit status (see DESIGN.md, "Exit status")."""
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_LOCKED = 75
+
+
+class LvbackupError(Exception):
+    """A failure with a message meant for the user and the exit status to report."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(LvbackupError):
+    """Invalid input, or a request that the current state forbids."""
+
+    exit_code = EXIT_USAGE
+
+
+class NotFoundError(UsageError):
+    """An unknown or ambiguous id, path or name."""
+
+
+class LockedError(LvbackupError):
+    """Another run holds the lock on the repository or the volume."""
+
+    exit_code = EXIT_LOCKED
+
+
+class CorruptionError(LvbackupError):
+    """Repository data failed its checksum or is missing."""

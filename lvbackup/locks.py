@@ -1,0 +1,96 @@
+"""Kernel file locks (flock): they vanish with the process, so no stale lock ever blocks cron.
+
+- the repository lock: shared by every run that writes, exclusive for gc and catalog rebuild;
+- a volume lock: one backup of a volume at a time;
+- a run lock: held by the process working on one backup (or one gc), so that a later run
+  can tell a dead run's leftovers (a `creating` row, packs not yet indexed) from a live one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from .errors import LockedError
+
+
+class FileLock:
+    def __init__(self, path: Path, what: str, shared: bool = False):
+        self.path = Path(path)
+        self.what = what
+        self.shared = shared
+        self._fd: int | None = None
+
+    def acquire(self, wait: float = 0.0) -> "FileLock":
+        """Take the lock, waiting up to `wait` seconds; raise LockedError (exit 75) if held."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        mode = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        deadline = time.monotonic() + max(wait, 0.0)
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                    os.close(fd)
+                    who = f" (pid {holder})" if holder.isdigit() else ""
+                    raise LockedError(f"{self.what} is locked by another lvbackup run{who}; "
+                                      "retry later or pass --wait SECONDS") from None
+                time.sleep(0.1)
+        if not self.shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self if self._fd is not None else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def repository_lock(lock_dir: Path, exclusive: bool) -> FileLock:
+    return FileLock(lock_dir / "repository.lock", "the repository", shared=not exclusive)
+
+
+def volume_lock(lock_dir: Path, volume_id: str, volume_name: str) -> FileLock:
+    return FileLock(lock_dir / f"volume-{volume_id}.lock", f"volume {volume_name}")
+
+
+class RunLock(FileLock):
+    """Held for the life of one run; its file is removed when the run ends cleanly."""
+
+    def __init__(self, lock_dir: Path, run_id: str):
+        super().__init__(lock_dir / f"run-{run_id}.lock", f"backup {run_id}")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+        super().release()
+
+
+def run_is_alive(lock_dir: Path, run_id: str) -> bool:
+    """True while some process holds the run lock of `run_id`."""
+    path = lock_dir / f"run-{run_id}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    path.unlink(missing_ok=True)
+    return False

@@ -1,0 +1,1 @@
+"""The chunk repository: packs, index, manifests and gc over a storage backend."""

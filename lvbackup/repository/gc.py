@@ -1,0 +1,143 @@
+"""Garbage collection: mark the chunks that manifests use, sweep the packs, rewrite the index.
+
+Runs under the exclusive repository lock. Packs are judged from their own trailers, not from
+the index, so gc also repairs a damaged or incomplete index. The order of writes keeps every
+backup restorable at every instant:
+
+1. new packs with the live chunks of mostly-dead packs (repack), indexed by their run;
+2. new index files listing every chunk of every pack that stays;
+3. the old index files are deleted;
+4. the dead and repacked packs are deleted.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from pathlib import Path
+
+from ..errors import CorruptionError, LvbackupError
+from ..locks import RunLock
+from ..manifest import ENTRY_SIZE, HOLE, Manifest
+from .index import encode_index
+from .pack import ChunkRef, pack_name, read_trailer
+from .repo import Repository
+
+REPACK_BELOW = 0.5       # repack a pack when less than this share of its bytes is live
+_INDEX_GROUPS = 256      # packs per rewritten index file
+
+
+def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path) -> dict:
+    """Delete packs no manifest uses and repack mostly-dead ones. Caller holds the lock."""
+    storage = repo.storage
+    storage.clean_tmp()
+    work = Path(cache_dir) / f"gc-{uuid.uuid4().hex}.sqlite"
+    db = sqlite3.connect(work, isolation_level=None)
+    try:
+        db.executescript("""
+            PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;
+            CREATE TABLE live (id BLOB PRIMARY KEY) WITHOUT ROWID;
+            CREATE TABLE chunk (id BLOB, pack BLOB, offset INT, length INT, raw INT, flags INT);
+            CREATE TABLE pack (id BLOB PRIMARY KEY, bytes INT, live_bytes INT, fate TEXT);
+        """)
+        _mark(repo, db)
+        unreadable = _load_packs(repo, db)
+        db.execute("CREATE INDEX chunk_pack ON chunk(pack)")
+        db.execute("CREATE INDEX chunk_id ON chunk(id)")
+        db.execute("UPDATE pack SET live_bytes = (SELECT coalesce(sum(c.length), 0) FROM chunk c "
+                   "JOIN live l ON l.id = c.id WHERE c.pack = pack.id)")
+        db.execute("UPDATE pack SET fate = CASE WHEN live_bytes = 0 THEN 'delete' "
+                   f"WHEN live_bytes < bytes * {REPACK_BELOW} THEN 'repack' ELSE 'keep' END")
+        old_index = [name for name, _ in storage.list("index/")]
+        repacked_bytes = _repack(repo, db, lock_dir)
+        _rewrite_index(repo, db)
+        for name in old_index:
+            storage.delete(name)
+        freed = 0
+        gone = db.execute("SELECT id, bytes, fate FROM pack WHERE fate != 'keep'").fetchall()
+        for pack_id, size, _fate in gone:
+            storage.delete(pack_name(pack_id))
+            freed += size
+        repo.index.reset()
+        repo.index.sync(storage)
+        fates = dict(db.execute("SELECT fate, count(*) FROM pack GROUP BY fate").fetchall())
+        return {"packs_deleted": fates.get("delete", 0), "packs_repacked": fates.get("repack", 0),
+                "packs_kept": fates.get("keep", 0) + fates.get("new", 0),
+                "bytes_freed": freed - repacked_bytes, "unreadable_packs": unreadable}
+    finally:
+        db.close()
+        work.unlink(missing_ok=True)
+
+
+def _mark(repo: Repository, db: sqlite3.Connection) -> None:
+    per = 4096
+    for name, _ in repo.storage.list("manifests/"):
+        try:
+            manifest = Manifest(repo.storage, name.rsplit("/", 1)[1])
+        except CorruptionError as e:
+            raise LvbackupError(f"gc stopped before deleting anything: {e}") from None
+        for entries in manifest.entries(per):
+            db.executemany("INSERT OR IGNORE INTO live VALUES (?)",
+                           [(entries[o + 16:o + ENTRY_SIZE],)
+                            for o in range(0, len(entries), ENTRY_SIZE)
+                            if entries[o:o + ENTRY_SIZE] != HOLE])
+
+
+def _load_packs(repo: Repository, db: sqlite3.Connection) -> list[str]:
+    """Read every pack's trailer; a pack whose trailer is unreadable is left alone."""
+    unreadable = []
+    for name, _ in repo.storage.list("packs/"):
+        pack_id = bytes.fromhex(name.rsplit("/", 1)[1])
+        try:
+            refs = read_trailer(repo.storage, pack_id)
+        except CorruptionError:
+            unreadable.append(name)
+            continue
+        db.executemany("INSERT INTO chunk VALUES (?, ?, ?, ?, ?, ?)",
+                       [(r.chunk_id, pack_id, r.offset, r.length, r.raw_length, r.flags)
+                        for r in refs])
+        db.execute("INSERT INTO pack VALUES (?, ?, 0, NULL)",
+                   (pack_id, repo.storage.size(name)))
+    return unreadable
+
+
+def _repack(repo: Repository, db: sqlite3.Connection, lock_dir: Path) -> int:
+    """Copy live chunks that exist only in packs being removed; returns bytes written."""
+    rows = db.execute(
+        "SELECT c.id, c.pack, c.offset, c.length, c.raw, c.flags FROM chunk c "
+        "JOIN live l ON l.id = c.id JOIN pack p ON p.id = c.pack WHERE p.fate = 'repack' "
+        "AND NOT EXISTS (SELECT 1 FROM chunk k JOIN pack q ON q.id = k.pack "
+        "                WHERE k.id = c.id AND q.fate = 'keep') "
+        "GROUP BY c.id").fetchall()
+    if not rows:
+        return 0
+    run_id = f"gc-{uuid.uuid4().hex}"
+    with RunLock(lock_dir, run_id).acquire():
+        packer = repo.packer(run_id)
+        for row in rows:
+            ref = ChunkRef(*row)
+            repo.read_chunk(ref)  # verify before copying: never spread a corrupt chunk
+            blob = repo.storage.get_range(pack_name(ref.pack_id), ref.offset, ref.length)
+            packer.add(ref.chunk_id, blob, ref.raw_length, ref.flags)
+        packer.commit()
+        for pack_id in packer.pack_ids:
+            refs = read_trailer(repo.storage, pack_id)
+            db.executemany("INSERT INTO chunk VALUES (?, ?, ?, ?, ?, ?)",
+                           [(r.chunk_id, pack_id, r.offset, r.length, r.raw_length, r.flags)
+                            for r in refs])
+            db.execute("INSERT INTO pack VALUES (?, ?, ?, 'new')",
+                       (pack_id, repo.storage.size(pack_name(pack_id)), 0))
+    return packer.stored_bytes
+
+
+def _rewrite_index(repo: Repository, db: sqlite3.Connection) -> None:
+    groups: list[tuple[bytes, list[ChunkRef]]] = []
+    for (pack_id,) in db.execute("SELECT id FROM pack WHERE fate IN ('keep', 'new')").fetchall():
+        refs = [ChunkRef(cid, pack_id, off, ln, raw, fl) for cid, off, ln, raw, fl in db.execute(
+            "SELECT id, offset, length, raw, flags FROM chunk WHERE pack = ?", (pack_id,))]
+        groups.append((pack_id, refs))
+        if len(groups) >= _INDEX_GROUPS:
+            repo.write_index(groups)
+            groups = []
+    if groups:
+        repo.write_index(groups)

@@ -1,0 +1,206 @@
+"""The chunk index: index files in the repository, and a local SQLite cache of them.
+
+An index file (`index/<BLAKE3 of the file>`) is sealed (see sealed.py, magic "LVBIDX01");
+its payload is a sequence of groups, one per pack:
+
+    pack id (32 bytes) | N (u32) | N trailer entries (pack.ENTRY, 49 bytes each)
+
+The union of all index files maps chunk id -> (pack, offset, length). Index files may
+overlap; each can be rebuilt from the packs' own trailers.
+
+The cache is an SQLite file per repository in the cache directory, so the index is never
+held in memory: lookups are batched queries. It also records packs that a run has written
+but not yet listed in an index file ("pending"), so that a rerun after a crash can index
+and reuse them instead of writing them again.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import struct
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import blake3
+
+from ..errors import CorruptionError
+from .pack import ENTRY, ChunkRef
+from .sealed import seal, unseal
+
+INDEX_MAGIC = b"LVBIDX01"
+_GROUP = struct.Struct("<32sI")
+_BATCH = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS chunks (
+    id BLOB PRIMARY KEY, pack BLOB NOT NULL, offset INTEGER NOT NULL,
+    length INTEGER NOT NULL, raw_length INTEGER NOT NULL, flags INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_pack ON chunks(pack);
+CREATE TABLE IF NOT EXISTS packs (
+    id BLOB PRIMARY KEY, run TEXT, indexed INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS index_files (
+    name TEXT PRIMARY KEY, stamp TEXT NOT NULL, ok INTEGER NOT NULL
+);
+"""
+
+
+def encode_index(groups: Iterable[tuple[bytes, list[ChunkRef]]]) -> tuple[str, bytes]:
+    """(object name, sealed bytes) of an index file listing `groups` of (pack id, refs)."""
+    parts = []
+    for pack_id, refs in groups:
+        parts.append(_GROUP.pack(pack_id, len(refs)))
+        parts.extend(ENTRY.pack(r.chunk_id, r.offset, r.length, r.raw_length, r.flags)
+                     for r in refs)
+    data = seal(INDEX_MAGIC, b"".join(parts))
+    return f"index/{blake3.blake3(data).hexdigest()}", data
+
+
+def decode_index(name: str, data: bytes) -> Iterator[tuple[bytes, list[ChunkRef]]]:
+    payload = unseal(INDEX_MAGIC, data, f"index file {name}")
+    pos = 0
+    while pos < len(payload):
+        if pos + _GROUP.size > len(payload):
+            raise CorruptionError(f"index file {name} is corrupt (truncated group)")
+        pack_id, count = _GROUP.unpack_from(payload, pos)
+        pos += _GROUP.size
+        end = pos + count * ENTRY.size
+        if end > len(payload):
+            raise CorruptionError(f"index file {name} is corrupt (truncated group)")
+        refs = [ChunkRef(cid, pack_id, off, ln, raw, fl)
+                for cid, off, ln, raw, fl in ENTRY.iter_unpack(payload[pos:end])]
+        pos = end
+        yield pack_id, refs
+
+
+class ChunkIndex:
+    """The local cache of the repository's index (one SQLite connection per thread)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        db = self._db()
+        db.executescript(_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
+    # --- keeping the cache in step with the repository's index files -----------------
+
+    def sync(self, storage) -> list[str]:
+        """Merge new index files; start over if one changed or vanished (gc ran).
+
+        Returns the names of index files that failed their checksum: their entries are
+        left out, so a backup that needs them fails to restore and verify, loudly.
+        """
+        db = self._db()
+        remote = dict(storage.list("index/"))
+        known = dict(db.execute("SELECT name, stamp FROM index_files").fetchall())
+        if any(remote.get(name) != stamp for name, stamp in known.items()):
+            with db:
+                db.execute("DELETE FROM chunks WHERE pack IN (SELECT id FROM packs WHERE indexed=1)")
+                db.execute("DELETE FROM packs WHERE indexed=1")
+                db.execute("DELETE FROM index_files")
+            known = {}
+        bad = [n for n, ok in db.execute("SELECT name, ok FROM index_files") if not ok]
+        for name in sorted(set(remote) - set(known)):
+            try:
+                groups = list(decode_index(name, storage.get(name)))
+            except CorruptionError:
+                db.execute("INSERT OR REPLACE INTO index_files VALUES (?, ?, 0)",
+                           (name, remote[name]))
+                bad.append(name)
+                continue
+            with db:
+                for pack_id, refs in groups:
+                    self._insert(db, pack_id, refs, run=None, indexed=1)
+                db.execute("INSERT OR REPLACE INTO index_files VALUES (?, ?, 1)",
+                           (name, remote[name]))
+        return bad
+
+    def _insert(self, db, pack_id: bytes, refs: list[ChunkRef], run: str | None,
+                indexed: int) -> None:
+        db.execute("INSERT INTO packs VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                   "indexed = max(indexed, excluded.indexed)", (pack_id, run, indexed))
+        db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+                       [(r.chunk_id, pack_id, r.offset, r.length, r.raw_length, r.flags)
+                        for r in refs])
+
+    def add_pending(self, pack_id: bytes, refs: list[ChunkRef], run: str) -> None:
+        """Record a pack that `run` has stored but not yet listed in an index file."""
+        db = self._db()
+        with db:
+            self._insert(db, pack_id, refs, run=run, indexed=0)
+
+    def mark_indexed(self, name: str, stamp: str, pack_ids: Iterable[bytes]) -> None:
+        db = self._db()
+        with db:
+            db.executemany("UPDATE packs SET indexed=1 WHERE id=?", [(p,) for p in pack_ids])
+            db.execute("INSERT OR REPLACE INTO index_files VALUES (?, ?, 1)", (name, stamp))
+
+    def pending_runs(self) -> list[str]:
+        return [r for (r,) in self._db().execute(
+            "SELECT DISTINCT run FROM packs WHERE indexed=0 AND run IS NOT NULL")]
+
+    def pending_packs(self, run: str) -> list[bytes]:
+        return [p for (p,) in self._db().execute(
+            "SELECT id FROM packs WHERE indexed=0 AND run=?", (run,))]
+
+    def forget_pack(self, pack_id: bytes) -> None:
+        db = self._db()
+        with db:
+            db.execute("DELETE FROM chunks WHERE pack=?", (pack_id,))
+            db.execute("DELETE FROM packs WHERE id=?", (pack_id,))
+
+    # --- lookups -------------------------------------------------------------------
+
+    def refs_in_pack(self, pack_id: bytes) -> list[ChunkRef]:
+        return [ChunkRef(*row) for row in self._db().execute(
+            "SELECT id, pack, offset, length, raw_length, flags FROM chunks WHERE pack=?",
+            (pack_id,))]
+
+    def lookup(self, ids: Iterable[bytes], run: str | None = None) -> dict[bytes, ChunkRef]:
+        """Refs of those `ids` that are in indexed packs (or in `run`'s own pending packs)."""
+        ids = list(dict.fromkeys(ids))
+        found: dict[bytes, ChunkRef] = {}
+        db = self._db()
+        for i in range(0, len(ids), _BATCH):
+            part = ids[i:i + _BATCH]
+            marks = ",".join("?" * len(part))
+            rows = db.execute(
+                "SELECT c.id, c.pack, c.offset, c.length, c.raw_length, c.flags FROM chunks c "
+                f"JOIN packs p ON p.id = c.pack WHERE c.id IN ({marks}) "
+                "AND (p.indexed = 1 OR p.run = ?)", (*part, run))
+            for row in rows:
+                found[row[0]] = ChunkRef(*row)
+        return found
+
+    def all_packs(self) -> list[bytes]:
+        return [p for (p,) in self._db().execute("SELECT id FROM packs WHERE indexed=1")]
+
+    def bad_index_files(self) -> list[str]:
+        return [n for (n,) in self._db().execute("SELECT name FROM index_files WHERE ok=0")]
+
+    def reset(self) -> None:
+        """Forget everything (after gc rewrote the index files)."""
+        db = self._db()
+        with db:
+            db.execute("DELETE FROM chunks")
+            db.execute("DELETE FROM packs")
+            db.execute("DELETE FROM index_files")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None

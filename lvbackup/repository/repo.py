@@ -1,0 +1,198 @@
+"""The repository: its config file, chunk reads, and the packer that stores new chunks.
+
+Objects in a repository (all names relative to its root):
+
+    config                  sealed "LVBREPO1", JSON {version, id, block_size, created_at}
+    packs/<xx>/<pack id>    pack files (pack.py)
+    index/<hash>            index files (index.py)
+    manifests/<backup id>   one per available backup (manifest.py)
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from pathlib import Path
+
+import blake3
+import zstandard
+
+from ..errors import CorruptionError, UsageError
+from ..locks import run_is_alive
+from ..timeutil import now_iso
+from .index import ChunkIndex, encode_index
+from .pack import FLAG_ZSTD, ChunkRef, PackBuilder, pack_name, read_trailer
+from .sealed import seal, unseal
+from .storage import LocalStorage, MissingObject, open_storage
+
+REPO_MAGIC = b"LVBREPO1"
+FORMAT_VERSION = 1
+DEFAULT_BLOCK_SIZE = 128 * 1024
+PACK_TARGET = 16 * 1024 * 1024
+INDEX_EVERY = 16  # packs per index file while a run is writing
+
+_tls = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "dctx", None)
+    if d is None:
+        d = _tls.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def validate_block_size(block_size: int) -> int:
+    if block_size < 4096 or block_size > 16 * 1024 * 1024 or block_size & (block_size - 1):
+        raise UsageError(f"block size {block_size} must be a power of two from 4096 to 16777216")
+    return block_size
+
+
+class Repository:
+    def __init__(self, storage: LocalStorage, meta: dict, cache_dir: Path):
+        self.storage = storage
+        self.meta = meta
+        self.id: str = meta["id"]
+        self.block_size: int = meta["block_size"]
+        self.index = ChunkIndex(Path(cache_dir) / f"index-{self.id}.sqlite")
+
+    # --- opening ------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, location: Path, cache_dir: Path, block_size: int | None) -> tuple["Repository", bool]:
+        """Create the repository if it does not exist; (repository, created)."""
+        storage = open_storage(location, create=True)
+        if storage.exists("config"):
+            repo = cls.open(location, cache_dir)
+            if block_size is not None and block_size != repo.block_size:
+                raise UsageError(f"repository {location} already exists with block size "
+                                 f"{repo.block_size}; a block size is chosen once, at init")
+            return repo, False
+        meta = {"version": FORMAT_VERSION, "id": str(uuid.uuid4()),
+                "block_size": validate_block_size(block_size or DEFAULT_BLOCK_SIZE),
+                "created_at": now_iso()}
+        storage.put("config", seal(REPO_MAGIC, json.dumps(meta).encode()))
+        return cls(storage, meta, cache_dir), True
+
+    @classmethod
+    def open(cls, location: Path, cache_dir: Path) -> "Repository":
+        storage = LocalStorage(location)
+        try:
+            raw = storage.get("config")
+        except MissingObject:
+            raise UsageError(f"no repository at {location}; create it with 'lvbackup init'") from None
+        except OSError as e:
+            raise UsageError(f"cannot read repository {location}: {e.strerror}") from None
+        meta = json.loads(unseal(REPO_MAGIC, raw, f"repository config {location}/config"))
+        if meta.get("version") != FORMAT_VERSION:
+            raise UsageError(f"repository {location} has format version {meta.get('version')}; "
+                             f"this lvbackup reads version {FORMAT_VERSION}")
+        return cls(storage, meta, cache_dir)
+
+    def close(self) -> None:
+        self.index.close()
+        self.storage.close()
+
+    # --- index upkeep -------------------------------------------------------------
+
+    def sync_index(self, lock_dir: Path) -> list[str]:
+        """Bring the cache up to date and index packs that dead runs left pending.
+
+        Returns the names of corrupt index files.
+        """
+        bad = self.index.sync(self.storage)
+        for run in self.index.pending_runs():
+            if not run_is_alive(lock_dir, run):
+                self._index_pending(run)
+        return bad
+
+    def _index_pending(self, run: str) -> None:
+        groups = []
+        for pack_id in self.index.pending_packs(run):
+            try:
+                refs = read_trailer(self.storage, pack_id)
+            except CorruptionError:  # missing or torn: the dead run never finished it
+                self.index.forget_pack(pack_id)
+                continue
+            groups.append((pack_id, refs))
+        if groups:
+            self.write_index(groups)
+
+    def write_index(self, groups: list[tuple[bytes, list[ChunkRef]]]) -> None:
+        name, data = encode_index(groups)
+        self.storage.put(name, data)
+        self.index.mark_indexed(name, self.storage.stamp(name), [p for p, _ in groups])
+
+    # --- chunks ---------------------------------------------------------------------
+
+    def read_chunk(self, ref: ChunkRef) -> bytes:
+        """The plaintext of a chunk, checked against its BLAKE3 id."""
+        blob = self.storage.get_range(pack_name(ref.pack_id), ref.offset, ref.length)
+        if ref.flags == FLAG_ZSTD:
+            try:
+                data = _decompressor().decompress(blob, max_output_size=ref.raw_length)
+            except zstandard.ZstdError:
+                raise CorruptionError(f"chunk {ref.chunk_id.hex()} in pack "
+                                      f"{ref.pack_id.hex()} does not decompress") from None
+        else:
+            data = blob
+        if len(data) != ref.raw_length or blake3.blake3(data).digest() != ref.chunk_id:
+            raise CorruptionError(f"chunk {ref.chunk_id.hex()} in pack {ref.pack_id.hex()} "
+                                  "fails its checksum")
+        return data
+
+    def packer(self, run_id: str) -> "Packer":
+        return Packer(self, run_id)
+
+
+class Packer:
+    """Collects a run's new chunks into packs, stores them, and indexes them.
+
+    Order on disk: a pack is stored (fsynced, renamed), then recorded as pending in the
+    cache, then listed in an index file every INDEX_EVERY packs and at commit().
+    """
+
+    def __init__(self, repo: Repository, run_id: str):
+        self.repo = repo
+        self.run_id = run_id
+        self.builder = PackBuilder()
+        self.unindexed: list[tuple[bytes, list[ChunkRef]]] = []
+        self.stored_bytes = 0
+        self.pack_ids: list[bytes] = []
+
+    def missing(self, ids: list[bytes]) -> set[bytes]:
+        """Which of `ids` the repository does not have yet (counting this run's own chunks)."""
+        candidates = [i for i in ids if i not in self.builder.ids]
+        if not candidates:
+            return set()
+        found = self.repo.index.lookup(candidates, run=self.run_id)
+        return {i for i in candidates if i not in found}
+
+    def add(self, chunk_id: bytes, blob: bytes, raw_length: int, flags: int) -> None:
+        """Store one chunk (the caller has checked, with missing(), that it is new)."""
+        self.builder.add(chunk_id, blob, raw_length, flags)
+        self.stored_bytes += len(blob)
+        if len(self.builder) >= PACK_TARGET:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.builder.entries:
+            return
+        pack_id, data, refs = self.builder.finish()
+        self.builder = PackBuilder()
+        self.repo.storage.put(pack_name(pack_id), data)
+        self.repo.index.add_pending(pack_id, refs, self.run_id)
+        self.unindexed.append((pack_id, refs))
+        self.pack_ids.append(pack_id)
+        if len(self.unindexed) >= INDEX_EVERY:
+            self._write_index()
+
+    def _write_index(self) -> None:
+        if self.unindexed:
+            self.repo.write_index(self.unindexed)
+            self.unindexed = []
+
+    def commit(self) -> None:
+        """Store the last pack and index everything this run wrote."""
+        self.flush()
+        self._write_index()
