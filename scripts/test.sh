@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite: unit and CLI tests on this machine, then the tests marked `lvm`
+# against real lvm2 and device-mapper inside the test VM (tests/vm). Any failure fails the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m pytest -m "not lvm" tests "$@"
+tests/vm/run-lvm-tests
