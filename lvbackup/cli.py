@@ -16,11 +16,10 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TransferSpeedColumn)
 from rich.table import Table
 
-from . import __version__, engine
+from . import __version__, engine, lvm, sources
 from .catalog import STATUSES
 from .config import Config, as_dict, load_config
 from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError
-from .sources import device_source
 
 EXIT_CODES = """\b
 Exit status:
@@ -202,27 +201,43 @@ def init(app: App, block_size: str | None) -> None:
 
 
 @cli.command()
+@click.option("--volume", metavar="VG/LV", help="Back up an LVM volume.")
+@click.option("--snapshot", metavar="VG/SNAP|UUID", help="Back up an LVM snapshot (classic or thin).")
 @click.option("--device", metavar="PATH", help="Back up a block device or image file.")
 @click.option("--incremental", is_flag=True,
               help="Incremental: the parent is the volume's latest available backup.")
+@click.option("--force", is_flag=True,
+              help="Back up an in-use volume through a temporary snapshot.")
 @click.option("--name", help="A name for the backup.")
 @click.option("--description", help="A description for the backup.")
 @wait_option
 @pass_app
-def create(app: App, device: str | None, incremental: bool, name: str | None,
-           description: str | None, wait: float) -> None:
-    """Back up a source and print the new backup record.
+def create(app: App, volume: str | None, snapshot: str | None, device: str | None,
+           incremental: bool, force: bool, name: str | None, description: str | None,
+           wait: float) -> None:
+    """Back up a volume, a snapshot or a device, and print the new backup record.
 
     \b
     Examples:
-      lvbackup create --device /dev/sdb
-      lvbackup --json create --device /srv/vm.img --incremental --name nightly
+      lvbackup create --snapshot vg0/data-snap-0300
+      lvbackup create --volume vg0/data --force --incremental
+      lvbackup --json create --device /srv/vm.img --name nightly
     """
-    if not device:
-        raise click.UsageError("give the source: --device PATH")
+    if device and (volume or snapshot):
+        raise click.UsageError("--device cannot be combined with --volume or --snapshot")
+    if snapshot:
+        source = sources.snapshot_source(snapshot, volume)
+    elif volume:
+        source = sources.volume_source(volume, force=force,
+                                       snapshot_size=app.config.temp_snapshot_size,
+                                       lock_dir=app.config.lock_dir)
+    elif device:
+        source = sources.device_source(device)
+    else:
+        raise click.UsageError("give the source: --volume VG/LV, --snapshot VG/SNAP or --device PATH")
     lv = app.lv(wait)
     with app.progress("backup") as progress:
-        result = engine.create_backup(lv, device_source(device), incremental=incremental,
+        result = engine.create_backup(lv, source, incremental=incremental,
                                       name=name, description=description, progress=progress)
     s = result.stats
     app.log(f"read {human_size(s.bytes_read)}, holes {human_size(s.hole_bytes)}, unchanged "
@@ -267,31 +282,40 @@ def show(app: App, backup_id: str) -> None:
 
 @cli.command()
 @click.argument("backup_id")
-@click.option("--to", metavar="DEVICE", help="An existing device or file, at least as large.")
+@click.option("--to", metavar="VG/LV|DEVICE", help="An existing LV, device or file, at least as large.")
+@click.option("--new-volume", metavar="VG/NAME", help="Create this LV and restore into it.")
+@click.option("--thin-pool", metavar="POOL", help="With --new-volume: a thin LV in this pool.")
 @click.option("--to-file", metavar="PATH|-", help="A new image file, or - for standard output.")
 @click.option("--force", is_flag=True, help="Write to a target that is in use.")
 @wait_option
 @pass_app
-def restore(app: App, backup_id: str, to: str | None, to_file: str | None, force: bool,
-            wait: float) -> None:
-    """Restore a backup to a device, a file, or standard output.
+def restore(app: App, backup_id: str, to: str | None, new_volume: str | None,
+            thin_pool: str | None, to_file: str | None, force: bool, wait: float) -> None:
+    """Restore a backup to an LV, a device, a file, or standard output.
+
+    With no target, a new LV restore_backup_<id> is created in the volume's VG.
 
     \b
     Examples:
+      lvbackup restore 3f2a --to vg0/data
+      lvbackup restore 3f2a --new-volume vg0/data-copy --thin-pool pool0
       lvbackup restore 3f2a --to-file /srv/restored.img
       lvbackup restore 3f2a --to-file - | ssh host 'dd of=/dev/vg0/data bs=1M'
     """
-    if (to is None) == (to_file is None):
-        raise click.UsageError("give exactly one target: --to DEVICE or --to-file PATH|-")
+    if sum(x is not None for x in (to, to_file, new_volume)) > 1:
+        raise click.UsageError("give one target: --to, --new-volume or --to-file")
+    if thin_pool and not new_volume:
+        raise click.UsageError("--thin-pool goes with --new-volume")
     if to_file == "-" and app.as_json:
         raise click.UsageError("--json cannot be combined with --to-file - (stdout carries the image)")
     lv = app.lv(wait)
     with app.progress("restore") as progress:
-        rec = engine.restore_backup(lv, backup_id, to=to, to_file=to_file, force=force,
-                                    progress=progress)
+        rec = engine.restore_backup(lv, backup_id, to=to, to_file=to_file, new_volume=new_volume,
+                                    thin_pool=thin_pool, force=force, progress=progress)
     if to_file == "-":
         return
-    app.emit(rec, lambda r: click.echo(f"Restored backup {r['id']} to {to or to_file}"))
+    where = to or to_file or new_volume or "a new volume"
+    app.emit(rec, lambda r: click.echo(f"Restored backup {r['id']} to {where}"))
 
 
 @cli.command()
@@ -414,6 +438,122 @@ def catalog_rebuild(app: App, wait: float) -> None:
     """
     result = engine.rebuild_catalog(app.config, wait)
     app.emit(result, lambda r: click.echo(f"Recovered {r['recovered']} backups from the repository"))
+
+
+def _lv_row(lv: "lvm.LogicalVolume") -> dict:
+    return {"vg": lv.vg, "name": lv.name, "full_name": lv.full_name, "uuid": lv.uuid,
+            "size": lv.size, "created_at": lv.time, "origin": lv.origin or None,
+            "thin": lv.is_thin, "open": lv.is_open, "active": lv.is_active, "state": lv.state}
+
+
+def _print_lvs(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for col in ("name", "uuid", "size", "origin", "created (UTC)", "state", "open"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["full_name"], r["uuid"], human_size(r["size"]), r["origin"] or "-",
+                      (r["created_at"] or "")[:19].replace("T", " "), r["state"],
+                      "yes" if r["open"] else "no")
+    Console().print(table)
+
+
+@cli.group()
+def snapshot() -> None:
+    """Create, list and delete LVM snapshots."""
+
+
+@snapshot.command("create")
+@click.argument("volume", metavar="VG/LV")
+@click.option("--name", help="Snapshot name [default: <LV>-snap-<UTC time>].")
+@click.option("--size", help="Classic snapshots: COW size (2G, 20%ORIGIN). Thin: not allowed.")
+@pass_app
+def snapshot_create(app: App, volume: str, name: str | None, size: str | None) -> None:
+    """Snapshot a volume: thin for a thin volume, classic otherwise.
+
+    \b
+    Example:
+      lvbackup snapshot create vg0/data --name data-0300
+    """
+    origin = lvm.find_lv(volume)
+    if origin.is_snapshot:
+        raise LvbackupError(f"{origin.full_name} is a snapshot; snapshot its origin instead")
+    from .timeutil import utcnow
+    snap = lvm.create_snapshot(origin, name or f"{origin.name[:100]}-snap-"
+                               f"{utcnow():%Y%m%dT%H%M%S}", size)
+    app.emit(_lv_row(snap), lambda r: click.echo(f"Created snapshot {r['full_name']} ({r['uuid']})"))
+
+
+@snapshot.command("list")
+@click.argument("volume", metavar="[VG/LV]", required=False)
+@pass_app
+def snapshot_list(app: App, volume: str | None) -> None:
+    """List snapshots (of one volume, or all).
+
+    \b
+    Example:
+      lvbackup snapshot list vg0/data
+    """
+    if volume:
+        origin = lvm.find_lv(volume)
+        snaps = [s for s in lvm.list_lvs(origin.vg) if s.origin == origin.name]
+    else:
+        snaps = [s for s in lvm.list_lvs() if s.is_snapshot]
+    snaps.sort(key=lambda s: (s.vg, s.time, s.name))
+    app.emit([_lv_row(s) for s in snaps], lambda rows: _print_lvs(rows, "snapshots"))
+
+
+@snapshot.command("delete")
+@click.argument("snap", metavar="VG/SNAP")
+@pass_app
+def snapshot_delete(app: App, snap: str) -> None:
+    """Delete a snapshot (its backups are kept).
+
+    \b
+    Example:
+      lvbackup snapshot delete vg0/data-0300
+    """
+    target = lvm.find_lv(snap)
+    if not target.is_snapshot:
+        raise LvbackupError(f"{target.full_name} is not a snapshot; lvbackup deletes only snapshots")
+    lvm.remove_lv(target)
+    app.emit(_lv_row(target), lambda r: click.echo(f"Deleted snapshot {r['full_name']}"))
+
+
+@cli.command()
+@pass_app
+def volumes(app: App) -> None:
+    """List logical volumes with their snapshots and each one's last backup.
+
+    \b
+    Example:
+      lvbackup volumes
+    """
+    from .catalog import to_record
+    lvs = lvm.list_lvs()
+    last: dict[tuple[str, str | None], dict] = {}
+    for row in app.lv().catalog.list(status="available"):
+        last[(row["volume_id"], row["snapshot_id"])] = to_record(row)
+    out = []
+    for v in sorted((x for x in lvs if not x.is_snapshot and x.segtype != "thin-pool"),
+                    key=lambda x: x.full_name):
+        snaps = [s for s in lvs if s.vg == v.vg and s.origin == v.name]
+        out.append({**_lv_row(v), "last_backup": last.get((v.uuid, None)),
+                    "snapshots": [{**_lv_row(s), "last_backup": last.get((v.uuid, s.uuid))}
+                                  for s in sorted(snaps, key=lambda s: s.time)]})
+
+    def human(rows: list[dict]) -> None:
+        table = Table()
+        for col in ("volume / snapshot", "size", "created (UTC)", "state", "last backup"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            for item, label in [(r, r["full_name"])] + [(s, "  └ " + s["name"]) for s in r["snapshots"]]:
+                b = item["last_backup"]
+                table.add_row(label, human_size(item["size"]),
+                              (item["created_at"] or "")[:19].replace("T", " "), item["state"],
+                              f"{b['id'][:8]} {b['created_at'][:19].replace('T', ' ')}" if b else "-")
+        Console().print(table)
+
+    app.emit(out, human)
 
 
 @cli.group("config")

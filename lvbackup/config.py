@@ -8,6 +8,7 @@ be absent: then the defaults apply). Relative paths in a file are relative to th
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ class Config:
     cache_dir: Path
     compression_level: int = 1
     workers: int = 2
+    temp_snapshot_size: str = "20%ORIGIN"
     source: str = "defaults"
 
     @property
@@ -50,7 +52,17 @@ def _int(value: Any, key: str, low: int, high: int) -> int:
     return value
 
 
-_KEYS = ("repository", "catalog", "cache_dir", "compression_level", "workers")
+_KEYS = ("repository", "catalog", "cache_dir", "compression_level", "workers",
+         "temp_snapshot_size")
+_SNAPSHOT_SIZE = re.compile(r"^([0-9]+(\.[0-9]+)?[bBsSkKmMgGtT]?|[0-9]{1,3}%(ORIGIN|VG|FREE))$")
+
+
+def _snapshot_size(value: Any) -> str:
+    text = str(value).strip()
+    if not _SNAPSHOT_SIZE.match(text):
+        raise ConfigError("config key 'temp_snapshot_size' must be an LVM size such as 2G, "
+                          "or a share such as 20%ORIGIN")
+    return text
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:
@@ -94,6 +106,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         cache_dir=cache_dir,
         compression_level=_int(raw.get("compression_level", 1), "compression_level", 1, 19),
         workers=_int(raw.get("workers", min(os.cpu_count() or 1, 8)), "workers", 1, 64),
+        temp_snapshot_size=_snapshot_size(raw.get("temp_snapshot_size", "20%ORIGIN")),
         source=str(cfg_path) if raw or explicit else "defaults",
     )
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager
 
+from . import lvm
 from .catalog import COLUMNS, Catalog, choose_parent, to_record
 from .chunker import ScanStats, backup_blocks, restore_blocks, source_size
 from .config import Config
@@ -27,7 +28,7 @@ from .locks import RunLock, repository_lock, run_is_alive, volume_lock
 from .manifest import ENTRY_SIZE, HOLE, Manifest, ManifestWriter, manifest_name
 from .repository.pack import pack_name
 from .repository.repo import Repository
-from .sources import Source
+from .sources import Source, SourceFactory
 from .timeutil import now_iso
 
 Progress = Callable[[int], None]
@@ -133,21 +134,23 @@ class CreateResult:
     stats: ScanStats
 
 
-def create_backup(lv: Lvbackup, source_cm: ContextManager[Source], *, incremental: bool,
+def create_backup(lv: Lvbackup, open_source: SourceFactory, *, incremental: bool,
                   name: str | None = None, description: str | None = None,
                   progress: Callable[[int, int], None] | None = None) -> CreateResult:
     """Back up a source; returns the new record (status `available`) and what was stored."""
     repo, cat = lv.repo, lv.catalog
+    backup_id = str(uuid.uuid4())
     with ExitStack() as stack:
         stack.enter_context(lv.shared_lock())
-        source = stack.enter_context(source_cm)
-        stack.enter_context(volume_lock(lv.lock_dir, source.volume_id, source.volume_name)
-                            .acquire(lv.wait))
+        stack.enter_context(RunLock(lv.lock_dir, backup_id).acquire())
+
+        def lock_volume(volume_id: str, volume_name: str) -> None:
+            stack.enter_context(volume_lock(lv.lock_dir, volume_id, volume_name).acquire(lv.wait))
+
+        source = stack.enter_context(open_source(backup_id, lock_volume))
         recover_dead_runs(lv)
         parent = (choose_parent(cat.candidates(source.volume_id), source.snapshot_time)
                   if incremental else None)
-        backup_id = str(uuid.uuid4())
-        stack.enter_context(RunLock(lv.lock_dir, backup_id).acquire())
         try:
             fd = os.open(source.path, os.O_RDONLY)
         except OSError as e:
@@ -160,7 +163,8 @@ def create_backup(lv: Lvbackup, source_cm: ContextManager[Source], *, incrementa
             "volume_id": source.volume_id, "volume_name": source.volume_name,
             "snapshot_id": source.snapshot_id, "snapshot_name": source.snapshot_name,
             "parent_id": parent["id"] if parent else None, "is_incremental": parent is not None,
-            "data_timestamp": source.snapshot_time or now, "created_at": now,
+            "data_timestamp": source.snapshot_time or source.data_timestamp or now,
+            "created_at": now,
             "updated_at": now, "status": "creating", "fail_reason": None, "size": size,
             "block_size": repo.block_size, "stored_bytes": 0, "num_dependent_backups": 0,
         }
@@ -203,6 +207,8 @@ def _write_backup(lv: Lvbackup, source: Source, fd: int, size: int, record: dict
                               workers=lv.config.workers, level=lv.config.compression_level,
                               progress=(lambda done: progress(done, size)) if progress else None)
         packer.commit()
+        if source.check is not None:
+            source.check()
         final = {**record, "status": "available", "stored_bytes": stats.stored_bytes,
                  "updated_at": now_iso()}
         writer.close({"block_size": repo.block_size, "size": size,
@@ -274,12 +280,47 @@ def _grow_pipe(fd: int) -> None:
         pass
 
 
+def _is_lv_name(spec: str) -> bool:
+    return not spec.startswith(("/", ".")) and spec.count("/") == 1
+
+
+def _lv_target(spec: str, force: bool) -> str:
+    """The device path of an existing LV to restore onto (refused while open, unless forced)."""
+    target = lvm.find_lv(spec)
+    if target.is_open and not force:
+        raise UsageError(f"volume {target.full_name} is in use; close it or pass --force")
+    if not target.is_active:
+        lvm.activate(target)
+    return target.path
+
+
+def _new_volume(spec: str, size: int, thin_pool: str | None) -> tuple[str, bool]:
+    """Create the LV to restore into; (device path, whether it reads as zeros already)."""
+    vg, name = lvm.split_name(spec)
+    created = lvm.create_lv(vg, name, size, thin_pool)
+    if not created.is_active:
+        lvm.activate(created)
+    # An unprovisioned thin LV reads as zeros; a new linear LV holds whatever the PV held.
+    return created.path, created.is_thin
+
+
 def restore_backup(lv: Lvbackup, backup_id: str, *, to: str | None = None,
-                   to_file: str | None = None, force: bool = False,
+                   to_file: str | None = None, new_volume: str | None = None,
+                   thin_pool: str | None = None, force: bool = False,
                    progress: Callable[[int, int], None] | None = None) -> dict:
-    """Write a backup's image to a file, device or stdout; returns the backup's record."""
+    """Write a backup's image to a device, LV, new LV, file or stdout.
+
+    With no target at all, a new LV `restore_backup_<id>` is created in the VG of the
+    backed-up volume (rule 17). Returns the backup's record.
+    """
     cat = lv.catalog
     row = cat.resolve(backup_id)
+    if to is None and to_file is None and new_volume is None:
+        if not _is_lv_name(row["volume_name"] or ""):
+            raise UsageError(f"backup {row['id']} is not of an LVM volume; give --to or --to-file")
+        new_volume = f"{row['volume_name'].split('/')[0]}/restore_backup_{row['id']}"
+    if to is not None and _is_lv_name(to):
+        to = _lv_target(to, force)
     with ExitStack() as stack:
         stack.enter_context(lv.shared_lock())
         recover_dead_runs(lv)
@@ -292,7 +333,11 @@ def restore_backup(lv: Lvbackup, backup_id: str, *, to: str | None = None,
             manifest = Manifest(repo.storage, row["id"])
         except CorruptionError as e:
             raise CorruptionError(f"backup {row['id']}: {e}") from None
+        fresh_device = False
+        if new_volume is not None:
+            to, fresh_device = _new_volume(new_volume, manifest.size, thin_pool)
         target = _open_target(to, to_file, manifest.size, force)
+        target.fresh = target.fresh or fresh_device
         if target.fd != 1:
             stack.callback(os.close, target.fd)
         stack.enter_context(RunLock(lv.lock_dir, row["id"]).acquire())
@@ -333,8 +378,8 @@ def _write_image(repo: Repository, manifest: Manifest, target: Target, workers: 
         if progress:
             progress(done, size)
     if target.seekable:
-        if target.fresh:
-            os.ftruncate(target.fd, size)
+        if target.fresh and stat.S_ISREG(os.fstat(target.fd).st_mode):
+            os.ftruncate(target.fd, size)  # a trailing hole
         os.fsync(target.fd)
 
 

@@ -1,7 +1,9 @@
 """What a backup reads: a readable device path plus its identity and data timestamp.
 
-Every kind of source (an image file or block device here, an LVM volume or snapshot in
-lvm.py's callers) reduces to a `Source`; the engine needs nothing else.
+Every kind of source (an image file or block device, an LVM volume, an LVM snapshot)
+reduces to a `Source`; the engine needs nothing else. Each source is a context manager
+factory taking the run id, so that whatever it sets up (an activation, a temporary
+snapshot) is undone when the backup ends, however it ends.
 """
 
 from __future__ import annotations
@@ -11,22 +13,34 @@ import stat
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
-from .errors import UsageError
+from . import lvm
+from .errors import LvbackupError, UsageError
+from .locks import run_is_alive
+from .timeutil import now_iso
 
 # Fixed namespace so that the same path always maps to the same volume id.
 _DEVICE_NAMESPACE = uuid.UUID("5b0f9d3e-6c55-4b8e-9a8e-2f6f3f1c7d10")
+_RUN_TAG = "lvbackup_run_"
 
 
 @dataclass(frozen=True)
 class Source:
-    path: str                      # what to read
+    path: str                          # what to read
     volume_id: str
     volume_name: str
     snapshot_id: str | None = None
     snapshot_name: str | None = None
-    snapshot_time: str | None = None   # the snapshot's creation time (its data timestamp)
+    snapshot_time: str | None = None   # a snapshot backup: the snapshot's creation time
+    data_timestamp: str | None = None  # else, when the data was frozen (a temporary snapshot)
+    check: Callable[[], None] | None = None   # raises if what was read cannot be trusted
+
+
+# (run id, lock(volume_id, volume_name)) -> the source. A factory calls lock as soon as it
+# knows the volume, before it changes anything (activations, temporary snapshots).
+LockVolume = Callable[[str, str], None]
+SourceFactory = Callable[[str, LockVolume], ContextManager[Source]]
 
 
 def check_readable(path: str) -> os.stat_result:
@@ -43,11 +57,127 @@ def check_readable(path: str) -> os.stat_result:
     return st
 
 
-@contextmanager
-def device_source(path: str) -> Iterator[Source]:
+def device_source(path: str) -> SourceFactory:
     """Any block device or image file; its volume id is derived from its resolved path."""
-    resolved = os.path.realpath(path)
-    check_readable(resolved)
-    yield Source(path=resolved,
-                 volume_id=str(uuid.uuid5(_DEVICE_NAMESPACE, resolved)),
-                 volume_name=resolved)
+    @contextmanager
+    def open_source(_run_id: str, lock: LockVolume) -> Iterator[Source]:
+        resolved = os.path.realpath(path)
+        check_readable(resolved)
+        volume_id = str(uuid.uuid5(_DEVICE_NAMESPACE, resolved))
+        lock(volume_id, resolved)
+        yield Source(path=resolved, volume_id=volume_id, volume_name=resolved)
+    return open_source
+
+
+@contextmanager
+def _active(lv: lvm.LogicalVolume) -> Iterator[None]:
+    """Keep `lv` active for the block, and put it back the way it was."""
+    if lv.is_active:
+        yield
+        return
+    lvm.activate(lv)
+    try:
+        yield
+    finally:
+        lvm.deactivate(lv)
+
+
+def _refuse_unusable(snap: lvm.LogicalVolume) -> None:
+    if snap.state != "available":
+        raise UsageError("Snapshot to be backed up must be available, but the current "
+                         f'status is "{snap.state}". ({snap.full_name})')
+
+
+def _still_valid(snap: lvm.LogicalVolume) -> Callable[[], None]:
+    def check() -> None:
+        now = lvm.find_lv(snap.full_name)
+        if now.state != "available":
+            raise LvbackupError(f"snapshot {snap.full_name} became {now.state} during the "
+                                "backup (a classic snapshot overflowed?); the data read from "
+                                "it cannot be trusted")
+    return check
+
+
+def snapshot_source(spec: str, volume: str | None = None) -> SourceFactory:
+    """An LVM snapshot (classic or thin); the volume is its origin (CINDER-RULES 1-2)."""
+    @contextmanager
+    def open_source(_run_id: str, lock: LockVolume) -> Iterator[Source]:
+        snap = lvm.find_lv(spec)
+        if not snap.is_snapshot:
+            raise UsageError(f"{snap.full_name} is not a snapshot; back it up with --volume")
+        origin = lvm.find_lv(f"{snap.vg}/{snap.origin}")
+        if volume is not None:
+            vol = lvm.find_lv(volume)
+            if vol.uuid != origin.uuid:
+                raise UsageError(f"Volume {vol.uuid} does not match with snapshot.volume_id "
+                                 f"{origin.uuid}.")
+        _refuse_unusable(snap)
+        lock(origin.uuid, origin.full_name)
+        with _active(snap):
+            yield Source(path=snap.path, volume_id=origin.uuid, volume_name=origin.full_name,
+                         snapshot_id=snap.uuid, snapshot_name=snap.full_name,
+                         snapshot_time=snap.time, check=_still_valid(snap))
+    return open_source
+
+
+def volume_source(spec: str, *, force: bool, snapshot_size: str | None,
+                  lock_dir) -> SourceFactory:
+    """An LVM volume: read directly when closed, through a temporary snapshot with --force
+    when open (CINDER-RULES 3)."""
+    @contextmanager
+    def open_source(run_id: str, lock: LockVolume) -> Iterator[Source]:
+        lv = lvm.find_lv(spec)
+        if lv.is_snapshot:
+            raise UsageError(f"{lv.full_name} is a snapshot; back it up with --snapshot")
+        if lv.segtype == "thin-pool":
+            raise UsageError(f"{lv.full_name} is a thin pool, not a volume")
+        lock(lv.uuid, lv.full_name)
+        remove_leftover_snapshots(lv.vg, lock_dir)
+        if not lv.is_open:
+            with _active(lv):
+                yield Source(path=lv.path, volume_id=lv.uuid, volume_name=lv.full_name)
+            return
+        if not force:
+            raise UsageError("Backing up an in-use volume must use the force flag. "
+                             f"({lv.full_name} is open; pass --force to read it through a "
+                             "temporary snapshot)")
+        with temporary_snapshot(lv, run_id, snapshot_size) as snap:
+            yield Source(path=snap.path, volume_id=lv.uuid, volume_name=lv.full_name,
+                         data_timestamp=snap.time or now_iso(), check=_still_valid(snap))
+    return open_source
+
+
+@contextmanager
+def temporary_snapshot(lv: lvm.LogicalVolume, run_id: str,
+                       size: str | None) -> Iterator[lvm.LogicalVolume]:
+    """A tagged snapshot of `lv`, active for reading and always removed afterwards."""
+    name = f"{lv.name[:80]}_lvbackup_{run_id[:8]}"
+    try:
+        snap = lvm.create_snapshot(lv, name, None if lv.is_thin else size,
+                                   tags=(lvm.TEMP_TAG, _RUN_TAG + run_id))
+    except lvm.LvmError as e:
+        if "insufficient" in str(e).lower() or "free" in str(e).lower():
+            raise LvbackupError(f"volume group {lv.vg} lacks the free space for a temporary "
+                                f"snapshot of {lv.full_name} ({e}); free some space or set "
+                                "temp_snapshot_size in the configuration") from None
+        raise
+    try:
+        if not snap.is_active:
+            lvm.activate(snap)
+        yield snap
+    finally:
+        lvm.remove_lv(snap)
+
+
+def remove_leftover_snapshots(vg: str, lock_dir) -> list[str]:
+    """Remove temporary snapshots whose run died (its run lock is free)."""
+    removed = []
+    for lv in lvm.list_lvs(vg):
+        if lvm.TEMP_TAG not in lv.tags:
+            continue
+        runs = [t[len(_RUN_TAG):] for t in lv.tags if t.startswith(_RUN_TAG)]
+        if runs and run_is_alive(lock_dir, runs[0]):
+            continue
+        lvm.remove_lv(lv)
+        removed.append(lv.full_name)
+    return removed

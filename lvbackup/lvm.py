@@ -1,0 +1,220 @@
+"""The only module that runs LVM commands: argv lists, validated names, typed results.
+
+Reports come from `lvs --reportformat json --units b --nosuffix` (lvm2 2.03.16 gives every
+value as a string; newer versions add a "log" array beside "report", which is ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from .errors import LvbackupError, NotFoundError, UsageError
+from .timeutil import iso
+
+# What lvbackup tags its temporary snapshots with, so a later run can find leftovers.
+TEMP_TAG = "lvbackup_temp"
+
+DEFAULT_SNAPSHOT_SIZE = "20%ORIGIN"
+
+_NAME = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
+_UUID = re.compile(r"^[A-Za-z0-9]{6}(-[A-Za-z0-9]{4}){5}-[A-Za-z0-9]{6}$")
+_FIELDS = ("lv_uuid,lv_name,vg_name,lv_size,lv_attr,origin,pool_lv,lv_time,lv_tags,"
+           "segtype,lv_role,snap_percent")
+# No udev waits, no metadata backups in /etc/lvm: we run from cron and in minimal VMs.
+_CONFIG = "backup{backup=0 archive=0} activation{udev_sync=0 udev_rules=0}"
+
+
+class LvmError(LvbackupError):
+    pass
+
+
+@dataclass(frozen=True)
+class LogicalVolume:
+    vg: str
+    name: str
+    uuid: str
+    size: int
+    attr: str
+    origin: str
+    pool_lv: str
+    time: str            # creation time, UTC ISO 8601
+    tags: tuple[str, ...]
+    segtype: str
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.vg}/{self.name}"
+
+    @property
+    def path(self) -> str:
+        return f"/dev/{self.vg}/{self.name}"
+
+    @property
+    def is_snapshot(self) -> bool:
+        return bool(self.origin)
+
+    @property
+    def is_thin(self) -> bool:
+        return self.segtype == "thin"
+
+    @property
+    def is_open(self) -> bool:
+        return len(self.attr) > 5 and self.attr[5] == "o"
+
+    @property
+    def is_active(self) -> bool:
+        return len(self.attr) > 4 and self.attr[4] == "a"
+
+    @property
+    def is_invalid(self) -> bool:
+        return len(self.attr) > 4 and self.attr[4] in "IS"
+
+    @property
+    def is_merging(self) -> bool:
+        return self.attr[:1] in ("S", "O")
+
+    @property
+    def state(self) -> str:
+        """A word for the snapshot's condition, as used in error messages."""
+        if self.is_invalid:
+            return "invalid"
+        if self.is_merging:
+            return "merging"
+        return "available"
+
+
+def validate_name(name: str, what: str = "name") -> str:
+    if not _NAME.match(name) or name in (".", "..") or name.startswith(("snapshot", "pvmove")):
+        raise UsageError(f"invalid LVM {what} {name!r}: use letters, digits and + _ . - "
+                         "(not starting with -), at most 127 characters")
+    return name
+
+
+def split_name(spec: str) -> tuple[str, str]:
+    """'VG/LV' (or /dev/VG/LV, /dev/mapper is not accepted) -> (vg, lv), validated."""
+    s = spec.removeprefix("/dev/")
+    parts = s.split("/")
+    if len(parts) != 2:
+        raise UsageError(f"{spec!r} is not a logical volume name of the form VG/LV")
+    return validate_name(parts[0], "volume group name"), validate_name(parts[1], "volume name")
+
+
+def _parse_time(text: str) -> str:
+    # lvm2 prints "2026-11-24 17:04:35 +0000" (one-second resolution).
+    return iso(datetime.strptime(text.strip(), "%Y-%m-%d %H:%M:%S %z").astimezone(timezone.utc))
+
+
+def _run(argv: list[str], what: str) -> str:
+    if shutil.which(argv[0]) is None:
+        raise UsageError(f"lvm2 is not installed ({argv[0]} not found); install the lvm2 package")
+    if os.geteuid() != 0:
+        raise UsageError("LVM commands need root: run lvbackup as root")
+    env = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1", "LC_ALL": "C"}
+    proc = subprocess.run([argv[0], "--config", _CONFIG, *argv[1:]], capture_output=True,
+                          text=True, env=env, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        detail = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise LvmError(f"{what} failed: {detail}")
+    return proc.stdout
+
+
+def list_lvs(select: str | None = None) -> list[LogicalVolume]:
+    """Every LV (or those of one VG, or one VG/LV) as reported by lvs."""
+    argv = ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-a", "-o", _FIELDS]
+    if select:
+        argv.append(select)
+    out = _run(argv, "lvs")
+    try:
+        rows = json.loads(out)["report"][0]["lv"]
+    except (ValueError, KeyError, IndexError):
+        raise LvmError("lvs printed a report lvbackup cannot read") from None
+    return [LogicalVolume(
+        vg=r["vg_name"], name=r["lv_name"], uuid=r["lv_uuid"], size=int(r["lv_size"] or 0),
+        attr=r["lv_attr"], origin=r.get("origin", ""), pool_lv=r.get("pool_lv", ""),
+        time=_parse_time(r["lv_time"]) if r.get("lv_time") else "",
+        tags=tuple(t for t in r.get("lv_tags", "").split(",") if t),
+        segtype=r.get("segtype", r.get("seg_type", "")))
+        for r in rows if not r["lv_name"].startswith("[")]
+
+
+def find_lv(spec: str) -> LogicalVolume:
+    """A logical volume by VG/LV or by its LV UUID (or a unique prefix of it)."""
+    if "/" in spec:
+        vg, name = split_name(spec)
+        vgs = _vg_names()
+        if vg not in vgs:
+            raise NotFoundError(f"volume group {vg} not found")
+        for lv in list_lvs(vg):
+            if lv.name == name:
+                return lv
+        raise NotFoundError(f"logical volume {vg}/{name} not found")
+    if not re.match(r"^[A-Za-z0-9-]+$", spec):
+        raise UsageError(f"{spec!r} is neither VG/LV nor an LV UUID")
+    matches = [lv for lv in list_lvs() if lv.uuid == spec or lv.uuid.startswith(spec)]
+    if not matches:
+        raise NotFoundError(f"no logical volume has UUID {spec}")
+    if len(matches) > 1:
+        raise NotFoundError(f"UUID prefix {spec} is ambiguous")
+    return matches[0]
+
+
+def _vg_names() -> set[str]:
+    out = _run(["vgs", "--reportformat", "json", "-o", "vg_name"], "vgs")
+    return {r["vg_name"] for r in json.loads(out)["report"][0]["vg"]}
+
+
+def vg_free(vg: str) -> int:
+    out = _run(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o",
+                "vg_free", vg], "vgs")
+    return int(json.loads(out)["report"][0]["vg"][0]["vg_free"])
+
+
+def create_snapshot(origin: LogicalVolume, name: str, size: str | None = None,
+                    tags: tuple[str, ...] = ()) -> LogicalVolume:
+    """A thin snapshot of a thin origin (no size), else a classic one of `size`."""
+    validate_name(name, "snapshot name")
+    argv = ["lvcreate", "--snapshot", "--name", name]
+    if not origin.is_thin:
+        size = size or DEFAULT_SNAPSHOT_SIZE
+        argv += ["--extents", size] if "%" in size else ["--size", size]
+    elif size:
+        raise UsageError("a thin snapshot takes no --size (it shares the thin pool)")
+    for tag in tags:
+        argv += ["--addtag", tag]
+    argv.append(origin.full_name)
+    _run(argv, f"creating snapshot {origin.vg}/{name}")
+    return find_lv(f"{origin.vg}/{name}")
+
+
+def create_lv(vg: str, name: str, size: int, thin_pool: str | None = None) -> LogicalVolume:
+    validate_name(name, "volume name")
+    if thin_pool:
+        validate_name(thin_pool, "thin pool name")
+        argv = ["lvcreate", "--virtualsize", f"{size}b", "--thin", "--name", name,
+                f"{vg}/{thin_pool}"]
+    else:
+        argv = ["lvcreate", "--yes", "--wipesignatures", "y", "--zero", "y",
+                "--size", f"{size}b", "--name", name, vg]
+    _run(argv, f"creating {vg}/{name}")
+    return find_lv(f"{vg}/{name}")
+
+
+def remove_lv(lv: LogicalVolume) -> None:
+    _run(["lvremove", "--yes", "--force", lv.full_name], f"removing {lv.full_name}")
+
+
+def activate(lv: LogicalVolume) -> None:
+    """Activate, ignoring the activation-skip flag thin snapshots are created with."""
+    _run(["lvchange", "--activate", "y", "--ignoreactivationskip", lv.full_name],
+         f"activating {lv.full_name}")
+
+
+def deactivate(lv: LogicalVolume) -> None:
+    _run(["lvchange", "--activate", "n", lv.full_name], f"deactivating {lv.full_name}")
