@@ -600,6 +600,9 @@ def main() -> None:
         code = 130
     except BrokenPipeError:
         code = EXIT_FAILED
+    except SystemExit as e:  # from _on_signal: the work was stopped and cleaned up
+        click.echo(f"lvbackup: terminated by signal {(e.code or 0) - 128}", err=True)
+        code = e.code if isinstance(e.code, int) else EXIT_FAILED
     except Exception as e:  # noqa: BLE001 - never a traceback unless asked for
         if verbose:
             traceback.print_exc()

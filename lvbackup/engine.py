@@ -98,10 +98,12 @@ def recover_dead_runs(lv: Lvbackup) -> list[dict]:
     for row in cat.in_states("creating", "restoring", "deleting"):
         if run_is_alive(lv.lock_dir, row["id"]):
             continue
-        has_manifest = _manifest_ok(lv, row["id"])
+        manifest = _manifest_or_none(lv, row["id"])
+        has_manifest = manifest is not None
         if row["status"] == "creating":
-            if has_manifest:
-                fields = {"status": "available", "fail_reason": None}
+            if manifest is not None:
+                fields = {"status": "available", "fail_reason": None,
+                          "stored_bytes": manifest.record.get("stored_bytes") or 0}
             else:
                 fields = {"status": "error", "fail_reason":
                           "incomplete backup reset: the run creating it was interrupted"}
@@ -118,12 +120,11 @@ def recover_dead_runs(lv: Lvbackup) -> list[dict]:
     return changed
 
 
-def _manifest_ok(lv: Lvbackup, backup_id: str) -> bool:
+def _manifest_or_none(lv: Lvbackup, backup_id: str) -> Manifest | None:
     try:
-        Manifest(lv.repo.storage, backup_id)
-        return True
+        return Manifest(lv.repo.storage, backup_id)
     except (CorruptionError, UsageError):
-        return False
+        return None
 
 
 # --- create --------------------------------------------------------------------------
