@@ -138,12 +138,16 @@ class Catalog:
         fields["updated_at"] = now_iso()
         self.table.update(backup_id, fields)
 
-    def list(self, volume: str | None = None, status: str | None = None,
+    def list(self, volumes: Iterable[str] = (), status: str | None = None,
              include_deleted: bool = False) -> list[dict]:
+        """Backups, oldest first; `volumes` are names, ids or id prefixes of volumes."""
         where, args = [], []
-        if volume:
-            where.append("(volume_id = ? OR volume_name = ? OR volume_id LIKE ?)")
-            args += [volume, volume, volume.lower() + "%"]
+        volumes = list(volumes)
+        if volumes:
+            where.append("(" + " OR ".join(["volume_id = ? OR volume_name = ? OR volume_id LIKE ?"]
+                                           * len(volumes)) + ")")
+            for v in volumes:
+                args += [v, v, v.lower() + "%"]
         if status:
             where.append("status = ?")
             args.append(status)

@@ -260,7 +260,10 @@ def list_(app: App, volume: str | None, status: str | None) -> None:
     from .catalog import to_record
     lv = app.lv()
     engine.recover_dead_runs(lv)
-    rows = [to_record(r) for r in lv.catalog.list(volume=volume, status=status)]
+    names = [volume] if volume else []
+    if volume and os.path.exists(volume):  # an image path as given to create --device
+        names.append(os.path.realpath(volume))
+    rows = [to_record(r) for r in lv.catalog.list(volumes=names, status=status)]
     app.emit(rows, print_records)
 
 

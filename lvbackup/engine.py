@@ -26,7 +26,7 @@ from .config import Config
 from .errors import CorruptionError, LvbackupError, NotFoundError, UsageError
 from .locks import RunLock, repository_lock, run_is_alive, volume_lock
 from .manifest import ENTRY_SIZE, HOLE, Manifest, ManifestWriter, manifest_name
-from .repository.pack import pack_name
+from .repository.pack import pack_name, read_trailer
 from .repository.repo import Repository
 from .sources import Source, SourceFactory
 from .timeutil import now_iso
@@ -452,17 +452,15 @@ def verify_backups(lv: Lvbackup, ids: list[str], *, deep: bool,
 
 
 def _verify_one(repo: Repository, backup_id: str, deep: bool) -> None:
+    """Every block's chunk is indexed, inside a pack whose trailer is intact; with `deep`,
+    every chunk is also read, decompressed and checked against its BLAKE3 id."""
     manifest = Manifest(repo.storage, backup_id)
     if manifest.record.get("id") != backup_id:
         raise CorruptionError(f"manifest {manifest.name} holds the record of another backup")
-    if deep:
-        for _ in restore_blocks(repo, manifest, workers=os.cpu_count() or 2):
-            pass
-        return
-    seen_packs: set[bytes] = set()
+    pack_sizes: dict[bytes, int] = {}
     per = 4096
     for n, entries in enumerate(manifest.entries(per)):
-        ids = {}
+        ids: dict[bytes, int] = {}
         for i, o in enumerate(range(0, len(entries), ENTRY_SIZE)):
             if entries[o:o + ENTRY_SIZE] != HOLE:
                 ids.setdefault(entries[o + 16:o + ENTRY_SIZE], n * per + i)
@@ -472,11 +470,18 @@ def _verify_one(repo: Repository, backup_id: str, deep: bool) -> None:
             if ref is None:
                 raise CorruptionError(f"block {block}: chunk {cid.hex()} is not in the "
                                       "repository index")
-            if ref.pack_id not in seen_packs:
-                size = repo.storage.size(pack_name(ref.pack_id))
-                if ref.offset + ref.length > size:
-                    raise CorruptionError(f"block {block}: pack {ref.pack_id.hex()} is truncated")
-                seen_packs.add(ref.pack_id)
+            size = pack_sizes.get(ref.pack_id)
+            if size is None:
+                try:
+                    read_trailer(repo.storage, ref.pack_id)
+                except CorruptionError as e:
+                    raise CorruptionError(f"block {block}: {e}") from None
+                size = pack_sizes[ref.pack_id] = repo.storage.size(pack_name(ref.pack_id))
+            if ref.offset + ref.length > size:
+                raise CorruptionError(f"block {block}: pack {ref.pack_id.hex()} is truncated")
+    if deep:
+        for _ in restore_blocks(repo, manifest, workers=os.cpu_count() or 2):
+            pass
 
 
 # --- export / import of records ---------------------------------------------------------

@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from .errors import LockedError
+from .errors import LockedError, UsageError
 
 
 class FileLock:
@@ -25,8 +25,12 @@ class FileLock:
 
     def acquire(self, wait: float = 0.0) -> "FileLock":
         """Take the lock, waiting up to `wait` seconds; raise LockedError (exit 75) if held."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UsageError(f"cannot create the lock file {self.path}: {e.strerror}; "
+                             "set cache_dir in the configuration") from None
         mode = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
         deadline = time.monotonic() + max(wait, 0.0)
         while True:

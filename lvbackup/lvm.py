@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -23,11 +24,12 @@ TEMP_TAG = "lvbackup_temp"
 DEFAULT_SNAPSHOT_SIZE = "20%ORIGIN"
 
 _NAME = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
-_UUID = re.compile(r"^[A-Za-z0-9]{6}(-[A-Za-z0-9]{4}){5}-[A-Za-z0-9]{6}$")
 _FIELDS = ("lv_uuid,lv_name,vg_name,lv_size,lv_attr,origin,pool_lv,lv_time,lv_tags,"
            "segtype,lv_role,snap_percent")
-# No udev waits, no metadata backups in /etc/lvm: we run from cron and in minimal VMs.
-_CONFIG = "backup{backup=0 archive=0} activation{udev_sync=0 udev_rules=0}"
+# Cron gives root PATH=/usr/bin:/bin, which lacks the sbin directories lvm2 installs into.
+_SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+# lvm.conf is left alone on purpose: the host's udev synchronisation and its metadata
+# archive in /etc/lvm (what vgcfgrestore needs) must apply to our changes too.
 
 
 class LvmError(LvbackupError):
@@ -73,7 +75,8 @@ class LogicalVolume:
 
     @property
     def is_invalid(self) -> bool:
-        return len(self.attr) > 4 and self.attr[4] in "IS"
+        # I: invalid snapshot, S: invalid suspended snapshot, m/M: snapshot merge failed.
+        return len(self.attr) > 4 and self.attr[4] in "ISmM"
 
     @property
     def is_merging(self) -> bool:
@@ -89,8 +92,10 @@ class LogicalVolume:
         return "available"
 
 
-def validate_name(name: str, what: str = "name") -> str:
-    if not _NAME.match(name) or name in (".", "..") or name.startswith(("snapshot", "pvmove")):
+def validate_name(name: str, what: str = "name", *, lv: bool = True) -> str:
+    """An LVM VG or LV name as lvm2 accepts it (LV names may not start with snapshot/pvmove)."""
+    if (not _NAME.match(name) or name in (".", "..")
+            or (lv and name.startswith(("snapshot", "pvmove")))):
         raise UsageError(f"invalid LVM {what} {name!r}: use letters, digits and + _ . - "
                          "(not starting with -), at most 127 characters")
     return name
@@ -102,7 +107,8 @@ def split_name(spec: str) -> tuple[str, str]:
     parts = s.split("/")
     if len(parts) != 2:
         raise UsageError(f"{spec!r} is not a logical volume name of the form VG/LV")
-    return validate_name(parts[0], "volume group name"), validate_name(parts[1], "volume name")
+    return (validate_name(parts[0], "volume group name", lv=False),
+            validate_name(parts[1], "volume name"))
 
 
 def _parse_time(text: str) -> str:
@@ -110,19 +116,50 @@ def _parse_time(text: str) -> str:
     return iso(datetime.strptime(text.strip(), "%Y-%m-%d %H:%M:%S %z").astimezone(timezone.utc))
 
 
+def _tool(name: str) -> str:
+    path = os.environ.get("PATH", os.defpath) + os.pathsep + os.pathsep.join(_SBIN_DIRS)
+    found = shutil.which(name, path=path)
+    if found is None:
+        raise UsageError(f"lvm2 is not installed ({name} not found); install the lvm2 package")
+    return found
+
+
 def _run(argv: list[str], what: str) -> str:
-    if shutil.which(argv[0]) is None:
-        raise UsageError(f"lvm2 is not installed ({argv[0]} not found); install the lvm2 package")
+    exe = _tool(argv[0])
     if os.geteuid() != 0:
         raise UsageError("LVM commands need root: run lvbackup as root")
     env = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1", "LC_ALL": "C"}
-    proc = subprocess.run([argv[0], "--config", _CONFIG, *argv[1:]], capture_output=True,
-                          text=True, env=env, stdin=subprocess.DEVNULL)
+    # Output goes to files, not pipes, so that waiting for the command can be repeated.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        # Own session: a Ctrl-C on the terminal reaches lvbackup, not the LVM command.
+        proc = subprocess.Popen([exe, *argv[1:]], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=err, env=env, start_new_session=True)
+        try:
+            proc.wait()
+        except BaseException:
+            # A signal is unwinding lvbackup. Never kill LVM halfway (it may have suspended
+            # a device or be writing metadata): let it finish, then unwind.
+            _wait_uninterrupted(proc)
+            raise
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
     if proc.returncode != 0:
-        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
-        detail = lines[-1] if lines else f"exit status {proc.returncode}"
+        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if not ln.startswith("WARNING")] or lines
+        detail = errors[-1] if errors else f"exit status {proc.returncode}"
         raise LvmError(f"{what} failed: {detail}")
-    return proc.stdout
+    return stdout
+
+
+def _wait_uninterrupted(proc: subprocess.Popen) -> None:
+    while True:
+        try:
+            proc.wait()
+            return
+        except BaseException:  # noqa: BLE001 - a second signal: keep waiting for LVM
+            continue
 
 
 def list_lvs(select: str | None = None) -> list[LogicalVolume]:
@@ -144,14 +181,22 @@ def list_lvs(select: str | None = None) -> list[LogicalVolume]:
         for r in rows if not r["lv_name"].startswith("[")]
 
 
+def vg_lvs(vg: str) -> list[LogicalVolume]:
+    """The LVs of one VG; NotFoundError if there is no such VG."""
+    validate_name(vg, "volume group name", lv=False)
+    try:
+        return list_lvs(vg)
+    except LvmError:
+        if vg not in _vg_names():  # only on failure: each LVM command costs time
+            raise NotFoundError(f"volume group {vg} not found") from None
+        raise
+
+
 def find_lv(spec: str) -> LogicalVolume:
     """A logical volume by VG/LV or by its LV UUID (or a unique prefix of it)."""
     if "/" in spec:
         vg, name = split_name(spec)
-        vgs = _vg_names()
-        if vg not in vgs:
-            raise NotFoundError(f"volume group {vg} not found")
-        for lv in list_lvs(vg):
+        for lv in vg_lvs(vg):
             if lv.name == name:
                 return lv
         raise NotFoundError(f"logical volume {vg}/{name} not found")
@@ -168,12 +213,6 @@ def find_lv(spec: str) -> LogicalVolume:
 def _vg_names() -> set[str]:
     out = _run(["vgs", "--reportformat", "json", "-o", "vg_name"], "vgs")
     return {r["vg_name"] for r in json.loads(out)["report"][0]["vg"]}
-
-
-def vg_free(vg: str) -> int:
-    out = _run(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o",
-                "vg_free", vg], "vgs")
-    return int(json.loads(out)["report"][0]["vg"][0]["vg_free"])
 
 
 def create_snapshot(origin: LogicalVolume, name: str, size: str | None = None,
@@ -195,8 +234,13 @@ def create_snapshot(origin: LogicalVolume, name: str, size: str | None = None,
 
 def create_lv(vg: str, name: str, size: int, thin_pool: str | None = None) -> LogicalVolume:
     validate_name(name, "volume name")
+    existing = {lv.name: lv for lv in vg_lvs(vg)}
+    if name in existing:
+        raise UsageError(f"logical volume {vg}/{name} already exists; choose another name")
     if thin_pool:
         validate_name(thin_pool, "thin pool name")
+        if thin_pool not in existing or existing[thin_pool].segtype != "thin-pool":
+            raise NotFoundError(f"thin pool {vg}/{thin_pool} not found")
         argv = ["lvcreate", "--virtualsize", f"{size}b", "--thin", "--name", name,
                 f"{vg}/{thin_pool}"]
     else:
@@ -210,11 +254,19 @@ def remove_lv(lv: LogicalVolume) -> None:
     _run(["lvremove", "--yes", "--force", lv.full_name], f"removing {lv.full_name}")
 
 
+def _activation_unit(lv: LogicalVolume) -> str:
+    # lvm2 (de)activates a classic snapshot only together with its origin, and refuses
+    # (it prompts, and reads "no" from /dev/null) when asked for the snapshot alone.
+    if lv.is_snapshot and not lv.is_thin:
+        return f"{lv.vg}/{lv.origin}"
+    return lv.full_name
+
+
 def activate(lv: LogicalVolume) -> None:
     """Activate, ignoring the activation-skip flag thin snapshots are created with."""
-    _run(["lvchange", "--activate", "y", "--ignoreactivationskip", lv.full_name],
+    _run(["lvchange", "--activate", "y", "--ignoreactivationskip", _activation_unit(lv)],
          f"activating {lv.full_name}")
 
 
 def deactivate(lv: LogicalVolume) -> None:
-    _run(["lvchange", "--activate", "n", lv.full_name], f"deactivating {lv.full_name}")
+    _run(["lvchange", "--activate", "n", _activation_unit(lv)], f"deactivating {lv.full_name}")

@@ -98,7 +98,7 @@ def _still_valid(snap: lvm.LogicalVolume) -> Callable[[], None]:
     return check
 
 
-def snapshot_source(spec: str, volume: str | None = None) -> SourceFactory:
+def snapshot_source(spec: str, volume: str | None = None, lock_dir=None) -> SourceFactory:
     """An LVM snapshot (classic or thin); the volume is its origin (CINDER-RULES 1-2)."""
     @contextmanager
     def open_source(_run_id: str, lock: LockVolume) -> Iterator[Source]:
@@ -113,6 +113,7 @@ def snapshot_source(spec: str, volume: str | None = None) -> SourceFactory:
                                  f"{origin.uuid}.")
         _refuse_unusable(snap)
         lock(origin.uuid, origin.full_name)
+        remove_leftover_snapshots(snap.vg, lock_dir)
         with _active(snap):
             yield Source(path=snap.path, volume_id=origin.uuid, volume_name=origin.full_name,
                          snapshot_id=snap.uuid, snapshot_name=snap.full_name,
@@ -156,7 +157,11 @@ def temporary_snapshot(lv: lvm.LogicalVolume, run_id: str,
         snap = lvm.create_snapshot(lv, name, None if lv.is_thin else size,
                                    tags=(lvm.TEMP_TAG, _RUN_TAG + run_id))
     except lvm.LvmError as e:
-        if "insufficient" in str(e).lower() or "free" in str(e).lower():
+        text = str(e).lower()
+        if lv.is_thin and ("thin pool" in text or "free" in text):
+            raise LvbackupError(f"thin pool {lv.vg}/{lv.pool_lv} has no room for a temporary "
+                                f"snapshot of {lv.full_name} ({e}); extend the pool") from None
+        if "insufficient" in text or "free" in text:
             raise LvbackupError(f"volume group {lv.vg} lacks the free space for a temporary "
                                 f"snapshot of {lv.full_name} ({e}); free some space or set "
                                 "temp_snapshot_size in the configuration") from None
@@ -171,9 +176,13 @@ def temporary_snapshot(lv: lvm.LogicalVolume, run_id: str,
 
 def remove_leftover_snapshots(vg: str, lock_dir) -> list[str]:
     """Remove temporary snapshots whose run died (its run lock is free)."""
+    if lock_dir is None:
+        return []
     removed = []
     for lv in lvm.list_lvs(vg):
-        if lvm.TEMP_TAG not in lv.tags:
+        # An open one is being read: by a run we cannot see (another configuration's
+        # lock directory), or by whoever else; a dead run's snapshot is closed.
+        if lvm.TEMP_TAG not in lv.tags or lv.is_open:
             continue
         runs = [t[len(_RUN_TAG):] for t in lv.tags if t.startswith(_RUN_TAG)]
         if runs and run_is_alive(lock_dir, runs[0]):

@@ -31,6 +31,7 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path) -> dict:
     """Delete packs no manifest uses and repack mostly-dead ones. Caller holds the lock."""
     storage = repo.storage
     storage.clean_tmp()
+    repo.index.sync(storage)  # the fallback for packs whose trailer is unreadable
     work = Path(cache_dir) / f"gc-{uuid.uuid4().hex}.sqlite"
     db = sqlite3.connect(work, isolation_level=None)
     try:
@@ -38,7 +39,8 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path) -> dict:
             PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;
             CREATE TABLE live (id BLOB PRIMARY KEY) WITHOUT ROWID;
             CREATE TABLE chunk (id BLOB, pack BLOB, offset INT, length INT, raw INT, flags INT);
-            CREATE TABLE pack (id BLOB PRIMARY KEY, bytes INT, live_bytes INT, fate TEXT);
+            CREATE TABLE pack (id BLOB PRIMARY KEY, bytes INT, live_bytes INT, fate TEXT,
+                               readable INT);
         """)
         _mark(repo, db)
         unreadable = _load_packs(repo, db)
@@ -46,16 +48,19 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path) -> dict:
         db.execute("CREATE INDEX chunk_id ON chunk(id)")
         db.execute("UPDATE pack SET live_bytes = (SELECT coalesce(sum(c.length), 0) FROM chunk c "
                    "JOIN live l ON l.id = c.id WHERE c.pack = pack.id)")
-        db.execute("UPDATE pack SET fate = CASE WHEN live_bytes = 0 THEN 'delete' "
+        db.execute("UPDATE pack SET fate = CASE WHEN NOT readable THEN 'keep' "
+                   "WHEN live_bytes = 0 THEN 'delete' "
                    f"WHEN live_bytes < bytes * {REPACK_BELOW} THEN 'repack' ELSE 'keep' END")
         old_index = [name for name, _ in storage.list("index/")]
         repacked_bytes = _repack(repo, db, lock_dir)
-        _rewrite_index(repo, db)
+        # An old index file may have the same content, hence name, as a rewritten one.
+        new_index = _rewrite_index(repo, db)
         for name in old_index:
-            storage.delete(name)
+            if name not in new_index:
+                storage.delete(name)
         freed = 0
-        gone = db.execute("SELECT id, bytes, fate FROM pack WHERE fate != 'keep'").fetchall()
-        for pack_id, size, _fate in gone:
+        gone = db.execute("SELECT id, bytes FROM pack WHERE fate IN ('delete', 'repack')").fetchall()
+        for pack_id, size in gone:
             storage.delete(pack_name(pack_id))
             freed += size
         repo.index.reset()
@@ -84,20 +89,22 @@ def _mark(repo: Repository, db: sqlite3.Connection) -> None:
 
 
 def _load_packs(repo: Repository, db: sqlite3.Connection) -> list[str]:
-    """Read every pack's trailer; a pack whose trailer is unreadable is left alone."""
+    """Read every pack's trailer. A pack whose trailer is unreadable is kept as it is, and
+    described by what the existing index says of it: gc never deletes what it cannot read."""
     unreadable = []
     for name, _ in repo.storage.list("packs/"):
         pack_id = bytes.fromhex(name.rsplit("/", 1)[1])
+        readable = 1
         try:
             refs = read_trailer(repo.storage, pack_id)
         except CorruptionError:
             unreadable.append(name)
-            continue
+            refs, readable = repo.index.refs_in_pack(pack_id), 0
         db.executemany("INSERT INTO chunk VALUES (?, ?, ?, ?, ?, ?)",
                        [(r.chunk_id, pack_id, r.offset, r.length, r.raw_length, r.flags)
                         for r in refs])
-        db.execute("INSERT INTO pack VALUES (?, ?, 0, NULL)",
-                   (pack_id, repo.storage.size(name)))
+        db.execute("INSERT INTO pack VALUES (?, ?, 0, NULL, ?)",
+                   (pack_id, repo.storage.size(name), readable))
     return unreadable
 
 
@@ -125,19 +132,22 @@ def _repack(repo: Repository, db: sqlite3.Connection, lock_dir: Path) -> int:
             db.executemany("INSERT INTO chunk VALUES (?, ?, ?, ?, ?, ?)",
                            [(r.chunk_id, pack_id, r.offset, r.length, r.raw_length, r.flags)
                             for r in refs])
-            db.execute("INSERT INTO pack VALUES (?, ?, ?, 'new')",
-                       (pack_id, repo.storage.size(pack_name(pack_id)), 0))
+            db.execute("INSERT INTO pack VALUES (?, ?, 0, 'new', 1)",
+                       (pack_id, repo.storage.size(pack_name(pack_id))))
     return packer.stored_bytes
 
 
-def _rewrite_index(repo: Repository, db: sqlite3.Connection) -> None:
+def _rewrite_index(repo: Repository, db: sqlite3.Connection) -> set[str]:
+    """Index files listing every pack that stays; returns their names."""
+    names: set[str] = set()
     groups: list[tuple[bytes, list[ChunkRef]]] = []
     for (pack_id,) in db.execute("SELECT id FROM pack WHERE fate IN ('keep', 'new')").fetchall():
         refs = [ChunkRef(cid, pack_id, off, ln, raw, fl) for cid, off, ln, raw, fl in db.execute(
             "SELECT id, offset, length, raw, flags FROM chunk WHERE pack = ?", (pack_id,))]
         groups.append((pack_id, refs))
         if len(groups) >= _INDEX_GROUPS:
-            repo.write_index(groups)
+            names.add(repo.write_index(groups))
             groups = []
     if groups:
-        repo.write_index(groups)
+        names.add(repo.write_index(groups))
+    return names

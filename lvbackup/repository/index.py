@@ -19,12 +19,13 @@ from __future__ import annotations
 import sqlite3
 import struct
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import blake3
 
-from ..errors import CorruptionError
+from ..errors import CorruptionError, UsageError
 from .pack import ENTRY, ChunkRef
 from .sealed import seal, unseal
 
@@ -75,12 +76,29 @@ def decode_index(name: str, data: bytes) -> Iterator[tuple[bytes, list[ChunkRef]
         yield pack_id, refs
 
 
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    # The connection is in autocommit mode (isolation_level=None), where `with db:` does
+    # not open a transaction; a run killed half-way must leave the cache as it was.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 class ChunkIndex:
     """The local cache of the repository's index (one SQLite connection per thread)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create the cache directory {self.path.parent}: "
+                             f"{e.strerror}; set cache_dir in the configuration") from None
         self._local = threading.local()
         db = self._db()
         db.executescript(_SCHEMA)
@@ -107,7 +125,7 @@ class ChunkIndex:
         remote = dict(storage.list("index/"))
         known = dict(db.execute("SELECT name, stamp FROM index_files").fetchall())
         if any(remote.get(name) != stamp for name, stamp in known.items()):
-            with db:
+            with _transaction(db):
                 db.execute("DELETE FROM chunks WHERE pack IN (SELECT id FROM packs WHERE indexed=1)")
                 db.execute("DELETE FROM packs WHERE indexed=1")
                 db.execute("DELETE FROM index_files")
@@ -121,7 +139,7 @@ class ChunkIndex:
                            (name, remote[name]))
                 bad.append(name)
                 continue
-            with db:
+            with _transaction(db):
                 for pack_id, refs in groups:
                     self._insert(db, pack_id, refs, run=None, indexed=1)
                 db.execute("INSERT OR REPLACE INTO index_files VALUES (?, ?, 1)",
@@ -139,13 +157,16 @@ class ChunkIndex:
     def add_pending(self, pack_id: bytes, refs: list[ChunkRef], run: str) -> None:
         """Record a pack that `run` has stored but not yet listed in an index file."""
         db = self._db()
-        with db:
+        with _transaction(db):
             self._insert(db, pack_id, refs, run=run, indexed=0)
 
-    def mark_indexed(self, name: str, stamp: str, pack_ids: Iterable[bytes]) -> None:
+    def add_indexed(self, name: str, stamp: str,
+                    groups: list[tuple[bytes, list[ChunkRef]]]) -> None:
+        """Record an index file this process wrote, with every entry it lists."""
         db = self._db()
-        with db:
-            db.executemany("UPDATE packs SET indexed=1 WHERE id=?", [(p,) for p in pack_ids])
+        with _transaction(db):
+            for pack_id, refs in groups:
+                self._insert(db, pack_id, refs, run=None, indexed=1)
             db.execute("INSERT OR REPLACE INTO index_files VALUES (?, ?, 1)", (name, stamp))
 
     def pending_runs(self) -> list[str]:
@@ -158,7 +179,7 @@ class ChunkIndex:
 
     def forget_pack(self, pack_id: bytes) -> None:
         db = self._db()
-        with db:
+        with _transaction(db):
             db.execute("DELETE FROM chunks WHERE pack=?", (pack_id,))
             db.execute("DELETE FROM packs WHERE id=?", (pack_id,))
 
@@ -194,7 +215,7 @@ class ChunkIndex:
     def reset(self) -> None:
         """Forget everything (after gc rewrote the index files)."""
         db = self._db()
-        with db:
+        with _transaction(db):
             db.execute("DELETE FROM chunks")
             db.execute("DELETE FROM packs")
             db.execute("DELETE FROM index_files")

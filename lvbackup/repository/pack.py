@@ -84,7 +84,7 @@ def read_trailer(storage, pack_id: bytes) -> list[ChunkRef]:
     count, digest, end = FOOTER.unpack(storage.get_range(name, size - FOOTER.size, FOOTER.size))
     trailer_len = count * ENTRY.size
     if end != PACK_END or trailer_len > size - len(PACK_MAGIC) - FOOTER.size:
-        raise CorruptionError(f"{what} has a bad footer")
+        raise CorruptionError(f"{what} is truncated or its footer is damaged")
     trailer = storage.get_range(name, size - FOOTER.size - trailer_len, trailer_len)
     if blake3.blake3(trailer).digest() != digest:
         raise CorruptionError(f"{what} has a corrupt trailer")

@@ -69,7 +69,8 @@ class Repository:
                                  f"{repo.block_size}; a block size is chosen once, at init")
             return repo, False
         meta = {"version": FORMAT_VERSION, "id": str(uuid.uuid4()),
-                "block_size": validate_block_size(block_size or DEFAULT_BLOCK_SIZE),
+                "block_size": validate_block_size(DEFAULT_BLOCK_SIZE if block_size is None
+                                                  else block_size),
                 "created_at": now_iso()}
         storage.put("config", seal(REPO_MAGIC, json.dumps(meta).encode()))
         return cls(storage, meta, cache_dir), True
@@ -118,10 +119,12 @@ class Repository:
         if groups:
             self.write_index(groups)
 
-    def write_index(self, groups: list[tuple[bytes, list[ChunkRef]]]) -> None:
+    def write_index(self, groups: list[tuple[bytes, list[ChunkRef]]]) -> str:
+        """Store an index file listing `groups` (and cache it); returns its name."""
         name, data = encode_index(groups)
         self.storage.put(name, data)
-        self.index.mark_indexed(name, self.storage.stamp(name), [p for p, _ in groups])
+        self.index.add_indexed(name, self.storage.stamp(name), groups)
+        return name
 
     # --- chunks ---------------------------------------------------------------------
 
