@@ -20,6 +20,7 @@ import xxhash
 import zstandard
 
 from .errors import CorruptionError, LvbackupError
+from .faults import crash_point
 from .manifest import ENTRY_SIZE, HOLE, Manifest, ManifestWriter
 from .pipeline import BufferPool, ordered_map
 from .repository.pack import FLAG_RAW, FLAG_ZSTD
@@ -121,6 +122,7 @@ def backup_blocks(repo: Repository, packer: Packer, fd: int, size: int,
             except BaseException:
                 buffers.put(buf)
                 raise
+            crash_point("read-segment")
             yield _Segment(first, length, buf, pe)
 
     def analyze(seg: _Segment) -> _Analyzed:

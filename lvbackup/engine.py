@@ -23,6 +23,7 @@ from . import lvm
 from .catalog import COLUMNS, Catalog, choose_parent, to_record
 from .chunker import ScanStats, backup_blocks, restore_blocks, source_size
 from .config import Config
+from .faults import crash_point
 from .errors import CorruptionError, LvbackupError, NotFoundError, UsageError
 from .locks import RunLock, repository_lock, run_is_alive, volume_lock
 from .manifest import ENTRY_SIZE, HOLE, Manifest, ManifestWriter, manifest_name
@@ -214,6 +215,7 @@ def _write_backup(lv: Lvbackup, source: Source, fd: int, size: int, record: dict
                  "updated_at": now_iso()}
         writer.close({"block_size": repo.block_size, "size": size,
                       "backup": to_record(final)})
+        crash_point("manifest-written")
     except BaseException:
         writer.abort()
         try:  # index what this run did store, so a rerun reuses it
@@ -376,6 +378,7 @@ def _write_image(repo: Repository, manifest: Manifest, target: Target, workers: 
                 buf = buf[w:]
                 pos += w
         done = pos
+        crash_point("restore-segment")
         if progress:
             progress(done, size)
     if target.seekable:
@@ -406,8 +409,10 @@ def delete_backup(lv: Lvbackup, backup_id: str, *, force: bool = False) -> dict:
                              f"(backup {row['id']} has dependents: {ids}; delete them first)")
         stack.enter_context(RunLock(lv.lock_dir, row["id"]).acquire())
         cat.update(row["id"], status="deleting")
+        crash_point("delete-marked")
         try:
             lv.repo.storage.delete(manifest_name(row["id"]))
+            crash_point("delete-manifest-removed")
         except OSError as e:
             cat.update(row["id"], status="error_deleting", fail_reason=_reason(e))
             raise LvbackupError(f"cannot delete backup {row['id']}: {_reason(e)}") from None

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import CorruptionError, LvbackupError
+from ..faults import crash_point
 from ..locks import RunLock
 from ..manifest import ENTRY_SIZE, HOLE, Manifest
 from .index import encode_index
@@ -53,15 +54,19 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path) -> dict:
                    f"WHEN live_bytes < bytes * {REPACK_BELOW} THEN 'repack' ELSE 'keep' END")
         old_index = [name for name, _ in storage.list("index/")]
         repacked_bytes = _repack(repo, db, lock_dir)
+        crash_point("gc-repacked")
         # An old index file may have the same content, hence name, as a rewritten one.
         new_index = _rewrite_index(repo, db)
+        crash_point("gc-index-rewritten")
         for name in old_index:
             if name not in new_index:
                 storage.delete(name)
+        crash_point("gc-old-index-deleted")
         freed = 0
         gone = db.execute("SELECT id, bytes FROM pack WHERE fate IN ('delete', 'repack')").fetchall()
         for pack_id, size in gone:
             storage.delete(pack_name(pack_id))
+            crash_point("gc-pack-deleted")
             freed += size
         repo.index.reset()
         repo.index.sync(storage)

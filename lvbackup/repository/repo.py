@@ -19,6 +19,7 @@ import blake3
 import zstandard
 
 from ..errors import CorruptionError, UsageError
+from ..faults import crash_point
 from ..locks import run_is_alive
 from ..timeutil import now_iso
 from .index import ChunkIndex, encode_index
@@ -184,7 +185,9 @@ class Packer:
         pack_id, data, refs = self.builder.finish()
         self.builder = PackBuilder()
         self.repo.storage.put(pack_name(pack_id), data)
+        crash_point("pack-stored")
         self.repo.index.add_pending(pack_id, refs, self.run_id)
+        crash_point("pack-pending")
         self.unindexed.append((pack_id, refs))
         self.pack_ids.append(pack_id)
         if len(self.unindexed) >= INDEX_EVERY:
@@ -194,6 +197,7 @@ class Packer:
         if self.unindexed:
             self.repo.write_index(self.unindexed)
             self.unindexed = []
+            crash_point("index-written")
 
     def commit(self) -> None:
         """Store the last pack and index everything this run wrote."""

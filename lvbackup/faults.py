@@ -1,0 +1,42 @@
+"""Crash points for the fault-injection tests (tests/test_faults.py).
+
+`LVBACKUP_FAULT=POINT[:N]` makes the process SIGKILL itself the N-th time (default: the
+first) it reaches `crash_point(POINT)`: a real crash at an exact step, as kill -9 would do
+at a lucky moment. Unset, a crash point costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+_SPEC = os.environ.get("LVBACKUP_FAULT", "")
+_POINT, _, _NTH = _SPEC.partition(":")
+_seen = 0
+_lock = threading.Lock()
+
+POINTS = (
+    "read-segment",            # backup: a segment of the source was read
+    "pack-stored",             # backup: a pack is stored, not yet recorded in the cache
+    "pack-pending",            # backup: a pack is recorded as pending, not yet indexed
+    "index-written",           # backup: an index file is stored, the manifest is not
+    "manifest-written",        # backup: the manifest is stored, the catalog not updated
+    "restore-segment",         # restore: a segment was written to the target
+    "delete-marked",           # delete: the row says deleting, the manifest still exists
+    "delete-manifest-removed", # delete: the manifest is gone, the row says deleting
+    "gc-repacked",             # gc: new packs hold the live chunks, the index is old
+    "gc-index-rewritten",      # gc: old and new index files both exist
+    "gc-old-index-deleted",    # gc: only the new index exists, dead packs remain
+    "gc-pack-deleted",         # gc: some dead packs are deleted
+)
+
+
+def crash_point(name: str) -> None:
+    global _seen
+    if name != _POINT:
+        return
+    with _lock:
+        _seen += 1
+        if _seen >= int(_NTH or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
