@@ -12,14 +12,14 @@ from typing import Any, Callable, Iterator
 
 import click
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
 
 from . import __version__, engine, lvm, sources
-from .catalog import STATUSES
+from .catalog import STATUSES, parse_labels
 from .config import Config, as_dict, load_config
-from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError
+from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
 
 EXIT_CODES = """\b
 Exit status:
@@ -27,9 +27,17 @@ Exit status:
   1   the operation failed (I/O error, corruption found, ...)
   2   invalid usage, or a request the current state forbids
   75  the repository or volume is locked by another run (see --wait)
+  'run' exits with the worst status of its jobs (75, then 1, then 2).
 """
 
 err_console = Console(stderr=True, highlight=False)
+
+
+def out_console() -> Console:
+    """Rich output on stdout. Not on a terminal (cron mail, a pipe, a log file), tables get
+    room to stay readable instead of rich's default 80 columns."""
+    wide = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    return Console(width=160 if wide else None)
 
 
 def human_size(n: int | None) -> str:
@@ -73,8 +81,15 @@ class App:
     def lv(self, wait: float = 0.0) -> engine.Lvbackup:
         if self._lv is None:
             self._lv = engine.Lvbackup(self.config, wait)
+            self._lv.warn = self.warn
             click.get_current_context().call_on_close(self._lv.close)
         return self._lv
+
+    def warn(self, message: str) -> None:
+        """One line on stderr (above a progress bar, if one is shown), even with --quiet:
+        a failed hook or an unwritable metrics file is worth a cron mail."""
+        err_console.print(f"lvbackup: warning: {message}", markup=False, highlight=False,
+                          soft_wrap=True)
 
     def emit(self, data: Any, human: Callable[[Any], None]) -> None:
         if self.as_json:
@@ -87,18 +102,25 @@ class App:
             click.echo(message, err=True)
 
     @contextmanager
-    def progress(self, label: str) -> Iterator[Callable[[int, int], None] | None]:
-        """A progress bar on stderr when it is a terminal and not --quiet."""
+    def progress(self, label: str) -> Iterator[Callable[..., None] | None]:
+        """A progress bar on stderr when it is a terminal and not --quiet (never on stdout):
+        bytes done, throughput, ETA and, for a backup, bytes reused and stored so far.
+        The callback is `update(done, total, stats=None)`."""
         if self.quiet or not sys.stderr.isatty():
             yield None
             return
         with Progress(TextColumn(label), BarColumn(), DownloadColumn(binary_units=True),
-                      TransferSpeedColumn(), TimeRemainingColumn(), console=err_console,
+                      TransferSpeedColumn(), TimeRemainingColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.fields[extra]}"), console=err_console,
                       transient=True) as bar:
-            task = bar.add_task(label, total=None)
+            task = bar.add_task(label, total=None, extra="")
 
-            def update(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
+            def update(done: int, total: int, stats: dict | None = None) -> None:
+                extra = ""
+                if stats:
+                    extra = (f"reused {human_size(stats.get('reused'))}, "
+                             f"stored {human_size(stats.get('stored'))}")
+                bar.update(task, completed=done, total=total, extra=extra)
 
             yield update
 
@@ -152,30 +174,65 @@ _SHOW_FIELDS = ("id", "name", "description", "status", "fail_reason", "volume_na
                 "num_dependent_backups", "has_dependent_backups")
 
 
+def _labels_text(labels: dict | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted((labels or {}).items()))
+
+
+def _when(ts: str | None) -> str:
+    return (ts or "")[:19].replace("T", " ")
+
+
 def print_record(rec: dict) -> None:
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
-    for key in _SHOW_FIELDS:
+    for key in _SHOW_FIELDS + ("labels", "protected"):
         value = rec.get(key)
         if key in ("size", "stored_bytes") and value is not None:
             value = f"{human_size(value)} ({value} bytes)"
+        elif key == "labels":
+            value = _labels_text(value) or None
         table.add_row(key, "-" if value is None else str(value))
-    Console().print(table)
+    out_console().print(table)
+
+
+def print_lineage(rec: dict, chain: list[dict], dependents: list[dict]) -> None:
+    """A backup's record, the chain of parents back to its full backup, and its children."""
+    print_record(rec)
+    console = out_console()
+    if len(chain) > 1 or rec.get("parent_id"):
+        table = Table(title="chain back to the full backup")
+        for col in ("id", "kind", "status", "data timestamp (UTC)", "size", "stored", "name"):
+            table.add_column(col, overflow="fold")
+        for r in chain:
+            table.add_row(r["id"], "incr" if r["is_incremental"] else "full", r["status"],
+                          _when(r["data_timestamp"]), human_size(r["size"]),
+                          human_size(r["stored_bytes"]), r["name"] or "")
+        last = chain[-1]
+        if last.get("is_incremental") and last.get("parent_id"):
+            table.add_row(last["parent_id"], "?", "missing", "", "", "", "")
+        console.print(table)
+    if dependents:
+        console.print("dependents: " + ", ".join(d["id"] for d in dependents))
 
 
 def print_records(recs: list[dict]) -> None:
     table = Table()
-    for col in ("id", "volume", "kind", "status", "data timestamp", "size", "stored", "parent",
-                "deps", "name"):
+    for col in ("id", "volume", "kind", "status", "data timestamp (UTC)", "size", "stored",
+                "parent", "deps", "name", "labels"):
         table.add_column(col, overflow="fold")
     for r in recs:
+        status = r["status"] + (" (protected)" if r.get("protected") else "")
         table.add_row(r["id"][:8], r["volume_name"] or "", "incr" if r["is_incremental"] else "full",
-                      r["status"], (r["data_timestamp"] or "")[:19].replace("T", " "),
+                      status, _when(r["data_timestamp"]),
                       human_size(r["size"]), human_size(r["stored_bytes"]),
                       (r["parent_id"] or "-")[:8], str(r["num_dependent_backups"]),
-                      r["name"] or "")
-    Console().print(table)
+                      r["name"] or "", _labels_text(r.get("labels")))
+    out_console().print(table)
+
+
+label_option = click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+                            help="Only backups with this label (repeatable: all must match).")
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -210,19 +267,22 @@ def init(app: App, block_size: str | None) -> None:
               help="Back up an in-use volume through a temporary snapshot.")
 @click.option("--name", help="A name for the backup.")
 @click.option("--description", help="A description for the backup.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Label the backup (repeatable); list and prune filter on labels.")
 @wait_option
 @pass_app
 def create(app: App, volume: str | None, snapshot: str | None, device: str | None,
            incremental: bool, force: bool, name: str | None, description: str | None,
-           wait: float) -> None:
+           labels: tuple[str, ...], wait: float) -> None:
     """Back up a volume, a snapshot or a device, and print the new backup record.
 
     \b
     Examples:
       lvbackup create --snapshot vg0/data-snap-0300
       lvbackup create --volume vg0/data --force --incremental
-      lvbackup --json create --device /srv/vm.img --name nightly
+      lvbackup --json create --device /srv/vm.img --name nightly --label tier=gold
     """
+    label_map = parse_labels(labels)
     if device and (volume or snapshot):
         raise click.UsageError("--device cannot be combined with --volume or --snapshot")
     if snapshot:
@@ -236,9 +296,13 @@ def create(app: App, volume: str | None, snapshot: str | None, device: str | Non
     else:
         raise click.UsageError("give the source: --volume VG/LV, --snapshot VG/SNAP or --device PATH")
     lv = app.lv(wait)
+    # Names the volume in the metrics and in backup.create.error if the source cannot open.
+    source_name = (os.path.realpath(device) if device else
+                   volume.removeprefix("/dev/") if volume and "/" in volume else None)
     with app.progress("backup") as progress:
-        result = engine.create_backup(lv, source, incremental=incremental,
-                                      name=name, description=description, progress=progress)
+        result = engine.create_backup(lv, source, incremental=incremental, name=name,
+                                      description=description, labels=label_map,
+                                      progress=progress, source_name=source_name)
     s = result.stats
     app.log(f"read {human_size(s.bytes_read)}, holes {human_size(s.hole_bytes)}, unchanged "
             f"{human_size(s.unchanged_bytes)}, reused {human_size(s.reused_bytes)}, "
@@ -249,38 +313,53 @@ def create(app: App, volume: str | None, snapshot: str | None, device: str | Non
 @cli.command("list")
 @click.option("--volume", metavar="VG/LV|UUID|PATH", help="Only backups of this volume.")
 @click.option("--status", type=click.Choice(STATUSES), help="Only backups in this status.")
+@label_option
 @pass_app
-def list_(app: App, volume: str | None, status: str | None) -> None:
-    """List backups (deleted ones only with --status deleted).
+def list_(app: App, volume: str | None, status: str | None, labels: tuple[str, ...]) -> None:
+    """List backups (deleted ones only with --status deleted), with their lineage.
 
     \b
-    Example:
+    Examples:
       lvbackup list --volume vg0/data --status available
+      lvbackup list --label job=nightly-data
     """
+    label_map = parse_labels(labels)
     from .catalog import to_record
     lv = app.lv()
     engine.recover_dead_runs(lv)
     names = [volume] if volume else []
     if volume and os.path.exists(volume):  # an image path as given to create --device
         names.append(os.path.realpath(volume))
-    rows = [to_record(r) for r in lv.catalog.list(volumes=names, status=status)]
+    rows = [to_record(r) for r in lv.catalog.list(volumes=names, status=status,
+                                                  labels=label_map)]
     app.emit(rows, print_records)
 
 
 @cli.command()
 @click.argument("backup_id")
+@click.option("--chain", is_flag=True,
+              help="Print the chain back to the full backup (with --json: a list of records, "
+                   "this backup first).")
 @pass_app
-def show(app: App, backup_id: str) -> None:
-    """Show one backup's record (ID may be a unique prefix).
+def show(app: App, backup_id: str, chain: bool) -> None:
+    """Show one backup's record (ID may be a unique prefix); for an incremental, its chain
+    of parents back to the full backup, and its dependents.
 
     \b
-    Example:
+    Examples:
       lvbackup show 3f2a
+      lvbackup --json show 3f2a --chain
     """
     from .catalog import to_record
     lv = app.lv()
     engine.recover_dead_runs(lv)
-    app.emit(to_record(lv.catalog.resolve(backup_id)), print_record)
+    rec = to_record(lv.catalog.resolve(backup_id))
+    lineage = [to_record(r) for r in engine.backup_chain(lv, rec["id"])]
+    if chain:
+        app.emit(lineage, print_records)
+        return
+    dependents = [to_record(r) for r in lv.catalog.children(rec["id"])]
+    app.emit(rec, lambda r: print_lineage(r, lineage, dependents))
 
 
 @cli.command()
@@ -338,6 +417,148 @@ def delete(app: App, backup_id: str, force: bool, wait: float) -> None:
 
 
 @cli.command()
+@click.argument("backup_id")
+@pass_app
+def protect(app: App, backup_id: str) -> None:
+    """Protect a backup: prune keeps it and delete refuses it, until 'unprotect'.
+
+    \b
+    Example:
+      lvbackup protect 3f2a
+    """
+    rec = engine.set_protected(app.lv(), backup_id, True)
+    app.emit(rec, lambda r: click.echo(f"Protected backup {r['id']}"))
+
+
+@cli.command()
+@click.argument("backup_id")
+@pass_app
+def unprotect(app: App, backup_id: str) -> None:
+    """Lift a backup's protection (prune and delete may remove it again).
+
+    \b
+    Example:
+      lvbackup unprotect 3f2a
+    """
+    rec = engine.set_protected(app.lv(), backup_id, False)
+    app.emit(rec, lambda r: click.echo(f"Unprotected backup {r['id']}"))
+
+
+def _keep_option(kind: str, what: str):
+    return click.option(f"--keep-{kind}", kind, type=click.IntRange(min=0), default=0,
+                        metavar="N", help=f"Keep {what}.")
+
+
+@cli.command()
+@_keep_option("last", "the N newest backups")
+@_keep_option("hourly", "the newest backup of each of the last N hours that have one")
+@_keep_option("daily", "the newest backup of each of the last N days that have one")
+@_keep_option("weekly", "the newest backup of each of the last N ISO weeks that have one")
+@_keep_option("monthly", "the newest backup of each of the last N months that have one")
+@_keep_option("yearly", "the newest backup of each of the last N years that have one")
+@click.option("--volume", "volumes", multiple=True, metavar="VG/LV|UUID|PATH",
+              help="Only this volume's backups (repeatable) [default: every volume].")
+@label_option
+@click.option("--dry-run", "-n", is_flag=True, help="Print what would be deleted; delete nothing.")
+@wait_option
+@pass_app
+def prune(app: App, last: int, hourly: int, daily: int, weekly: int, monthly: int, yearly: int,
+          volumes: tuple[str, ...], labels: tuple[str, ...], dry_run: bool, wait: float) -> None:
+    """Delete the available backups that no --keep-* rule keeps, per volume.
+
+    Time buckets are UTC, by each backup's data_timestamp. Protected backups are always kept.
+    Manifests are self-contained, so a kept incremental whose parent is pruned stays
+    restorable: it is re-parented to its nearest kept ancestor (or becomes a full backup),
+    as the catalog records. Space is reclaimed by the next 'lvbackup gc'.
+
+    \b
+    Examples:
+      lvbackup prune --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run
+      lvbackup prune --volume vg0/data --label job=nightly --keep-daily 14
+    """
+    from .retention import Policy, prune as prune_backups
+    policy = Policy(last=last, hourly=hourly, daily=daily, weekly=weekly, monthly=monthly,
+                    yearly=yearly)
+    if policy.empty:
+        raise UsageError("give at least one --keep-* option greater than 0 "
+                         "(prune never deletes every backup)")
+    label_map = parse_labels(labels)
+    names = list(volumes)
+    names += [os.path.realpath(v) for v in volumes if os.path.exists(v)]
+    lv = app.lv(wait)
+    report = prune_backups(lv, policy, volumes=names, labels=label_map, dry_run=dry_run)
+
+    def human(r: dict) -> None:
+        table = Table()
+        for col in ("id", "volume", "data timestamp (UTC)", "action", "why"):
+            table.add_column(col, overflow="fold")
+        rows = [(k, "keep", ", ".join(k["reasons"])) for k in r["keep"]]
+        rows += [(k, "would delete" if r["dry_run"] else "deleted", "") for k in r["remove"]]
+        for item, action, why in sorted(rows, key=lambda x: (x[0]["volume_name"] or "",
+                                                             x[0]["data_timestamp"])):
+            table.add_row(item["id"][:8], item["volume_name"] or "",
+                          _when(item["data_timestamp"]), action, why)
+        out_console().print(table)
+        for m in r["reparented"]:
+            click.echo(f"{'Would re-parent' if r['dry_run'] else 'Re-parented'} {m['id']} "
+                       f"to {m['new_parent_id'] or 'none (now a full backup)'}")
+        verb = "Would delete" if r["dry_run"] else "Deleted"
+        click.echo(f"{verb} {len(r['remove'])} backups, kept {len(r['keep'])}"
+                   + ("" if r["dry_run"] or not r["remove"] else
+                      "; run 'lvbackup gc' to reclaim space"))
+
+    app.emit(report, human)
+
+
+@cli.command("run")
+@click.argument("job_names", nargs=-1, metavar="[JOB]...")
+@wait_option
+@pass_app
+def run_(app: App, job_names: tuple[str, ...], wait: float) -> None:
+    """Run the jobs of the configuration's 'jobs:' section (all, or those named).
+
+    A failing job does not stop the others; the exit status is the worst of them. Prints a
+    summary of every job (one JSON document with --json).
+
+    \b
+    Examples:
+      lvbackup run
+      lvbackup --quiet run data-nightly root-nightly
+      lvbackup --json run > /var/log/lvbackup/last-run.json
+    """
+    from .jobs import run_jobs
+    lv = app.lv(wait)
+    summary = run_jobs(lv, job_names, progress=app.progress, log=app.log)
+
+    def human(r: dict) -> None:
+        table = Table()
+        for col in ("job", "status", "backup", "kind", "size", "stored", "pruned", "time",
+                    "detail"):
+            table.add_column(col, overflow="fold")
+        for j in r["jobs"]:
+            b = j["backup"] or {}
+            table.add_row(j["job"], j["status"] if j["status"] != "failed"
+                          else f"FAILED ({j['exit_code']})",
+                          (b.get("id") or "-")[:8], j["kind"] or "-",
+                          human_size(b.get("size")), human_size(b.get("stored_bytes")),
+                          str(len(j["pruned"])), f"{j['duration_seconds']:.1f} s",
+                          j["error"] or (j["why"] if j["status"] == "skipped" else ""))
+        out_console().print(table)
+
+    app.emit(summary, human)
+    if summary["exit_code"]:
+        failed = [j["job"] for j in summary["jobs"] if j["exit_code"]]
+        raise _JobsFailed(f"{len(failed)} of {len(summary['jobs'])} jobs failed: "
+                          f"{', '.join(failed)}", summary["exit_code"])
+
+
+class _JobsFailed(LvbackupError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@cli.command()
 @click.argument("backup_ids", nargs=-1, metavar="[ID]...")
 @click.option("--deep", is_flag=True, help="Re-read and re-hash every chunk.")
 @wait_option
@@ -379,7 +600,7 @@ def gc(app: App, wait: float) -> None:
     """
     from .repository.gc import collect_garbage
     lv = app.lv(wait)
-    with lv.exclusive_lock():
+    with lv.exclusive_lock(), app.progress("gc"):
         engine.recover_dead_runs(lv)
         stats = collect_garbage(lv.repo, lv.config.cache_dir, lv.lock_dir)
 
@@ -417,7 +638,7 @@ def import_record(app: App, source: str, wait: float) -> None:
     try:
         text = sys.stdin.read() if source == "-" else open(source).read()
     except OSError as e:
-        raise LvbackupError(f"cannot read {source}: {e.strerror}") from None
+        raise UsageError(f"cannot read {source}: {e.strerror}") from None
     except UnicodeDecodeError:
         text = "\x00"
     rec = engine.import_record(app.lv(wait), text)
@@ -426,7 +647,12 @@ def import_record(app: App, source: str, wait: float) -> None:
 
 @cli.group()
 def catalog() -> None:
-    """Catalog maintenance."""
+    """Catalog maintenance.
+
+    \b
+    Example:
+      lvbackup catalog rebuild
+    """
 
 
 @catalog.command("rebuild")
@@ -457,12 +683,17 @@ def _print_lvs(rows: list[dict], title: str) -> None:
         table.add_row(r["full_name"], r["uuid"], human_size(r["size"]), r["origin"] or "-",
                       (r["created_at"] or "")[:19].replace("T", " "), r["state"],
                       "yes" if r["open"] else "no")
-    Console().print(table)
+    out_console().print(table)
 
 
 @cli.group()
 def snapshot() -> None:
-    """Create, list and delete LVM snapshots."""
+    """Create, list and delete LVM snapshots.
+
+    \b
+    Example:
+      lvbackup snapshot create vg0/data && lvbackup snapshot list vg0/data
+    """
 
 
 @snapshot.command("create")
@@ -554,34 +785,56 @@ def volumes(app: App) -> None:
                 table.add_row(label, human_size(item["size"]),
                               (item["created_at"] or "")[:19].replace("T", " "), item["state"],
                               f"{b['id'][:8]} {b['created_at'][:19].replace('T', ' ')}" if b else "-")
-        Console().print(table)
+        out_console().print(table)
 
     app.emit(out, human)
 
 
 @cli.group("config")
 def config_group() -> None:
-    """Configuration."""
-
-
-@config_group.command("check")
-@pass_app
-def config_check(app: App) -> None:
-    """Validate the configuration file and print the effective configuration.
+    """Configuration.
 
     \b
     Example:
       lvbackup --config ./lvbackup.yaml config check
     """
-    app.emit(as_dict(app.config),
-             lambda d: [click.echo(f"{k}: {v}") for k, v in d.items()])
+
+
+@config_group.command("check")
+@pass_app
+def config_check(app: App) -> None:
+    """Validate the configuration file and print the effective configuration (every key,
+    defaults included). An invalid file exits 2 naming the key; a hook command that is not
+    found is reported as a warning.
+
+    \b
+    Example:
+      lvbackup --config ./lvbackup.yaml config check
+    """
+    import shutil
+
+    import yaml
+
+    config = app.config
+    for n, hook in enumerate(config.hooks):
+        exe = hook.command[0]
+        found = (os.access(exe, os.X_OK) if "/" in exe else shutil.which(exe) is not None)
+        if not found:
+            app.warn(f"hooks[{n}].command: {exe} is not an executable (the hook will fail)")
+    app.emit(as_dict(config),
+             lambda d: click.echo(yaml.safe_dump(d, sort_keys=False, default_flow_style=False),
+                                  nl=False))
 
 
 # --- entry point ---------------------------------------------------------------------------
 
+class Terminated(SystemExit):
+    """SIGTERM: unwinding through every finally, then exiting 128 + the signal number."""
+
+
 def _on_signal(signum: int, _frame) -> None:
     # Unwind through every finally: temporary snapshots are removed, rows marked error.
-    raise SystemExit(128 + signum)
+    raise Terminated(128 + signum)
 
 
 def main() -> None:
@@ -603,9 +856,11 @@ def main() -> None:
         code = 130
     except BrokenPipeError:
         code = EXIT_FAILED
-    except SystemExit as e:  # from _on_signal: the work was stopped and cleaned up
+    except Terminated as e:  # from _on_signal: the work was stopped and cleaned up
         click.echo(f"lvbackup: terminated by signal {(e.code or 0) - 128}", err=True)
         code = e.code if isinstance(e.code, int) else EXIT_FAILED
+    except SystemExit as e:  # click's own exits (shell completion, --help, --version)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAILED)
     except Exception as e:  # noqa: BLE001 - never a traceback unless asked for
         if verbose:
             traceback.print_exc()

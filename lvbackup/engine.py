@@ -13,12 +13,14 @@ import fcntl
 import json
 import os
 import stat
+import time
 import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager
 
+from . import events as ev
 from . import lvm
 from .catalog import COLUMNS, Catalog, choose_parent, to_record
 from .chunker import ScanStats, backup_blocks, restore_blocks, source_size
@@ -27,6 +29,7 @@ from .faults import crash_point
 from .errors import CorruptionError, LvbackupError, NotFoundError, UsageError
 from .locks import RunLock, repository_lock, run_is_alive, volume_lock
 from .manifest import ENTRY_SIZE, HOLE, Manifest, ManifestWriter, manifest_name
+from .metrics import record_backup
 from .repository.pack import pack_name, read_trailer
 from .repository.repo import Repository
 from .sources import Source, SourceFactory
@@ -42,6 +45,16 @@ class Lvbackup:
         self.wait = wait
         self._catalog: Catalog | None = None
         self._repo: Repository | None = None
+        # Where warnings go (failed hooks, an unwritable event log or metrics file).
+        self.warn: Callable[[str], None] = ev.stderr_warning
+        self._events: ev.Events | None = None
+
+    @property
+    def events(self) -> ev.Events:
+        if self._events is None:
+            self._events = ev.Events(self.config.event_log, self.config.hooks,
+                                     warn=lambda m: self.warn(m))
+        return self._events
 
     @property
     def catalog(self) -> Catalog:
@@ -138,8 +151,79 @@ class CreateResult:
 
 def create_backup(lv: Lvbackup, open_source: SourceFactory, *, incremental: bool,
                   name: str | None = None, description: str | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> CreateResult:
-    """Back up a source; returns the new record (status `available`) and what was stored."""
+                  labels: dict[str, str] | None = None,
+                  progress: Callable[..., None] | None = None,
+                  source_name: str | None = None) -> CreateResult:
+    """Back up a source; returns the new record (status `available`) and what was stored.
+
+    Sends backup.create.start / createprogress / end, or backup.create.error (also for a
+    failure before the backup had a row: then the payload names `source_name`), and
+    updates the metrics file. `progress(done, total, {"stored": n, "reused": n})`.
+    """
+    started = time.monotonic()
+    run: dict = {"volume": source_name, "record": None}
+    try:
+        result = _create_backup(lv, open_source, run, incremental=incremental, name=name,
+                                description=description, labels=labels, progress=progress)
+    except BaseException as e:
+        payload = _failed_payload(lv, run, e)
+        lv.events.emit(ev.CREATE_ERROR, payload)
+        _record_metrics(lv, run["volume"], started, ok=False)
+        raise
+    lv.events.emit(ev.CREATE_END, result.record)
+    _record_metrics(lv, result.record["volume_name"], started, ok=True, stats=result.stats)
+    return result
+
+
+def _failed_payload(lv: Lvbackup, run: dict, e: BaseException) -> dict:
+    """The record of a failed backup, or, if it never got one, what is known of it."""
+    rec = run["record"]
+    try:
+        if rec is not None:
+            rec = to_record(lv.catalog.get(rec["id"]))
+    except Exception:  # noqa: BLE001 - the catalog itself may be what failed
+        rec = {**to_record(rec), "status": "error", "fail_reason": _reason(e)}
+    if rec is None:
+        rec = {**{k: None for k in COLUMNS}, "volume_name": run["volume"], "status": "error",
+               "fail_reason": _reason(e)[:255], "labels": {}}
+        rec = to_record(rec)
+    return {**rec, "reason": _reason(e)}
+
+
+def _record_metrics(lv: Lvbackup, volume: str | None, started: float, *, ok: bool,
+                    stats: ScanStats | None = None) -> None:
+    path = lv.config.metrics
+    if path is None or not volume:
+        return
+    try:
+        record_backup(path, lv.lock_dir, volume, ok=ok, ended_at=time.time(),
+                      duration=time.monotonic() - started,
+                      bytes_read=stats.bytes_read if stats else None,
+                      bytes_stored=stats.stored_bytes if stats else None)
+    except Exception as e:  # noqa: BLE001 - metrics never fail a backup
+        lv.warn(f"cannot write the metrics file {path}: {getattr(e, 'strerror', None) or e}")
+
+
+class _CountingPacker:
+    """A packer that counts what it stores, for live progress."""
+
+    def __init__(self, packer):
+        self._packer = packer
+        self.new = 0      # plaintext bytes of the chunks stored
+        self.stored = 0   # what they take in the repository
+
+    def add(self, chunk_id: bytes, blob: bytes, raw_length: int, flags: int) -> None:
+        self._packer.add(chunk_id, blob, raw_length, flags)
+        self.new += raw_length
+        self.stored += len(blob)
+
+    def __getattr__(self, name: str):
+        return getattr(self._packer, name)
+
+
+def _create_backup(lv: Lvbackup, open_source: SourceFactory, run: dict, *, incremental: bool,
+                   name: str | None, description: str | None, labels: dict[str, str] | None,
+                   progress) -> CreateResult:
     repo, cat = lv.repo, lv.catalog
     backup_id = str(uuid.uuid4())
     with ExitStack() as stack:
@@ -150,6 +234,7 @@ def create_backup(lv: Lvbackup, open_source: SourceFactory, *, incremental: bool
             stack.enter_context(volume_lock(lv.lock_dir, volume_id, volume_name).acquire(lv.wait))
 
         source = stack.enter_context(open_source(backup_id, lock_volume))
+        run["volume"] = source.volume_name
         recover_dead_runs(lv)
         parent = (choose_parent(cat.candidates(source.volume_id), source.snapshot_time)
                   if incremental else None)
@@ -169,8 +254,11 @@ def create_backup(lv: Lvbackup, open_source: SourceFactory, *, incremental: bool
             "created_at": now,
             "updated_at": now, "status": "creating", "fail_reason": None, "size": size,
             "block_size": repo.block_size, "stored_bytes": 0, "num_dependent_backups": 0,
+            "labels": dict(labels or {}), "protected": False,
         }
         cat.insert(record)
+        run["record"] = record
+        lv.events.emit(ev.CREATE_START, to_record(record))
         try:
             stats = _write_backup(lv, source, fd, size, record, parent, progress)
         except BaseException as e:
@@ -202,12 +290,22 @@ def _write_backup(lv: Lvbackup, source: Source, fd: int, size: int, record: dict
             parent_manifest = Manifest(repo.storage, parent["id"])
         except CorruptionError as e:
             raise CorruptionError(f"parent backup {parent['id']}: {e}; make a full backup") from None
-    packer = repo.packer(record["id"])
+    packer = _CountingPacker(repo.packer(record["id"]))
     writer = ManifestWriter(repo.storage, record["id"])
+    sent = [0]  # the last multiple of PROGRESS_STEP percent announced
+
+    def on_progress(done: int) -> None:
+        if progress:
+            progress(done, size, {"stored": packer.stored, "reused": done - packer.new})
+        percent = done * 100 // size if size else 100
+        if lv.events.enabled and percent // ev.PROGRESS_STEP > sent[0]:
+            sent[0] = percent // ev.PROGRESS_STEP
+            lv.events.emit(ev.CREATE_PROGRESS, {**to_record(record), "percent": percent})
+
     try:
         stats = backup_blocks(repo, packer, fd, size, parent_manifest, writer,
                               workers=lv.config.workers, level=lv.config.compression_level,
-                              progress=(lambda done: progress(done, size)) if progress else None)
+                              progress=on_progress)
         packer.commit()
         if source.check is not None:
             source.check()
@@ -237,6 +335,16 @@ class Target:
     name: str
     fresh: bool      # already zero-filled: holes may be skipped
     seekable: bool
+    tmp_path: str | None = None   # a new file is written here, renamed to `name` when whole
+
+    def publish(self) -> None:
+        if self.tmp_path is not None:
+            os.replace(self.tmp_path, self.name)
+            self.tmp_path = None
+
+    def discard(self) -> None:
+        if self.tmp_path is not None:
+            Path(self.tmp_path).unlink(missing_ok=True)
 
 
 def _open_target(to: str | None, to_file: str | None, size: int, force: bool) -> Target:
@@ -257,12 +365,16 @@ def _open_target(to: str | None, to_file: str | None, size: int, force: bool) ->
         raise UsageError(f"restore target {path} does not exist; use --to-file to create a file")
     existing = to is not None or (st is not None and stat.S_ISBLK(st.st_mode))
     flags = os.O_WRONLY
+    tmp_path = None
     if not existing:
-        flags |= os.O_CREAT | os.O_TRUNC
+        # Write beside the destination and rename at the end: a failed restore leaves
+        # whatever was at PATH untouched, never a half-written image under its name.
+        flags |= os.O_CREAT | os.O_EXCL
+        tmp_path = f"{path}.lvbackup-{uuid.uuid4().hex[:8]}.tmp"
     elif st is not None and stat.S_ISBLK(st.st_mode) and not force:
         flags |= os.O_EXCL  # EBUSY if mounted or held open exclusively
     try:
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(tmp_path or path, flags, 0o600)
     except OSError as e:
         if e.errno == 16:
             raise UsageError(f"restore target {path} is in use; unmount it or pass --force") from None
@@ -272,7 +384,7 @@ def _open_target(to: str | None, to_file: str | None, size: int, force: bool) ->
         if have < size:
             os.close(fd)
             raise UsageError(f"volume size {have} is too small to restore backup of size {size}.")
-    return Target(fd, path, fresh=not existing, seekable=True)
+    return Target(fd, path, fresh=not existing, seekable=True, tmp_path=tmp_path)
 
 
 def _grow_pipe(fd: int) -> None:
@@ -342,22 +454,32 @@ def restore_backup(lv: Lvbackup, backup_id: str, *, to: str | None = None,
         target = _open_target(to, to_file, manifest.size, force)
         target.fresh = target.fresh or fresh_device
         if target.fd != 1:
+            stack.callback(target.discard)
             stack.callback(os.close, target.fd)
         stack.enter_context(RunLock(lv.lock_dir, row["id"]).acquire())
         cat.update(row["id"], status="restoring")
+        lv.events.emit(ev.RESTORE_START, {**to_record(cat.get(row["id"])), "target": target.name})
         try:
-            _write_image(repo, manifest, target, lv.config.workers, progress)
-        except CorruptionError as e:
-            raise CorruptionError(f"backup {row['id']}: {e}") from None
-        except BrokenPipeError:
-            raise LvbackupError(f"restore of backup {row['id']}: the reader of the output "
-                                "closed it early") from None
-        except OSError as e:
-            raise LvbackupError(f"restore of backup {row['id']} to {target.name} failed: "
-                                f"{_reason(e)}") from None
-        finally:
-            cat.update(row["id"], status="available")
-    return to_record(cat.get(row["id"]))
+            try:
+                _write_image(repo, manifest, target, lv.config.workers, progress)
+                target.publish()
+            except CorruptionError as e:
+                raise CorruptionError(f"backup {row['id']}: {e}") from None
+            except BrokenPipeError:
+                raise LvbackupError(f"restore of backup {row['id']}: the reader of the output "
+                                    "closed it early") from None
+            except OSError as e:
+                raise LvbackupError(f"restore of backup {row['id']} to {target.name} failed: "
+                                    f"{_reason(e)}") from None
+            finally:
+                cat.update(row["id"], status="available")
+        except BaseException as e:
+            lv.events.emit(ev.RESTORE_ERROR, {**to_record(cat.get(row["id"])),
+                                              "target": target.name, "reason": _reason(e)})
+            raise
+    rec = to_record(cat.get(row["id"]))
+    lv.events.emit(ev.RESTORE_END, {**rec, "target": target.name})
+    return rec
 
 
 def _write_image(repo: Repository, manifest: Manifest, target: Target, workers: int,
@@ -393,33 +515,59 @@ def delete_backup(lv: Lvbackup, backup_id: str, *, force: bool = False) -> dict:
     """Remove a backup's manifest and mark it deleted (its chunks go at the next gc)."""
     cat = lv.catalog
     row = cat.resolve(backup_id)
-    with ExitStack() as stack:
-        stack.enter_context(lv.shared_lock())
+    with lv.shared_lock():
         recover_dead_runs(lv)
-        row = cat.get(row["id"])
-        if row["status"] == "deleted":
-            raise UsageError(f"backup {row['id']} is already deleted")
-        if row["status"] not in ("available", "error") and not force:
-            raise UsageError(f"Backup status must be available or error (backup {row['id']} "
-                             f"is {row['status']}); pass --force to delete it anyway")
-        children = cat.children(row["id"])
-        if children:
-            ids = ", ".join(c["id"] for c in children)
-            raise UsageError(f"Incremental backups exist for this backup. "
-                             f"(backup {row['id']} has dependents: {ids}; delete them first)")
-        stack.enter_context(RunLock(lv.lock_dir, row["id"]).acquire())
-        cat.update(row["id"], status="deleting")
+        return delete_row(lv, cat.get(row["id"]), force=force)[0]
+
+
+def delete_row(lv: Lvbackup, row: dict, *, force: bool = False,
+               reparent: bool = False) -> tuple[dict, list[dict]]:
+    """Delete one backup (the caller holds the repository lock); (its record, the children
+    re-parented). A protected backup is refused. Children refuse the delete (Cinder's rule
+    14) unless `reparent`: then, since manifests are self-contained, each child's parent
+    becomes the deleted backup's parent (none: the child is a full backup from then on),
+    recorded in the catalog in the same transaction that marks the backup `deleting`."""
+    cat = lv.catalog
+    if row["status"] == "deleted":
+        raise UsageError(f"backup {row['id']} is already deleted")
+    if row["protected"]:
+        raise UsageError(f"backup {row['id']} is protected; run 'lvbackup unprotect "
+                         f"{row['id']}' first")
+    if row["status"] not in ("available", "error") and not force:
+        raise UsageError(f"Backup status must be available or error (backup {row['id']} "
+                         f"is {row['status']}); pass --force to delete it anyway")
+    children = cat.children(row["id"])
+    if children and not reparent:
+        ids = ", ".join(c["id"] for c in children)
+        raise UsageError(f"Incremental backups exist for this backup. "
+                         f"(backup {row['id']} has dependents: {ids}; delete them first)")
+    moved = []
+    with RunLock(lv.lock_dir, row["id"]).acquire():
+        lv.events.emit(ev.DELETE_START, to_record(row))
+        with cat.db.atomic():
+            cat.update(row["id"], status="deleting")
+            for child in children:
+                cat.update(child["id"], parent_id=row["parent_id"],
+                           is_incremental=row["parent_id"] is not None)
+                moved.append({"id": child["id"], "old_parent_id": row["id"],
+                              "new_parent_id": row["parent_id"]})
+            cat.refresh_dependents(row["id"])
+            cat.refresh_dependents(row["parent_id"])
         crash_point("delete-marked")
         try:
             lv.repo.storage.delete(manifest_name(row["id"]))
             crash_point("delete-manifest-removed")
         except OSError as e:
             cat.update(row["id"], status="error_deleting", fail_reason=_reason(e))
+            lv.events.emit(ev.DELETE_ERROR, {**to_record(cat.get(row["id"])),
+                                             "reason": _reason(e)})
             raise LvbackupError(f"cannot delete backup {row['id']}: {_reason(e)}") from None
         with cat.db.atomic():
             cat.update(row["id"], status="deleted")
             cat.refresh_dependents(row["parent_id"])
-    return to_record(cat.get(row["id"]))
+    rec = to_record(cat.get(row["id"]))
+    lv.events.emit(ev.DELETE_END, rec)
+    return rec, moved
 
 
 # --- verify --------------------------------------------------------------------------
@@ -496,7 +644,7 @@ def export_record(lv: Lvbackup, backup_id: str) -> str:
     row = lv.catalog.resolve(backup_id)
     if row["status"] != "available":
         raise UsageError(f"Backup status must be available (backup {row['id']} is {row['status']})")
-    rec = {k: row[k] for k in COLUMNS}
+    rec = {k: v for k, v in to_record(row).items() if k in COLUMNS}
     return base64.b64encode(json.dumps(rec, sort_keys=True).encode()).decode()
 
 
@@ -574,6 +722,11 @@ def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
                     continue
                 row = {k: rec.get(k) for k in COLUMNS}
                 row["status"], row["fail_reason"] = "available", None
+                old = cat.find(backup_id)
+                if old is not None:
+                    # Catalog-only facts, changed after the manifest was written: keep them.
+                    for key in ("protected", "parent_id", "is_incremental"):
+                        row[key] = old[key]
                 with cat.db.atomic():
                     cat.table.upsert(row, pk="id")
                 found.add(backup_id)
@@ -581,10 +734,50 @@ def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
                 if row["id"] in found or row["status"] in ("deleted", "error"):
                     continue
                 fields = ({"status": "deleted"} if row["status"] == "deleting" else
-                          {"status": "error", "fail_reason": "manifest missing from the repository"})
+                          {"status": "error",
+                           "fail_reason": "manifest missing or corrupt in the repository"})
                 cat.update(row["id"], **fields)
+            _orphans_become_full(cat)
             cat.refresh_all_dependents()
     finally:
         lv.close()
     return {"recovered": len(found), "corrupt_manifests": bad,
             "old_catalog_moved_to": str(moved) if moved else None}
+
+
+def _orphans_become_full(cat: Catalog) -> None:
+    """A backup whose recorded parent is gone (pruned: the manifest still names it) needs
+    nothing from it, manifests being self-contained: record it as a full backup."""
+    rows = {r["id"]: r for r in cat.list(include_deleted=True)}
+    for r in rows.values():
+        parent = rows.get(r["parent_id"]) if r["parent_id"] else None
+        if (r["parent_id"] and r["status"] != "deleted"
+                and (parent is None or parent["status"] == "deleted")):
+            cat.update(r["id"], parent_id=None, is_incremental=False)
+
+
+# --- protection ----------------------------------------------------------------------
+
+def set_protected(lv: Lvbackup, backup_id: str, protected: bool) -> dict:
+    """Protect a backup from prune and delete, or lift that protection."""
+    cat = lv.catalog
+    row = cat.resolve(backup_id)
+    if row["status"] == "deleted":
+        raise UsageError(f"backup {row['id']} is deleted")
+    cat.update(row["id"], protected=int(protected))
+    return to_record(cat.get(row["id"]))
+
+
+def backup_chain(lv: Lvbackup, backup_id: str) -> list[dict]:
+    """The backup's row, then its parent's, and so on back to its full backup (the list
+    ends early at a parent the catalog does not have)."""
+    cat = lv.catalog
+    chain = [cat.get(backup_id)]
+    seen = {backup_id}
+    while chain[-1]["parent_id"] and chain[-1]["parent_id"] not in seen:
+        parent = cat.find(chain[-1]["parent_id"])
+        if parent is None:
+            break
+        seen.add(parent["id"])
+        chain.append(parent)
+    return chain
