@@ -7,6 +7,8 @@ carries its record, so `catalog rebuild` recreates it from the repository alone.
 
 from __future__ import annotations
 
+import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any, Iterable
@@ -24,7 +26,8 @@ NO_PARENT = "No backups available to do an incremental backup."
 # Children in these states count in their parent's num_dependent_backups (rule 12).
 COUNTED = ("available", "restoring", "deleting", "error_deleting")
 
-COLUMNS: dict[str, type] = {
+# The columns of the first schema (m001); later migrations add to it. Never change this.
+_V1_COLUMNS: dict[str, type] = {
     "id": str, "name": str, "description": str,
     "volume_id": str, "volume_name": str, "snapshot_id": str, "snapshot_name": str,
     "parent_id": str, "is_incremental": bool, "data_timestamp": str,
@@ -32,19 +35,86 @@ COLUMNS: dict[str, type] = {
     "size": int, "block_size": int, "stored_bytes": int, "num_dependent_backups": int,
 }
 
+# Every column, as the JSON field names of a record. `labels` is a JSON object of strings
+# (stored as JSON text); `protected` backups are never pruned or deleted.
+COLUMNS: dict[str, type] = {**_V1_COLUMNS, "labels": dict, "protected": bool}
+
 migrations = Migrations("lvbackup.catalog")
 
 
 @migrations()
 def m001_backups(db: sqlite_utils.Database) -> None:
     db["backups"].create(
-        {name: (int if kind in (int, bool) else str) for name, kind in COLUMNS.items()},
+        {name: (int if kind in (int, bool) else str) for name, kind in _V1_COLUMNS.items()},
         pk="id",
         not_null={"volume_id", "status", "created_at", "updated_at", "data_timestamp"},
         defaults={"num_dependent_backups": 0, "stored_bytes": 0, "is_incremental": 0},
     )
     db["backups"].create_index(["volume_id", "status"])
     db["backups"].create_index(["parent_id"])
+
+
+@migrations()
+def m002_labels_protection(db: sqlite_utils.Database) -> None:
+    table = db["backups"]
+    have = set(table.columns_dict)
+    if "labels" not in have:
+        table.add_column("labels", str)
+    if "protected" not in have:
+        # Nullable: records written before this column (old manifests, exports) lack it.
+        db.execute("ALTER TABLE backups ADD COLUMN protected INTEGER DEFAULT 0")
+
+
+# --- labels ----------------------------------------------------------------------------
+
+LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+LABEL_VALUE_MAX = 255
+
+
+def check_label(key: Any, value: Any, what: str = "label") -> tuple[str, str]:
+    """A validated (key, value) pair; UsageError naming `what` otherwise."""
+    if not isinstance(key, str) or not LABEL_KEY.match(key):
+        raise UsageError(f"{what}: invalid label key {key!r}: use letters, digits and _ . - "
+                         "(starting with a letter or digit), at most 63 characters")
+    if isinstance(value, bool) or value is None or not isinstance(value, (str, int, float)):
+        raise UsageError(f"{what}: the value of label {key!r} must be a string "
+                         "(quote it in YAML)")
+    value = str(value)
+    if len(value) > LABEL_VALUE_MAX or any(c in value for c in "\n\r\0"):
+        raise UsageError(f"{what}: the value of label {key!r} must be one line of at most "
+                         f"{LABEL_VALUE_MAX} characters")
+    return key, value
+
+
+def parse_labels(items: Iterable[str]) -> dict[str, str]:
+    """`KEY=VALUE` arguments (as given to --label) as a dict; UsageError if malformed."""
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--label {item!r}: expected KEY=VALUE")
+        key, value = check_label(key, value, f"--label {item!r}")
+        labels[key] = value
+    return labels
+
+
+def row_labels(row: dict) -> dict[str, str]:
+    """The labels of a catalog row (its `labels` column is JSON text, or already a dict)."""
+    raw = row.get("labels")
+    if not raw:
+        return {}
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def has_labels(row: dict, wanted: dict[str, str]) -> bool:
+    have = row_labels(row)
+    return all(have.get(k) == v for k, v in wanted.items())
 
 
 def choose_parent(candidates: Iterable[dict], snapshot_time: str | None = None) -> dict:
@@ -72,6 +142,8 @@ def to_record(row: dict) -> dict[str, Any]:
     """A row as the JSON record users see (booleans, and has_dependent_backups)."""
     rec = {name: row.get(name) for name in COLUMNS}
     rec["is_incremental"] = bool(rec["is_incremental"])
+    rec["labels"] = row_labels(row)
+    rec["protected"] = bool(rec["protected"])
     rec["num_dependent_backups"] = rec["num_dependent_backups"] or 0
     rec["has_dependent_backups"] = rec["num_dependent_backups"] > 0
     return rec
@@ -130,7 +202,10 @@ class Catalog:
         return rows[0]
 
     def insert(self, record: dict) -> None:
-        self.table.insert({k: record.get(k) for k in COLUMNS})
+        row = {k: record.get(k) for k in COLUMNS}
+        row["labels"] = json.dumps(row["labels"] or {}, sort_keys=True)
+        row["protected"] = int(bool(row["protected"]))
+        self.table.insert(row)
 
     def update(self, backup_id: str, **fields: Any) -> None:
         if "fail_reason" in fields and fields["fail_reason"]:
@@ -139,8 +214,9 @@ class Catalog:
         self.table.update(backup_id, fields)
 
     def list(self, volumes: Iterable[str] = (), status: str | None = None,
-             include_deleted: bool = False) -> list[dict]:
-        """Backups, oldest first; `volumes` are names, ids or id prefixes of volumes."""
+             include_deleted: bool = False, labels: dict[str, str] | None = None) -> list[dict]:
+        """Backups, oldest first; `volumes` are names, ids or id prefixes of volumes; with
+        `labels`, only backups carrying every one of them."""
         where, args = [], []
         volumes = list(volumes)
         if volumes:
@@ -153,8 +229,9 @@ class Catalog:
             args.append(status)
         elif not include_deleted:
             where.append("status != 'deleted'")
-        return list(self.table.rows_where(" AND ".join(where) or None, args,
-                                          order_by="created_at, id"))
+        rows = self.table.rows_where(" AND ".join(where) or None, args,
+                                     order_by="created_at, id")
+        return [r for r in rows if not labels or has_labels(r, labels)]
 
     def candidates(self, volume_id: str) -> list[dict]:
         """Non-deleted backups of a volume: the incremental parent candidates."""

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .catalog import check_label
 from .errors import UsageError
+from .events import DEFAULT_HOOK_TIMEOUT, Hook, matching_events
+from .retention import KINDS, Policy
 
 DEFAULT_CONFIG_PATH = Path("/etc/lvbackup/lvbackup.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/lvbackup")
@@ -26,6 +29,25 @@ class ConfigError(UsageError):
 
 
 @dataclass(frozen=True)
+class Job:
+    """One entry of `jobs:` (`lvbackup run`): exactly one of volume, snapshot_of, device."""
+    name: str
+    volume: str | None = None        # VG/LV, read directly, or through a temporary snapshot
+    snapshot_of: str | None = None   # VG/LV: back up its newest snapshot
+    device: str | None = None        # a block device or image file
+    force: bool = False
+    incremental: bool = False
+    full_every: int | None = None    # a full backup after this many backups (full included)
+    full_every_days: int | None = None   # ... or when the last full is this many days old
+    keep: Policy | None = None       # retention applied after a successful backup
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return self.volume or self.snapshot_of or self.device or ""
+
+
+@dataclass(frozen=True)
 class Config:
     repository: Path
     catalog: Path
@@ -33,6 +55,10 @@ class Config:
     compression_level: int = 1
     workers: int = 2
     temp_snapshot_size: str = "20%ORIGIN"
+    event_log: Path | None = None
+    metrics: Path | None = None
+    hooks: tuple[Hook, ...] = ()
+    jobs: dict[str, Job] = field(default_factory=dict)
     source: str = "defaults"
 
     @property
@@ -53,7 +79,145 @@ def _int(value: Any, key: str, low: int, high: int) -> int:
 
 
 _KEYS = ("repository", "catalog", "cache_dir", "compression_level", "workers",
-         "temp_snapshot_size")
+         "temp_snapshot_size", "event_log", "metrics", "hooks", "jobs")
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_JOB_KEYS = ("volume", "snapshot_of", "device", "force", "incremental", "full_every", "keep",
+             "labels")
+_HOOK_KEYS = ("on", "command", "timeout")
+# The label every backup made by `lvbackup run` carries: the name of its job.
+JOB_LABEL = "job"
+
+
+def _mapping(value: Any, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{key}' must be a mapping of keys to values")
+    for k in value:
+        if not isinstance(k, str):
+            raise ConfigError(f"config key '{key}' has a key that is not a string: {k!r}")
+    return value
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be true or false")
+    return value
+
+
+def _strings(value: Any, key: str, what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, str) and v for v in value)):
+        raise ConfigError(f"config key '{key}' must be a non-empty list of {what}")
+    return tuple(value)
+
+
+def _hooks(value: Any) -> tuple[Hook, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError("config key 'hooks' must be a list of {on, command, timeout} mappings")
+    hooks = []
+    for n, item in enumerate(value):
+        key = f"hooks[{n}]"
+        if isinstance(item, dict) and True in item and "on" not in item:
+            # YAML 1.1 (PyYAML) reads an unquoted key `on` as the boolean true.
+            item = {("on" if k is True else k): v for k, v in item.items()}
+        item = _mapping(item, key)
+        for k in item:
+            if k not in _HOOK_KEYS:
+                raise ConfigError(f"config key '{key}': unknown key '{k}' "
+                                  f"(expected {', '.join(_HOOK_KEYS)})")
+        if "on" not in item or "command" not in item:
+            raise ConfigError(f"config key '{key}' needs 'on' (events) and 'command' (argv)")
+        on = _strings(item["on"], f"{key}.on", "event names")
+        for pattern in on:
+            if not matching_events(pattern):
+                raise ConfigError(f"config key '{key}.on': {pattern!r} names no event "
+                                  "(e.g. backup.create.end, backup.create.error, backup.*)")
+        command = _strings(item["command"], f"{key}.command", "arguments (argv, no shell)")
+        timeout = item.get("timeout", DEFAULT_HOOK_TIMEOUT)
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not 0 < timeout <= 3600):
+            raise ConfigError(f"config key '{key}.timeout' must be a number of seconds "
+                              "from 0 to 3600")
+        hooks.append(Hook(on=on, command=command, timeout=float(timeout)))
+    return tuple(hooks)
+
+
+_FULL_EVERY = re.compile(r"^\s*([0-9]+)\s*(d|days?)\s*$")
+
+
+def _job(name: Any, raw: Any, base: Path) -> Job:
+    if not isinstance(name, str) or not _JOB_NAME.match(name):
+        raise ConfigError(f"config key 'jobs': invalid job name {name!r}: use letters, digits "
+                          "and _ . - (starting with a letter or digit)")
+    key = f"jobs.{name}"
+    raw = _mapping(raw if raw is not None else {}, key)
+    for k in raw:
+        if k not in _JOB_KEYS:
+            raise ConfigError(f"config key '{key}': unknown key '{k}'")
+    given = [k for k in ("volume", "snapshot_of", "device") if raw.get(k) is not None]
+    if len(given) != 1:
+        raise ConfigError(f"config key '{key}' needs exactly one source: volume: VG/LV, "
+                          "snapshot_of: VG/LV or device: PATH")
+    src = given[0]
+    spec = raw[src]
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"config key '{key}.{src}' must be a non-empty string")
+    if src == "device":
+        spec = str(_path(spec, f"{key}.device", base))
+    else:
+        vg_lv = spec.removeprefix("/dev/").split("/")
+        if len(vg_lv) != 2 or not all(vg_lv):
+            raise ConfigError(f"config key '{key}.{src}' must be a volume name VG/LV")
+        spec = "/".join(vg_lv)
+    force = _bool(raw.get("force", False), f"{key}.force")
+    if force and src != "volume":
+        raise ConfigError(f"config key '{key}.force' applies only to a 'volume:' source")
+    incremental = _bool(raw.get("incremental", False), f"{key}.incremental")
+    every = every_days = None
+    if raw.get("full_every") is not None:
+        if not incremental:
+            raise ConfigError(f"config key '{key}.full_every' needs 'incremental: true'")
+        value = raw["full_every"]
+        m = _FULL_EVERY.match(value) if isinstance(value, str) else None
+        if m:
+            every_days = _int(int(m.group(1)), f"{key}.full_every", 1, 36500)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            every = _int(value, f"{key}.full_every", 1, 100000)
+        else:
+            raise ConfigError(f"config key '{key}.full_every' must be a number of backups "
+                              "(e.g. 7) or of days (e.g. 7d)")
+    keep = None
+    if raw.get("keep") is not None:
+        keep_raw = _mapping(raw["keep"], f"{key}.keep")
+        for k in keep_raw:
+            if k not in KINDS:
+                raise ConfigError(f"config key '{key}.keep': unknown key '{k}' "
+                                  f"(expected {', '.join(KINDS)})")
+        keep = Policy(**{k: _int(v, f"{key}.keep.{k}", 0, 100000) for k, v in keep_raw.items()})
+        if keep.empty:
+            raise ConfigError(f"config key '{key}.keep' keeps nothing: give at least one "
+                              f"of {', '.join(KINDS)} greater than 0")
+    labels = {}
+    for k, v in _mapping(raw.get("labels") or {}, f"{key}.labels").items():
+        try:
+            k, v = check_label(k, v, f"config key '{key}.labels'")
+        except UsageError as e:
+            raise ConfigError(str(e)) from None
+        if k == JOB_LABEL:
+            raise ConfigError(f"config key '{key}.labels': the label '{JOB_LABEL}' is set by "
+                              "lvbackup run (to the job's name)")
+        labels[k] = v
+    return Job(name=name, **{src: spec}, force=force, incremental=incremental,
+               full_every=every, full_every_days=every_days, keep=keep, labels=labels)
+
+
+def _jobs(value: Any, base: Path) -> dict[str, Job]:
+    if value is None:
+        return {}
+    return {name: _job(name, raw, base) for name, raw in _mapping(value, "jobs").items()}
 _SNAPSHOT_SIZE = re.compile(r"^([0-9]+(\.[0-9]+)?[bBsSkKmMgGtT]?|[0-9]{1,3}%(ORIGIN|VG|FREE))$")
 
 
@@ -107,11 +271,36 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         compression_level=_int(raw.get("compression_level", 1), "compression_level", 1, 19),
         workers=_int(raw.get("workers", min(os.cpu_count() or 1, 8)), "workers", 1, 64),
         temp_snapshot_size=_snapshot_size(raw.get("temp_snapshot_size", "20%ORIGIN")),
+        event_log=(_path(raw["event_log"], "event_log", base)
+                   if raw.get("event_log") is not None else None),
+        metrics=_path(raw["metrics"], "metrics", base) if raw.get("metrics") is not None else None,
+        hooks=_hooks(raw.get("hooks")),
+        jobs=_jobs(raw.get("jobs"), base),
         source=str(cfg_path) if raw or explicit else "defaults",
     )
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def as_dict(config: Config) -> dict[str, Any]:
-    """The effective configuration, for `config check` and --verbose."""
-    return {f.name: (str(v) if isinstance(v := getattr(config, f.name), Path) else v)
-            for f in fields(config)}
+    """The effective configuration, for `config check` and --verbose (plain JSON types)."""
+    out = {f.name: _plain(getattr(config, f.name)) for f in fields(config)}
+    for job in out["jobs"].values():
+        job.pop("name", None)
+        days = job.pop("full_every_days")
+        if days is not None:
+            job["full_every"] = f"{days}d"
+        for src in ("volume", "snapshot_of", "device"):
+            if job[src] is None:
+                job.pop(src)
+    return out

@@ -1,0 +1,164 @@
+"""`lvbackup run [JOB...]`: the backups declared under `jobs:` in the configuration.
+
+One cron line or systemd timer runs every job in turn. Per job: find its source (a volume,
+read directly or, with `force`, through a temporary snapshot when it is in use; the newest
+snapshot of a volume; or a device), decide full or incremental (`full_every`), back it up
+with the job's labels plus `job: <name>`, then apply its retention policy (`keep`) to the
+backups of that volume made by that job. A failing job never stops the others; the run's
+exit status is the worst of the jobs' (see `worst_exit`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from datetime import datetime, timedelta
+from typing import Callable, ContextManager
+
+from . import engine, lvm, retention, sources
+from .config import JOB_LABEL, Job
+from .errors import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, LvbackupError, UsageError
+from .timeutil import parse_iso, utcnow
+
+# Worst last: a locked run (retry later) is less alarming than a failure, and an error that
+# needs a person (bad configuration, an in-use volume without force) the most.
+_SEVERITY = {EXIT_OK: 0, EXIT_LOCKED: 1, EXIT_FAILED: 2, EXIT_USAGE: 3}
+
+ProgressFactory = Callable[[str], ContextManager[Callable[..., None] | None]]
+
+
+def worst_exit(codes: list[int]) -> int:
+    """The run's exit status: 0 if every job succeeded (or had nothing to do), else the
+    worst of the jobs' statuses, in the order 75 < 1 < 2 (others rank with 1)."""
+    return max(codes, key=lambda c: _SEVERITY.get(c, _SEVERITY[EXIT_FAILED]), default=EXIT_OK)
+
+
+def full_or_incremental(job: Job, backups: list[dict],
+                        now: datetime | None = None) -> tuple[bool, str]:
+    """(incremental?, why) for the job's next backup; `backups` are the volume's catalog
+    rows. Pure. A full backup is due when the job is not incremental, when the volume has
+    no available backup, after `full_every` backups counting the last full one, or when the
+    last full is `full_every_days` old."""
+    if not job.incremental:
+        return False, "full: the job is not incremental"
+    available = sorted((b for b in backups if b["status"] == "available"),
+                       key=lambda b: (b["data_timestamp"], b["created_at"]))
+    if not available:
+        return False, "full: the volume has no available backup yet"
+    fulls = [b for b in available if not b["is_incremental"]]
+    last_full = fulls[-1] if fulls else None
+    if last_full is None and (job.full_every is not None or job.full_every_days is not None):
+        return False, "full: no full backup of the volume is available"
+    why = "incremental"
+    if job.full_every is not None:
+        since = len(available) - available.index(last_full)
+        if since >= job.full_every:
+            return False, (f"full: {since} backups since the last full one "
+                           f"(full_every: {job.full_every})")
+        why = f"incremental: {since} backups since the last full one"
+    if job.full_every_days is not None:
+        age = (now or utcnow()) - parse_iso(last_full["created_at"])
+        if age >= timedelta(days=job.full_every_days):
+            return False, (f"full: the last full backup is {age.days} days old "
+                           f"(full_every: {job.full_every_days}d)")
+        why = f"incremental: the last full backup is {age.days} days old"
+    return True, why
+
+
+def newest_snapshot(origin_spec: str) -> tuple[lvm.LogicalVolume, lvm.LogicalVolume]:
+    """(origin, its newest snapshot by creation time); lvbackup's own temporary snapshots
+    do not count. UsageError if the volume has none."""
+    origin = lvm.find_lv(origin_spec)
+    if origin.is_snapshot:
+        raise UsageError(f"{origin.full_name} is a snapshot; snapshot_of: names its origin")
+    snaps = [s for s in lvm.list_lvs(origin.vg)
+             if s.origin == origin.name and lvm.TEMP_TAG not in s.tags]
+    if not snaps:
+        raise UsageError(f"volume {origin.full_name} has no snapshot to back up; create one "
+                         f"first (lvbackup snapshot create {origin.full_name})")
+    return origin, max(snaps, key=lambda s: (s.time, s.name))
+
+
+def _source(lv: engine.Lvbackup, job: Job) -> tuple[sources.SourceFactory, str, str, str | None]:
+    """(source factory, volume id or name to find its backups, volume name, or a reason to
+    skip the job)."""
+    cfg = lv.config
+    if job.device is not None:
+        path = os.path.realpath(job.device)
+        return sources.device_source(job.device), path, path, None
+    if job.volume is not None:
+        vol = lvm.find_lv(job.volume)
+        factory = sources.volume_source(job.volume, force=job.force,
+                                        snapshot_size=cfg.temp_snapshot_size,
+                                        lock_dir=cfg.lock_dir)
+        return factory, vol.uuid, vol.full_name, None
+    assert job.snapshot_of is not None
+    origin, snap = newest_snapshot(job.snapshot_of)
+    done = [b for b in lv.catalog.candidates(origin.uuid)
+            if b["snapshot_id"] == snap.uuid and b["status"] == "available"]
+    skip = (f"the newest snapshot {snap.full_name} is already backed up ({done[0]['id']})"
+            if done else None)
+    factory = sources.snapshot_source(snap.full_name, lock_dir=cfg.lock_dir)
+    return factory, origin.uuid, origin.full_name, skip
+
+
+def run_job(lv: engine.Lvbackup, job: Job, *, progress: ProgressFactory | None = None,
+            log: Callable[[str], None] | None = None) -> dict:
+    """Run one job; never raises an LvbackupError (it is reported in the result)."""
+    log = log or (lambda _m: None)
+    started = time.monotonic()
+    result: dict = {"job": job.name, "source": job.source, "status": "failed",
+                    "exit_code": EXIT_FAILED, "error": None, "kind": None, "why": None,
+                    "backup": None, "pruned": [], "reparented": [], "duration_seconds": None}
+    stage = "backup"
+    try:
+        factory, volume_key, volume_name, skip = _source(lv, job)
+        if skip:
+            result.update(status="skipped", exit_code=EXIT_OK, why=skip)
+            log(f"job {job.name}: skipped: {skip}")
+            return result
+        incremental, why = full_or_incremental(job, lv.catalog.list(volumes=[volume_key]))
+        result.update(kind="incremental" if incremental else "full", why=why)
+        log(f"job {job.name}: backing up {volume_name}: {why}")
+        with (progress(job.name) if progress else nullcontext()) as bar:
+            created = engine.create_backup(
+                lv, factory, incremental=incremental, name=job.name,
+                labels={**job.labels, JOB_LABEL: job.name}, progress=bar,
+                source_name=volume_name)
+        result["backup"] = created.record
+        if job.keep is not None:
+            stage = "retention"
+            report = retention.prune(lv, job.keep, volumes=[created.record["volume_id"]],
+                                     labels={JOB_LABEL: job.name})
+            result["pruned"] = report["deleted"]
+            result["reparented"] = report["reparented"]
+        result.update(status="ok", exit_code=EXIT_OK)
+    except LvbackupError as e:
+        msg = str(e) if stage == "backup" else f"the backup succeeded, but retention failed: {e}"
+        result.update(error=msg, exit_code=e.exit_code)
+    except Exception as e:  # noqa: BLE001 - one job's bug must not stop the others
+        result.update(error=f"internal error: {type(e).__name__}: {e}", exit_code=EXIT_FAILED)
+    finally:
+        result["duration_seconds"] = round(time.monotonic() - started, 3)
+    if result["error"]:
+        log(f"job {job.name}: FAILED: {result['error']}")
+    return result
+
+
+def run_jobs(lv: engine.Lvbackup, names: list[str] | tuple[str, ...] = (), *,
+             progress: ProgressFactory | None = None,
+             log: Callable[[str], None] | None = None) -> dict:
+    """Run the named jobs (all, in the configuration's order, if none are named)."""
+    jobs = lv.config.jobs
+    if not jobs:
+        raise UsageError(f"no jobs in the configuration {lv.config.source}: add a 'jobs:' "
+                         "section (see lvbackup.yaml.example)")
+    unknown = [n for n in names if n not in jobs]
+    if unknown:
+        raise UsageError(f"no job named {', '.join(unknown)} in {lv.config.source} "
+                         f"(jobs: {', '.join(jobs)})")
+    chosen = list(dict.fromkeys(names)) if names else list(jobs)
+    results = [run_job(lv, jobs[n], progress=progress, log=log) for n in chosen]
+    code = worst_exit([r["exit_code"] for r in results])
+    return {"ok": code == EXIT_OK, "exit_code": code, "jobs": results}
