@@ -12,8 +12,9 @@ from typing import Any, Callable, Iterator
 
 import click
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
 from rich.table import Table
 
 from . import __version__, engine, lvm, sources
@@ -59,6 +60,15 @@ def parse_size(text: str) -> int:
         return int(t[: len(t) - len(unit)]) * units[unit]
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a size (e.g. 131072, 128K, 1M)") from None
+
+
+class BinarySpeedColumn(ProgressColumn):
+    """Throughput in binary units (MiB/s), like every other size lvbackup prints."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{human_size(int(speed))}/s",
+                    style="progress.data.speed")
 
 
 class App:
@@ -110,7 +120,7 @@ class App:
             yield None
             return
         with Progress(TextColumn(label), BarColumn(), DownloadColumn(binary_units=True),
-                      TransferSpeedColumn(), TimeRemainingColumn(), TimeElapsedColumn(),
+                      BinarySpeedColumn(), TimeRemainingColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[extra]}"), console=err_console,
                       transient=True) as bar:
             task = bar.add_task(label, total=None, extra="")
@@ -286,7 +296,7 @@ def create(app: App, volume: str | None, snapshot: str | None, device: str | Non
     if device and (volume or snapshot):
         raise click.UsageError("--device cannot be combined with --volume or --snapshot")
     if snapshot:
-        source = sources.snapshot_source(snapshot, volume)
+        source = sources.snapshot_source(snapshot, volume, lock_dir=app.config.lock_dir)
     elif volume:
         source = sources.volume_source(volume, force=force,
                                        snapshot_size=app.config.temp_snapshot_size,
@@ -710,7 +720,7 @@ def snapshot_create(app: App, volume: str, name: str | None, size: str | None) -
     """
     origin = lvm.find_lv(volume)
     if origin.is_snapshot:
-        raise LvbackupError(f"{origin.full_name} is a snapshot; snapshot its origin instead")
+        raise UsageError(f"{origin.full_name} is a snapshot; snapshot its origin instead")
     from .timeutil import utcnow
     snap = lvm.create_snapshot(origin, name or f"{origin.name[:100]}-snap-"
                                f"{utcnow():%Y%m%dT%H%M%S}", size)
@@ -748,7 +758,7 @@ def snapshot_delete(app: App, snap: str) -> None:
     """
     target = lvm.find_lv(snap)
     if not target.is_snapshot:
-        raise LvbackupError(f"{target.full_name} is not a snapshot; lvbackup deletes only snapshots")
+        raise UsageError(f"{target.full_name} is not a snapshot; lvbackup deletes only snapshots")
     lvm.remove_lv(target)
     app.emit(_lv_row(target), lambda r: click.echo(f"Deleted snapshot {r['full_name']}"))
 

@@ -194,20 +194,27 @@ def vg_lvs(vg: str) -> list[LogicalVolume]:
 
 def find_lv(spec: str) -> LogicalVolume:
     """A logical volume by VG/LV or by its LV UUID (or a unique prefix of it)."""
+    return lookup(spec)[0]
+
+
+def lookup(spec: str) -> tuple[LogicalVolume, list[LogicalVolume]]:
+    """find_lv(spec), and every LV of its VG from the same report (one lvs run)."""
     if "/" in spec:
         vg, name = split_name(spec)
-        for lv in vg_lvs(vg):
+        lvs = vg_lvs(vg)
+        for lv in lvs:
             if lv.name == name:
-                return lv
+                return lv, lvs
         raise NotFoundError(f"logical volume {vg}/{name} not found")
     if not re.match(r"^[A-Za-z0-9-]+$", spec):
         raise UsageError(f"{spec!r} is neither VG/LV nor an LV UUID")
-    matches = [lv for lv in list_lvs() if lv.uuid == spec or lv.uuid.startswith(spec)]
+    every = list_lvs()
+    matches = [lv for lv in every if lv.uuid == spec or lv.uuid.startswith(spec)]
     if not matches:
         raise NotFoundError(f"no logical volume has UUID {spec}")
     if len(matches) > 1:
         raise NotFoundError(f"UUID prefix {spec} is ambiguous")
-    return matches[0]
+    return matches[0], [lv for lv in every if lv.vg == matches[0].vg]
 
 
 def _vg_names() -> set[str]:
@@ -250,8 +257,10 @@ def create_lv(vg: str, name: str, size: int, thin_pool: str | None = None) -> Lo
     return find_lv(f"{vg}/{name}")
 
 
-def remove_lv(lv: LogicalVolume) -> None:
-    _run(["lvremove", "--yes", "--force", lv.full_name], f"removing {lv.full_name}")
+def remove_lv(lv: LogicalVolume | str) -> None:
+    """Remove an LV (a LogicalVolume, or a validated "VG/LV" name)."""
+    name = lv.full_name if isinstance(lv, LogicalVolume) else "/".join(split_name(lv))
+    _run(["lvremove", "--yes", "--force", name], f"removing {name}")
 
 
 def _activation_unit(lv: LogicalVolume) -> str:

@@ -88,7 +88,12 @@ def _refuse_unusable(snap: lvm.LogicalVolume) -> None:
                          f'status is "{snap.state}". ({snap.full_name})')
 
 
-def _still_valid(snap: lvm.LogicalVolume) -> Callable[[], None]:
+def _still_valid(snap: lvm.LogicalVolume) -> Callable[[], None] | None:
+    """A check that `snap` did not overflow while it was read (None: a thin snapshot,
+    which cannot become invalid)."""
+    if snap.is_thin:
+        return None
+
     def check() -> None:
         now = lvm.find_lv(snap.full_name)
         if now.state != "available":
@@ -102,10 +107,12 @@ def snapshot_source(spec: str, volume: str | None = None, lock_dir=None) -> Sour
     """An LVM snapshot (classic or thin); the volume is its origin (CINDER-RULES 1-2)."""
     @contextmanager
     def open_source(_run_id: str, lock: LockVolume) -> Iterator[Source]:
-        snap = lvm.find_lv(spec)
+        snap, vg_lvs = lvm.lookup(spec)
         if not snap.is_snapshot:
             raise UsageError(f"{snap.full_name} is not a snapshot; back it up with --volume")
-        origin = lvm.find_lv(f"{snap.vg}/{snap.origin}")
+        origin = next((lv for lv in vg_lvs if lv.name == snap.origin), None)
+        if origin is None:
+            raise UsageError(f"the origin {snap.vg}/{snap.origin} of {snap.full_name} is gone")
         if volume is not None:
             vol = lvm.find_lv(volume)
             if vol.uuid != origin.uuid:
@@ -113,7 +120,7 @@ def snapshot_source(spec: str, volume: str | None = None, lock_dir=None) -> Sour
                                  f"{origin.uuid}.")
         _refuse_unusable(snap)
         lock(origin.uuid, origin.full_name)
-        remove_leftover_snapshots(snap.vg, lock_dir)
+        remove_leftover_snapshots(vg_lvs, lock_dir)
         with _active(snap):
             yield Source(path=snap.path, volume_id=origin.uuid, volume_name=origin.full_name,
                          snapshot_id=snap.uuid, snapshot_name=snap.full_name,
@@ -127,13 +134,13 @@ def volume_source(spec: str, *, force: bool, snapshot_size: str | None,
     when open (CINDER-RULES 3)."""
     @contextmanager
     def open_source(run_id: str, lock: LockVolume) -> Iterator[Source]:
-        lv = lvm.find_lv(spec)
+        lv, vg_lvs = lvm.lookup(spec)
         if lv.is_snapshot:
             raise UsageError(f"{lv.full_name} is a snapshot; back it up with --snapshot")
         if lv.segtype == "thin-pool":
             raise UsageError(f"{lv.full_name} is a thin pool, not a volume")
         lock(lv.uuid, lv.full_name)
-        remove_leftover_snapshots(lv.vg, lock_dir)
+        remove_leftover_snapshots(vg_lvs, lock_dir)
         if not lv.is_open:
             with _active(lv):
                 yield Source(path=lv.path, volume_id=lv.uuid, volume_name=lv.full_name)
@@ -166,6 +173,14 @@ def temporary_snapshot(lv: lvm.LogicalVolume, run_id: str,
                                 f"snapshot of {lv.full_name} ({e}); free some space or set "
                                 "temp_snapshot_size in the configuration") from None
         raise
+    except (KeyboardInterrupt, SystemExit):
+        # A signal arrived while LVM created it (lvm._run lets LVM finish): remove it now
+        # rather than leave it to the next run.
+        try:
+            lvm.remove_lv(f"{lv.vg}/{name}")
+        except lvm.LvmError:
+            pass  # it was not created after all
+        raise
     try:
         if not snap.is_active:
             lvm.activate(snap)
@@ -174,12 +189,12 @@ def temporary_snapshot(lv: lvm.LogicalVolume, run_id: str,
         lvm.remove_lv(snap)
 
 
-def remove_leftover_snapshots(vg: str, lock_dir) -> list[str]:
-    """Remove temporary snapshots whose run died (its run lock is free)."""
+def remove_leftover_snapshots(vg_lvs: list[lvm.LogicalVolume], lock_dir) -> list[str]:
+    """Remove the temporary snapshots among `vg_lvs` whose run died (its run lock is free)."""
     if lock_dir is None:
         return []
     removed = []
-    for lv in lvm.list_lvs(vg):
+    for lv in vg_lvs:
         # An open one is being read: by a run we cannot see (another configuration's
         # lock directory), or by whoever else; a dead run's snapshot is closed.
         if lvm.TEMP_TAG not in lv.tags or lv.is_open:
@@ -187,6 +202,9 @@ def remove_leftover_snapshots(vg: str, lock_dir) -> list[str]:
         runs = [t[len(_RUN_TAG):] for t in lv.tags if t.startswith(_RUN_TAG)]
         if runs and run_is_alive(lock_dir, runs[0]):
             continue
-        lvm.remove_lv(lv)
+        try:
+            lvm.remove_lv(lv)
+        except lvm.LvmError:
+            continue  # another run removed it first, or it is busy: not this backup's problem
         removed.append(lv.full_name)
     return removed
