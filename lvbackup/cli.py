@@ -28,7 +28,7 @@ Exit status:
   1   the operation failed (I/O error, corruption found, ...)
   2   invalid usage, or a request the current state forbids
   75  the repository or volume is locked by another run (see --wait)
-  'run' exits with the worst status of its jobs (75, then 1, then 2).
+  'run' exits with the worst of its jobs' statuses (2 worst, then 1, then 75).
 """
 
 err_console = Console(stderr=True, highlight=False)

@@ -230,41 +230,52 @@ def _create_backup(lv: Lvbackup, open_source: SourceFactory, run: dict, *, incre
         stack.enter_context(lv.shared_lock())
         stack.enter_context(RunLock(lv.lock_dir, backup_id).acquire())
 
-        def lock_volume(volume_id: str, volume_name: str) -> None:
-            stack.enter_context(volume_lock(lv.lock_dir, volume_id, volume_name).acquire(lv.wait))
+        def begin(ident: Source) -> None:
+            # The source knows what it will read and has changed nothing yet: lock the
+            # volume, pick the parent, and record the backup, so that from here on any
+            # failure (a temporary snapshot that cannot be made, a signal) leaves `error`.
+            stack.enter_context(volume_lock(lv.lock_dir, ident.volume_id, ident.volume_name)
+                                .acquire(lv.wait))
+            run["volume"] = ident.volume_name
+            recover_dead_runs(lv)
+            parent = (choose_parent(cat.candidates(ident.volume_id), ident.snapshot_time)
+                      if incremental else None)
+            now = now_iso()
+            record = {
+                "id": backup_id, "name": name, "description": description,
+                "volume_id": ident.volume_id, "volume_name": ident.volume_name,
+                "snapshot_id": ident.snapshot_id, "snapshot_name": ident.snapshot_name,
+                "parent_id": parent["id"] if parent else None,
+                "is_incremental": parent is not None,
+                "data_timestamp": ident.snapshot_time or now, "created_at": now,
+                "updated_at": now, "status": "creating", "fail_reason": None, "size": None,
+                "block_size": repo.block_size, "stored_bytes": 0, "num_dependent_backups": 0,
+                "labels": dict(labels or {}), "protected": False,
+            }
+            cat.insert(record)
+            run["record"], run["parent"] = record, parent
+            lv.events.emit(ev.CREATE_START, to_record(record))
 
-        source = stack.enter_context(open_source(backup_id, lock_volume))
-        run["volume"] = source.volume_name
-        recover_dead_runs(lv)
-        parent = (choose_parent(cat.candidates(source.volume_id), source.snapshot_time)
-                  if incremental else None)
         try:
-            fd = os.open(source.path, os.O_RDONLY)
-        except OSError as e:
-            raise LvbackupError(f"cannot open {source.path}: {e.strerror}") from None
-        stack.callback(os.close, fd)
-        size = source_size(fd)
-        now = now_iso()
-        record = {
-            "id": backup_id, "name": name, "description": description,
-            "volume_id": source.volume_id, "volume_name": source.volume_name,
-            "snapshot_id": source.snapshot_id, "snapshot_name": source.snapshot_name,
-            "parent_id": parent["id"] if parent else None, "is_incremental": parent is not None,
-            "data_timestamp": source.snapshot_time or source.data_timestamp or now,
-            "created_at": now,
-            "updated_at": now, "status": "creating", "fail_reason": None, "size": size,
-            "block_size": repo.block_size, "stored_bytes": 0, "num_dependent_backups": 0,
-            "labels": dict(labels or {}), "protected": False,
-        }
-        cat.insert(record)
-        run["record"] = record
-        lv.events.emit(ev.CREATE_START, to_record(record))
-        try:
+            source = stack.enter_context(open_source(backup_id, begin))
+            record, parent = run["record"], run["parent"]
+            try:
+                fd = os.open(source.path, os.O_RDONLY)
+            except OSError as e:
+                raise LvbackupError(f"cannot open {source.path}: {e.strerror}") from None
+            stack.callback(os.close, fd)
+            size = source_size(fd)
+            # With a temporary snapshot, the data is as of the snapshot (rule 9).
+            fields = {"size": size, "data_timestamp": (source.snapshot_time or
+                      source.data_timestamp or record["data_timestamp"])}
+            record.update(fields)
+            cat.update(backup_id, **fields)
             stats = _write_backup(lv, source, fd, size, record, parent, progress)
         except BaseException as e:
-            cat.update(backup_id, status="error", fail_reason=_reason(e))
+            if run["record"] is not None:
+                cat.update(backup_id, status="error", fail_reason=_reason(e))
             if isinstance(e, OSError):
-                raise LvbackupError(f"backup of {source.volume_name} failed: {_reason(e)}") from None
+                raise LvbackupError(f"backup of {run['volume']} failed: {_reason(e)}") from None
             raise
         return CreateResult(to_record(cat.get(backup_id)), stats)
 

@@ -39,9 +39,10 @@ class FileLock:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                    pids = holders(fd)
                     os.close(fd)
-                    who = f" (pid {holder})" if holder.isdigit() else ""
+                    who = (f" (pid {pids[0]})" if len(pids) == 1 else
+                           f" (pids {', '.join(map(str, pids))})" if pids else "")
                     raise LockedError(f"{self.what} is locked by another lvbackup run{who}; "
                                       "retry later or pass --wait SECONDS") from None
                 time.sleep(0.1)
@@ -53,6 +54,11 @@ class FileLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            if not self.shared:
+                try:  # a later run must not name this process as the holder
+                    os.ftruncate(self._fd, 0)
+                except OSError:
+                    pass
             os.close(self._fd)
             self._fd = None
 
@@ -61,6 +67,70 @@ class FileLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def holders(fd: int) -> list[int]:
+    """The pids of the processes that hold a lock on the file open at `fd`, sorted.
+
+    The kernel's word (/proc/locks), so a shared lock's holders are named too, and a dead
+    process never is; each candidate is confirmed through /proc/PID/fd, since /proc/locks
+    shows the superblock's device, which stat() does not always report (btrfs, overlayfs).
+    Without /proc/locks: the pid an exclusive holder wrote into the file, if it is alive.
+    """
+    st = os.fstat(fd)
+    me = os.getpid()
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = None
+    if lines is not None:
+        found = set()
+        for line in lines:
+            parts = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" (waiters: "1: -> FLOCK ...")
+            if len(parts) < 6 or parts[1] != "FLOCK":
+                continue
+            try:
+                pid, ino = int(parts[4]), int(parts[5].rsplit(":", 1)[1])
+            except (ValueError, IndexError):
+                continue
+            if pid > 0 and pid != me and ino == st.st_ino and _has_open(pid, st):
+                found.add(pid)
+        if found:
+            return sorted(found)
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    if text.isdigit() and int(text) != me and _alive(int(text)):
+        return [int(text)]
+    return []
+
+
+def _has_open(pid: int, st: os.stat_result) -> bool:
+    """Whether `pid` has the file `st` open (True when /proc does not let us look)."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    for n in names:
+        try:
+            other = os.stat(f"/proc/{pid}/fd/{n}")
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def repository_lock(lock_dir: Path, exclusive: bool) -> FileLock:

@@ -12,7 +12,7 @@ import os
 import stat
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, ContextManager, Iterator
 
 from . import lvm
@@ -37,10 +37,12 @@ class Source:
     check: Callable[[], None] | None = None   # raises if what was read cannot be trusted
 
 
-# (run id, lock(volume_id, volume_name)) -> the source. A factory calls lock as soon as it
-# knows the volume, before it changes anything (activations, temporary snapshots).
-LockVolume = Callable[[str, str], None]
-SourceFactory = Callable[[str, LockVolume], ContextManager[Source]]
+# (run id, begin) -> the source. A factory calls begin(identity) as soon as it knows what it
+# will read (a Source whose path may still be empty), before it changes anything
+# (activations, temporary snapshots): the engine then locks the volume and records the
+# backup, so that a failure from there on leaves an `error` row.
+Begin = Callable[[Source], None]
+SourceFactory = Callable[[str, Begin], ContextManager[Source]]
 
 
 def check_readable(path: str) -> os.stat_result:
@@ -60,12 +62,13 @@ def check_readable(path: str) -> os.stat_result:
 def device_source(path: str) -> SourceFactory:
     """Any block device or image file; its volume id is derived from its resolved path."""
     @contextmanager
-    def open_source(_run_id: str, lock: LockVolume) -> Iterator[Source]:
+    def open_source(_run_id: str, begin: Begin) -> Iterator[Source]:
         resolved = os.path.realpath(path)
         check_readable(resolved)
-        volume_id = str(uuid.uuid5(_DEVICE_NAMESPACE, resolved))
-        lock(volume_id, resolved)
-        yield Source(path=resolved, volume_id=volume_id, volume_name=resolved)
+        source = Source(path=resolved, volume_id=str(uuid.uuid5(_DEVICE_NAMESPACE, resolved)),
+                        volume_name=resolved)
+        begin(source)
+        yield source
     return open_source
 
 
@@ -106,7 +109,7 @@ def _still_valid(snap: lvm.LogicalVolume) -> Callable[[], None] | None:
 def snapshot_source(spec: str, volume: str | None = None, lock_dir=None) -> SourceFactory:
     """An LVM snapshot (classic or thin); the volume is its origin (CINDER-RULES 1-2)."""
     @contextmanager
-    def open_source(_run_id: str, lock: LockVolume) -> Iterator[Source]:
+    def open_source(_run_id: str, begin: Begin) -> Iterator[Source]:
         snap, vg_lvs = lvm.lookup(spec)
         if not snap.is_snapshot:
             raise UsageError(f"{snap.full_name} is not a snapshot; back it up with --volume")
@@ -119,12 +122,13 @@ def snapshot_source(spec: str, volume: str | None = None, lock_dir=None) -> Sour
                 raise UsageError(f"Volume {vol.uuid} does not match with snapshot.volume_id "
                                  f"{origin.uuid}.")
         _refuse_unusable(snap)
-        lock(origin.uuid, origin.full_name)
+        source = Source(path=snap.path, volume_id=origin.uuid, volume_name=origin.full_name,
+                        snapshot_id=snap.uuid, snapshot_name=snap.full_name,
+                        snapshot_time=snap.time, check=_still_valid(snap))
+        begin(source)
         remove_leftover_snapshots(vg_lvs, lock_dir)
         with _active(snap):
-            yield Source(path=snap.path, volume_id=origin.uuid, volume_name=origin.full_name,
-                         snapshot_id=snap.uuid, snapshot_name=snap.full_name,
-                         snapshot_time=snap.time, check=_still_valid(snap))
+            yield source
     return open_source
 
 
@@ -133,25 +137,26 @@ def volume_source(spec: str, *, force: bool, snapshot_size: str | None,
     """An LVM volume: read directly when closed, through a temporary snapshot with --force
     when open (CINDER-RULES 3)."""
     @contextmanager
-    def open_source(run_id: str, lock: LockVolume) -> Iterator[Source]:
+    def open_source(run_id: str, begin: Begin) -> Iterator[Source]:
         lv, vg_lvs = lvm.lookup(spec)
         if lv.is_snapshot:
             raise UsageError(f"{lv.full_name} is a snapshot; back it up with --snapshot")
         if lv.segtype == "thin-pool":
             raise UsageError(f"{lv.full_name} is a thin pool, not a volume")
-        lock(lv.uuid, lv.full_name)
-        remove_leftover_snapshots(vg_lvs, lock_dir)
-        if not lv.is_open:
-            with _active(lv):
-                yield Source(path=lv.path, volume_id=lv.uuid, volume_name=lv.full_name)
-            return
-        if not force:
+        if lv.is_open and not force:
             raise UsageError("Backing up an in-use volume must use the force flag. "
                              f"({lv.full_name} is open; pass --force to read it through a "
                              "temporary snapshot)")
+        source = Source(path=lv.path, volume_id=lv.uuid, volume_name=lv.full_name)
+        begin(source)
+        remove_leftover_snapshots(vg_lvs, lock_dir)
+        if not lv.is_open:
+            with _active(lv):
+                yield source
+            return
         with temporary_snapshot(lv, run_id, snapshot_size) as snap:
-            yield Source(path=snap.path, volume_id=lv.uuid, volume_name=lv.full_name,
-                         data_timestamp=snap.time or now_iso(), check=_still_valid(snap))
+            yield replace(source, path=snap.path, data_timestamp=snap.time or now_iso(),
+                          check=_still_valid(snap))
     return open_source
 
 

@@ -106,9 +106,6 @@ def test_no_space_for_temporary_snapshot(site, no_space):
     assert no_space.names == sorted(site.names + ["filler"])  # no snapshot left behind
 
 
-@pytest.mark.xfail(reason="BUG engine.create_backup: the row is inserted only after the source "
-                          "(and its temporary snapshot) is set up, so a failure to create the "
-                          "temporary snapshot leaves no `error` row", strict=True)
 def test_no_space_leaves_an_error_row(no_space):
     assert [r["status"] for r in no_space.rows] == ["error"], no_space.rows
     assert "free space" in no_space.rows[0]["fail_reason"]

@@ -1,0 +1,736 @@
+"""Reliability: locks, concurrency, a full disk, a shrinking source, damage that the other
+suites do not inflict, and a lost catalog, each inflicted on the real `lvbackup` command
+(docs/reliability.md maps every guarantee to its test).
+
+Complements test_faults.py (kill -9 at every crash point), test_crash.py (SIGKILL at
+random moments, SIGTERM, resume) and test_corruption.py (flipped, truncated, missing packs,
+index files, manifests; a corrupt catalog).
+
+Runs that must be caught holding their locks are paused with SIGSTOP once the kernel shows
+them holding the lock (or their `creating` row exists, which they insert only after taking
+their locks), and resumed with SIGCONT: a stopped process holds its locks exactly as a slow
+one does, and the test does not depend on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from support import (MiB, Workdir, apply_change, assert_one_line_error, describe, make_image,
+                     reused_bytes)
+
+SLOW_MIB = 16      # random data compressed at zstd level 19 by one worker: a few seconds
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def lock_holders(path: Path) -> dict[int, str]:
+    """{pid: 'READ' | 'WRITE'} of the flock locks the kernel lists for the file at `path`."""
+    try:
+        ino = path.stat().st_ino
+    except FileNotFoundError:
+        return {}
+    out = {}
+    with open("/proc/locks") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[1] == "FLOCK" and int(parts[5].rsplit(":", 1)[1]) == ino:
+                out[int(parts[4])] = parts[3]
+    return out
+
+
+def wait_for(cond, what: str, *procs: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        for proc in procs:
+            if proc.poll() is not None:
+                out, err = proc.communicate()
+                raise AssertionError(f"{proc.args} ended (exit {proc.returncode}) before "
+                                     f"{what}:\n{err.decode(errors='replace')}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@contextmanager
+def stopped(*procs: subprocess.Popen):
+    """SIGSTOP the processes for the block (they keep every lock they hold), then SIGCONT."""
+    for proc in procs:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+
+
+def rows(wd: Workdir) -> list[dict]:
+    try:
+        return wd.catalog_rows()
+    except sqlite3.Error:
+        return []
+
+
+def creating(wd: Workdir, image: Path) -> dict | None:
+    found = [r for r in rows(wd) if r["volume_name"] == str(image.resolve())
+             and r["status"] == "creating"]
+    return found[0] if found else None
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def random_image(path: Path, mib: int, seed: int, sparse_tail_mib: int = 0) -> bytes:
+    data = random.Random(seed).randbytes(mib * MiB)
+    path.write_bytes(data)
+    if sparse_tail_mib:
+        with open(path, "r+b") as f:
+            f.truncate((mib + sparse_tail_mib) * MiB)
+        data += bytes(sparse_tail_mib * MiB)
+    return data
+
+
+class Env:
+    """A repository with two earlier backups (a full and an incremental of `small`) that
+    every test checks are untouched, a `slow.yaml` config, and the processes to reap."""
+
+    def __init__(self, wd: Workdir, small: Path, earlier: dict[str, bytes]):
+        self.wd = wd
+        self.small = small
+        self.earlier = earlier
+        self.slow = wd.config_with("slow.yaml", workers=1, compression_level=19)
+        self.procs: list[subprocess.Popen] = []
+
+    def popen(self, *args, config: Path | None = None) -> subprocess.Popen:
+        proc = self.wd.popen(*args, config=config)
+        self.procs.append(proc)
+        return proc
+
+    def slow_create(self, image: Path, *args) -> subprocess.Popen:
+        return self.popen("--json", "create", "--device", image, *args, config=self.slow)
+
+    def intact(self) -> None:
+        """verify --deep passes and the earlier backups restore bit-exactly."""
+        p = self.wd.verify("--deep")
+        assert p.returncode == 0, describe(p)
+        for bid, data in self.earlier.items():
+            assert self.wd.restore_bytes(bid) == data, f"backup {bid} changed"
+
+
+def make_env(path: Path, **config) -> Env:
+    wd = Workdir(path / "wd", **config)
+    wd.init("64K")
+    small = path / "small.img"
+    v1 = make_image(small, 2, seed=501)
+    full = wd.create(small)
+    v2 = apply_change(small, seed=502)
+    inc = wd.create(small, "--incremental")
+    return Env(wd, small, {full["id"]: v1, inc["id"]: v2})
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = make_env(tmp_path)
+    yield e
+    for proc in e.procs:          # a failed test leaves no process behind, stopped or not
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def slow_images(tmp_path_factory):
+    """Two images of random data: backing each up with slow.yaml takes a few seconds."""
+    root = tmp_path_factory.mktemp("slow-images")
+    a, b = root / "a.img", root / "b.img"
+    return a, random_image(a, SLOW_MIB, 511), b, random_image(b, SLOW_MIB, 512)
+
+
+# --- locks: one run per volume ----------------------------------------------------------------
+
+def test_same_volume_runs_never_interleave(env, slow_images, tmp_path):
+    """A second run on a busy volume exits 75 naming the holder's pid (create and prune);
+    with --wait it waits, and starts only after the first has ended."""
+    wd = env.wd
+    img = tmp_path / "disk.img"
+    _, big, _, _ = slow_images
+    # Two backups of this volume for prune to choose from, then the slow content.
+    for seed in (521, 522):
+        make_image(img, 1, seed=seed)
+        wd.create(img)
+    img.write_bytes(big)
+    victim = env.slow_create(img)
+    wait_for(lambda: creating(wd, img), "the victim's creating row", victim)
+    n_rows = len(rows(wd))
+    with stopped(victim):
+        assert creating(wd, img), "the victim ended before it could be caught"
+        (volume_lock,) = [p for p in wd.cache.glob("locks/volume-*.lock")
+                          if lock_holders(p) == {victim.pid: "WRITE"}]
+        p = wd.run("create", "--device", img)
+        assert_one_line_error(p, 75, str(img.resolve()), "locked", f"(pid {victim.pid})")
+        p = wd.run("prune", "--keep-last", "1", "--volume", img)
+        assert_one_line_error(p, 75, str(img.resolve()), f"(pid {victim.pid})")
+        assert len(rows(wd)) == n_rows, "a refused run left a row"
+        # With --wait the second run waits for the lock instead.
+        waiter = env.popen("--json", "create", "--device", img, "--wait", "120")
+        time.sleep(2)
+        assert waiter.poll() is None, "the waiting run gave up while the lock was held"
+        assert len(rows(wd)) == n_rows, "the waiting run started before the lock was free"
+        assert list(lock_holders(volume_lock)) == [victim.pid]
+    code, out, err = finish(victim)
+    assert code == 0, err
+    first = json.loads(out)
+    code, out, err = finish(waiter)
+    assert code == 0, err
+    second = json.loads(out)
+    assert second["status"] == "available"
+    # Never interleaved: the second run's backup began after the first one's ended.
+    assert second["created_at"] >= first["updated_at"], (first, second)
+    assert second["stored_bytes"] == 0            # and found every chunk already stored
+    assert wd.restore_bytes(second["id"]) == big
+    # With the volume free, prune runs.
+    pruned = wd.run_json("prune", "--keep-last", "1", "--volume", img)
+    assert len(pruned["deleted"]) == 3 and second["id"] not in pruned["deleted"]
+    env.intact()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: retention.prune (lvbackup/retention.py) takes each volume's lock only when it "
+    "reaches that volume's first deletion, in volume-id order, so a busy volume makes "
+    "prune exit 75 ('locked, retry later') after it has already deleted, and re-parented, "
+    "backups of the volumes before it. Fix: acquire every volume lock the plan needs, in "
+    "a fixed order, before the first delete_row (or skip busy volumes and report them)."))
+def test_prune_refused_by_a_busy_volume_deletes_nothing(env, slow_images, tmp_path):
+    from uuid import uuid5
+
+    from lvbackup.sources import _DEVICE_NAMESPACE as NS
+
+    wd = env.wd
+    _, big, _, _ = slow_images
+    # The busy volume's id sorts after the small image's, so prune reaches the other first.
+    small_id = str(uuid5(NS, str(env.small.resolve())))
+    img = next(p for p in (tmp_path / f"busy{k}.img" for k in range(100))
+               if str(uuid5(NS, str(p.resolve()))) > small_id)
+    for seed in (523, 524):
+        make_image(img, 1, seed=seed)
+        wd.create(img)
+    img.write_bytes(big)
+    victim = env.slow_create(img)
+    wait_for(lambda: creating(wd, img), "the victim's creating row", victim)
+    with stopped(victim):
+        before = {r["id"]: (r["status"], r["parent_id"]) for r in rows(wd)}
+        p = wd.run("prune", "--keep-last", "1")
+        assert_one_line_error(p, 75, str(img.resolve()), f"(pid {victim.pid})")
+        after = {r["id"]: (r["status"], r["parent_id"]) for r in rows(wd)}
+        assert after == before, "prune exited 75 (locked) but changed backups"
+    assert finish(victim)[0] == 0
+    env.intact()
+
+
+def test_different_volumes_proceed_in_parallel(env, slow_images):
+    """Backups of two volumes hold their locks at the same time; gc and catalog rebuild,
+    which need the repository to themselves, exit 75 naming both holders."""
+    wd = env.wd
+    a, a_data, b, b_data = slow_images
+    # A gc killed holding the exclusive lock leaves its pid in the lock file: the messages
+    # below must name the live holders, not it.
+    p = wd.run("gc", env={"LVBACKUP_FAULT": "gc-index-rewritten"})
+    assert p.returncode == -signal.SIGKILL, describe(p)
+    pa = env.slow_create(a)
+    pb = env.slow_create(b)
+    wait_for(lambda: creating(wd, a) and creating(wd, b), "both creating rows", pa, pb)
+    repo_lock = wd.cache / "locks" / "repository.lock"
+    with stopped(pa, pb):
+        assert creating(wd, a) and creating(wd, b)
+        assert lock_holders(repo_lock) == {pa.pid: "READ", pb.pid: "READ"}
+        volume_locks = {}
+        for path in wd.cache.glob("locks/volume-*.lock"):
+            volume_locks.update(lock_holders(path))
+        assert volume_locks == {pa.pid: "WRITE", pb.pid: "WRITE"}
+        both = f"(pids {min(pa.pid, pb.pid)}, {max(pa.pid, pb.pid)})"
+        assert_one_line_error(wd.run("gc"), 75, "repository", "locked", both)
+        assert_one_line_error(wd.run("catalog", "rebuild"), 75, "repository", "locked", both)
+    results = {}
+    for proc, img in ((pa, a), (pb, b)):
+        code, out, err = finish(proc)
+        assert code == 0, err
+        results[img] = json.loads(out)
+    ra, rb = results[a], results[b]
+    # Their lifetimes overlap: each began before the other ended.
+    assert ra["created_at"] < rb["updated_at"] and rb["created_at"] < ra["updated_at"]
+    assert wd.restore_bytes(ra["id"]) == a_data
+    assert wd.restore_bytes(rb["id"]) == b_data
+    env.intact()
+
+
+CATALOG_BUSY_SNAPSHOT = (
+    "BUG: catalog writes run in sqlite-utils' Database.atomic(), a deferred BEGIN, and "
+    "Table.update() reads the row before it writes; in WAL mode, when another process "
+    "commits in between, the upgrade to a write fails at once with SQLITE_BUSY_SNAPSHOT "
+    "('database is locked'): the busy timeout cannot help. Seen in engine._write_backup's "
+    "final `with cat.db.atomic(): cat.update(...)`; recover_dead_runs, delete_row, "
+    "import_record and rebuild_catalog use the same pattern. Fix (catalog.py): write "
+    "transactions with BEGIN IMMEDIATE (e.g. a Catalog.write() context manager that "
+    "executes 'BEGIN IMMEDIATE' and is used instead of cat.db.atomic(); or a connection "
+    "factory whose execute turns a bare 'BEGIN' into 'BEGIN IMMEDIATE')")
+
+
+@pytest.mark.xfail(strict=False, reason=CATALOG_BUSY_SNAPSHOT + " -- intermittent here (a "
+                   "race), hence not strict; test_catalog_write_after_a_read_in_a_transaction "
+                   "reproduces it deterministically. Drop this marker with the fix.")
+def test_eight_concurrent_backups_of_different_images(env, tmp_path):
+    """SQLite in WAL mode with a busy timeout: no 'database is locked', all available;
+    then eight concurrent restores, all bit-exact."""
+    wd = env.wd
+    images = {}
+    for k in range(8):
+        path = tmp_path / f"img{k}.img"
+        images[path] = make_image(path, 4, seed=530 + k)
+    procs = {path: env.popen("--json", "create", "--device", path) for path in images}
+    recs = {}
+    for path, proc in procs.items():
+        code, out, err = finish(proc)
+        assert code == 0, f"{path}: exit {code}\n{err}"
+        assert "locked" not in err and "Traceback" not in err, err
+        recs[path] = json.loads(out)
+        assert recs[path]["status"] == "available"
+    by_id = {r["id"]: r for r in rows(wd)}
+    assert all(by_id[r["id"]]["status"] == "available" for r in recs.values())
+    # They did run concurrently: some backup's lifetime overlaps another's.
+    spans = sorted((r["created_at"], r["updated_at"]) for r in recs.values())
+    assert any(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1)), spans
+    restores = {path: env.popen("restore", recs[path]["id"], "--to-file", "-")
+                for path in images}
+    for path, proc in restores.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode(errors="replace")
+        assert out == images[path], f"restore of {path} differs"
+    env.intact()
+
+
+@pytest.mark.xfail(strict=True, reason=CATALOG_BUSY_SNAPSHOT)
+def test_catalog_write_after_a_read_in_a_transaction(tmp_path):
+    """The interleaving behind the intermittent 'database is locked', made deterministic:
+    a write transaction that reads first (as Table.update does), while another process
+    commits. A fixed catalog makes the other writer wait (busy timeout), not fail."""
+    import threading
+
+    from lvbackup.catalog import Catalog
+
+    path = tmp_path / "catalog.db"
+    a = Catalog(path)
+    try:
+        base = {"volume_id": "v", "status": "creating", "created_at": "t", "updated_at": "t",
+                "data_timestamp": "t", "labels": {}, "protected": False}
+        a.insert({**base, "id": "one"})
+        a.insert({**base, "id": "two"})
+        errors = []
+
+        def other_run() -> None:
+            b = Catalog(path)               # another run's connection
+            try:
+                b.update("two", status="available")
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+            finally:
+                b.close()
+
+        with a.db.atomic():                  # as engine._write_backup's final update
+            a.get("one")                     # Table.update reads the row first
+            t = threading.Thread(target=other_run)
+            t.start()
+            t.join(2)                        # unfixed: it commits now; fixed: it waits
+            a.update("one", status="available")
+        t.join(90)
+        assert not errors, errors
+        assert {r["id"]: r["status"] for r in a.list()} == {"one": "available", "two": "available"}
+    finally:
+        a.close()
+
+
+# --- locks: gc and catalog rebuild exclude every other run ------------------------------------
+
+@pytest.mark.parametrize("command", [("gc",), ("catalog", "rebuild")],
+                         ids=["gc", "catalog-rebuild"])
+def test_exclusive_commands_lock_out_every_other_run(env, command, tmp_path):
+    wd = env.wd
+    # Some garbage, so that gc has work to do while it holds the lock.
+    junk = tmp_path / "junk.img"
+    make_image(junk, 4, seed=541)
+    wd.run_json("delete", wd.create(junk)["id"])
+    repo_lock = wd.cache / "locks" / "repository.lock"
+    bid = next(iter(env.earlier))
+    for _attempt in range(10):
+        holder = env.popen(*command)
+
+        def holds() -> bool:
+            return lock_holders(repo_lock).get(holder.pid) == "WRITE" or holder.poll() is not None
+
+        wait_for(holds, f"{command} to take the lock", timeout=120)
+        holder.send_signal(signal.SIGSTOP)
+        if lock_holders(repo_lock).get(holder.pid) == "WRITE":
+            break
+        holder.send_signal(signal.SIGCONT)    # it finished first: try again
+        assert finish(holder)[0] == 0
+    else:
+        pytest.fail(f"never caught {command} holding the repository lock")
+    try:
+        n_rows = len(rows(wd))
+        for args in (("create", "--device", env.small), ("delete", bid),
+                     ("restore", bid, "--to-file", "-"), ("verify",), ("prune", "--keep-last", "1"),
+                     ("gc",), ("catalog", "rebuild")):
+            p = wd.run(*args)
+            assert_one_line_error(p, 75, "repository", "locked", f"(pid {holder.pid})")
+        assert len(rows(wd)) == n_rows
+        waiter = env.popen("--json", "create", "--device", env.small, "--wait", "120")
+        time.sleep(1.5)
+        assert waiter.poll() is None, "the waiting run gave up while the lock was held"
+    finally:
+        holder.send_signal(signal.SIGCONT)
+    code, _, err = finish(holder)
+    assert code == 0, err
+    code, out, err = finish(waiter)
+    assert code == 0, err
+    assert json.loads(out)["status"] == "available"
+    env.intact()
+
+
+# --- locks: nothing stale ever blocks -------------------------------------------------------
+
+def test_locks_left_by_killed_runs_never_block(env, slow_images):
+    """kill -9 leaves the lock files (with the dead pid inside) but no lock: the next run
+    proceeds at once, without --wait."""
+    wd = env.wd
+    a, a_data, _, _ = slow_images
+    # A gc killed while it held the exclusive repository lock.
+    p = wd.run("gc", env={"LVBACKUP_FAULT": "gc-index-rewritten"})
+    assert p.returncode == -signal.SIGKILL, describe(p)
+    repo_lock = wd.cache / "locks" / "repository.lock"
+    assert repo_lock.read_text().strip().isdigit()
+    # A backup killed while it held its volume lock and its run lock.
+    victim = env.slow_create(a)
+    wait_for(lambda: creating(wd, a), "the creating row", victim)
+    dead = creating(wd, a)["id"]
+    victim.kill()
+    victim.communicate()
+    (volume_lock,) = [p for p in wd.cache.glob("locks/volume-*.lock")
+                      if p.read_text().strip() == str(victim.pid)]
+    assert (wd.cache / "locks" / f"run-{dead}.lock").exists()
+    assert lock_holders(volume_lock) == {} and lock_holders(repo_lock) == {}
+    # No --wait: a lock still held would make this exit 75.
+    rec = wd.create(a)
+    assert wd.restore_bytes(rec["id"]) == a_data
+    assert wd.show(dead)["status"] == "error"
+    assert not (wd.cache / "locks" / f"run-{dead}.lock").exists()
+    wd.run_json("gc")
+    env.intact()
+
+
+# --- a full disk ----------------------------------------------------------------------------
+
+@pytest.fixture
+def tmpfs():
+    """mount(path, size): a size-capped tmpfs at `path`, unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {p.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def fill(path: Path, leave: int) -> Path:
+    """A file in `path` that leaves `leave` bytes free on its filesystem."""
+    filler = path / "filler"
+    filler.write_bytes(b"\xff" * (free_bytes(path) - leave))
+    assert free_bytes(path) == leave
+    return filler
+
+
+def test_disk_full_while_storing_a_pack(tmp_path, tmpfs):
+    """The repository's filesystem fills up mid-backup: exit 1, one line naming the cause,
+    an `error` row, nothing half-written left behind, earlier backups intact; with room
+    again, the rerun completes and reuses the pack the failed run had stored."""
+    tmpfs(tmp_path / "wd" / "repo", "24m")
+    e = make_env(tmp_path)
+    wd = e.wd
+    big = tmp_path / "big.img"
+    data = random_image(big, 32, 551)           # random: 32 MiB to store, 24 MiB of room
+    p = wd.run("create", "--device", big)
+    assert_one_line_error(p, 1, str(big.resolve()), "No space left on device")
+    failed = [r for r in rows(wd) if r["volume_name"] == str(big.resolve())]
+    assert len(failed) == 1 and failed[0]["status"] == "error", failed
+    assert "No space left on device" in failed[0]["fail_reason"]
+    assert not (wd.repo / "manifests" / failed[0]["id"]).exists()
+    assert not list((wd.repo / "tmp").iterdir()), "temporary files left in the repository"
+    e.intact()
+    # More room (as after deleting backups and running gc): the rerun completes.
+    subprocess.run(["mount", "-o", "remount,size=64m", "tmpfs", str(wd.repo)], check=True)
+    p = wd.run("--json", "create", "--device", big)
+    assert p.returncode == 0, describe(p)
+    assert reused_bytes(p.stderr) >= 16 * MiB, p.stderr
+    assert wd.restore_bytes(json.loads(p.stdout)["id"]) == data
+    wd.run_json("delete", failed[0]["id"])
+    wd.run_json("gc")
+    e.intact()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: Repository.sync_index (repository/repo.py) indexes a dead run's pending packs "
+    "with storage.put, which fails with ENOSPC on a full disk; the OSError escapes, so "
+    "restore, verify and create all exit with 'internal error: OSError' until space is "
+    "freed. Fix: catch OSError in sync_index/_index_pending and leave the packs pending "
+    "(a restore does not need them); retry on a later run."))
+def test_disk_full_between_a_pack_and_its_index(tmp_path, tmpfs):
+    """The disk fills up exactly when the index file naming a stored pack is written:
+    the earlier backups must still restore while the disk is full."""
+    repo = tmpfs(tmp_path / "wd" / "repo", "24m")
+    e = make_env(tmp_path)
+    wd = e.wd
+    big = tmp_path / "big.img"
+    data = random_image(big, 16, 552)
+    # 64 KiB blocks, stored raw: the pack is 256 chunks + a 49-byte trailer entry each.
+    pack = 8 + 256 * 64 * 1024 + 256 * 49 + 44
+    page = os.statvfs(repo).f_frsize
+    filler = fill(repo, -(-pack // page) * page + page)  # the pack and not its index
+    p = wd.run("create", "--device", big)
+    assert_one_line_error(p, 1, "No space left on device")
+    assert len(wd.files("packs")) == 3, "expected the pack stored, then the index to fail"
+    assert [r["status"] for r in rows(wd)] == ["available", "available", "error"]
+    e.intact()
+    filler.unlink()
+    assert wd.restore_bytes(wd.create(big)["id"]) == data
+    e.intact()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: on a full filesystem SQLite fails to open the WAL catalog and index cache with "
+    "'disk I/O error': Catalog.__init__ (catalog.py) reports that the catalog 'is unreadable "
+    "... recreate it with lvbackup catalog rebuild' (wrong, and rebuild moves the catalog "
+    "aside, losing catalog-only facts), and ChunkIndex._db (repository/index.py) lets "
+    "sqlite3.OperationalError escape as 'internal error'. Fix: advise a rebuild only for "
+    "SQLITE_CORRUPT/SQLITE_NOTADB (e.sqlite_errorname); otherwise say 'cannot open catalog "
+    "X: disk I/O error' and, when statvfs shows no free space, that its filesystem is full."))
+def test_disk_full_under_the_catalog(tmp_path, tmpfs):
+    """The default layout: repository, catalog and index cache on one filesystem, full."""
+    e = make_env(tmpfs(tmp_path / "fs", "24m"))
+    filler = fill(tmp_path / "fs", 0)
+    for args in (("create", "--device", e.small), ("list",),
+                 ("restore", next(iter(e.earlier)), "--to-file", "-")):
+        p = e.wd.run(*args)
+        line = assert_one_line_error(p, 1)
+        assert "catalog rebuild" not in line, line
+        assert "space" in line or "full" in line, line
+    filler.unlink()
+    e.intact()
+
+
+# --- a source that fails while it is read ------------------------------------------------------
+
+def test_source_shrinking_during_the_backup(env, tmp_path):
+    """The source ends early (a file truncated, a device removed under the run): exit 1,
+    one line, an `error` row; the next backup of it works. (EIO from a failing disk:
+    tests/lvm/test_read_errors.py, with a device-mapper `error` target.)"""
+    wd = env.wd
+    img = tmp_path / "shrinking.img"
+    # Random data first (slow to compress), then a long sparse tail the reader cannot have
+    # reached when it is stopped: it reads at most a few 4 MiB segments ahead.
+    random_image(img, SLOW_MIB, 561, sparse_tail_mib=48)
+    victim = env.slow_create(img)
+    wait_for(lambda: creating(wd, img), "the creating row", victim)
+    with stopped(victim):
+        with open(img, "r+b") as f:
+            f.truncate(48 * MiB)
+    code, _, err = finish(victim)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"the source ended at byte {48 * MiB}" in lines[0], lines[0]
+    row = [r for r in rows(wd) if r["volume_name"] == str(img.resolve())][0]
+    assert row["status"] == "error" and "the source ended" in row["fail_reason"], row
+    assert not (wd.repo / "manifests" / row["id"]).exists()
+    rec = wd.create(img)
+    assert wd.restore_bytes(rec["id"]) == img.read_bytes()
+    env.intact()
+
+
+# --- a restore killed midway -------------------------------------------------------------------
+
+def test_killed_restore_to_a_file_leaves_the_old_file_untouched(env):
+    """`restore --to-file PATH` writes beside PATH and renames at the end: kill -9 midway
+    and PATH still holds what it held (the dead run's temporary file stays beside it)."""
+    wd = env.wd
+    bid, data = next(iter(env.earlier.items()))
+    target = wd.path / "restored.img"
+    target.write_bytes(b"the previous content")
+    p = wd.run("restore", bid, "--to-file", target, env={"LVBACKUP_FAULT": "restore-segment"})
+    assert p.returncode == -signal.SIGKILL, describe(p)
+    assert target.read_bytes() == b"the previous content"
+    assert len(list(wd.path.glob("restored.img.lvbackup-*.tmp"))) == 1
+    assert wd.show(bid)["status"] == "available"
+    assert wd.run("restore", bid, "--to-file", target).returncode == 0
+    assert target.read_bytes() == data
+
+
+# --- damage the other suites do not inflict ----------------------------------------------------
+
+@pytest.fixture
+def two(tmp_path):
+    """Two backups of two images, each with its own pack and index file."""
+    wd = Workdir(tmp_path / "wd")
+    wd.init("64K")
+    kept = {}
+    for seed in (571, 572):
+        img = tmp_path / f"{seed}.img"
+        before = set(wd.files("index"))
+        data = make_image(img, 2, seed=seed)
+        rec = wd.create(img)
+        (index,) = set(wd.files("index")) - before
+        kept[rec["id"]] = (data, index)
+    return wd, kept
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_index_file_missing_or_truncated_then_gc_rebuilds_it(two, damage):
+    """A backup whose index file is gone or torn fails verify and restore, loudly; the
+    packs describe themselves, so gc rewrites the index and the backup is whole again."""
+    wd, kept = two
+    (bad, (bad_data, index)), (good, (good_data, _)) = kept.items()
+    path = wd.repo / index
+    if damage == "missing":
+        path.unlink()
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    p = wd.verify("--deep")
+    assert p.returncode == 1, describe(p)
+    assert [ln for ln in p.stdout.splitlines() if bad in ln][0].startswith("FAILED")
+    assert [ln for ln in p.stdout.splitlines() if good in ln][0].startswith("ok")
+    if damage == "truncated":
+        assert Path(index).name in p.stdout and "corrupt" in p.stdout
+    p = wd.run("restore", bad, "--to-file", "-", binary=True)
+    assert_one_line_error(p, 1, bad, "not in the repository index")
+    assert wd.restore_bytes(good) == good_data
+    wd.run_json("gc")
+    assert wd.verify("--deep").returncode == 0
+    assert wd.restore_bytes(bad) == bad_data
+    assert wd.restore_bytes(good) == good_data
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a damaged chunk stays in the index, so a new backup of the same data "
+    "deduplicates against it (Packer.missing finds the id; chunker._analyze_read skips "
+    "the block) and is born damaged while it reports `available`; nothing in lvbackup "
+    "repairs this. Fix: when verify --deep (or a restore) finds a chunk failing its "
+    "checksum, quarantine it: record the id as bad in the repository (e.g. a sealed "
+    "`bad/<chunk id>` object that index sync and Packer.missing honour, or an index "
+    "rewrite without it under the exclusive lock), so the next backup stores it again."))
+def test_new_backup_after_a_damaged_chunk_is_whole(two):
+    """After verify --deep has found a damaged chunk, a new backup of the same data must
+    be restorable: it has to store that block again instead of pointing at the damage."""
+    from lvbackup.repository.pack import read_trailer
+    from lvbackup.repository.storage import LocalStorage
+
+    import blake3
+
+    wd, kept = two
+    bid, (data, _) = next(iter(kept.items()))
+    ids = {blake3.blake3(data[o:o + 64 * 1024]).digest() for o in range(0, len(data), 64 * 1024)}
+    storage = LocalStorage(wd.repo)
+    try:
+        pack, ref = next((pack, r) for pack in sorted(wd.files("packs"))
+                         for r in read_trailer(storage, bytes.fromhex(Path(pack).name))
+                         if r.chunk_id in ids)
+    finally:
+        storage.close()
+    with open(wd.repo / pack, "r+b") as f:
+        f.seek(ref.offset + ref.length // 2)
+        byte = f.read(1)
+        f.seek(ref.offset + ref.length // 2)
+        f.write(bytes([byte[0] ^ 0x40]))
+    assert wd.verify("--deep").returncode == 1
+    img = Path([r for r in rows(wd) if r["id"] == bid][0]["volume_name"])
+    rec = wd.create(img)
+    assert wd.restore_bytes(rec["id"]) == data
+
+
+def test_truncated_manifest_stops_gc_until_deleted(two):
+    """A torn manifest fails verify and restore naming the backup; gc refuses to run
+    (it cannot tell which chunks that backup needs) until the backup is deleted."""
+    wd, kept = two
+    (bad, _), (good, (good_data, _)) = kept.items()
+    path = wd.repo / "manifests" / bad
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 10)
+    p = wd.verify()
+    assert p.returncode == 1 and "Traceback" not in p.stderr, describe(p)
+    assert [ln for ln in p.stdout.splitlines() if bad in ln][0].startswith("FAILED")
+    p = wd.run("restore", bad, "--to-file", "-", binary=True)
+    assert_one_line_error(p, 1, bad, "manifest")
+    packs = set(wd.files("packs"))
+    assert_one_line_error(wd.run("gc"), 1, "gc stopped before deleting anything")
+    assert set(wd.files("packs")) == packs
+    wd.run_json("delete", bad)
+    assert wd.run_json("gc")["packs_deleted"] == 1
+    assert wd.verify("--deep").returncode == 0
+    assert wd.restore_bytes(good) == good_data
+
+
+def test_deleted_index_cache_is_rebuilt(two):
+    wd, kept = two
+    subprocess.run(["rm", "-rf", str(wd.cache)], check=True)
+    assert wd.verify("--deep").returncode == 0
+    for bid, (data, _) in kept.items():
+        assert wd.restore_bytes(bid) == data
+
+
+def test_missing_catalog_then_rebuild_recovers_every_backup(tmp_path):
+    """The catalog file is lost: `catalog rebuild` recreates every available backup, with
+    its lineage, from the manifests alone."""
+    e = make_env(tmp_path)
+    wd = e.wd
+    other = tmp_path / "other.img"
+    data = make_image(other, 1, seed=581)
+    e.earlier[wd.create(other)["id"]] = data
+    before = {r["id"]: r for r in wd.list()}
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(wd.catalog) + suffix).unlink(missing_ok=True)
+    assert wd.list() == []                  # a missing catalog is an empty one ...
+    result = wd.run_json("catalog", "rebuild")
+    assert result["recovered"] == 3 and result["old_catalog_moved_to"] is None
+    after = {r["id"]: r for r in wd.list()}
+    assert set(after) == set(before)
+    for bid, rec in before.items():
+        for key in ("volume_id", "volume_name", "parent_id", "is_incremental", "status",
+                    "data_timestamp", "created_at", "size", "block_size", "stored_bytes",
+                    "num_dependent_backups", "labels"):
+            assert after[bid][key] == rec[key], (bid, key, after[bid][key], rec[key])
+    e.intact()
