@@ -8,10 +8,12 @@ carries its record, so `catalog rebuild` recreates it from the repository alone.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import sqlite_utils
 from sqlite_utils import Migrations
@@ -149,6 +151,15 @@ def to_record(row: dict) -> dict[str, Any]:
     return rec
 
 
+def filesystem_full_hint(path: Path) -> str:
+    """' (its filesystem is full)' when it is, for messages about failed writes."""
+    try:
+        st = os.statvfs(Path(path).parent)
+    except OSError:
+        return ""
+    return " (its filesystem is full)" if st.f_bavail == 0 else ""
+
+
 class Catalog:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -161,14 +172,37 @@ class Catalog:
                 self.db.enable_wal()
             migrations.apply(self.db)
         except sqlite3.DatabaseError as e:
-            raise LvbackupError(f"catalog {self.path} is unreadable ({e}); "
-                                "recreate it with 'lvbackup catalog rebuild'") from None
+            if getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+                raise LvbackupError(f"catalog {self.path} is unreadable ({e}); "
+                                    "recreate it with 'lvbackup catalog rebuild'") from None
+            raise LvbackupError(f"cannot open catalog {self.path}: {e}"
+                                f"{filesystem_full_hint(self.path)}") from None
         except OSError as e:
             raise UsageError(f"cannot open catalog {self.path}: {e.strerror}") from None
         self.table = self.db["backups"]
 
     def close(self) -> None:
         self.db.conn.close()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        """A write transaction, taken up front (BEGIN IMMEDIATE).
+
+        In WAL mode a deferred transaction that reads before it writes fails at once with
+        SQLITE_BUSY_SNAPSHOT ("database is locked") when another process committed in
+        between; no busy timeout retries that. Taking the write lock first waits instead.
+        """
+        if self.db.conn.in_transaction:
+            with self.db.atomic():
+                yield
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     # --- rows -----------------------------------------------------------------------
 

@@ -127,7 +127,7 @@ def recover_dead_runs(lv: Lvbackup) -> list[dict]:
             fields = ({"status": "error_deleting", "fail_reason":
                        "the run deleting it was interrupted; delete it again with --force"}
                       if has_manifest else {"status": "deleted"})
-        with cat.db.atomic():
+        with cat.write():
             cat.update(row["id"], **fields)
             cat.refresh_dependents(row["parent_id"])
         changed.append({**row, **fields})
@@ -332,7 +332,7 @@ def _write_backup(lv: Lvbackup, source: Source, fd: int, size: int, record: dict
         except Exception:  # noqa: BLE001 - the original failure is the one to report
             pass
         raise
-    with cat.db.atomic():
+    with cat.write():
         cat.update(record["id"], status="available", stored_bytes=stats.stored_bytes)
         cat.refresh_dependents(record["parent_id"])
     return stats
@@ -555,7 +555,7 @@ def delete_row(lv: Lvbackup, row: dict, *, force: bool = False,
     moved = []
     with RunLock(lv.lock_dir, row["id"]).acquire():
         lv.events.emit(ev.DELETE_START, to_record(row))
-        with cat.db.atomic():
+        with cat.write():
             cat.update(row["id"], status="deleting")
             for child in children:
                 cat.update(child["id"], parent_id=row["parent_id"],
@@ -573,7 +573,7 @@ def delete_row(lv: Lvbackup, row: dict, *, force: bool = False,
             lv.events.emit(ev.DELETE_ERROR, {**to_record(cat.get(row["id"])),
                                              "reason": _reason(e)})
             raise LvbackupError(f"cannot delete backup {row['id']}: {_reason(e)}") from None
-        with cat.db.atomic():
+        with cat.write():
             cat.update(row["id"], status="deleted")
             cat.refresh_dependents(row["parent_id"])
     rec = to_record(cat.get(row["id"]))
@@ -690,7 +690,7 @@ def import_record(lv: Lvbackup, text: str) -> dict:
                    is_incremental=bool(rec.get("parent_id")), num_dependent_backups=0)
         for key in ("created_at", "data_timestamp"):
             row[key] = row[key] or manifest.record.get(key) or now_iso()
-        with cat.db.atomic():
+        with cat.write():
             cat.table.upsert(row, pk="id")
             cat.refresh_dependents(row["id"])
             cat.refresh_dependents(row["parent_id"])
@@ -738,7 +738,7 @@ def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
                     # Catalog-only facts, changed after the manifest was written: keep them.
                     for key in ("protected", "parent_id", "is_incremental"):
                         row[key] = old[key]
-                with cat.db.atomic():
+                with cat.write():
                     cat.table.upsert(row, pk="id")
                 found.add(backup_id)
             for row in cat.list(include_deleted=True):

@@ -288,9 +288,6 @@ CATALOG_BUSY_SNAPSHOT = (
     "factory whose execute turns a bare 'BEGIN' into 'BEGIN IMMEDIATE')")
 
 
-@pytest.mark.xfail(strict=False, reason=CATALOG_BUSY_SNAPSHOT + " -- intermittent here (a "
-                   "race), hence not strict; test_catalog_write_after_a_read_in_a_transaction "
-                   "reproduces it deterministically. Drop this marker with the fix.")
 def test_eight_concurrent_backups_of_different_images(env, tmp_path):
     """SQLite in WAL mode with a busy timeout: no 'database is locked', all available;
     then eight concurrent restores, all bit-exact."""
@@ -321,7 +318,6 @@ def test_eight_concurrent_backups_of_different_images(env, tmp_path):
     env.intact()
 
 
-@pytest.mark.xfail(strict=True, reason=CATALOG_BUSY_SNAPSHOT)
 def test_catalog_write_after_a_read_in_a_transaction(tmp_path):
     """The interleaving behind the intermittent 'database is locked', made deterministic:
     a write transaction that reads first (as Table.update does), while another process
@@ -348,7 +344,7 @@ def test_catalog_write_after_a_read_in_a_transaction(tmp_path):
             finally:
                 b.close()
 
-        with a.db.atomic():                  # as engine._write_backup's final update
+        with a.write():                      # as engine._write_backup's final update
             a.get("one")                     # Table.update reads the row first
             t = threading.Thread(target=other_run)
             t.start()
@@ -504,12 +500,6 @@ def test_disk_full_while_storing_a_pack(tmp_path, tmpfs):
     e.intact()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Repository.sync_index (repository/repo.py) indexes a dead run's pending packs "
-    "with storage.put, which fails with ENOSPC on a full disk; the OSError escapes, so "
-    "restore, verify and create all exit with 'internal error: OSError' until space is "
-    "freed. Fix: catch OSError in sync_index/_index_pending and leave the packs pending "
-    "(a restore does not need them); retry on a later run."))
 def test_disk_full_between_a_pack_and_its_index(tmp_path, tmpfs):
     """The disk fills up exactly when the index file naming a stored pack is written:
     the earlier backups must still restore while the disk is full."""
@@ -532,14 +522,6 @@ def test_disk_full_between_a_pack_and_its_index(tmp_path, tmpfs):
     e.intact()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: on a full filesystem SQLite fails to open the WAL catalog and index cache with "
-    "'disk I/O error': Catalog.__init__ (catalog.py) reports that the catalog 'is unreadable "
-    "... recreate it with lvbackup catalog rebuild' (wrong, and rebuild moves the catalog "
-    "aside, losing catalog-only facts), and ChunkIndex._db (repository/index.py) lets "
-    "sqlite3.OperationalError escape as 'internal error'. Fix: advise a rebuild only for "
-    "SQLITE_CORRUPT/SQLITE_NOTADB (e.sqlite_errorname); otherwise say 'cannot open catalog "
-    "X: disk I/O error' and, when statvfs shows no free space, that its filesystem is full."))
 def test_disk_full_under_the_catalog(tmp_path, tmpfs):
     """The default layout: repository, catalog and index cache on one filesystem, full."""
     e = make_env(tmpfs(tmp_path / "fs", "24m"))

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 import blake3
 
-from ..errors import CorruptionError, UsageError
+from ..errors import CorruptionError, LvbackupError, UsageError
 from .pack import ENTRY, ChunkRef
 from .sealed import seal, unseal
 
@@ -100,8 +100,11 @@ class ChunkIndex:
             raise UsageError(f"cannot create the cache directory {self.path.parent}: "
                              f"{e.strerror}; set cache_dir in the configuration") from None
         self._local = threading.local()
-        db = self._db()
-        db.executescript(_SCHEMA)
+        try:
+            self._db().executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise LvbackupError(f"cannot open the index cache {self.path}: {e}; it can be "
+                                "deleted safely and is rebuilt from the repository") from None
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

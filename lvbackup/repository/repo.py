@@ -105,7 +105,10 @@ class Repository:
         bad = self.index.sync(self.storage)
         for run in self.index.pending_runs():
             if not run_is_alive(lock_dir, run):
-                self._index_pending(run)
+                try:
+                    self._index_pending(run)
+                except OSError:
+                    pass  # e.g. a full disk: the packs stay pending, a later run indexes them
         return bad
 
     def _index_pending(self, run: str) -> None:
