@@ -160,14 +160,14 @@ def prune(lv, policy: Policy, *, volumes: list[str] | None = None,
                                     for c, p in new_parents(every, order).items()]
             return report
         moves: dict[str, dict] = {}
-        locked: set[str] = set()
         with ExitStack() as stack:
+            # Every lock first, in a fixed order: a busy volume stops the prune before it
+            # has deleted anything, never half-way through.
+            for volume_id in sorted({by_id[i]["volume_id"] for i in order}):
+                name = next(by_id[i]["volume_name"] for i in order
+                            if by_id[i]["volume_id"] == volume_id)
+                stack.enter_context(volume_lock(lv.lock_dir, volume_id, name).acquire(lv.wait))
             for bid in order:
-                row = by_id[bid]
-                if row["volume_id"] not in locked:
-                    stack.enter_context(volume_lock(lv.lock_dir, row["volume_id"],
-                                                    row["volume_name"]).acquire(lv.wait))
-                    locked.add(row["volume_id"])
                 _, moved = engine.delete_row(lv, cat.get(bid), reparent=True)
                 for m in moved:  # a child may move more than once: first old, last new
                     moves[m["id"]] = {**m, "old_parent_id": moves.get(m["id"], m)["old_parent_id"]}

@@ -207,12 +207,6 @@ def test_same_volume_runs_never_interleave(env, slow_images, tmp_path):
     env.intact()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: retention.prune (lvbackup/retention.py) takes each volume's lock only when it "
-    "reaches that volume's first deletion, in volume-id order, so a busy volume makes "
-    "prune exit 75 ('locked, retry later') after it has already deleted, and re-parented, "
-    "backups of the volumes before it. Fix: acquire every volume lock the plan needs, in "
-    "a fixed order, before the first delete_row (or skip busy volumes and report them)."))
 def test_prune_refused_by_a_busy_volume_deletes_nothing(env, slow_images, tmp_path):
     from uuid import uuid5
 
