@@ -11,6 +11,7 @@ Objects in a repository (all names relative to its root):
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import uuid
 from pathlib import Path
@@ -156,7 +157,9 @@ class Packer:
     """Collects a run's new chunks into packs, stores them, and indexes them.
 
     Order on disk: a pack is stored (fsynced, renamed), then recorded as pending in the
-    cache, then listed in an index file every INDEX_EVERY packs and at commit().
+    cache, then listed in an index file every INDEX_EVERY packs and at commit(). Packs are
+    stored by a writer thread, so that filling the next pack overlaps storing the last
+    one; at most one pack is being stored at a time, which bounds memory to two packs.
     """
 
     def __init__(self, repo: Repository, run_id: str):
@@ -166,10 +169,17 @@ class Packer:
         self.unindexed: list[tuple[bytes, list[ChunkRef]]] = []
         self.stored_bytes = 0
         self.pack_ids: list[bytes] = []
+        self._storing: set[bytes] = set()   # chunk ids of the pack being stored
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._writer: threading.Thread | None = None
 
     def missing(self, ids: list[bytes]) -> set[bytes]:
         """Which of `ids` the repository does not have yet (counting this run's own chunks)."""
-        candidates = [i for i in ids if i not in self.builder.ids]
+        with self._lock:
+            storing = self._storing
+        candidates = [i for i in ids if i not in self.builder.ids and i not in storing]
         if not candidates:
             return set()
         found = self.repo.index.lookup(candidates, run=self.run_id)
@@ -180,13 +190,44 @@ class Packer:
         self.builder.add(chunk_id, blob, raw_length, flags)
         self.stored_bytes += len(blob)
         if len(self.builder) >= PACK_TARGET:
-            self.flush()
+            self._hand_off()
 
     def flush(self) -> None:
+        """Store the current pack now (it is recorded as pending, not yet indexed)."""
+        self._hand_off()
+        self._wait()
+
+    def _hand_off(self) -> None:
+        """Give the current pack to the writer (once the previous one is stored)."""
         if not self.builder.entries:
             return
+        self._wait()
         pack_id, data, refs = self.builder.finish()
+        with self._lock:
+            self._storing = self.builder.ids
         self.builder = PackBuilder()
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_packs, name="lvbackup-packer",
+                                            daemon=True)
+            self._writer.start()
+        self._queue.put((pack_id, data, refs))
+
+    def _write_packs(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    self._store(*item)
+            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+                self._error = e
+            finally:
+                with self._lock:
+                    self._storing = set()
+                self._queue.task_done()
+
+    def _store(self, pack_id: bytes, data: bytearray, refs: list[ChunkRef]) -> None:
         self.repo.storage.put(pack_name(pack_id), data)
         crash_point("pack-stored")
         self.repo.index.add_pending(pack_id, refs, self.run_id)
@@ -196,6 +237,13 @@ class Packer:
         if len(self.unindexed) >= INDEX_EVERY:
             self._write_index()
 
+    def _wait(self) -> None:
+        """Until the writer is idle; re-raise what it failed with."""
+        if self._writer is not None:
+            self._queue.join()
+        if self._error is not None:
+            raise self._error
+
     def _write_index(self) -> None:
         if self.unindexed:
             self.repo.write_index(self.unindexed)
@@ -204,5 +252,11 @@ class Packer:
 
     def commit(self) -> None:
         """Store the last pack and index everything this run wrote."""
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._queue.put(None)
+                self._writer.join()
+                self._writer = None
         self._write_index()
