@@ -270,18 +270,6 @@ def test_different_volumes_proceed_in_parallel(env, slow_images):
     env.intact()
 
 
-CATALOG_BUSY_SNAPSHOT = (
-    "BUG: catalog writes run in sqlite-utils' Database.atomic(), a deferred BEGIN, and "
-    "Table.update() reads the row before it writes; in WAL mode, when another process "
-    "commits in between, the upgrade to a write fails at once with SQLITE_BUSY_SNAPSHOT "
-    "('database is locked'): the busy timeout cannot help. Seen in engine._write_backup's "
-    "final `with cat.db.atomic(): cat.update(...)`; recover_dead_runs, delete_row, "
-    "import_record and rebuild_catalog use the same pattern. Fix (catalog.py): write "
-    "transactions with BEGIN IMMEDIATE (e.g. a Catalog.write() context manager that "
-    "executes 'BEGIN IMMEDIATE' and is used instead of cat.db.atomic(); or a connection "
-    "factory whose execute turns a bare 'BEGIN' into 'BEGIN IMMEDIATE')")
-
-
 def test_eight_concurrent_backups_of_different_images(env, tmp_path):
     """SQLite in WAL mode with a busy timeout: no 'database is locked', all available;
     then eight concurrent restores, all bit-exact."""
@@ -523,7 +511,8 @@ def test_disk_full_under_the_catalog(tmp_path, tmpfs):
     for args in (("create", "--device", e.small), ("list",),
                  ("restore", next(iter(e.earlier)), "--to-file", "-")):
         p = e.wd.run(*args)
-        line = assert_one_line_error(p, 1)
+        # Judge the words, not the paths (this test's own directory says "disk_full").
+        line = assert_one_line_error(p, 1).replace(str(tmp_path), "<tmp>")
         assert "catalog rebuild" not in line, line
         assert "space" in line or "full" in line, line
     filler.unlink()

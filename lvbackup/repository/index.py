@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 import blake3
 
 from ..errors import CorruptionError, LvbackupError, UsageError
+from ..catalog import filesystem_full_hint
 from .pack import ENTRY, ChunkRef
 from .sealed import seal, unseal
 
@@ -103,8 +104,9 @@ class ChunkIndex:
         try:
             self._db().executescript(_SCHEMA)
         except sqlite3.DatabaseError as e:
-            raise LvbackupError(f"cannot open the index cache {self.path}: {e}; it can be "
-                                "deleted safely and is rebuilt from the repository") from None
+            raise LvbackupError(f"cannot open the index cache {self.path}: {e}"
+                                f"{filesystem_full_hint(self.path)}; it can be deleted safely "
+                                "and is rebuilt from the repository") from None
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
