@@ -182,13 +182,14 @@ def wait_for_rows(lvb: Lvb, procs: dict[str, subprocess.Popen], status: str,
     """Poll the catalog until each run in `procs` (keyed by the LV name it backs up) has a
     row in `status`; return {LV name: row}. With `freeze`, each run is stopped (SIGSTOP)
     as soon as its row is seen, so that it is still mid-backup when the caller looks;
-    the caller sends SIGCONT."""
+    the caller sends SIGCONT. A `creating` row counts once its size is recorded, i.e. once
+    the run has its source open (a temporary snapshot, if any, exists)."""
     deadline = time.monotonic() + timeout
     seen: dict[str, dict] = {}
     while time.monotonic() < deadline:
         try:
             rows = {r["volume_name"].split("/")[-1]: r for r in lvb.rows()
-                    if r["status"] == status}
+                    if r["status"] == status and (status != "creating" or r["size"] is not None)}
         except sqlite3.OperationalError:  # the catalog is still being created
             rows = {}
         for name, p in procs.items():

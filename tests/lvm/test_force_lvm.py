@@ -74,9 +74,10 @@ def test_in_use_volumes(site, tmp_path):
         assert rec["volume_id"] == site.lvs[name]["lv_uuid"], rec
         assert rec["volume_name"] == vol(site, name), rec
         assert rec["snapshot_id"] is None and rec["snapshot_name"] is None, rec
-        # data_timestamp is the temporary snapshot's lv_time: whole seconds, before created_at
+        # data_timestamp is the temporary snapshot's lv_time (whole seconds), taken after
+        # the row was created (created_at) and before the backup ended (updated_at)
         assert rec["data_timestamp"].endswith(".000000+00:00"), rec
-        assert rec["data_timestamp"] <= rec["created_at"], rec
+        assert rec["created_at"][:19] <= rec["data_timestamp"][:19] <= rec["updated_at"], rec
         assert sha((tmp_path / name).read_bytes()) == sha(site.content[name]), name
     assert [r["status"] for r in lvb.rows()] == ["available", "available"]
     assert vg.lv("lin")["lv_attr"][5] == "o"
