@@ -610,9 +610,9 @@ def gc(app: App, wait: float) -> None:
     """
     from .repository.gc import collect_garbage
     lv = app.lv(wait)
-    with lv.exclusive_lock(), app.progress("gc"):
+    with lv.exclusive_lock(), app.progress("gc") as progress:
         engine.recover_dead_runs(lv)
-        stats = collect_garbage(lv.repo, lv.config.cache_dir, lv.lock_dir)
+        stats = collect_garbage(lv.repo, lv.config.cache_dir, lv.lock_dir, progress)
 
     def human(s: dict) -> None:
         click.echo(f"Deleted {s['packs_deleted']} packs, repacked {s['packs_repacked']}, "

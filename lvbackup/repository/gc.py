@@ -15,6 +15,7 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from ..errors import CorruptionError, LvbackupError
 from ..faults import crash_point
@@ -28,8 +29,11 @@ REPACK_BELOW = 0.5       # repack a pack when less than this share of its bytes 
 _INDEX_GROUPS = 256      # packs per rewritten index file
 
 
-def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path) -> dict:
-    """Delete packs no manifest uses and repack mostly-dead ones. Caller holds the lock."""
+def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
+                    progress: Callable[[int, int], None] | None = None) -> dict:
+    """Delete packs no manifest uses and repack mostly-dead ones. Caller holds the lock.
+
+    `progress(done, total)` follows the bytes of packs examined."""
     storage = repo.storage
     storage.clean_tmp()
     repo.index.sync(storage)  # the fallback for packs whose trailer is unreadable
@@ -44,7 +48,7 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path) -> dict:
                                readable INT);
         """)
         _mark(repo, db)
-        unreadable = _load_packs(repo, db)
+        unreadable = _load_packs(repo, db, progress)
         db.execute("CREATE INDEX chunk_pack ON chunk(pack)")
         db.execute("CREATE INDEX chunk_id ON chunk(id)")
         db.execute("UPDATE pack SET live_bytes = (SELECT coalesce(sum(c.length), 0) FROM chunk c "
@@ -93,11 +97,14 @@ def _mark(repo: Repository, db: sqlite3.Connection) -> None:
                             if entries[o:o + ENTRY_SIZE] != HOLE])
 
 
-def _load_packs(repo: Repository, db: sqlite3.Connection) -> list[str]:
+def _load_packs(repo: Repository, db: sqlite3.Connection,
+                progress: Callable[[int, int], None] | None) -> list[str]:
     """Read every pack's trailer. A pack whose trailer is unreadable is kept as it is, and
     described by what the existing index says of it: gc never deletes what it cannot read."""
     unreadable = []
-    for name, _ in repo.storage.list("packs/"):
+    packs = [(name, repo.storage.size(name)) for name, _ in repo.storage.list("packs/")]
+    total, done = sum(size for _, size in packs), 0
+    for name, size in packs:
         pack_id = bytes.fromhex(name.rsplit("/", 1)[1])
         readable = 1
         try:
@@ -108,8 +115,10 @@ def _load_packs(repo: Repository, db: sqlite3.Connection) -> list[str]:
         db.executemany("INSERT INTO chunk VALUES (?, ?, ?, ?, ?, ?)",
                        [(r.chunk_id, pack_id, r.offset, r.length, r.raw_length, r.flags)
                         for r in refs])
-        db.execute("INSERT INTO pack VALUES (?, ?, 0, NULL, ?)",
-                   (pack_id, repo.storage.size(name), readable))
+        db.execute("INSERT INTO pack VALUES (?, ?, 0, NULL, ?)", (pack_id, size, readable))
+        done += size
+        if progress:
+            progress(done, total)
     return unreadable
 
 
