@@ -133,8 +133,8 @@ def prune(lv, policy: Policy, *, volumes: list[str] | None = None,
     """Select with `policy` among the available backups (of `volumes`, carrying every one
     of `labels`) and, unless `dry_run`, delete the others, re-parenting their children.
 
-    Each volume is pruned under its volume lock, so that no backup of it runs meanwhile
-    (a running incremental reads its parent's manifest). Returns a report.
+    Like gc, prune holds the repository lock exclusively: nothing else that writes runs
+    meanwhile (a running incremental reads its parent's manifest). Returns a report.
     """
     from . import engine  # local: config imports Policy from here, and engine imports config
     from .locks import volume_lock
@@ -142,7 +142,7 @@ def prune(lv, policy: Policy, *, volumes: list[str] | None = None,
     cat = lv.catalog
     report: dict = {"dry_run": dry_run, "policy": policy.as_dict(), "labels": labels or {},
                     "keep": [], "remove": [], "reparented": []}
-    with lv.shared_lock():
+    with lv.exclusive_lock():
         engine.recover_dead_runs(lv)
         rows = cat.list(volumes=volumes or [], status="available", labels=labels)
         plan = select(rows, policy)

@@ -182,7 +182,8 @@ def test_same_volume_runs_never_interleave(env, slow_images, tmp_path):
         p = wd.run("create", "--device", img)
         assert_one_line_error(p, 75, str(img.resolve()), "locked", f"(pid {victim.pid})")
         p = wd.run("prune", "--keep-last", "1", "--volume", img)
-        assert_one_line_error(p, 75, str(img.resolve()), f"(pid {victim.pid})")
+        # prune, like gc, takes the repository exclusively: a running backup excludes it
+        assert_one_line_error(p, 75, "repository is locked", f"(pid {victim.pid})")
         assert len(rows(wd)) == n_rows, "a refused run left a row"
         # With --wait the second run waits for the lock instead.
         waiter = env.popen("--json", "create", "--device", img, "--wait", "120")
@@ -227,7 +228,7 @@ def test_prune_refused_by_a_busy_volume_deletes_nothing(env, slow_images, tmp_pa
     with stopped(victim):
         before = {r["id"]: (r["status"], r["parent_id"]) for r in rows(wd)}
         p = wd.run("prune", "--keep-last", "1")
-        assert_one_line_error(p, 75, str(img.resolve()), f"(pid {victim.pid})")
+        assert_one_line_error(p, 75, "repository is locked", f"(pid {victim.pid})")
         after = {r["id"]: (r["status"], r["parent_id"]) for r in rows(wd)}
         assert after == before, "prune exited 75 (locked) but changed backups"
     assert finish(victim)[0] == 0
