@@ -211,12 +211,6 @@ class ChunkIndex:
                 found[row[0]] = ChunkRef(*row)
         return found
 
-    def all_packs(self) -> list[bytes]:
-        return [p for (p,) in self._db().execute("SELECT id FROM packs WHERE indexed=1")]
-
-    def bad_index_files(self) -> list[str]:
-        return [n for (n,) in self._db().execute("SELECT name FROM index_files WHERE ok=0")]
-
     def reset(self) -> None:
         """Forget everything (after gc rewrote the index files)."""
         db = self._db()
