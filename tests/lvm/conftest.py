@@ -12,6 +12,7 @@ import os
 import secrets
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -130,13 +131,14 @@ class VolumeGroup:
         return rows[0]
 
 
-@pytest.fixture
-def vg(tmp_path) -> Iterator[VolumeGroup]:
-    """A fresh VG (unique name) on a loop device over a sparse file; removed after the test."""
-    name = f"lvbt_{secrets.token_hex(4)}"
-    backing = tmp_path / f"{name}.pv"
+@contextmanager
+def throwaway_vg(directory: Path, prefix: str, size: int) -> Iterator[VolumeGroup]:
+    """A VG with a unique name on a loop device over a sparse file in `directory`;
+    removed afterwards, even after a failure."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    backing = directory / f"{name}.pv"
     with open(backing, "wb") as f:
-        f.truncate(VG_SIZE)
+        f.truncate(size)
     loop = run(["losetup", "--find", "--show", backing]).strip()
     group = VolumeGroup(name, loop)
     created = False
@@ -146,6 +148,13 @@ def vg(tmp_path) -> Iterator[VolumeGroup]:
         yield group
     finally:
         teardown_vg(group, backing, created)
+
+
+@pytest.fixture
+def vg(tmp_path) -> Iterator[VolumeGroup]:
+    """A fresh VG for one test."""
+    with throwaway_vg(tmp_path, "lvbt", VG_SIZE) as group:
+        yield group
 
 
 def teardown_vg(group: VolumeGroup, backing: Path, created: bool) -> None:

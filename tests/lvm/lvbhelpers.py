@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import secrets
 import signal
 import sqlite3
 import subprocess
@@ -49,22 +48,9 @@ VolumeGroup = ct.VolumeGroup
 
 # --- VGs and configs shared by a module ----------------------------------------------------
 
-@contextmanager
-def module_vg(directory: Path, size: int = 2 << 30) -> Iterator[VolumeGroup]:
-    """Like conftest's `vg` fixture, for a module-scoped fixture."""
-    name = f"lvbm_{secrets.token_hex(4)}"
-    backing = directory / f"{name}.pv"
-    with open(backing, "wb") as f:
-        f.truncate(size)
-    loop = ct.run(["losetup", "--find", "--show", backing]).strip()
-    group = VolumeGroup(name, loop)
-    created = False
-    try:
-        group.lvm("vgcreate", "-q", "-y", name, loop)
-        created = True
-        yield group
-    finally:
-        ct.teardown_vg(group, backing, created)
+def module_vg(directory: Path, size: int = 2 << 30):
+    """Like conftest's `vg` fixture, for a module-scoped fixture (a context manager)."""
+    return ct.throwaway_vg(directory, "lvbm", size)
 
 
 class Lvb(ct.Lvbackup):
