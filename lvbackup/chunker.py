@@ -1,18 +1,21 @@
 """The block data path: reading a source into blocks for a backup, and blocks back for a restore.
 
-Backup: a reader fills reused 4 MiB segment buffers; worker threads hash each block
-(xxh3-128), skip all-zero blocks (holes) and blocks whose hash equals the parent manifest's
-entry at the same index, name the rest by BLAKE3-256, look them up in the index in one batch,
-and compress only those the repository lacks. The caller's thread appends results, in order,
-to the manifest and the packer.
+Backup: the reader hands out reused 4 MiB segment buffers; worker threads each read their
+segment (skipping holes the filesystem reports), hash each block (xxh3-128), skip all-zero
+blocks (holes) and blocks whose hash equals the parent manifest's entry at the same index,
+name the rest by BLAKE3-256, look them up in the index in one batch, and compress only those
+the repository lacks. The caller's thread appends results, in order, to the manifest and the
+packer.
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
 import blake3
@@ -35,7 +38,7 @@ Progress = Callable[[int], None]
 @dataclass
 class ScanStats:
     bytes_read: int = 0
-    hole_bytes: int = 0
+    hole_bytes: int = 0        # all-zero blocks, and holes the filesystem reported (not read)
     unchanged_bytes: int = 0   # equal to the parent's block: not hashed again nor stored
     reused_bytes: int = 0      # already in the repository (dedup, or packs a dead run left)
     new_bytes: int = 0         # plaintext of the chunks this backup stored
@@ -48,8 +51,9 @@ class ScanStats:
 
 class _Segment(NamedTuple):
     first_block: int
+    offset: int                # in bytes
     length: int
-    buf: bytearray | None      # None: not read, copy the parent's entries
+    buf: mmap.mmap
     parent: bytes              # the parent's entries for these blocks (may be short or empty)
 
 
@@ -57,10 +61,11 @@ class _Analyzed(NamedTuple):
     entries: bytes
     new: list[tuple[bytes, bytes, int, int]]   # (chunk id, blob, plaintext length, flags)
     stats: ScanStats
+    length: int
 
 
 _tls = threading.local()
-_zero_digest: dict[int, bytes] = {}
+_zeros: dict[int, tuple[bytes, bytes]] = {}   # block length -> (zero block, its xxh3-128)
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -73,11 +78,13 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 
 def _is_hole(block: memoryview, digest: bytes) -> bool:
     n = len(block)
-    zd = _zero_digest.get(n)
-    if zd is None:
-        zd = _zero_digest[n] = xxhash.xxh3_128_digest(bytes(n))
-    # Comparing digests first keeps the byte comparison (a copy) off non-zero blocks.
-    return digest == zd and block.tobytes() == bytes(n)
+    zero = _zeros.get(n)
+    if zero is None:
+        z = bytes(n)
+        zero = _zeros[n] = (z, xxhash.xxh3_128_digest(z))
+    # The digest keeps the byte comparison off non-zero blocks; the comparison keeps a
+    # crafted xxh3 collision from passing for a hole. startswith() compares without a copy.
+    return digest == zero[1] and zero[0].startswith(block)
 
 
 def source_size(fd: int) -> int:
@@ -87,51 +94,29 @@ def source_size(fd: int) -> int:
 
 def backup_blocks(repo: Repository, packer: Packer, fd: int, size: int,
                   parent: Manifest | None, out: ManifestWriter, *, workers: int, level: int,
-                  ranges: list[tuple[int, int]] | None = None,
                   progress: Progress | None = None) -> ScanStats:
-    """Read `size` bytes of `fd` into `out` and `packer`; return what was read and stored.
-
-    `ranges` lists the [start, end) block ranges to read; blocks outside them are taken
-    from `parent` unread (changed-block tracking). None means read everything.
-    """
+    """Read `size` bytes of `fd` into `out` and `packer`; return what was read and stored."""
     bs = repo.block_size
     per_seg = max(1, SEGMENT // bs)
     seg_bytes = per_seg * bs
     nblocks = (size + bs - 1) // bs
-    if ranges is not None and parent is None:
-        raise ValueError("reading only some ranges needs a parent manifest")
     stop = threading.Event()
     buffers = BufferPool(DEPTH + workers + 1, seg_bytes, stop)
     parent_entries = parent.entries(per_seg) if parent is not None else iter(())
 
-    def wanted(first: int, count: int) -> bool:
-        return ranges is None or any(s < first + count and e > first for s, e in ranges)
-
     def segments() -> Iterator[_Segment]:
         for first in range(0, nblocks, per_seg):
             offset = first * bs
-            length = min(seg_bytes, size - offset)
-            count = (length + bs - 1) // bs
-            pe = next(parent_entries, b"")
-            if not wanted(first, count) and len(pe) >= count * ENTRY_SIZE:
-                yield _Segment(first, length, None, pe)
-                continue
-            buf = buffers.get()
-            try:
-                _read_exact(fd, buf, offset, length)
-            except BaseException:
-                buffers.put(buf)
-                raise
-            crash_point("read-segment")
-            yield _Segment(first, length, buf, pe)
+            yield _Segment(first, offset, min(seg_bytes, size - offset), buffers.get(),
+                           next(parent_entries, b""))
 
     def analyze(seg: _Segment) -> _Analyzed:
-        stats = ScanStats()
-        if seg.buf is None:
-            stats.unchanged_bytes = seg.length
-            return _Analyzed(seg.parent[: ((seg.length + bs - 1) // bs) * ENTRY_SIZE], [], stats)
+        # Workers read their own segments: reads from several threads keep up with the
+        # hashing where one reader thread could not.
         try:
-            return _analyze_read(seg, bs, packer, level, stats)
+            data = _read_segment(fd, seg, bs)
+            crash_point("read-segment")
+            return _analyze_read(seg, data, bs, packer, level)
         finally:
             buffers.put(seg.buf)
 
@@ -153,7 +138,7 @@ def backup_blocks(repo: Repository, packer: Packer, fd: int, size: int,
                 result.stats.stored_bytes += len(blob)
             recent.append(added)
             total.add(result.stats)
-            done += result.stats.bytes_read + result.stats.unchanged_bytes
+            done += result.length
             if progress:
                 progress(done)
     finally:
@@ -161,29 +146,69 @@ def backup_blocks(repo: Repository, packer: Packer, fd: int, size: int,
     return total
 
 
-def _read_exact(fd: int, buf: bytearray, offset: int, length: int) -> None:
-    view = memoryview(buf)
-    got = 0
-    while got < length:
-        n = os.preadv(fd, [view[got:length]], offset + got)
-        if n == 0:
-            raise LvbackupError(f"the source ended at byte {offset + got}, "
-                                f"before its size of {offset + length}+ bytes")
-        got += n
+def _data_blocks(fd: int, offset: int, length: int, bs: int) -> bytearray:
+    """Per block of the segment, 1 if it may hold data, 0 if the filesystem reports it a
+    hole (SEEK_DATA / SEEK_HOLE; a device or a filesystem without them: all data)."""
+    count = (length + bs - 1) // bs
+    end = offset + length
+    flags = bytearray(count)
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            hole = os.lseek(fd, data, os.SEEK_HOLE) if data < end else end
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos
+                break
+            return bytearray(b"\x01") * count
+        if data >= end:
+            break
+        first, last = (data - offset) // bs, min(count, (hole - offset + bs - 1) // bs)
+        flags[first:last] = b"\x01" * (last - first)
+        pos = max(hole, data + 1)
+    if not flags[-1] and source_size(fd) < end:  # a hole, or past the end of a shrunk source
+        raise LvbackupError(f"the source ended at byte {source_size(fd)}, before its size "
+                            f"of {end}+ bytes")
+    return flags
+
+
+def _read_segment(fd: int, seg: _Segment, bs: int) -> bytearray:
+    """Read the blocks of `seg` that may hold data into its buffer; their flags."""
+    data = _data_blocks(fd, seg.offset, seg.length, bs)
+    view = memoryview(seg.buf)
+    i = data.find(1)
+    while i != -1:
+        j = data.find(0, i)
+        j = len(data) if j == -1 else j
+        start, stop = i * bs, min(j * bs, seg.length)
+        got = start
+        while got < stop:
+            n = os.preadv(fd, [view[got:stop]], seg.offset + got)
+            if n == 0:
+                raise LvbackupError(f"the source ended at byte {seg.offset + got}, before "
+                                    f"its size of {seg.offset + seg.length}+ bytes")
+            got += n
+        i = data.find(1, j)
     try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, seg.offset, seg.length, os.POSIX_FADV_DONTNEED)
     except OSError:
         pass  # not every file supports it; the backup does not depend on it
+    return data
 
 
-def _analyze_read(seg: _Segment, bs: int, packer: Packer, level: int,
-                  stats: ScanStats) -> _Analyzed:
+def _analyze_read(seg: _Segment, data: bytearray, bs: int, packer: Packer,
+                  level: int) -> _Analyzed:
     view = memoryview(seg.buf)
     entries = bytearray()
     candidates: dict[bytes, memoryview] = {}
-    stats.bytes_read = seg.length
+    stats = ScanStats()
     for i, off in enumerate(range(0, seg.length, bs)):
         block = view[off:min(off + bs, seg.length)]
+        if not data[i]:
+            entries += HOLE
+            stats.hole_bytes += len(block)
+            continue
+        stats.bytes_read += len(block)
         digest = xxhash.xxh3_128_digest(block)
         if _is_hole(block, digest):
             entries += HOLE
@@ -213,22 +238,35 @@ def _analyze_read(seg: _Segment, bs: int, packer: Packer, level: int,
             blob, flags = block.tobytes(), FLAG_RAW
         new.append((cid, blob, len(block), flags))
         stats.new_bytes += len(block)
-    return _Analyzed(bytes(entries), new, stats)
+    return _Analyzed(bytes(entries), new, stats, seg.length)
 
 
 class BlockError(CorruptionError):
     pass
 
 
-def restore_blocks(repo: Repository, manifest: Manifest, *, workers: int
-                   ) -> Iterator[tuple[int, list[bytes | None]]]:
-    """(first block index, [plaintext, or None for a hole, ...]) per segment, in order.
+class Restored(NamedTuple):
+    """One segment of a restored image: `view` holds its bytes; data[i] is 0 where block i
+    is a hole (its bytes in `view` are zeros only if holes were asked to be filled)."""
+
+    first_block: int
+    view: memoryview
+    data: bytearray
+
+
+def restore_blocks(repo: Repository, manifest: Manifest, *, workers: int,
+                   fill_holes: bool) -> Iterator[Restored]:
+    """The image, segment by segment, in order. A segment's buffer is reused once the
+    caller asks for the next one.
 
     Every chunk is checked against its BLAKE3 id; a missing or corrupt one raises
     BlockError naming the block.
     """
-    bs = manifest.block_size
+    bs, size = manifest.block_size, manifest.size
     per_seg = max(1, SEGMENT // bs)
+    stop = threading.Event()
+    buffers = BufferPool(DEPTH + workers + 1, per_seg * bs, stop)
+    zero = bytes(bs)
 
     def items():
         first = 0
@@ -236,31 +274,50 @@ def restore_blocks(repo: Repository, manifest: Manifest, *, workers: int
             ids = {entries[o + 16:o + ENTRY_SIZE] for o in range(0, len(entries), ENTRY_SIZE)
                    if entries[o:o + ENTRY_SIZE] != HOLE}
             refs = repo.index.lookup(ids)
-            yield first, entries, refs
+            yield first, entries, refs, buffers.get()
             first += len(entries) // ENTRY_SIZE
 
-    def fetch(item) -> tuple[int, list[bytes | None]]:
-        first, entries, refs = item
-        out: list[bytes | None] = []
-        cache: dict[bytes, bytes] = {}
-        for i, o in enumerate(range(0, len(entries), ENTRY_SIZE)):
-            entry = entries[o:o + ENTRY_SIZE]
-            if entry == HOLE:
-                out.append(None)
-                continue
-            cid = entry[16:]
-            data = cache.get(cid)
-            if data is None:
+    def fetch(item) -> Restored:
+        first, entries, refs, buf = item
+        try:
+            length = min(len(buf), size - first * bs)
+            view = memoryview(buf)[:length]
+            data = bytearray(len(entries) // ENTRY_SIZE)
+            seen: dict[bytes, int] = {}   # chunk id -> where it already is in the segment
+            for i, o in enumerate(range(0, len(entries), ENTRY_SIZE)):
+                start = i * bs
+                out = view[start:start + bs]
+                entry = entries[o:o + ENTRY_SIZE]
+                if entry == HOLE:
+                    if fill_holes:
+                        out[:] = zero[:len(out)]
+                    continue
+                data[i] = 1
+                cid = entry[16:]
+                at = seen.get(cid)
+                if at is not None:
+                    out[:] = view[at:at + len(out)]
+                    continue
                 ref = refs.get(cid)
                 block = first + i
                 if ref is None:
                     raise BlockError(f"block {block} (byte {block * bs}): chunk {cid.hex()} "
                                      "is not in the repository index")
                 try:
-                    data = cache[cid] = repo.read_chunk(ref)
+                    repo.read_chunk_into(ref, out)
                 except CorruptionError as e:
                     raise BlockError(f"block {block} (byte {block * bs}): {e}") from None
-            out.append(data)
-        return first, out
+                seen[cid] = start
+            return Restored(first, view, data)
+        except BaseException:
+            buffers.put(buf)
+            raise
 
-    return ordered_map(fetch, items(), workers, DEPTH)
+    try:
+        for seg in ordered_map(fetch, items(), workers, DEPTH, stop):
+            try:
+                yield seg
+            finally:
+                buffers.put(seg.view.obj)
+    finally:
+        stop.set()

@@ -25,6 +25,7 @@ from . import lvm
 from .catalog import COLUMNS, Catalog, choose_parent, to_record
 from .chunker import ScanStats, backup_blocks, restore_blocks, source_size
 from .config import Config
+from .diskio import ALIGN, open_direct, pwrite_all
 from .faults import crash_point
 from .errors import CorruptionError, LvbackupError, NotFoundError, UsageError
 from .locks import RunLock, repository_lock, run_is_alive, volume_lock
@@ -385,7 +386,10 @@ def _open_target(to: str | None, to_file: str | None, size: int, force: bool) ->
     elif st is not None and stat.S_ISBLK(st.st_mode) and not force:
         flags |= os.O_EXCL  # EBUSY if mounted or held open exclusively
     try:
-        fd = os.open(tmp_path or path, flags, 0o600)
+        if st is None or stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            fd = open_direct(tmp_path or path, flags, 0o600)
+        else:  # a character device or a FIFO
+            fd = os.open(path, flags, 0o600)
     except OSError as e:
         if e.errno == 16:
             raise UsageError(f"restore target {path} is in use; unmount it or pass --force") from None
@@ -496,28 +500,34 @@ def restore_backup(lv: Lvbackup, backup_id: str, *, to: str | None = None,
 def _write_image(repo: Repository, manifest: Manifest, target: Target, workers: int,
                  progress) -> None:
     bs, size = manifest.block_size, manifest.size
-    zero = bytes(bs)
-    done = 0
-    for first, blocks in restore_blocks(repo, manifest, workers=workers):
-        pos = first * bs
-        for data in blocks:
-            n = min(bs, size - pos)
-            if data is None and target.fresh:
-                pos += n
-                continue
-            buf = memoryview(zero)[:n] if data is None else memoryview(data)
-            while buf:
-                w = os.pwrite(target.fd, buf, pos) if target.seekable else os.write(target.fd, buf)
-                buf = buf[w:]
-                pos += w
-        done = pos
+    skip_holes = target.fresh and target.seekable
+    for seg in restore_blocks(repo, manifest, workers=workers, fill_holes=not skip_holes):
+        base = seg.first_block * bs
+        if not target.seekable:
+            _write_all(target.fd, seg.view)
+        elif not skip_holes:
+            pwrite_all(target.fd, seg.view, base)
+        else:  # a sparse write: only the runs of blocks that hold data
+            i = seg.data.find(1)
+            while i != -1:
+                j = seg.data.find(0, i)
+                j = len(seg.data) if j == -1 else j
+                run = seg.view[i * bs:j * bs]
+                pwrite_all(target.fd, run, base + i * bs,
+                           seg.view.obj[i * bs:i * bs + -(-len(run) // ALIGN) * ALIGN])
+                i = seg.data.find(1, j)
         crash_point("restore-segment")
         if progress:
-            progress(done, size)
+            progress(min(base + len(seg.view), size), size)
     if target.seekable:
         if target.fresh and stat.S_ISREG(os.fstat(target.fd).st_mode):
-            os.ftruncate(target.fd, size)  # a trailing hole
+            os.ftruncate(target.fd, size)  # a trailing hole, or the padding of the last write
         os.fsync(target.fd)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
 
 
 # --- delete --------------------------------------------------------------------------
@@ -644,7 +654,7 @@ def _verify_one(repo: Repository, backup_id: str, deep: bool) -> None:
             if ref.offset + ref.length > size:
                 raise CorruptionError(f"block {block}: pack {ref.pack_id.hex()} is truncated")
     if deep:
-        for _ in restore_blocks(repo, manifest, workers=os.cpu_count() or 2):
+        for _ in restore_blocks(repo, manifest, workers=os.cpu_count() or 2, fill_holes=False):
             pass
 
 

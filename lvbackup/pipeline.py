@@ -7,10 +7,13 @@ are in flight, so memory is bounded by the segment size and the depth, never by 
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
+
+from .diskio import aligned_buffer
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -79,15 +82,16 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: i
 
 
 class BufferPool:
-    """Reusable bytearrays, so reading a volume allocates a fixed amount of memory."""
+    """Reusable page-aligned buffers (for O_DIRECT), so reading or restoring a volume
+    allocates a fixed amount of memory."""
 
     def __init__(self, count: int, size: int, stop: threading.Event):
-        self._free: queue.Queue[bytearray] = queue.Queue()
+        self._free: queue.Queue[mmap.mmap] = queue.Queue()
         self._stop = stop
         for _ in range(count):
-            self._free.put(bytearray(size))
+            self._free.put(aligned_buffer(size))
 
-    def get(self) -> bytearray:
+    def get(self) -> mmap.mmap:
         while True:
             try:
                 return self._free.get(timeout=0.1)
@@ -95,5 +99,5 @@ class BufferPool:
                 if self._stop.is_set():
                     raise Stopped() from None
 
-    def put(self, buf: bytearray) -> None:
+    def put(self, buf: mmap.mmap) -> None:
         self._free.put(buf)

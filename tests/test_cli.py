@@ -9,12 +9,13 @@ import base64
 import json
 import os
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from support import (BLOCK_SIZE, KiB, MiB, OUTPUT_FIELDS, RECORD_FIELDS, UTC_ISO, Chain,
                      Workdir, apply_change, assert_one_line_error, build_chain, describe,
-                     make_image)
+                     image_bytes, make_image)
 
 # The operations issue added `labels` and `protected` to every record (catalog migration
 # m002). TODO(support.py owner): fold these into support.RECORD_FIELDS / OUTPUT_FIELDS.
@@ -178,6 +179,40 @@ def test_empty_image(workdir, tmp_path):
     out.write_bytes(b"old content")
     assert workdir.run("restore", rec["id"], "--to-file", out).returncode == 0
     assert out.read_bytes() == b""
+
+
+def _sparse_image(path: Path) -> bytes:
+    """8 MiB with data only at [2, 3) MiB (random) and [5, 6) MiB (text); the rest holes."""
+    data = image_bytes(2, seed=44)
+    with open(path, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(2 * MiB)
+        f.write(data[:MiB])
+        f.seek(5 * MiB)
+        f.write(data[MiB:])
+    return path.read_bytes()
+
+
+def test_holes_of_a_sparse_file_are_not_read(workdir, tmp_path):
+    workdir.init("64K")
+    img = tmp_path / "sparse.img"
+    content = _sparse_image(img)
+    p = workdir.run("create", "--device", img)
+    assert p.returncode == 0, describe(p)
+    assert "read 2.0 MiB, holes 6.0 MiB" in p.stderr, p.stderr
+    rec = workdir.list()[0]
+    workdir.assert_restores(rec["id"], content)
+
+
+def test_restore_to_a_new_file_writes_holes_sparsely(workdir, tmp_path):
+    workdir.init("64K")
+    img = tmp_path / "sparse.img"
+    content = _sparse_image(img)
+    rec = workdir.create(img)
+    out = tmp_path / "restored.img"
+    assert workdir.run("restore", rec["id"], "--to-file", out).returncode == 0
+    assert out.read_bytes() == content
+    assert out.stat().st_blocks * 512 <= 3 * MiB, "the 6 MiB of holes were written"
 
 
 # --- restore -------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ..faults import crash_point
 from ..locks import run_is_alive
 from ..timeutil import now_iso
 from .index import ChunkIndex, encode_index
-from .pack import FLAG_ZSTD, ChunkRef, PackBuilder, pack_name, read_trailer
+from .pack import ENTRY, FLAG_ZSTD, ChunkRef, PackBuilder, pack_name, read_trailer
 from .sealed import seal, unseal
 from .storage import LocalStorage, MissingObject, open_storage
 
@@ -32,6 +32,7 @@ REPO_MAGIC = b"LVBREPO1"
 FORMAT_VERSION = 1
 DEFAULT_BLOCK_SIZE = 128 * 1024
 PACK_TARGET = 16 * 1024 * 1024
+PACK_MAX_CHUNKS = 16384  # bounds a pack's trailer when blocks compress to almost nothing
 INDEX_EVERY = 16  # packs per index file while a run is writing
 
 _tls = threading.local()
@@ -135,19 +136,37 @@ class Repository:
 
     def read_chunk(self, ref: ChunkRef) -> bytes:
         """The plaintext of a chunk, checked against its BLAKE3 id."""
-        blob = self.storage.get_range(pack_name(ref.pack_id), ref.offset, ref.length)
+        out = bytearray(ref.raw_length)
+        self.read_chunk_into(ref, memoryview(out))
+        return bytes(out)
+
+    def read_chunk_into(self, ref: ChunkRef, out: memoryview) -> None:
+        """Write the plaintext of a chunk into `out` (its plaintext length), checked against
+        its BLAKE3 id."""
+        name = pack_name(ref.pack_id)
+        what = f"chunk {ref.chunk_id.hex()} in pack {ref.pack_id.hex()}"
+        if len(out) != ref.raw_length:
+            raise CorruptionError(f"{what} holds {ref.raw_length} bytes, not {len(out)}")
         if ref.flags == FLAG_ZSTD:
+            blob = self.storage.get_range(name, ref.offset, ref.length)
             try:
-                data = _decompressor().decompress(blob, max_output_size=ref.raw_length)
+                got = 0
+                reader = _decompressor().stream_reader(blob)
+                while got < len(out):
+                    n = reader.readinto(out[got:])
+                    if not n:
+                        break
+                    got += n
             except zstandard.ZstdError:
-                raise CorruptionError(f"chunk {ref.chunk_id.hex()} in pack "
-                                      f"{ref.pack_id.hex()} does not decompress") from None
+                raise CorruptionError(f"{what} does not decompress") from None
+            if got != len(out):
+                raise CorruptionError(f"{what} fails its checksum")
+        elif ref.length != ref.raw_length:
+            raise CorruptionError(f"{what} fails its checksum")
         else:
-            data = blob
-        if len(data) != ref.raw_length or blake3.blake3(data).digest() != ref.chunk_id:
-            raise CorruptionError(f"chunk {ref.chunk_id.hex()} in pack {ref.pack_id.hex()} "
-                                  "fails its checksum")
-        return data
+            self.storage.get_range_into(name, ref.offset, out)
+        if blake3.blake3(out).digest() != ref.chunk_id:
+            raise CorruptionError(f"{what} fails its checksum")
 
     def packer(self, run_id: str) -> "Packer":
         return Packer(self, run_id)
@@ -158,14 +177,16 @@ class Packer:
 
     Order on disk: a pack is stored (fsynced, renamed), then recorded as pending in the
     cache, then listed in an index file every INDEX_EVERY packs and at commit(). Packs are
-    stored by a writer thread, so that filling the next pack overlaps storing the last
-    one; at most one pack is being stored at a time, which bounds memory to two packs.
+    finished (hashed) and stored by a writer thread, so that filling the next pack overlaps
+    storing the last one. Two fixed pack buffers take turns, which bounds memory to them.
     """
 
     def __init__(self, repo: Repository, run_id: str):
         self.repo = repo
         self.run_id = run_id
-        self.builder = PackBuilder()
+        capacity = PACK_TARGET + repo.block_size + PACK_MAX_CHUNKS * ENTRY.size + 2 * 4096
+        self.builder = PackBuilder(capacity)
+        self._spare: PackBuilder | None = None   # the other buffer, once the writer is done
         self.unindexed: list[tuple[bytes, list[ChunkRef]]] = []
         self.stored_bytes = 0
         self.pack_ids: list[bytes] = []
@@ -189,7 +210,7 @@ class Packer:
         """Store one chunk (the caller has checked, with missing(), that it is new)."""
         self.builder.add(chunk_id, blob, raw_length, flags)
         self.stored_bytes += len(blob)
-        if len(self.builder) >= PACK_TARGET:
+        if len(self.builder) >= PACK_TARGET or len(self.builder.entries) >= PACK_MAX_CHUNKS:
             self._hand_off()
 
     def flush(self) -> None:
@@ -202,33 +223,39 @@ class Packer:
         if not self.builder.entries:
             return
         self._wait()
-        pack_id, data, refs = self.builder.finish()
+        full = self.builder
         with self._lock:
-            self._storing = self.builder.ids
-        self.builder = PackBuilder()
+            self._storing = full.ids
+        if self._spare is None:
+            self._spare = PackBuilder(full.capacity)
+        self.builder, self._spare = self._spare, None
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_packs, name="lvbackup-packer",
                                             daemon=True)
             self._writer.start()
-        self._queue.put((pack_id, data, refs))
+        self._queue.put(full)
 
     def _write_packs(self) -> None:
         while True:
-            item = self._queue.get()
+            full = self._queue.get()
             try:
-                if item is None:
+                if full is None:
                     return
                 if self._error is None:
-                    self._store(*item)
+                    self._store(full)
             except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
                 self._error = e
             finally:
+                if full is not None:
+                    full.reset()
+                    self._spare = full
                 with self._lock:
                     self._storing = set()
                 self._queue.task_done()
 
-    def _store(self, pack_id: bytes, data: bytearray, refs: list[ChunkRef]) -> None:
-        self.repo.storage.put(pack_name(pack_id), data)
+    def _store(self, full: PackBuilder) -> None:
+        pack_id, data, refs = full.finish()
+        self.repo.storage.put_aligned(pack_name(pack_id), full.view, len(data))
         crash_point("pack-stored")
         self.repo.index.add_pending(pack_id, refs, self.run_id)
         crash_point("pack-pending")

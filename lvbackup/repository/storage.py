@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ..diskio import ALIGN, open_direct, pwrite_all
 from ..errors import CorruptionError, UsageError
 
 
@@ -63,6 +64,22 @@ class LocalStorage:
         with self.writer(name) as f:
             f.write(data)
 
+    def put_aligned(self, name: str, buf: memoryview, length: int) -> None:
+        """put(name, buf[:length]), where `buf` is page-aligned with room to pad `length`
+        to a multiple of ALIGN: written with O_DIRECT where the filesystem allows."""
+        tmp = self._tmp_path()
+        fd = open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            pwrite_all(fd, buf[:length], 0, buf[:-(-length // ALIGN) * ALIGN])
+            os.ftruncate(fd, length)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        self._publish(tmp, name)
+
     def create(self, name: str) -> "AtomicWriter":
         """A file to stream an object into; it appears under `name` only on commit()."""
         return AtomicWriter(self, name)
@@ -105,6 +122,11 @@ class LocalStorage:
         if len(data) != length:
             raise CorruptionError(f"repository object {name} is truncated")
         return data
+
+    def get_range_into(self, name: str, offset: int, out: memoryview) -> None:
+        """get_range(name, offset, len(out)) into `out`, without a copy."""
+        if os.preadv(self._fd(name), [out], offset) != len(out):
+            raise CorruptionError(f"repository object {name} is truncated")
 
     def size(self, name: str) -> int:
         try:

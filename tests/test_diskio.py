@@ -1,0 +1,129 @@
+"""Direct I/O and the fixed pack buffers: what is written is exactly what was asked for,
+whether or not the filesystem takes O_DIRECT, and a pack never outgrows its buffer."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import shutil
+from pathlib import Path
+
+import blake3
+import pytest
+
+from lvbackup import diskio
+from lvbackup.repository import repo as repo_mod
+from lvbackup.repository.pack import FLAG_RAW, PackBuilder, pack_name, read_trailer
+from lvbackup.repository.repo import Repository
+from lvbackup.repository.storage import LocalStorage
+
+SHM = Path("/dev/shm")   # tmpfs: refuses O_DIRECT at open
+
+
+def _dirs(tmp_path: Path) -> list[Path]:
+    out = [tmp_path]
+    if SHM.is_dir() and os.access(SHM, os.W_OK):
+        d = SHM / f"lvbackup-test-{os.getpid()}-{tmp_path.name}"
+        d.mkdir()
+        out.append(d)
+    return out
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    found = _dirs(tmp_path)
+    yield found
+    for d in found[1:]:
+        shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("length", [1, 4095, 4096, 4097, 3 * 4096 + 17, 64 * 1024])
+def test_put_aligned_stores_exactly_the_bytes(dirs, length):
+    for d in dirs:
+        storage = LocalStorage(d)
+        buf = diskio.aligned_buffer(128 * 1024)
+        payload = random.Random(length).randbytes(length)
+        buf[:length] = payload
+        buf[length:length + 100] = b"\xff" * 100   # padding garbage must not survive
+        storage.put_aligned("packs/x/obj", memoryview(buf), length)
+        assert (d / "packs/x/obj").read_bytes() == payload, d
+        assert not list((d / "tmp").iterdir()), "no temporary file left behind"
+
+
+def test_pwrite_all_falls_back_when_a_write_is_not_aligned(tmp_path):
+    path = tmp_path / "f"
+    fd = diskio.open_direct(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        # An unaligned length at an unaligned offset: O_DIRECT refuses it (EINVAL), the
+        # file drops to buffered writes and the bytes still land.
+        diskio.pwrite_all(fd, memoryview(b"hello"), 3)
+        diskio.pwrite_all(fd, memoryview(b"!"), 8)
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & diskio.O_DIRECT
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"\0\0\0hello!"
+
+
+def test_pwrite_all_writes_padding_only_to_be_truncated(tmp_path):
+    path = tmp_path / "f"
+    buf = diskio.aligned_buffer(8192)
+    buf[:5000] = b"a" * 5000
+    buf[5000:] = b"b" * (8192 - 5000)
+    fd = diskio.open_direct(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        diskio.pwrite_all(fd, memoryview(buf)[:5000], 0, memoryview(buf)[:8192])
+        os.ftruncate(fd, 5000)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"a" * 5000
+
+
+def test_pack_buffer_refuses_what_does_not_fit():
+    b = PackBuilder(4096)
+    b.add(b"\1" * 32, b"x" * 1000, 1000, FLAG_RAW)
+    assert not b.room(4000)
+    with pytest.raises(ValueError):
+        b.add(b"\2" * 32, b"y" * 4000, 4000, FLAG_RAW)
+    pack_id, data, refs = b.finish()
+    assert pack_id == blake3.blake3(data).digest() and len(refs) == 1
+
+
+def test_reused_pack_buffer_holds_only_the_new_pack():
+    b = PackBuilder(1 << 16)
+    b.add(b"\1" * 32, b"first" * 1000, 5000, FLAG_RAW)
+    first_id, first, _ = b.finish()
+    first = bytes(first)
+    b.reset()
+    b.add(b"\2" * 32, b"second", 6, FLAG_RAW)
+    second_id, second, refs = b.finish()
+    assert second_id != first_id and len(second) < len(first)
+    assert bytes(second[refs[0].offset:refs[0].offset + 6]) == b"second"
+
+
+def test_many_tiny_chunks_are_split_into_packs(tmp_path, monkeypatch):
+    """A pack holds at most PACK_MAX_CHUNKS chunks, so its trailer stays bounded however
+    well the blocks compress."""
+    monkeypatch.setattr(repo_mod, "PACK_MAX_CHUNKS", 7)
+    repo, _ = Repository.init(tmp_path / "repo", tmp_path / "cache", 4096)
+    try:
+        packer = repo.packer("run-1")
+        chunks = {}
+        for i in range(30):
+            data = b"%d" % i
+            cid = blake3.blake3(data).digest()
+            packer.add(cid, data, len(data), FLAG_RAW)
+            chunks[cid] = data
+        packer.commit()
+        assert len(packer.pack_ids) == 5   # 7 + 7 + 7 + 7 + 2
+        seen = {}
+        for pack_id in packer.pack_ids:
+            refs = read_trailer(repo.storage, pack_id)
+            assert len(refs) <= 7
+            data = (tmp_path / "repo" / pack_name(pack_id)).read_bytes()
+            assert blake3.blake3(data).digest() == pack_id
+            for r in refs:
+                seen[r.chunk_id] = repo.read_chunk(r)
+        assert seen == chunks
+    finally:
+        repo.close()
