@@ -59,9 +59,10 @@ class _Segment(NamedTuple):
 
 class _Analyzed(NamedTuple):
     entries: bytes
-    new: list[tuple[bytes, bytes, int, int]]   # (chunk id, blob, plaintext length, flags)
-    stats: ScanStats
+    new: list[tuple[bytes, memoryview | bytes, int, int]]   # (chunk id, blob, plaintext
+    stats: ScanStats                                        #  length, flags)
     length: int
+    buf: mmap.mmap             # the segment's buffer, which raw blobs are views of
 
 
 _tls = threading.local()
@@ -101,7 +102,7 @@ def backup_blocks(repo: Repository, packer: Packer, fd: int, size: int,
     seg_bytes = per_seg * bs
     nblocks = (size + bs - 1) // bs
     stop = threading.Event()
-    buffers = BufferPool(DEPTH + workers + 1, seg_bytes, stop)
+    buffers = BufferPool(DEPTH + 2, seg_bytes, stop)
     parent_entries = parent.entries(per_seg) if parent is not None else iter(())
 
     def segments() -> Iterator[_Segment]:
@@ -117,8 +118,9 @@ def backup_blocks(repo: Repository, packer: Packer, fd: int, size: int,
             data = _read_segment(fd, seg, bs)
             crash_point("read-segment")
             return _analyze_read(seg, data, bs, packer, level)
-        finally:
+        except BaseException:
             buffers.put(seg.buf)
+            raise
 
     total = ScanStats()
     recent: deque[set[bytes]] = deque(maxlen=DEPTH + workers + 2)
@@ -137,6 +139,7 @@ def backup_blocks(repo: Repository, packer: Packer, fd: int, size: int,
                 added.add(cid)
                 result.stats.stored_bytes += len(blob)
             recent.append(added)
+            buffers.put(result.buf)  # raw blobs were views of it; the packer copied them
             total.add(result.stats)
             done += result.length
             if progress:
@@ -233,12 +236,12 @@ def _analyze_read(seg: _Segment, data: bytearray, bs: int, packer: Packer,
             stats.reused_bytes += len(block)
             continue
         blob = cctx.compress(block)
-        flags = FLAG_ZSTD
-        if len(blob) >= len(block):
-            blob, flags = block.tobytes(), FLAG_RAW
-        new.append((cid, blob, len(block), flags))
+        if len(blob) < len(block):
+            new.append((cid, blob, len(block), FLAG_ZSTD))
+        else:
+            new.append((cid, block, len(block), FLAG_RAW))
         stats.new_bytes += len(block)
-    return _Analyzed(bytes(entries), new, stats, seg.length)
+    return _Analyzed(bytes(entries), new, stats, seg.length, seg.buf)
 
 
 class BlockError(CorruptionError):
@@ -265,7 +268,7 @@ def restore_blocks(repo: Repository, manifest: Manifest, *, workers: int,
     bs, size = manifest.block_size, manifest.size
     per_seg = max(1, SEGMENT // bs)
     stop = threading.Event()
-    buffers = BufferPool(DEPTH + workers + 1, per_seg * bs, stop)
+    buffers = BufferPool(DEPTH + 2, per_seg * bs, stop)
     zero = bytes(bs)
 
     def items():

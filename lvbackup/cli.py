@@ -21,6 +21,7 @@ from . import __version__, engine, lvm, sources
 from .catalog import STATUSES, parse_labels
 from .config import Config, as_dict, load_config
 from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
+from .pipeline import tune_malloc
 
 EXIT_CODES = """\b
 Exit status:
@@ -849,6 +850,7 @@ def _on_signal(signum: int, _frame) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
+    tune_malloc()
     verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
     try:
         code = cli.main(prog_name="lvbackup", standalone_mode=False)

@@ -7,6 +7,7 @@ are in flight, so memory is bounded by the segment size and the depth, never by 
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import queue
 import threading
@@ -79,6 +80,27 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: i
                 pass
         feeder.join()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def tune_malloc() -> None:
+    """Keep glibc from mapping and unmapping every block-sized object.
+
+    Compressed blocks and raw copies are ~128 KiB Python objects, right at glibc's default
+    mmap threshold: each would be a fresh mmap, page faults, and a munmap. A fixed 16 MiB
+    threshold serves them from the heap, which a high trim threshold keeps; two arenas
+    (the main one and one for all worker threads) keep what the heap holds bounded.
+    Call once, early, before the data path starts its threads; elsewhere than glibc it
+    does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    for param, value in ((-3, 16 << 20),    # M_MMAP_THRESHOLD
+                         (-1, 64 << 20),    # M_TRIM_THRESHOLD
+                         (-8, 2)):          # M_ARENA_MAX
+        mallopt(param, value)
 
 
 class BufferPool:

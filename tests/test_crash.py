@@ -94,37 +94,18 @@ def creating_row_exists(wd: Workdir) -> bool:
 
 
 def cache_packs_of(wd: Workdir, run_id: str) -> list[str]:
-    """Hex ids of the packs the index cache attributes to a run (with their chunks)."""
+    """Hex ids of the packs the index cache attributes to a run. A run records a pack
+    there (as pending) only once the pack is stored whole."""
     if not list(wd.cache.glob("index-*.sqlite")):
         return []
     db = sqlite3.connect(f"file:{wd.cache_db()}?mode=ro", uri=True, timeout=30)
     try:
-        return [p.hex() for (p,) in db.execute(
-            "SELECT DISTINCT c.pack FROM chunks c JOIN packs p ON p.id = c.pack "
-            "WHERE p.run = ?", (run_id,))]
+        return [p.hex() for (p,) in db.execute("SELECT id FROM packs WHERE run = ?",
+                                               (run_id,))]
     except sqlite3.Error:
         return []
     finally:
         db.close()
-
-
-def complete_packs_in_cache(wd: Workdir, run_id: str) -> list[str]:
-    """Packs of a run whose every trailer entry is in the index cache."""
-    storage = LocalStorage(wd.repo)
-    try:
-        done = []
-        for pack in cache_packs_of(wd, run_id):
-            db = sqlite3.connect(f"file:{wd.cache_db()}?mode=ro", uri=True, timeout=30)
-            try:
-                (n,) = db.execute("SELECT count(*) FROM chunks WHERE pack = ?",
-                                  (bytes.fromhex(pack),)).fetchone()
-            finally:
-                db.close()
-            if n == len(read_trailer(storage, bytes.fromhex(pack))):
-                done.append(pack)
-        return done
-    finally:
-        storage.close()
 
 
 def victim_id(s: Setup) -> str | None:
@@ -267,7 +248,7 @@ def test_sigterm_marks_the_backup_error_and_keeps_its_packs(setup):
     proc = start_victim(setup)
     wait_for(lambda: victim_id(setup) is not None, "the creating row", proc)
     bid = victim_id(setup)
-    wait_for(lambda: complete_packs_in_cache(wd, bid), "a pack in the index cache", proc)
+    wait_for(lambda: cache_packs_of(wd, bid), "a pack in the index cache", proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     err = err.decode(errors="replace")
@@ -352,16 +333,16 @@ def test_restore_stopped_midway(setup, sig):
 
 # Regression test for BUG index-cache-autocommit: ChunkIndex opens SQLite with
 # isolation_level=None, so `with db:` is no transaction and a run killed inside
-# add_pending/sync/reset leaves a half-written cache
-def test_index_cache_add_pending_is_all_or_nothing(tmp_path):
+# add_indexed/sync/reset left a half-written cache
+def test_index_cache_add_indexed_is_all_or_nothing(tmp_path):
     idx = ChunkIndex(tmp_path / "cache.sqlite")
     pack = b"\x01" * 32
     refs = [ChunkRef(bytes([i + 1]) * 32, pack, 8 + i, 1, 1, 0) for i in range(10)]
     refs[6] = refs[6]._replace(offset=object())   # fails mid-way, like a kill would
     with pytest.raises(Exception):
-        idx.add_pending(pack, refs, "run-1")
+        idx.add_indexed("index/x", "1:1", [(pack, refs)])
     assert idx.refs_in_pack(pack) == []
-    assert idx.pending_packs("run-1") == []
+    assert idx.lookup([r.chunk_id for r in refs[:6]]) == {}
     idx.close()
 
 
@@ -379,13 +360,9 @@ def test_rerun_finds_every_chunk_of_a_dead_runs_pack(tmp_path):
         packer.add(cid, data, len(data), FLAG_RAW)
         ids.append(cid)
     packer.flush()                       # stored and pending, not yet in an index file
+    assert repo.index.pending_packs("dead-run") == packer.pack_ids
+    assert repo.index.lookup(ids) == {}, "a pending pack's chunks are indexed only with it"
     repo.close()
-    # The state a kill inside the (non-atomic) add_pending leaves: half the chunk rows.
-    cache = next((tmp_path / "cache").glob("index-*.sqlite"))
-    db = sqlite3.connect(cache)
-    db.executemany("DELETE FROM chunks WHERE id = ?", [(c,) for c in ids[10:]])
-    db.commit()
-    db.close()
     repo = Repository.open(tmp_path / "repo", tmp_path / "cache")
     repo.sync_index(tmp_path / "locks")  # the dead run's lock is not held
     try:

@@ -159,11 +159,11 @@ class ChunkIndex:
                        [(r.chunk_id, pack_id, r.offset, r.length, r.raw_length, r.flags)
                         for r in refs])
 
-    def add_pending(self, pack_id: bytes, refs: list[ChunkRef], run: str) -> None:
-        """Record a pack that `run` has stored but not yet listed in an index file."""
-        db = self._db()
-        with _transaction(db):
-            self._insert(db, pack_id, refs, run=run, indexed=0)
+    def add_pending(self, pack_id: bytes, run: str) -> None:
+        """Record a pack that `run` has stored but not yet listed in an index file (its
+        chunks are recorded when it is: until then the run itself knows them)."""
+        self._db().execute("INSERT INTO packs VALUES (?, ?, 0) ON CONFLICT(id) DO NOTHING",
+                           (pack_id, run))
 
     def add_indexed(self, name: str, stamp: str,
                     groups: list[tuple[bytes, list[ChunkRef]]]) -> None:
@@ -195,8 +195,8 @@ class ChunkIndex:
             "SELECT id, pack, offset, length, raw_length, flags FROM chunks WHERE pack=?",
             (pack_id,))]
 
-    def lookup(self, ids: Iterable[bytes], run: str | None = None) -> dict[bytes, ChunkRef]:
-        """Refs of those `ids` that are in indexed packs (or in `run`'s own pending packs)."""
+    def lookup(self, ids: Iterable[bytes]) -> dict[bytes, ChunkRef]:
+        """Refs of those `ids` that are in indexed packs."""
         ids = list(dict.fromkeys(ids))
         found: dict[bytes, ChunkRef] = {}
         db = self._db()
@@ -205,8 +205,8 @@ class ChunkIndex:
             marks = ",".join("?" * len(part))
             rows = db.execute(
                 "SELECT c.id, c.pack, c.offset, c.length, c.raw_length, c.flags FROM chunks c "
-                f"JOIN packs p ON p.id = c.pack WHERE c.id IN ({marks}) "
-                "AND (p.indexed = 1 OR p.run = ?)", (*part, run))
+                f"JOIN packs p ON p.id = c.pack WHERE c.id IN ({marks}) AND p.indexed = 1",
+                part)
             for row in rows:
                 found[row[0]] = ChunkRef(*row)
         return found

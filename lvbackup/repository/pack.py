@@ -94,7 +94,7 @@ class PackBuilder:
         end = self.size + len(trailer) + len(footer)
         self.view[self.size:end] = trailer + footer
         data = self.view[:end]
-        pack_id = blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
+        pack_id = blake3.blake3(data).digest()  # no thread pool: its idle threads spin
         refs = [ChunkRef(cid, pack_id, off, ln, raw, fl) for cid, off, ln, raw, fl in self.entries]
         return pack_id, data, refs
 

@@ -31,9 +31,9 @@ from .storage import LocalStorage, MissingObject, open_storage
 REPO_MAGIC = b"LVBREPO1"
 FORMAT_VERSION = 1
 DEFAULT_BLOCK_SIZE = 128 * 1024
-PACK_TARGET = 16 * 1024 * 1024
+PACK_TARGET = 8 * 1024 * 1024
 PACK_MAX_CHUNKS = 16384  # bounds a pack's trailer when blocks compress to almost nothing
-INDEX_EVERY = 16  # packs per index file while a run is writing
+INDEX_EVERY = 32  # packs per index file while a run is writing
 
 _tls = threading.local()
 
@@ -190,7 +190,10 @@ class Packer:
         self.unindexed: list[tuple[bytes, list[ChunkRef]]] = []
         self.stored_bytes = 0
         self.pack_ids: list[bytes] = []
-        self._storing: set[bytes] = set()   # chunk ids of the pack being stored
+        # Chunk ids this run stored that the index cache does not list yet. Replaced, never
+        # changed in place, so that workers can read them without holding the lock.
+        self._storing: set[bytes] = set()     # the pack being stored
+        self._unindexed_ids: set[bytes] = set()   # stored packs not yet in an index file
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
@@ -199,11 +202,12 @@ class Packer:
     def missing(self, ids: list[bytes]) -> set[bytes]:
         """Which of `ids` the repository does not have yet (counting this run's own chunks)."""
         with self._lock:
-            storing = self._storing
-        candidates = [i for i in ids if i not in self.builder.ids and i not in storing]
+            storing, unindexed = self._storing, self._unindexed_ids
+        candidates = [i for i in ids if i not in self.builder.ids and i not in storing
+                      and i not in unindexed]
         if not candidates:
             return set()
-        found = self.repo.index.lookup(candidates, run=self.run_id)
+        found = self.repo.index.lookup(candidates)
         return {i for i in candidates if i not in found}
 
     def add(self, chunk_id: bytes, blob: bytes, raw_length: int, flags: int) -> None:
@@ -257,10 +261,13 @@ class Packer:
         pack_id, data, refs = full.finish()
         self.repo.storage.put_aligned(pack_name(pack_id), full.view, len(data))
         crash_point("pack-stored")
-        self.repo.index.add_pending(pack_id, refs, self.run_id)
+        self.repo.index.add_pending(pack_id, self.run_id)
         crash_point("pack-pending")
         self.unindexed.append((pack_id, refs))
         self.pack_ids.append(pack_id)
+        with self._lock:
+            self._unindexed_ids = self._unindexed_ids | full.ids
+            self._storing = set()
         if len(self.unindexed) >= INDEX_EVERY:
             self._write_index()
 
@@ -275,6 +282,8 @@ class Packer:
         if self.unindexed:
             self.repo.write_index(self.unindexed)
             self.unindexed = []
+            with self._lock:
+                self._unindexed_ids = set()
             crash_point("index-written")
 
     def commit(self) -> None:
