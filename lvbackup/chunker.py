@@ -26,8 +26,8 @@ from .errors import CorruptionError, LvbackupError
 from .faults import crash_point
 from .manifest import ENTRY_SIZE, HOLE, Manifest, ManifestWriter
 from .pipeline import BufferPool, ordered_map
-from .repository.pack import FLAG_RAW, FLAG_ZSTD
-from .repository.repo import Packer, Repository
+from .repository.pack import FLAG_RAW, FLAG_ZSTD, ChunkRef
+from .repository.repo import ChunkError, Packer, Repository
 
 SEGMENT = 4 * 1024 * 1024
 DEPTH = 4
@@ -258,11 +258,15 @@ class Restored(NamedTuple):
 
 
 def restore_blocks(repo: Repository, manifest: Manifest, *, workers: int,
-                   fill_holes: bool) -> Iterator[Restored]:
+                   fill_holes: bool, by_id: bool = False,
+                   write: Callable[[Restored], None] | None = None) -> Iterator[Restored]:
     """The image, segment by segment, in order. A segment's buffer is reused once the
-    caller asks for the next one.
+    caller asks for the next one. `write`, if given, is called with each segment by the
+    worker that assembled it, in no particular order (writes to a file or device then
+    run in parallel).
 
-    Every chunk is checked against its BLAKE3 id; a missing or corrupt one raises
+    Every block is checked against the xxh3-128 digest its manifest entry records or, with
+    `by_id`, its chunk against the chunk's BLAKE3 id; a missing or corrupt one raises
     BlockError naming the block.
     """
     bs, size = manifest.block_size, manifest.size
@@ -286,32 +290,39 @@ def restore_blocks(repo: Repository, manifest: Manifest, *, workers: int,
             length = min(len(buf), size - first * bs)
             view = memoryview(buf)[:length]
             data = bytearray(len(entries) // ENTRY_SIZE)
-            seen: dict[bytes, int] = {}   # chunk id -> where it already is in the segment
+            wanted: list[tuple[ChunkRef, memoryview, bytes | None]] = []
+            where: dict[bytes, int] = {}          # chunk id -> its first block here
+            copies: list[tuple[int, int]] = []     # (block, earlier block with its chunk)
             for i, o in enumerate(range(0, len(entries), ENTRY_SIZE)):
-                start = i * bs
-                out = view[start:start + bs]
                 entry = entries[o:o + ENTRY_SIZE]
+                out = view[i * bs:(i + 1) * bs]
                 if entry == HOLE:
                     if fill_holes:
                         out[:] = zero[:len(out)]
                     continue
                 data[i] = 1
                 cid = entry[16:]
-                at = seen.get(cid)
-                if at is not None:
-                    out[:] = view[at:at + len(out)]
+                if cid in where:
+                    copies.append((out, where[cid]))
                     continue
                 ref = refs.get(cid)
-                block = first + i
                 if ref is None:
+                    block = first + i
                     raise BlockError(f"block {block} (byte {block * bs}): chunk {cid.hex()} "
                                      "is not in the repository index")
-                try:
-                    repo.read_chunk_into(ref, out)
-                except CorruptionError as e:
-                    raise BlockError(f"block {block} (byte {block * bs}): {e}") from None
-                seen[cid] = start
-            return Restored(first, view, data)
+                where[cid] = i
+                wanted.append((ref, out, None if by_id else entry[:16]))
+            try:
+                repo.read_chunks_into(wanted)
+            except ChunkError as e:
+                block = first + where[e.ref.chunk_id]
+                raise BlockError(f"block {block} (byte {block * bs}): {e}") from None
+            for out, j in copies:  # a block repeated within the segment: read once
+                out[:] = view[j * bs:j * bs + len(out)]
+            seg = Restored(first, view, data)
+            if write is not None:
+                write(seg)
+            return seg
         except BaseException:
             buffers.put(buf)
             raise

@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import sys
 import traceback
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import click
-from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-from rich.text import Text
-from rich.table import Table
 
 from . import __version__, engine, lvm, sources
 from .catalog import STATUSES, parse_labels
 from .config import Config, as_dict, load_config
 from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
 from .pipeline import tune_malloc
+from .units import human_size
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 EXIT_CODES = """\b
 Exit status:
@@ -32,25 +33,26 @@ Exit status:
   'run' exits with the worst of its jobs' statuses (2 worst, then 1, then 75).
 """
 
-err_console = Console(stderr=True, highlight=False)
+# rich is imported only where it renders something: most runs (cron, scripts, --json,
+# --quiet) never do, and its import is a sixth of the start-up time.
+
+@functools.cache
+def err_console() -> "Console":
+    from rich.console import Console
+    return Console(stderr=True, highlight=False)
 
 
-def out_console() -> Console:
+def out_console() -> "Console":
     """Rich output on stdout. Not on a terminal (cron mail, a pipe, a log file), tables get
     room to stay readable instead of rich's default 80 columns."""
+    from rich.console import Console
     wide = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
     return Console(width=160 if wide else None)
 
 
-def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+def new_table(**options: Any) -> "Table":
+    from rich.table import Table
+    return Table(**options)
 
 
 def parse_size(text: str) -> int:
@@ -61,15 +63,6 @@ def parse_size(text: str) -> int:
         return int(t[: len(t) - len(unit)]) * units[unit]
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a size (e.g. 131072, 128K, 1M)") from None
-
-
-class BinarySpeedColumn(ProgressColumn):
-    """Throughput in binary units (MiB/s), like every other size lvbackup prints."""
-
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("?" if speed is None else f"{human_size(int(speed))}/s",
-                    style="progress.data.speed")
 
 
 class App:
@@ -99,7 +92,7 @@ class App:
     def warn(self, message: str) -> None:
         """One line on stderr (above a progress bar, if one is shown), even with --quiet:
         a failed hook or an unwritable metrics file is worth a cron mail."""
-        err_console.print(f"lvbackup: warning: {message}", markup=False, highlight=False,
+        err_console().print(f"lvbackup: warning: {message}", markup=False, highlight=False,
                           soft_wrap=True)
 
     def emit(self, data: Any, human: Callable[[Any], None]) -> None:
@@ -120,19 +113,8 @@ class App:
         if self.quiet or not sys.stderr.isatty():
             yield None
             return
-        with Progress(TextColumn(label), BarColumn(), DownloadColumn(binary_units=True),
-                      BinarySpeedColumn(), TimeRemainingColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[extra]}"), console=err_console,
-                      transient=True) as bar:
-            task = bar.add_task(label, total=None, extra="")
-
-            def update(done: int, total: int, stats: dict | None = None) -> None:
-                extra = ""
-                if stats:
-                    extra = (f"reused {human_size(stats.get('reused'))}, "
-                             f"stored {human_size(stats.get('stored'))}")
-                bar.update(task, completed=done, total=total, extra=extra)
-
+        from .progressbar import progress_bar
+        with progress_bar(label, err_console()) as update:
             yield update
 
 
@@ -194,7 +176,7 @@ def _when(ts: str | None) -> str:
 
 
 def print_record(rec: dict) -> None:
-    table = Table(show_header=False, box=None)
+    table = new_table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
     for key in _SHOW_FIELDS + ("labels", "protected"):
@@ -212,7 +194,7 @@ def print_lineage(rec: dict, chain: list[dict], dependents: list[dict]) -> None:
     print_record(rec)
     console = out_console()
     if len(chain) > 1 or rec.get("parent_id"):
-        table = Table(title="chain back to the full backup")
+        table = new_table(title="chain back to the full backup")
         for col in ("id", "kind", "status", "data timestamp (UTC)", "size", "stored", "name"):
             table.add_column(col, overflow="fold")
         for r in chain:
@@ -228,7 +210,7 @@ def print_lineage(rec: dict, chain: list[dict], dependents: list[dict]) -> None:
 
 
 def print_records(recs: list[dict]) -> None:
-    table = Table()
+    table = new_table()
     for col in ("id", "volume", "kind", "status", "data timestamp (UTC)", "size", "stored",
                 "parent", "deps", "name", "labels"):
         table.add_column(col, overflow="fold")
@@ -500,7 +482,7 @@ def prune(app: App, last: int, hourly: int, daily: int, weekly: int, monthly: in
     report = prune_backups(lv, policy, volumes=names, labels=label_map, dry_run=dry_run)
 
     def human(r: dict) -> None:
-        table = Table()
+        table = new_table()
         for col in ("id", "volume", "data timestamp (UTC)", "action", "why"):
             table.add_column(col, overflow="fold")
         rows = [(k, "keep", ", ".join(k["reasons"])) for k in r["keep"]]
@@ -542,7 +524,7 @@ def run_(app: App, job_names: tuple[str, ...], wait: float) -> None:
     summary = run_jobs(lv, job_names, progress=app.progress, log=app.log)
 
     def human(r: dict) -> None:
-        table = Table()
+        table = new_table()
         for col in ("job", "status", "backup", "kind", "size", "stored", "pruned", "time",
                     "detail"):
             table.add_column(col, overflow="fold")
@@ -687,7 +669,7 @@ def _lv_row(lv: "lvm.LogicalVolume") -> dict:
 
 
 def _print_lvs(rows: list[dict], title: str) -> None:
-    table = Table(title=title)
+    table = new_table(title=title)
     for col in ("name", "uuid", "size", "origin", "created (UTC)", "state", "open"):
         table.add_column(col, overflow="fold")
     for r in rows:
@@ -787,7 +769,7 @@ def volumes(app: App) -> None:
                                   for s in sorted(snaps, key=lambda s: s.time)]})
 
     def human(rows: list[dict]) -> None:
-        table = Table()
+        table = new_table()
         for col in ("volume / snapshot", "size", "created (UTC)", "state", "last backup"):
             table.add_column(col, overflow="fold")
         for r in rows:

@@ -23,11 +23,11 @@ from typing import Callable, ContextManager
 from . import events as ev
 from . import lvm
 from .catalog import COLUMNS, Catalog, choose_parent, to_record
-from .chunker import ScanStats, backup_blocks, restore_blocks, source_size
+from .chunker import Restored, ScanStats, backup_blocks, restore_blocks, source_size
 from .config import Config
 from .diskio import ALIGN, open_direct, pwrite_all
 from .faults import crash_point
-from .errors import CorruptionError, LvbackupError, NotFoundError, UsageError
+from .errors import CorruptionError, LvbackupError, UsageError
 from .locks import RunLock, repository_lock, run_is_alive, volume_lock
 from .manifest import ENTRY_SIZE, HOLE, Manifest, ManifestWriter, manifest_name
 from .metrics import record_backup
@@ -501,24 +501,28 @@ def _write_image(repo: Repository, manifest: Manifest, target: Target, workers: 
                  progress) -> None:
     bs, size = manifest.block_size, manifest.size
     skip_holes = target.fresh and target.seekable
-    for seg in restore_blocks(repo, manifest, workers=workers, fill_holes=not skip_holes):
+
+    def write_at(seg: Restored) -> None:
         base = seg.first_block * bs
+        if not skip_holes:
+            pwrite_all(target.fd, seg.view, base)
+            return
+        i = seg.data.find(1)  # a sparse write: only the runs of blocks that hold data
+        while i != -1:
+            j = seg.data.find(0, i)
+            j = len(seg.data) if j == -1 else j
+            run = seg.view[i * bs:j * bs]
+            pwrite_all(target.fd, run, base + i * bs,
+                       seg.view.obj[i * bs:i * bs + -(-len(run) // ALIGN) * ALIGN])
+            i = seg.data.find(1, j)
+
+    for seg in restore_blocks(repo, manifest, workers=workers, fill_holes=not skip_holes,
+                              write=write_at if target.seekable else None):
         if not target.seekable:
             _write_all(target.fd, seg.view)
-        elif not skip_holes:
-            pwrite_all(target.fd, seg.view, base)
-        else:  # a sparse write: only the runs of blocks that hold data
-            i = seg.data.find(1)
-            while i != -1:
-                j = seg.data.find(0, i)
-                j = len(seg.data) if j == -1 else j
-                run = seg.view[i * bs:j * bs]
-                pwrite_all(target.fd, run, base + i * bs,
-                           seg.view.obj[i * bs:i * bs + -(-len(run) // ALIGN) * ALIGN])
-                i = seg.data.find(1, j)
         crash_point("restore-segment")
         if progress:
-            progress(min(base + len(seg.view), size), size)
+            progress(min(seg.first_block * bs + len(seg.view), size), size)
     if target.seekable:
         if target.fresh and stat.S_ISREG(os.fstat(target.fd).st_mode):
             os.ftruncate(target.fd, size)  # a trailing hole, or the padding of the last write
@@ -654,7 +658,8 @@ def _verify_one(repo: Repository, backup_id: str, deep: bool) -> None:
             if ref.offset + ref.length > size:
                 raise CorruptionError(f"block {block}: pack {ref.pack_id.hex()} is truncated")
     if deep:
-        for _ in restore_blocks(repo, manifest, workers=os.cpu_count() or 2, fill_holes=False):
+        for _ in restore_blocks(repo, manifest, workers=os.cpu_count() or 2, fill_holes=False,
+                                by_id=True):
             pass
 
 

@@ -463,7 +463,8 @@ def test_gc_with_nothing_to_collect_keeps_a_single_backup(workdir, tmp_path):
 def test_gc_after_deleting_another_volume_keeps_the_chain(workdir, tmp_path):
     workdir.init("64K")
     a, b = tmp_path / "a.img", tmp_path / "b.img"
-    da, db = make_image(a, 2, seed=41), make_image(b, 2, seed=42)
+    da = make_image(a, 2, seed=41)
+    make_image(b, 2, seed=42)
     ra, rb = workdir.create(a), workdir.create(b)
     workdir.run_json("delete", rb["id"])
     before = workdir.pack_bytes()

@@ -22,7 +22,7 @@ import blake3
 import pytest
 
 from lvbackup.repository.index import ChunkIndex, decode_index
-from lvbackup.repository.pack import FLAG_RAW, ChunkRef, read_trailer
+from lvbackup.repository.pack import FLAG_RAW, ChunkRef
 from lvbackup.repository.repo import Repository
 from lvbackup.repository.storage import LocalStorage
 
@@ -244,7 +244,6 @@ def test_kill_at_a_random_moment(setup):
 
 def test_sigterm_marks_the_backup_error_and_keeps_its_packs(setup):
     wd = setup.wd
-    before = set(wd.files("packs"))
     proc = start_victim(setup)
     wait_for(lambda: victim_id(setup) is not None, "the creating row", proc)
     bid = victim_id(setup)

@@ -5,7 +5,6 @@ result of the operation."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from lvbackup.repository.repo import PACK_TARGET
+
 from support import (MiB, Workdir, apply_change, assert_one_line_error, describe, make_image,
                      reused_bytes)
 
@@ -490,9 +492,10 @@ def test_disk_full_between_a_pack_and_its_index(tmp_path, tmpfs):
     e = make_env(tmp_path)
     wd = e.wd
     big = tmp_path / "big.img"
-    data = random_image(big, 16, 552)
-    # 64 KiB blocks, stored raw: the pack is 256 chunks + a 49-byte trailer entry each.
-    pack = 8 + 256 * 64 * 1024 + 256 * 49 + 44
+    data = random_image(big, PACK_TARGET // MiB, 552)
+    # 64 KiB blocks, stored raw, fill exactly one pack (and a 49-byte trailer entry each).
+    chunks = PACK_TARGET // (64 * 1024)
+    pack = 8 + chunks * 64 * 1024 + chunks * 49 + 44
     page = os.statvfs(repo).f_frsize
     filler = fill(repo, -(-pack // page) * page + page)  # the pack and not its index
     p = wd.run("create", "--device", big)

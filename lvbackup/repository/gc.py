@@ -21,7 +21,6 @@ from ..errors import CorruptionError, LvbackupError
 from ..faults import crash_point
 from ..locks import RunLock
 from ..manifest import ENTRY_SIZE, HOLE, Manifest
-from .index import encode_index
 from .pack import ChunkRef, pack_name, read_trailer
 from .repo import Repository
 

@@ -123,9 +123,10 @@ class LocalStorage:
             raise CorruptionError(f"repository object {name} is truncated")
         return data
 
-    def get_range_into(self, name: str, offset: int, out: memoryview) -> None:
-        """get_range(name, offset, len(out)) into `out`, without a copy."""
-        if os.preadv(self._fd(name), [out], offset) != len(out):
+    def get_range_into(self, name: str, offset: int, outs: list[memoryview]) -> None:
+        """Fill `outs`, in order, with the bytes from `offset` on: one vectored read."""
+        want = sum(len(o) for o in outs)
+        if os.preadv(self._fd(name), outs, offset) != want:
             raise CorruptionError(f"repository object {name} is truncated")
 
     def size(self, name: str) -> int:
