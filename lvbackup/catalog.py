@@ -166,7 +166,9 @@ class Catalog:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            self.db = sqlite_utils.Database(conn)
+            # No sqlite-utils plugins: they have no business in the catalog, and finding
+            # them (an entry-point scan) is a tenth of every command's start-up.
+            self.db = sqlite_utils.Database(conn, execute_plugins=False)
             self.db.execute("PRAGMA busy_timeout = 60000")
             if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self.db.enable_wal()

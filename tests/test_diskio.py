@@ -127,3 +127,18 @@ def test_many_tiny_chunks_are_split_into_packs(tmp_path, monkeypatch):
         assert seen == chunks
     finally:
         repo.close()
+
+
+def test_pack_buffer_takes_every_kind_of_blob():
+    """Blobs come as bytes (compressed), views of a segment buffer (raw blocks), or other
+    buffers (gc); each is copied in exactly."""
+    b = PackBuilder(1 << 16)
+    seg = diskio.aligned_buffer(4096)
+    seg[:4] = b"view"
+    blobs = [b"bytes", bytearray(b"bytearray"), memoryview(b"read-only view"),
+             memoryview(seg)[:4]]
+    for i, blob in enumerate(blobs):
+        b.add(bytes([i + 1]) * 32, blob, len(blob), FLAG_RAW)
+    _, data, refs = b.finish()
+    assert [bytes(data[r.offset:r.offset + r.length]) for r in refs] == \
+        [bytes(x) for x in blobs]

@@ -16,6 +16,7 @@ its trailer can be read on its own (last 44 bytes, then N * 49 before them) to r
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from typing import NamedTuple
 
@@ -60,6 +61,7 @@ class PackBuilder:
         self.capacity = capacity
         self._mem = aligned_buffer(capacity)
         self.view = memoryview(self._mem)
+        self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._mem))
         self.reset()
 
     def reset(self) -> None:
@@ -78,10 +80,22 @@ class PackBuilder:
         if not self.room(len(blob)):
             raise ValueError(f"a {len(blob)}-byte blob does not fit in the pack buffer")
         end = self.size + len(blob)
-        self.view[self.size:end] = blob
+        self._copy_in(blob)
         self.entries.append((chunk_id, self.size, len(blob), raw_length, flags))
         self.ids.add(chunk_id)
         self.size = end
+
+    def _copy_in(self, blob: bytes | bytearray | memoryview) -> None:
+        """Append `blob`'s bytes at self.size; with ctypes.memmove, which runs without the
+        GIL, so that the workers go on while the coordinator fills a pack."""
+        if isinstance(blob, bytes):
+            src = ctypes.cast(ctypes.c_char_p(blob), ctypes.c_void_p).value
+        elif not memoryview(blob).readonly:
+            src = ctypes.addressof(ctypes.c_char.from_buffer(blob))
+        else:
+            self.view[self.size:self.size + len(blob)] = blob
+            return
+        ctypes.memmove(self._base + self.size, src, len(blob))
 
     def __len__(self) -> int:
         return self.size
