@@ -183,20 +183,35 @@ def _read_segment(fd: int, seg: _Segment, bs: int) -> bytearray:
     while i != -1:
         j = data.find(0, i)
         j = len(data) if j == -1 else j
-        start, stop = i * bs, min(j * bs, seg.length)
-        got = start
-        while got < stop:
-            n = os.preadv(fd, [view[got:stop]], seg.offset + got)
-            if n == 0:
-                raise LvbackupError(f"the source ended at byte {seg.offset + got}, before "
-                                    f"its size of {seg.offset + seg.length}+ bytes")
-            got += n
+        _read_range(fd, view, i * bs, min(j * bs, seg.length), seg.offset)
         i = data.find(1, j)
-    try:
-        os.posix_fadvise(fd, seg.offset, seg.length, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass  # not every file supports it; the backup does not depend on it
     return data
+
+
+def _read_range(fd: int, view: memoryview, start: int, stop: int, base: int) -> None:
+    """Read bytes [start, stop) of the segment at `base` into view[start:stop].
+
+    Pages this read brings into the page cache are dropped again afterwards (a backup
+    should not evict the machine's working set with a volume's worth of data it reads
+    once); pages that were cached already, which a first read with RWF_NOWAIT finds, are
+    someone else's and are left alone."""
+    got = start
+    try:
+        got += os.preadv(fd, [view[start:stop]], base + start, os.RWF_NOWAIT)
+    except (BlockingIOError, OSError, AttributeError):
+        pass  # nothing cached there, or no RWF_NOWAIT for this file: read it all
+    loaded = got
+    while got < stop:
+        n = os.preadv(fd, [view[got:stop]], base + got)
+        if n == 0:
+            raise LvbackupError(f"the source ended at byte {base + got}, before its size "
+                                f"of {base + stop}+ bytes")
+        got += n
+    if loaded < stop:
+        try:
+            os.posix_fadvise(fd, base + loaded, stop - loaded, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # not every file supports it; the backup does not depend on it
 
 
 def _analyze_read(seg: _Segment, data: bytearray, bs: int, packer: Packer,

@@ -6,7 +6,9 @@ catalog rebuild, and the JSON output.
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
+import mmap
 import os
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -213,6 +215,50 @@ def test_restore_to_a_new_file_writes_holes_sparsely(workdir, tmp_path):
     assert workdir.run("restore", rec["id"], "--to-file", out).returncode == 0
     assert out.read_bytes() == content
     assert out.stat().st_blocks * 512 <= 3 * MiB, "the 6 MiB of holes were written"
+
+
+def _cached_fraction(path: Path) -> float:
+    """The share of the file's pages in the page cache (mincore over a mapping of it)."""
+    size = path.stat().st_size
+    page = mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        try:
+            vec = ctypes.create_string_buffer(-(-size // page))
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(addr, size)
+    return sum(b & 1 for b in vec.raw) / len(vec.raw)
+
+
+def _drop_from_cache(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def test_backup_leaves_the_page_cache_as_it_found_it(workdir, tmp_path):
+    """Pages the backup had to read from the disk are dropped again; pages that were
+    cached already (someone else's working set) stay."""
+    workdir.init("64K")
+    img = tmp_path / "cache.img"
+    make_image(img, 8, seed=45)
+    _drop_from_cache(img)
+    if _cached_fraction(img) > 0.1:
+        pytest.skip("this filesystem keeps the file cached after POSIX_FADV_DONTNEED")
+    workdir.create(img)
+    assert _cached_fraction(img) < 0.1, "the backup left what it read in the page cache"
+    img.read_bytes()
+    assert _cached_fraction(img) > 0.9
+    workdir.create(img, "--incremental")
+    assert _cached_fraction(img) > 0.9, "the backup evicted pages it did not bring in"
 
 
 # --- restore -------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ Layout (all integers little-endian):
 ENTRY = chunk id (32 bytes, BLAKE3-256 of the plaintext) | offset (u64, from the start of
 the file) | stored length (u32) | plaintext length (u32) | flags (u8: 0 raw, 1 zstd).
 
-A pack is named by the BLAKE3-256 of its whole content, so it can be verified as a whole, and
-its trailer can be read on its own (last 44 bytes, then N * 49 before them) to rebuild the index.
+A pack is named by the BLAKE3-256 of its trailer entries (the digest its footer holds): the
+entries name every chunk by its hash and place it, so they identify the content, and naming
+a pack costs no second pass over its bytes. Its trailer can be read on its own (last 44
+bytes, then N * 49 before them) to rebuild the index; its blobs are checked chunk by chunk.
 """
 
 from __future__ import annotations
@@ -104,11 +106,11 @@ class PackBuilder:
         """(pack id, the pack's bytes, refs of its chunks); the bytes are a view of the
         buffer, valid until reset()."""
         trailer = b"".join(ENTRY.pack(*e) for e in self.entries)
-        footer = FOOTER.pack(len(self.entries), blake3.blake3(trailer).digest(), PACK_END)
+        pack_id = blake3.blake3(trailer).digest()
+        footer = FOOTER.pack(len(self.entries), pack_id, PACK_END)
         end = self.size + len(trailer) + len(footer)
         self.view[self.size:end] = trailer + footer
         data = self.view[:end]
-        pack_id = blake3.blake3(data).digest()  # no thread pool: its idle threads spin
         refs = [ChunkRef(cid, pack_id, off, ln, raw, fl) for cid, off, ln, raw, fl in self.entries]
         return pack_id, data, refs
 

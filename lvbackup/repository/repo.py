@@ -32,9 +32,9 @@ from .storage import LocalStorage, MissingObject, open_storage
 REPO_MAGIC = b"LVBREPO1"
 FORMAT_VERSION = 1
 DEFAULT_BLOCK_SIZE = 128 * 1024
-PACK_TARGET = 8 * 1024 * 1024
+PACK_TARGET = 16 * 1024 * 1024
 PACK_MAX_CHUNKS = 16384  # bounds a pack's trailer when blocks compress to almost nothing
-INDEX_EVERY = 32  # packs per index file while a run is writing
+INDEX_EVERY = 16  # packs per index file while a run is writing
 _MAX_IOV = 512    # buffers per vectored read (the kernel takes up to 1024)
 
 _tls = threading.local()
