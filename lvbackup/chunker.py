@@ -104,6 +104,8 @@ def backup_blocks(repo: Repository, packer: Packer, fd: int, size: int,
     stop = threading.Event()
     buffers = BufferPool(DEPTH + 2, seg_bytes, stop)
     parent_entries = parent.entries(per_seg) if parent is not None else iter(())
+    # Unchanged blocks whose chunk was found damaged are stored again, not inherited.
+    damaged = repo.index.damaged_ids() if parent is not None else set()
 
     def segments() -> Iterator[_Segment]:
         for first in range(0, nblocks, per_seg):
@@ -117,7 +119,7 @@ def backup_blocks(repo: Repository, packer: Packer, fd: int, size: int,
         try:
             data = _read_segment(fd, seg, bs)
             crash_point("read-segment")
-            return _analyze_read(seg, data, bs, packer, level)
+            return _analyze_read(seg, data, bs, packer, level, damaged)
         except BaseException:
             buffers.put(seg.buf)
             raise
@@ -215,7 +217,7 @@ def _read_range(fd: int, view: memoryview, start: int, stop: int, base: int) -> 
 
 
 def _analyze_read(seg: _Segment, data: bytearray, bs: int, packer: Packer,
-                  level: int) -> _Analyzed:
+                  level: int, damaged: set[bytes]) -> _Analyzed:
     view = memoryview(seg.buf)
     entries = bytearray()
     candidates: dict[bytes, memoryview] = {}
@@ -233,7 +235,7 @@ def _analyze_read(seg: _Segment, data: bytearray, bs: int, packer: Packer,
             stats.hole_bytes += len(block)
             continue
         pe = seg.parent[i * ENTRY_SIZE:(i + 1) * ENTRY_SIZE]
-        if pe[:16] == digest and pe != HOLE:
+        if pe[:16] == digest and pe != HOLE and pe[16:] not in damaged:
             entries += pe
             stats.unchanged_bytes += len(block)
             continue
@@ -330,6 +332,8 @@ def restore_blocks(repo: Repository, manifest: Manifest, *, workers: int,
             try:
                 repo.read_chunks_into(wanted)
             except ChunkError as e:
+                if e.damaged:
+                    repo.quarantine(e.ref)
                 block = first + where[e.ref.chunk_id]
                 raise BlockError(f"block {block} (byte {block * bs}): {e}") from None
             for out, j in copies:  # a block repeated within the segment: read once

@@ -614,24 +614,13 @@ def test_index_file_missing_or_truncated_then_gc_rebuilds_it(two, damage):
     assert wd.restore_bytes(good) == good_data
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a damaged chunk stays in the index, so a new backup of the same data "
-    "deduplicates against it (Packer.missing finds the id; chunker._analyze_read skips "
-    "the block) and is born damaged while it reports `available`; nothing in lvbackup "
-    "repairs this. Fix: when verify --deep (or a restore) finds a chunk failing its "
-    "checksum, quarantine it: record the id as bad in the repository (e.g. a sealed "
-    "`bad/<chunk id>` object that index sync and Packer.missing honour, or an index "
-    "rewrite without it under the exclusive lock), so the next backup stores it again."))
-def test_new_backup_after_a_damaged_chunk_is_whole(two):
-    """After verify --deep has found a damaged chunk, a new backup of the same data must
-    be restorable: it has to store that block again instead of pointing at the damage."""
+def _damage_a_chunk_of(wd: Workdir, data: bytes) -> None:
+    """Flip a byte inside the stored copy of one of `data`'s 64 KiB blocks."""
     from lvbackup.repository.pack import read_trailer
     from lvbackup.repository.storage import LocalStorage
 
     import blake3
 
-    wd, kept = two
-    bid, (data, _) = next(iter(kept.items()))
     ids = {blake3.blake3(data[o:o + 64 * 1024]).digest() for o in range(0, len(data), 64 * 1024)}
     storage = LocalStorage(wd.repo)
     try:
@@ -645,10 +634,45 @@ def test_new_backup_after_a_damaged_chunk_is_whole(two):
         byte = f.read(1)
         f.seek(ref.offset + ref.length // 2)
         f.write(bytes([byte[0] ^ 0x40]))
-    assert wd.verify("--deep").returncode == 1
+
+
+@pytest.mark.parametrize("found_by", ["verify", "restore"])
+@pytest.mark.parametrize("kind", ["full", "incremental"])
+def test_new_backup_after_a_damaged_chunk_is_whole(two, found_by, kind):
+    """Once verify --deep or a restore has found a damaged chunk, the next backup of the
+    same data (full, or incremental with the block unchanged) stores that block again
+    instead of pointing at the damage; and the backups that named the damaged copy
+    restore again, from the new one."""
+    wd, kept = two
+    bid, (data, _) = next(iter(kept.items()))
+    _damage_a_chunk_of(wd, data)
+    if found_by == "verify":
+        assert wd.verify("--deep").returncode == 1
+    else:
+        p = wd.run("restore", bid, "--to-file", "-", binary=True)
+        assert p.returncode == 1 and b"fails its checksum" in p.stderr, p.stderr
+    assert len(wd.files("damaged")) == 1, "the damaged copy is recorded in the repository"
     img = Path([r for r in rows(wd) if r["id"] == bid][0]["volume_name"])
-    rec = wd.create(img)
+    rec = wd.create(img, *(["--incremental"] if kind == "incremental" else []))
     assert wd.restore_bytes(rec["id"]) == data
+    assert wd.restore_bytes(bid) == data, "the old backup heals from the new copy"
+    assert wd.verify("--deep").returncode == 0
+
+
+def test_gc_drops_the_damage_marks_of_packs_it_deletes(two):
+    wd, kept = two
+    (bid, (data, _)), (other, (other_data, _)) = kept.items()
+    _damage_a_chunk_of(wd, data)
+    assert wd.verify("--deep").returncode == 1
+    assert len(wd.files("damaged")) == 1
+    img = Path([r for r in rows(wd) if r["id"] == bid][0]["volume_name"])
+    healed = wd.create(img)
+    for dead in (bid, healed["id"]):
+        wd.run_json("delete", dead)
+    wd.run_json("gc")
+    assert wd.files("damaged") == {}, "the damaged copy's pack is gone, and so is its mark"
+    assert wd.restore_bytes(other) == other_data
+    assert wd.verify("--deep").returncode == 0
 
 
 def test_truncated_manifest_stops_gc_until_deleted(two):

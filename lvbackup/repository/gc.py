@@ -21,6 +21,7 @@ from ..errors import CorruptionError, LvbackupError
 from ..faults import crash_point
 from ..locks import RunLock
 from ..manifest import ENTRY_SIZE, HOLE, Manifest
+from .index import DAMAGED_PREFIX, parse_damaged_name
 from .pack import ChunkRef, pack_name, read_trailer
 from .repo import Repository
 
@@ -71,6 +72,11 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
             storage.delete(pack_name(pack_id))
             crash_point("gc-pack-deleted")
             freed += size
+        gone_ids = {pack_id for pack_id, _ in gone}
+        for name, _ in list(storage.list(DAMAGED_PREFIX)):  # marks of copies now deleted
+            mark = parse_damaged_name(name)
+            if mark is None or mark[1] in gone_ids:
+                storage.delete(name)
         repo.index.reset()
         repo.index.sync(storage)
         fates = dict(db.execute("SELECT fate, count(*) FROM pack GROUP BY fate").fetchall())

@@ -46,7 +46,26 @@ CREATE TABLE IF NOT EXISTS packs (
 CREATE TABLE IF NOT EXISTS index_files (
     name TEXT PRIMARY KEY, stamp TEXT NOT NULL, ok INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS damaged (
+    chunk BLOB NOT NULL, pack BLOB NOT NULL, PRIMARY KEY (chunk, pack)
+) WITHOUT ROWID;
 """
+# A chunk's row points at a damaged copy: another copy, when one is indexed, replaces it.
+_IS_DAMAGED = "EXISTS (SELECT 1 FROM damaged d WHERE d.chunk = {t}.id AND d.pack = {t}.pack)"
+DAMAGED_PREFIX = "damaged/"
+
+
+def damaged_name(chunk_id: bytes, pack_id: bytes) -> str:
+    """The repository object that marks the copy of a chunk in a pack as damaged."""
+    return f"{DAMAGED_PREFIX}{chunk_id.hex()}.{pack_id.hex()}"
+
+
+def parse_damaged_name(name: str) -> tuple[bytes, bytes] | None:
+    chunk, _, pack = name.removeprefix(DAMAGED_PREFIX).partition(".")
+    try:
+        return bytes.fromhex(chunk), bytes.fromhex(pack)
+    except ValueError:
+        return None
 
 
 def encode_index(groups: Iterable[tuple[bytes, list[ChunkRef]]]) -> tuple[str, bytes]:
@@ -127,6 +146,9 @@ class ChunkIndex:
         left out, so a backup that needs them fails to restore and verify, loudly.
         """
         db = self._db()
+        marks = [m for m in map(parse_damaged_name, dict(storage.list(DAMAGED_PREFIX))) if m]
+        if marks:  # before the index files, so that an undamaged copy wins
+            db.executemany("INSERT OR IGNORE INTO damaged VALUES (?, ?)", marks)
         remote = dict(storage.list("index/"))
         known = dict(db.execute("SELECT name, stamp FROM index_files").fetchall())
         if any(remote.get(name) != stamp for name, stamp in known.items()):
@@ -155,7 +177,10 @@ class ChunkIndex:
                 indexed: int) -> None:
         db.execute("INSERT INTO packs VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
                    "indexed = max(indexed, excluded.indexed)", (pack_id, run, indexed))
-        db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+        db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE "
+                       "SET pack = excluded.pack, offset = excluded.offset, length = "
+                       "excluded.length, raw_length = excluded.raw_length, flags = "
+                       f"excluded.flags WHERE {_IS_DAMAGED.format(t='chunks')}",
                        [(r.chunk_id, pack_id, r.offset, r.length, r.raw_length, r.flags)
                         for r in refs])
 
@@ -195,21 +220,31 @@ class ChunkIndex:
             "SELECT id, pack, offset, length, raw_length, flags FROM chunks WHERE pack=?",
             (pack_id,))]
 
-    def lookup(self, ids: Iterable[bytes]) -> dict[bytes, ChunkRef]:
-        """Refs of those `ids` that are in indexed packs."""
+    def lookup(self, ids: Iterable[bytes], *, undamaged: bool = False) -> dict[bytes, ChunkRef]:
+        """Refs of those `ids` that are in indexed packs; with `undamaged`, only those whose
+        copy has not been found damaged (a backup stores the others again)."""
         ids = list(dict.fromkeys(ids))
         found: dict[bytes, ChunkRef] = {}
         db = self._db()
+        skip = f" AND NOT {_IS_DAMAGED.format(t='c')}" if undamaged else ""
         for i in range(0, len(ids), _BATCH):
             part = ids[i:i + _BATCH]
             marks = ",".join("?" * len(part))
             rows = db.execute(
                 "SELECT c.id, c.pack, c.offset, c.length, c.raw_length, c.flags FROM chunks c "
-                f"JOIN packs p ON p.id = c.pack WHERE c.id IN ({marks}) AND p.indexed = 1",
-                part)
+                f"JOIN packs p ON p.id = c.pack WHERE c.id IN ({marks}) AND p.indexed = 1"
+                + skip, part)
             for row in rows:
                 found[row[0]] = ChunkRef(*row)
         return found
+
+    def mark_damaged(self, chunk_id: bytes, pack_id: bytes) -> None:
+        self._db().execute("INSERT OR IGNORE INTO damaged VALUES (?, ?)", (chunk_id, pack_id))
+
+    def damaged_ids(self) -> set[bytes]:
+        """Chunk ids whose only indexed copy is damaged."""
+        return {c for (c,) in self._db().execute(
+            "SELECT c.id FROM damaged d JOIN chunks c ON c.id = d.chunk AND c.pack = d.pack")}
 
     def reset(self) -> None:
         """Forget everything (after gc rewrote the index files)."""
@@ -218,6 +253,7 @@ class ChunkIndex:
             db.execute("DELETE FROM chunks")
             db.execute("DELETE FROM packs")
             db.execute("DELETE FROM index_files")
+            db.execute("DELETE FROM damaged")
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

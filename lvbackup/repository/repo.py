@@ -6,6 +6,7 @@ Objects in a repository (all names relative to its root):
     packs/<xx>/<pack id>    pack files (pack.py)
     index/<hash>            index files (index.py)
     manifests/<backup id>   one per available backup (manifest.py)
+    damaged/<chunk>.<pack>  a copy of a chunk found damaged (Repository.quarantine)
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from ..errors import CorruptionError, UsageError
 from ..faults import crash_point
 from ..locks import run_is_alive
 from ..timeutil import now_iso
-from .index import ChunkIndex, encode_index
+from .index import ChunkIndex, damaged_name, encode_index
 from .pack import ENTRY, FLAG_ZSTD, ChunkRef, PackBuilder, pack_name, read_trailer
 from .sealed import seal, unseal
 from .storage import LocalStorage, MissingObject, open_storage
 
 REPO_MAGIC = b"LVBREPO1"
+DAMAGED_MAGIC = b"LVBDMG01"
 FORMAT_VERSION = 1
 DEFAULT_BLOCK_SIZE = 128 * 1024
 PACK_TARGET = 16 * 1024 * 1024
@@ -48,11 +50,13 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 
 class ChunkError(CorruptionError):
-    """A chunk that is missing, unreadable or fails its checksum."""
+    """A chunk that is missing, unreadable or fails its checksum (`damaged`: this copy of
+    it is; otherwise the chunk is sound and the block's digest disagrees)."""
 
-    def __init__(self, ref: ChunkRef, problem: str):
+    def __init__(self, ref: ChunkRef, problem: str, damaged: bool = True):
         super().__init__(f"chunk {ref.chunk_id.hex()} in pack {ref.pack_id.hex()} {problem}")
         self.ref = ref
+        self.damaged = damaged
 
 
 def validate_block_size(block_size: int) -> int:
@@ -201,9 +205,25 @@ class Repository:
                     raise ChunkError(ref, "does not decompress") from None
                 if got != len(out):
                     raise ChunkError(ref, "fails its checksum")
-            if (xxhash.xxh3_128_digest(out) != digest if digest is not None
-                    else blake3.blake3(out).digest() != ref.chunk_id):
+            if digest is not None and xxhash.xxh3_128_digest(out) == digest:
+                continue
+            if blake3.blake3(out).digest() != ref.chunk_id:
                 raise ChunkError(ref, "fails its checksum")
+            if digest is not None:
+                raise ChunkError(ref, "does not match the block's digest in the manifest",
+                                 damaged=False)
+
+    def quarantine(self, ref: ChunkRef) -> None:
+        """Record that this copy of a chunk is damaged (a `damaged/` object), so that no
+        new backup deduplicates against it: the next one to meet the data stores it again,
+        and that copy then serves every backup that names the chunk. Best effort: a
+        repository that cannot be written to (full, read-only) just keeps the damage."""
+        self.index.mark_damaged(ref.chunk_id, ref.pack_id)
+        try:
+            self.storage.put(damaged_name(ref.chunk_id, ref.pack_id),
+                             seal(DAMAGED_MAGIC, json.dumps({"found_at": now_iso()}).encode()))
+        except OSError:
+            pass
 
     def packer(self, run_id: str) -> "Packer":
         return Packer(self, run_id)
@@ -244,7 +264,7 @@ class Packer:
                       and i not in unindexed]
         if not candidates:
             return set()
-        found = self.repo.index.lookup(candidates)
+        found = self.repo.index.lookup(candidates, undamaged=True)
         return {i for i in candidates if i not in found}
 
     def add(self, chunk_id: bytes, blob: bytes, raw_length: int, flags: int) -> None:
