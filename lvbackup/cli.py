@@ -176,17 +176,16 @@ def _when(ts: str | None) -> str:
 
 
 def print_record(rec: dict) -> None:
-    table = new_table(show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column()
-    for key in _SHOW_FIELDS + ("labels", "protected"):
+    """Key and value per line: plain text (no rich), since `create` ends with it."""
+    keys = _SHOW_FIELDS + ("labels", "protected")
+    width = max(map(len, keys))
+    for key in keys:
         value = rec.get(key)
         if key in ("size", "stored_bytes") and value is not None:
             value = f"{human_size(value)} ({value} bytes)"
         elif key == "labels":
             value = _labels_text(value) or None
-        table.add_row(key, "-" if value is None else str(value))
-    out_console().print(table)
+        click.echo(f"{key:<{width}}  {'-' if value is None else value}")
 
 
 def print_lineage(rec: dict, chain: list[dict], dependents: list[dict]) -> None:
