@@ -342,29 +342,23 @@ def version_of(argv: list[str]) -> str:
     return (r.stdout or r.stderr).strip().splitlines()[0] if (r.stdout or r.stderr).strip() else "?"
 
 
+def _field(path: str, prefix: str, sep: str) -> str | None:
+    """The value after `sep` on the first line of `path` that starts with `prefix`."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(sep, 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def machine_info(work: Path) -> dict:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "?"
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / MiB:.1f} GiB"
-    except OSError:
-        pass
-    distro = "?"
-    try:
-        for line in open("/etc/os-release"):
-            if line.startswith("PRETTY_NAME="):
-                distro = line.split("=", 1)[1].strip().strip('"')
-    except OSError:
-        pass
+    cpu = _field("/proc/cpuinfo", "model name", ":") or "?"
+    mem_kib = _field("/proc/meminfo", "MemTotal", ":")
+    mem = f"{int(mem_kib.split()[0]) / MiB:.1f} GiB" if mem_kib else "?"
+    distro = (_field("/etc/os-release", "PRETTY_NAME=", "=") or "?").strip('"')
     fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", str(work)],
                         capture_output=True, text=True)
     return {"nproc": os.cpu_count(), "cpu": cpu, "memory": mem, "kernel": platform.release(),

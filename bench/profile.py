@@ -101,21 +101,27 @@ def thread_group(root: str) -> str:
     return f"other ({name or 'unnamed'})"
 
 
-def parse_raw(path: Path):
-    """Samples per (thread group, category); thread names are resolved by thread id."""
-    lines = []
+def read_raw(path: Path) -> tuple[dict[str, str], list[tuple[str, list[str], int]]]:
+    """A py-spy raw (collapsed) profile: thread names by thread id, and per line (thread id,
+    frames, samples)."""
     names: dict[str, str] = {}
+    rows = []
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         frames = stack.split(";")
         m = re.match(r"thread \((\w+)\)(?:: (.*))?", frames[0])
         if m and m.group(2):
             names[m.group(1)] = m.group(2)
-        lines.append((frames, int(n)))
+        rows.append((m.group(1) if m else "", frames, int(n)))
+    return names, rows
+
+
+def parse_raw(path: Path):
+    """Samples per (thread group, category); thread names are resolved by thread id."""
+    names, rows = read_raw(path)
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for frames, n in lines:
-        m = re.match(r"thread \((\w+)\)", frames[0])
-        root = f"thread ({m.group(1)}): {names.get(m.group(1), '')}" if m else frames[0]
+    for tid, frames, n in rows:
+        root = f"thread ({tid}): {names.get(tid, '')}" if tid else frames[0]
         frames = [f for f in frames[1:] if not re.match(r"thread \(", f)]
         group = thread_group(root)
         cat, _ = categorize(frames or [root])
@@ -160,15 +166,7 @@ def _source(file: str, line: int) -> str:
 def python_lines(path: Path, wall: float, rate: int, top: int = 6) -> str:
     """Per thread group, the Python lines most often on top of the stack (busy samples only:
     without --idle, py-spy leaves out threads that wait)."""
-    names: dict[str, str] = {}
-    rows = []
-    for line in path.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        frames = stack.split(";")
-        m = re.match(r"thread \((\w+)\)(?:: (.*))?", frames[0])
-        if m and m.group(2):
-            names[m.group(1)] = m.group(2)
-        rows.append((m.group(1) if m else "", frames, int(n)))
+    names, rows = read_raw(path)
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for tid, frames, n in rows:
         group = thread_group(f"thread ({tid}): {names.get(tid, '')}")
