@@ -171,22 +171,33 @@ def _data_blocks(fd: int, offset: int, length: int, bs: int) -> bytearray:
         first, last = (data - offset) // bs, min(count, (hole - offset + bs - 1) // bs)
         flags[first:last] = b"\x01" * (last - first)
         pos = max(hole, data + 1)
-    if not flags[-1] and source_size(fd) < end:  # a hole, or past the end of a shrunk source
-        raise LvbackupError(f"the source ended at byte {source_size(fd)}, before its size "
-                            f"of {end}+ bytes")
+    if not flags[-1]:  # a hole, or past the end of a source that shrank under the backup
+        now = source_size(fd)
+        if now < end:
+            raise _ended(now, end)
     return flags
+
+
+def _ended(at: int, end: int) -> LvbackupError:
+    return LvbackupError(f"the source ended at byte {at}, before its size of {end}+ bytes")
+
+
+def data_runs(flags: bytearray) -> Iterator[tuple[int, int]]:
+    """The [first, end) block ranges whose flags are 1."""
+    i = flags.find(1)
+    while i != -1:
+        j = flags.find(0, i)
+        j = len(flags) if j == -1 else j
+        yield i, j
+        i = flags.find(1, j)
 
 
 def _read_segment(fd: int, seg: _Segment, bs: int) -> bytearray:
     """Read the blocks of `seg` that may hold data into its buffer; their flags."""
     data = _data_blocks(fd, seg.offset, seg.length, bs)
     view = memoryview(seg.buf)
-    i = data.find(1)
-    while i != -1:
-        j = data.find(0, i)
-        j = len(data) if j == -1 else j
+    for i, j in data_runs(data):
         _read_range(fd, view, i * bs, min(j * bs, seg.length), seg.offset)
-        i = data.find(1, j)
     return data
 
 
@@ -200,14 +211,13 @@ def _read_range(fd: int, view: memoryview, start: int, stop: int, base: int) -> 
     got = start
     try:
         got += os.preadv(fd, [view[start:stop]], base + start, os.RWF_NOWAIT)
-    except (BlockingIOError, OSError, AttributeError):
+    except (OSError, AttributeError):
         pass  # nothing cached there, or no RWF_NOWAIT for this file: read it all
     loaded = got
     while got < stop:
         n = os.preadv(fd, [view[got:stop]], base + got)
         if n == 0:
-            raise LvbackupError(f"the source ended at byte {base + got}, before its size "
-                                f"of {base + stop}+ bytes")
+            raise _ended(base + got, base + stop)
         got += n
     if loaded < stop:
         try:
@@ -267,11 +277,13 @@ class BlockError(CorruptionError):
 
 class Restored(NamedTuple):
     """One segment of a restored image: `view` holds its bytes; data[i] is 0 where block i
-    is a hole (its bytes in `view` are zeros only if holes were asked to be filled)."""
+    is a hole (its bytes in `view` are zeros only if holes were asked to be filled). `buf`
+    is the whole page-aligned buffer `view` starts at (room to pad a last, short write)."""
 
     first_block: int
     view: memoryview
     data: bytearray
+    buf: mmap.mmap
 
 
 def restore_blocks(repo: Repository, manifest: Manifest, *, workers: int,
@@ -309,7 +321,7 @@ def restore_blocks(repo: Repository, manifest: Manifest, *, workers: int,
             data = bytearray(len(entries) // ENTRY_SIZE)
             wanted: list[tuple[ChunkRef, memoryview, bytes | None]] = []
             where: dict[bytes, int] = {}          # chunk id -> its first block here
-            copies: list[tuple[int, int]] = []     # (block, earlier block with its chunk)
+            copies: list[tuple[memoryview, int]] = []  # (block, earlier block, same chunk)
             for i, o in enumerate(range(0, len(entries), ENTRY_SIZE)):
                 entry = entries[o:o + ENTRY_SIZE]
                 out = view[i * bs:(i + 1) * bs]
@@ -338,7 +350,7 @@ def restore_blocks(repo: Repository, manifest: Manifest, *, workers: int,
                 raise BlockError(f"block {block} (byte {block * bs}): {e}") from None
             for out, j in copies:  # a block repeated within the segment: read once
                 out[:] = view[j * bs:j * bs + len(out)]
-            seg = Restored(first, view, data)
+            seg = Restored(first, view, data, buf)
             if write is not None:
                 write(seg)
             return seg
@@ -351,6 +363,6 @@ def restore_blocks(repo: Repository, manifest: Manifest, *, workers: int,
             try:
                 yield seg
             finally:
-                buffers.put(seg.view.obj)
+                buffers.put(seg.buf)
     finally:
         stop.set()

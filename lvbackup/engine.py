@@ -23,7 +23,8 @@ from typing import Callable, ContextManager
 from . import events as ev
 from . import lvm
 from .catalog import COLUMNS, Catalog, choose_parent, to_record
-from .chunker import Restored, ScanStats, backup_blocks, restore_blocks, source_size
+from .chunker import (Restored, ScanStats, backup_blocks, data_runs, restore_blocks,
+                      source_size)
 from .config import Config
 from .diskio import ALIGN, open_direct, pwrite_all
 from .faults import crash_point
@@ -507,14 +508,10 @@ def _write_image(repo: Repository, manifest: Manifest, target: Target, workers: 
         if not skip_holes:
             pwrite_all(target.fd, seg.view, base)
             return
-        i = seg.data.find(1)  # a sparse write: only the runs of blocks that hold data
-        while i != -1:
-            j = seg.data.find(0, i)
-            j = len(seg.data) if j == -1 else j
+        for i, j in data_runs(seg.data):  # a sparse write: only blocks that hold data
             run = seg.view[i * bs:j * bs]
-            pwrite_all(target.fd, run, base + i * bs,
-                       seg.view.obj[i * bs:i * bs + -(-len(run) // ALIGN) * ALIGN])
-            i = seg.data.find(1, j)
+            padded = memoryview(seg.buf)[i * bs:i * bs + -(-len(run) // ALIGN) * ALIGN]
+            pwrite_all(target.fd, run, base + i * bs, padded)
 
     for seg in restore_blocks(repo, manifest, workers=workers, fill_holes=not skip_holes,
                               write=write_at if target.seekable else None):

@@ -21,6 +21,7 @@ import blake3
 import xxhash
 import zstandard
 
+from ..diskio import ALIGN
 from ..errors import CorruptionError, UsageError
 from ..faults import crash_point
 from ..locks import run_is_alive
@@ -163,16 +164,16 @@ class Repository:
         a pack are read with one vectored read: raw ones straight into their buffers,
         compressed ones into a scratch buffer to decompress from. Raises ChunkError naming
         the first bad chunk."""
-        wanted = sorted(wanted, key=lambda w: (w[0].pack_id, w[0].offset))
-        start = 0
-        while start < len(wanted):
-            end = start + 1
-            while (end < len(wanted) and end - start < _MAX_IOV
-                   and wanted[end][0].pack_id == wanted[end - 1][0].pack_id
-                   and wanted[end][0].offset == wanted[end - 1][0].offset + wanted[end - 1][0].length):
-                end += 1
-            self._read_run(wanted[start:end])
-            start = end
+        run: list[tuple[ChunkRef, memoryview, bytes | None]] = []
+        for item in sorted(wanted, key=lambda w: (w[0].pack_id, w[0].offset)):
+            ref, last = item[0], run[-1][0] if run else None
+            if last and (len(run) == _MAX_IOV or ref.pack_id != last.pack_id
+                         or ref.offset != last.offset + last.length):
+                self._read_run(run)
+                run = []
+            run.append(item)
+        if run:
+            self._read_run(run)
 
     def _read_run(self, run: list[tuple[ChunkRef, memoryview, bytes | None]]) -> None:
         """Chunks that lie back to back in one pack."""
@@ -241,7 +242,8 @@ class Packer:
     def __init__(self, repo: Repository, run_id: str):
         self.repo = repo
         self.run_id = run_id
-        capacity = PACK_TARGET + repo.block_size + PACK_MAX_CHUNKS * ENTRY.size + 2 * 4096
+        capacity = (PACK_TARGET + repo.block_size + PACK_MAX_CHUNKS * ENTRY.size
+                    + 2 * ALIGN)  # the footer, and padding for O_DIRECT
         self.builder = PackBuilder(capacity)
         self._spare: PackBuilder | None = None   # the other buffer, once the writer is done
         self.unindexed: list[tuple[bytes, list[ChunkRef]]] = []
