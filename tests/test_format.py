@@ -23,7 +23,7 @@ from lvbackup.manifest import ENTRY_SIZE, HOLE, MAGIC, Manifest, ManifestWriter,
 from lvbackup.repository.index import INDEX_MAGIC, decode_index, encode_index
 from lvbackup.repository.pack import (FLAG_RAW, FLAG_ZSTD, FOOTER, PACK_END, PACK_MAGIC,
                                       ChunkRef, PackBuilder, pack_name, read_trailer)
-from lvbackup.repository.repo import REPO_MAGIC, Repository
+from lvbackup.repository.repo import REPO_MAGIC, ChunkError, Repository
 from lvbackup.repository.sealed import seal, unseal
 from lvbackup.repository.storage import LocalStorage, MissingObject
 
@@ -315,6 +315,26 @@ def test_chunk_ref_with_wrong_lengths_is_refused(repo):
         repo.read_chunk(ref._replace(length=ref.length - 1))
     with pytest.raises(CorruptionError):
         repo.read_chunk(ref._replace(offset=len(data) - 3))
+
+
+def test_block_digest_check_tells_a_damaged_chunk_from_a_wrong_digest(repo):
+    """A restore checks each block against its manifest digest (xxh3-128). When that fails
+    but the chunk matches its BLAKE3 id, the chunk is sound (not to be quarantined)."""
+    pack_id, data, refs, plain = build_pack(random.Random(10), count=4)
+    repo.storage.put(pack_name(pack_id), data)
+    ref = refs[0]
+    good = xxhash.xxh3_128_digest(plain[ref.chunk_id])
+    out = memoryview(bytearray(ref.raw_length))
+    repo.read_chunks_into([(ref, out, good)])
+    assert bytes(out) == plain[ref.chunk_id]
+    with pytest.raises(ChunkError) as wrong_digest:
+        repo.read_chunks_into([(ref, out, bytes(16))])
+    assert not wrong_digest.value.damaged
+    bad_id = blake3.blake3(flipped(data, ref.offset)).digest()
+    repo.storage.put(pack_name(bad_id), flipped(data, ref.offset))
+    with pytest.raises(ChunkError) as damaged:
+        repo.read_chunks_into([(ref._replace(pack_id=bad_id), out, good)])
+    assert damaged.value.damaged
 
 
 # --- index files -------------------------------------------------------------------------
