@@ -19,6 +19,7 @@ import sqlite_utils
 from sqlite_utils import Migrations
 
 from .errors import LvbackupError, NotFoundError, UsageError
+from .sqlitefile import open_error
 from .timeutil import now_iso
 
 STATUSES = ("creating", "available", "error", "restoring", "deleting", "deleted",
@@ -151,15 +152,6 @@ def to_record(row: dict) -> dict[str, Any]:
     return rec
 
 
-def filesystem_full_hint(path: Path) -> str:
-    """' (its filesystem is full)' when it is, for messages about failed writes."""
-    try:
-        st = os.statvfs(Path(path).parent)
-    except OSError:
-        return ""
-    return " (its filesystem is full)" if st.f_bavail == 0 else ""
-
-
 class Catalog:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -177,8 +169,8 @@ class Catalog:
             if getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
                 raise LvbackupError(f"catalog {self.path} is unreadable ({e}); "
                                     "recreate it with 'lvbackup catalog rebuild'") from None
-            raise LvbackupError(f"cannot open catalog {self.path}: {e}"
-                                f"{filesystem_full_hint(self.path)}") from None
+            raise open_error(e, self.path, "catalog", "catalog: (or $LVBACKUP_CATALOG)",
+                             "") from None
         except OSError as e:
             raise UsageError(f"cannot open catalog {self.path}: {e.strerror}") from None
         self.table = self.db["backups"]

@@ -5,8 +5,8 @@ we measured (copies, then writeback), more than compressing it; O_DIRECT writes 
 nothing and leave the cache to the workload the machine is for. O_DIRECT wants the buffer
 address, the file offset and the length aligned to the device's logical block size: the
 buffers here are anonymous mmaps (page-aligned) and offsets are multiples of the block size.
-Where a filesystem refuses O_DIRECT (tmpfs, some FUSE), or one write is not aligned, the
-file falls back to ordinary buffered writes.
+Where a filesystem refuses O_DIRECT (tmpfs before Linux 6.6, some FUSE and network
+filesystems), or one write is not aligned, the file falls back to ordinary buffered writes.
 """
 
 from __future__ import annotations
@@ -25,14 +25,25 @@ def aligned_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size)
 
 
-def open_direct(path: str | os.PathLike, flags: int, mode: int = 0o600) -> int:
-    """os.open with O_DIRECT if the filesystem takes it, else without."""
-    try:
-        return os.open(path, flags | O_DIRECT, mode)
-    except OSError as e:
-        if e.errno != errno.EINVAL or not O_DIRECT:
-            raise
-    return os.open(path, flags, mode)
+def open_file(path: str | os.PathLike, flags: int, mode: int = 0o600,
+              direct: bool = False) -> int:
+    """os.open(path, flags, mode), close-on-exec; with `direct`, O_DIRECT is switched on
+    where the filesystem takes it and silently left off where it does not.
+
+    This is the one place that opens files to create them exclusively or to write them
+    directly. O_DIRECT is set after the open, never passed to it: a filesystem that refuses
+    it (tmpfs before Linux 6.6, some FUSE and network filesystems) may do so only after
+    O_CREAT made the file, leaving a stray file behind that a retry with O_EXCL then
+    fails on (EEXIST)."""
+    fd = os.open(path, flags | os.O_CLOEXEC, mode)
+    if direct and O_DIRECT:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                os.close(fd)
+                raise
+    return fd
 
 
 def _drop_direct(fd: int) -> bool:

@@ -26,7 +26,7 @@ from .catalog import COLUMNS, Catalog, choose_parent, to_record
 from .chunker import (Restored, ScanStats, backup_blocks, data_runs, restore_blocks,
                       source_size)
 from .config import Config
-from .diskio import ALIGN, open_direct, pwrite_all
+from .diskio import ALIGN, open_file, pwrite_all
 from .faults import crash_point
 from .errors import CorruptionError, LvbackupError, UsageError
 from .locks import RunLock, repository_lock, run_is_alive, volume_lock
@@ -387,10 +387,9 @@ def _open_target(to: str | None, to_file: str | None, size: int, force: bool) ->
     elif st is not None and stat.S_ISBLK(st.st_mode) and not force:
         flags |= os.O_EXCL  # EBUSY if mounted or held open exclusively
     try:
-        if st is None or stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
-            fd = open_direct(tmp_path or path, flags, 0o600)
-        else:  # a character device or a FIFO
-            fd = os.open(path, flags, 0o600)
+        # Not a character device or a FIFO: those take no O_DIRECT.
+        direct = st is None or stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)
+        fd = open_file(tmp_path or path, flags, 0o600, direct=direct)
     except OSError as e:
         if e.errno == 16:
             raise UsageError(f"restore target {path} is in use; unmount it or pass --force") from None

@@ -3,6 +3,7 @@ whether or not the filesystem takes O_DIRECT, and a pack never outgrows its buff
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import random
@@ -59,7 +60,7 @@ def test_put_aligned_stores_exactly_the_bytes(dirs, length):
 
 def test_pwrite_all_falls_back_when_a_write_is_not_aligned(tmp_path):
     path = tmp_path / "f"
-    fd = diskio.open_direct(path, os.O_WRONLY | os.O_CREAT)
+    fd = diskio.open_file(path, os.O_WRONLY | os.O_CREAT, direct=True)
     try:
         # An unaligned length at an unaligned offset: O_DIRECT refuses it (EINVAL), the
         # file drops to buffered writes and the bytes still land.
@@ -76,7 +77,7 @@ def test_pwrite_all_writes_padding_only_to_be_truncated(tmp_path):
     buf = diskio.aligned_buffer(8192)
     buf[:5000] = b"a" * 5000
     buf[5000:] = b"b" * (8192 - 5000)
-    fd = diskio.open_direct(path, os.O_WRONLY | os.O_CREAT)
+    fd = diskio.open_file(path, os.O_WRONLY | os.O_CREAT, direct=True)
     try:
         diskio.pwrite_all(fd, memoryview(buf)[:5000], 0, memoryview(buf)[:8192])
         os.ftruncate(fd, 5000)
@@ -147,3 +148,35 @@ def test_pack_buffer_takes_every_kind_of_blob():
     _, data, refs = b.finish()
     assert [bytes(data[r.offset:r.offset + r.length]) for r in refs] == \
         [bytes(x) for x in blobs]
+
+
+@pytest.fixture
+def refusing_direct(monkeypatch):
+    """A filesystem that refuses O_DIRECT (tmpfs before Linux 6.6): setting it fails EINVAL."""
+    real = fcntl.fcntl
+
+    def fake(fd, cmd, arg=0):
+        if cmd == fcntl.F_SETFL and arg & diskio.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, cmd, arg)
+    monkeypatch.setattr(diskio.fcntl, "fcntl", fake)
+
+
+def test_exclusive_create_where_o_direct_is_refused(tmp_path, refusing_direct):
+    path = tmp_path / "f"
+    fd = diskio.open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, direct=True)
+    try:
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & diskio.O_DIRECT
+        diskio.pwrite_all(fd, memoryview(b"data"), 0)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"data" and os.listdir(tmp_path) == ["f"]
+
+
+def test_put_aligned_where_o_direct_is_refused(tmp_path, refusing_direct):
+    storage = LocalStorage(tmp_path)
+    buf = diskio.aligned_buffer(8192)
+    buf[:5000] = b"z" * 5000
+    storage.put_aligned("packs/y/obj", memoryview(buf), 5000)
+    assert (tmp_path / "packs/y/obj").read_bytes() == b"z" * 5000
+    assert not list((tmp_path / "tmp").iterdir())

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 import blake3
 
 from ..errors import CorruptionError, LvbackupError, UsageError
-from ..catalog import filesystem_full_hint
+from ..sqlitefile import open_error
 from .pack import ENTRY, ChunkRef
 from .sealed import seal, unseal
 
@@ -123,9 +123,9 @@ class ChunkIndex:
         try:
             self._db().executescript(_SCHEMA)
         except sqlite3.DatabaseError as e:
-            raise LvbackupError(f"cannot open the index cache {self.path}: {e}"
-                                f"{filesystem_full_hint(self.path)}; it can be deleted safely "
-                                "and is rebuilt from the repository") from None
+            raise open_error(e, self.path, "the index cache", "cache_dir: (or $LVBACKUP_CACHE_DIR; by default it is beside the catalog)",
+                             "; it can be deleted safely and is rebuilt from the repository"
+                             ) from None
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..diskio import ALIGN, open_direct, pwrite_all
+from ..diskio import ALIGN, open_file, pwrite_all
 from ..errors import CorruptionError, UsageError
 
 
@@ -68,7 +68,7 @@ class LocalStorage:
         """put(name, buf[:length]), where `buf` is page-aligned with room to pad `length`
         to a multiple of ALIGN: written with O_DIRECT where the filesystem allows."""
         tmp = self._tmp_path()
-        fd = open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, direct=True)
         try:
             pwrite_all(fd, buf[:length], 0, buf[:-(-length // ALIGN) * ALIGN])
             os.ftruncate(fd, length)
@@ -188,7 +188,7 @@ class AtomicWriter:
         self.storage = storage
         self.name = name
         self.tmp = storage._tmp_path()
-        self.f = open(self.tmp, "wb")
+        self.f = os.fdopen(open_file(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb")
 
     def write(self, data) -> int:
         return self.f.write(data)

@@ -17,6 +17,10 @@ data=/mnt/lvbackup-data
 mkdir -p "$data"
 mount -o noinit_itable /dev/vda "$data"
 mkdir -m 1777 "$data/tmp"
+# A directory on 9p with cache=none (the run directory's mount): no shared writable mmap,
+# like many network filesystems, for the tests of what lvbackup does on one.
+ninep="$rundir/scratch"
+mkdir -m 1777 "$ninep"
 
 # Nothing runs udev, lvmpolld or dmeventd here: LVM must create /dev nodes itself and not
 # wait for them. No metadata backups/archives either (tests make thousands of changes).
@@ -58,7 +62,7 @@ relays="$relays $!"
 . "$rundir/cmd"  # set -- NAME=VALUE... CMD ARGS... (the environment forwarded by the host, then the command)
 cd "$CHECKOUT"
 set +e
-env -i TMPDIR="$data/tmp" LVBACKUP_VM_DATA="$data" LVM_SUPPRESS_FD_WARNINGS=1 "$@" \
+env -i TMPDIR="$data/tmp" LVBACKUP_VM_DATA="$data" LVBACKUP_VM_9P="$ninep" LVM_SUPPRESS_FD_WARNINGS=1 "$@" \
 	</dev/null >/run/lvbackup-out 2>/run/lvbackup-err
 rc=$?
 # Wait for the relays (closing the ttys drains them, so all output is out before the marker),

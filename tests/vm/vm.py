@@ -38,7 +38,7 @@ CACHE = Path(os.environ.get("LVBACKUP_VM_CACHE") or Path.home() / ".cache" / "lv
 # ask for the "crc32c" crypto algorithm at run time, which no modprobe could resolve here.
 MODULES = [
     "virtio_pci", "virtio_blk", "9pnet_virtio", "9p", "overlay", "loop", "ext4",
-    "crc32c_generic", "dm_mod", "dm_bufio", "dm_bio_prison", "dm_persistent_data",
+    "crc32c_generic", "xfs", "dm_mod", "dm_bufio", "dm_bio_prison", "dm_persistent_data",
     "dm_snapshot", "dm_thin_pool",
 ]
 
