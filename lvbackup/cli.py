@@ -17,7 +17,7 @@ from . import __version__, engine, lvm, sources
 from .catalog import STATUSES, parse_labels
 from .config import Config, as_dict, load_config
 from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
-from .pipeline import tune_malloc
+from .datapath.pipeline import tune_malloc
 from .units import human_size
 
 if TYPE_CHECKING:

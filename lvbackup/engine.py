@@ -23,17 +23,18 @@ from typing import Callable, ContextManager
 from . import events as ev
 from . import lvm
 from .catalog import COLUMNS, Catalog, choose_parent, to_record
-from .chunker import (Restored, ScanStats, backup_blocks, data_runs, restore_blocks,
-                      source_size)
+from .datapath.backup import ScanStats, write_backup
+from .datapath.blockmap import FileBlocks, source_size
+from .datapath.restore import Restored, ones, restore_blocks
 from .config import Config
 from .diskio import ALIGN, open_file, pwrite_all
 from .faults import crash_point
 from .errors import CorruptionError, LvbackupError, UsageError
 from .locks import RunLock, repository_lock, run_is_alive, volume_lock
-from .manifest import ENTRY_SIZE, HOLE, Manifest, ManifestWriter, manifest_name
+from .repository.manifest import Manifest, manifest_name
 from .metrics import record_backup
 from .repository.pack import pack_name, read_trailer
-from .repository.repo import Repository
+from .repository.repo import Packer, Repository
 from .sources import Source, SourceFactory
 from .timeutil import now_iso
 
@@ -138,7 +139,7 @@ def recover_dead_runs(lv: Lvbackup) -> list[dict]:
 
 def _manifest_or_none(lv: Lvbackup, backup_id: str) -> Manifest | None:
     try:
-        return Manifest(lv.repo.storage, backup_id)
+        return lv.repo.manifest(backup_id)
     except (CorruptionError, UsageError):
         return None
 
@@ -206,23 +207,6 @@ def _record_metrics(lv: Lvbackup, volume: str | None, started: float, *, ok: boo
         lv.warn(f"cannot write the metrics file {path}: {getattr(e, 'strerror', None) or e}")
 
 
-class _CountingPacker:
-    """A packer that counts what it stores, for live progress."""
-
-    def __init__(self, packer):
-        self._packer = packer
-        self.new = 0      # plaintext bytes of the chunks stored
-        self.stored = 0   # what they take in the repository
-
-    def add(self, chunk_id: bytes, blob: bytes, raw_length: int, flags: int) -> None:
-        self._packer.add(chunk_id, blob, raw_length, flags)
-        self.new += raw_length
-        self.stored += len(blob)
-
-    def __getattr__(self, name: str):
-        return getattr(self._packer, name)
-
-
 def _create_backup(lv: Lvbackup, open_source: SourceFactory, run: dict, *, incremental: bool,
                    name: str | None, description: str | None, labels: dict[str, str] | None,
                    progress) -> CreateResult:
@@ -266,13 +250,13 @@ def _create_backup(lv: Lvbackup, open_source: SourceFactory, run: dict, *, incre
             except OSError as e:
                 raise LvbackupError(f"cannot open {source.path}: {e.strerror}") from None
             stack.callback(os.close, fd)
-            size = source_size(fd)
+            blocks = FileBlocks(fd)
             # With a temporary snapshot, the data is as of the snapshot (rule 9).
-            fields = {"size": size, "data_timestamp": (source.snapshot_time or
+            fields = {"size": blocks.size, "data_timestamp": (source.snapshot_time or
                       source.data_timestamp or record["data_timestamp"])}
             record.update(fields)
             cat.update(backup_id, **fields)
-            stats = _write_backup(lv, source, fd, size, record, parent, progress)
+            stats = _write_backup(lv, source, blocks, record, parent, progress)
         except BaseException as e:
             if run["record"] is not None:
                 cat.update(backup_id, status="error", fail_reason=_reason(e))
@@ -293,47 +277,37 @@ def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _write_backup(lv: Lvbackup, source: Source, fd: int, size: int, record: dict,
+def _write_backup(lv: Lvbackup, source: Source, blocks: FileBlocks, record: dict,
                   parent: dict | None, progress) -> ScanStats:
     repo, cat = lv.repo, lv.catalog
+    size = blocks.size
     repo.sync_index(lv.lock_dir)
     parent_manifest = None
     if parent is not None:
         try:
-            parent_manifest = Manifest(repo.storage, parent["id"])
+            parent_manifest = repo.manifest(parent["id"])
         except CorruptionError as e:
             raise CorruptionError(f"parent backup {parent['id']}: {e}; make a full backup") from None
-    packer = _CountingPacker(repo.packer(record["id"]))
-    writer = ManifestWriter(repo.storage, record["id"])
     sent = [0]  # the last multiple of PROGRESS_STEP percent announced
 
-    def on_progress(done: int) -> None:
+    def on_progress(done: int, packer: Packer) -> None:
         if progress:
-            progress(done, size, {"stored": packer.stored, "reused": done - packer.new})
+            progress(done, size, {"stored": packer.stored_bytes,
+                                  "reused": done - packer.new_bytes})
         percent = done * 100 // size if size else 100
         if lv.events.enabled and percent // ev.PROGRESS_STEP > sent[0]:
             sent[0] = percent // ev.PROGRESS_STEP
             lv.events.emit(ev.CREATE_PROGRESS, {**to_record(record), "percent": percent})
 
-    try:
-        stats = backup_blocks(repo, packer, fd, size, parent_manifest, writer,
-                              workers=lv.config.workers, level=lv.config.compression_level,
-                              progress=on_progress)
-        packer.commit()
+    def finish(stats: ScanStats) -> dict:
         if source.check is not None:
             source.check()
-        final = {**record, "status": "available", "stored_bytes": stats.stored_bytes,
-                 "updated_at": now_iso()}
-        writer.close({"block_size": repo.block_size, "size": size,
-                      "backup": to_record(final)})
-        crash_point("manifest-written")
-    except BaseException:
-        writer.abort()
-        try:  # index what this run did store, so a rerun reuses it
-            packer.commit()
-        except Exception:  # noqa: BLE001 - the original failure is the one to report
-            pass
-        raise
+        return to_record({**record, "status": "available", "stored_bytes": stats.stored_bytes,
+                          "updated_at": now_iso()})
+
+    stats = write_backup(repo, blocks, parent_manifest, record["id"], finish,
+                         workers=lv.config.workers, level=lv.config.compression_level,
+                         progress=on_progress)
     with cat.write():
         cat.update(record["id"], status="available", stored_bytes=stats.stored_bytes)
         cat.refresh_dependents(record["parent_id"])
@@ -460,7 +434,7 @@ def restore_backup(lv: Lvbackup, backup_id: str, *, to: str | None = None,
         repo = lv.repo
         repo.sync_index(lv.lock_dir)
         try:
-            manifest = Manifest(repo.storage, row["id"])
+            manifest = repo.manifest(row["id"])
         except CorruptionError as e:
             raise CorruptionError(f"backup {row['id']}: {e}") from None
         fresh_device = False
@@ -507,7 +481,7 @@ def _write_image(repo: Repository, manifest: Manifest, target: Target, workers: 
         if not skip_holes:
             pwrite_all(target.fd, seg.view, base)
             return
-        for i, j in data_runs(seg.data):  # a sparse write: only blocks that hold data
+        for i, j in ones(seg.data):  # a sparse write: only blocks that hold data
             run = seg.view[i * bs:j * bs]
             padded = memoryview(seg.buf)[i * bs:i * bs + -(-len(run) // ALIGN) * ALIGN]
             pwrite_all(target.fd, run, base + i * bs, padded)
@@ -628,16 +602,15 @@ def verify_backups(lv: Lvbackup, ids: list[str], *, deep: bool,
 def _verify_one(repo: Repository, backup_id: str, deep: bool) -> None:
     """Every block's chunk is indexed, inside a pack whose trailer is intact; with `deep`,
     every chunk is also read, decompressed and checked against its BLAKE3 id."""
-    manifest = Manifest(repo.storage, backup_id)
+    manifest = repo.manifest(backup_id)
     if manifest.record.get("id") != backup_id:
         raise CorruptionError(f"manifest {manifest.name} holds the record of another backup")
     pack_sizes: dict[bytes, int] = {}
     per = 4096
     for n, entries in enumerate(manifest.entries(per)):
         ids: dict[bytes, int] = {}
-        for i, o in enumerate(range(0, len(entries), ENTRY_SIZE)):
-            if entries[o:o + ENTRY_SIZE] != HOLE:
-                ids.setdefault(entries[o + 16:o + ENTRY_SIZE], n * per + i)
+        for i, _, cid in entries.chunks():
+            ids.setdefault(cid, n * per + i)
         refs = repo.index.lookup(ids)
         for cid, block in ids.items():
             ref = refs.get(cid)
@@ -691,7 +664,7 @@ def import_record(lv: Lvbackup, text: str) -> dict:
         if existing is not None and existing["status"] != "deleted":
             raise UsageError("Backup already exists in database.")
         try:
-            manifest = Manifest(lv.repo.storage, rec["id"])
+            manifest = lv.repo.manifest(rec["id"])
         except CorruptionError as e:
             raise LvbackupError(f"cannot import backup {rec['id']}: {e}; copy its manifest "
                                 f"into {lv.config.repository} first") from None
@@ -738,7 +711,7 @@ def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
             for name, _ in repo.storage.list("manifests/"):
                 backup_id = name.rsplit("/", 1)[1]
                 try:
-                    rec = Manifest(repo.storage, backup_id).record
+                    rec = repo.manifest(backup_id).record
                 except CorruptionError as e:
                     bad.append(str(e))
                     continue

@@ -1,7 +1,7 @@
 """The on-disk format: manifests, packs, index files and the sealed envelope.
 
-DESIGN.md: "Every file in the repository (pack, index, manifest, repository config) carries a
-checksum, so any flipped bit is detected, never silently used."
+Every file in the repository (pack, index, manifest, repository config) carries a checksum,
+so any flipped bit is detected, never silently used (docs/format.md).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import xxhash
 import zstandard
 
 from lvbackup.errors import CorruptionError
-from lvbackup.manifest import ENTRY_SIZE, HOLE, MAGIC, Manifest, ManifestWriter, manifest_name
+from lvbackup.repository.manifest import (ENTRY_SIZE, HOLE, MAGIC, MAGIC_V1, NO_PAGE, PAGE_ENTRIES,
+                                          Manifest, ManifestWriter, manifest_name)
 from lvbackup.repository.index import INDEX_MAGIC, decode_index, encode_index
 from lvbackup.repository.pack import (FLAG_RAW, FLAG_ZSTD, FOOTER, PACK_END, PACK_MAGIC,
                                       ChunkRef, PackBuilder, pack_name, read_trailer)
@@ -30,6 +31,7 @@ from lvbackup.repository.storage import LocalStorage, MissingObject
 from support import Workdir, apply_change, make_image, zero_range
 
 BACKUP_ID = "0b6d7a52-9c1e-4a55-8a0e-5d5f8d0c1e11"
+OTHER_ID = "5e2a1f07-3b8d-4c6e-9f10-2a3b4c5d6e7f"
 
 
 class BytesStorage:
@@ -95,15 +97,47 @@ def record(**kw) -> dict:
     return rec
 
 
+class Pages:
+    """Where a manifest's pages go in these tests: a dict, read back by id."""
+
+    def __init__(self):
+        self.stored: dict[bytes, bytes] = {}
+
+    def store(self, page_id: bytes, page: bytes) -> None:
+        assert page_id == blake3.blake3(page).digest()
+        self.stored.setdefault(page_id, page)
+
+    def read(self, ids: list[bytes]) -> dict[bytes, bytes]:
+        missing = [i for i in ids if i not in self.stored]
+        if missing:
+            raise CorruptionError(f"chunk {missing[0].hex()} is not in the repository index")
+        return {i: self.stored[i] for i in ids}
+
+
 def write_manifest(storage, entries: bytes, pieces: list[int], size: int, rec: dict,
-                   backup_id: str = BACKUP_ID) -> None:
-    w = ManifestWriter(storage, backup_id)
+                   backup_id: str = BACKUP_ID, pages: Pages | None = None) -> Pages:
+    pages = pages or Pages()
+    w = ManifestWriter(storage, backup_id, pages.store)
     pos = 0
     for n in pieces:
         w.append(entries[pos:pos + n * ENTRY_SIZE])
         pos += n * ENTRY_SIZE
     w.append(entries[pos:])
     w.close({"block_size": 65536, "size": size, "backup": rec})
+    return pages
+
+
+def write_v1_manifest(storage, entries: bytes, size: int, rec: dict) -> None:
+    """A format-1 manifest as docs/format.md describes it (lvbackup writes format 2 now)."""
+    head = json.dumps({"format": 1, "blocks": len(entries) // ENTRY_SIZE, "block_size": 65536,
+                       "size": size, "backup": rec}).encode()
+    body = (MAGIC_V1 + zstandard.ZstdCompressor(level=3).compress(entries) + head
+            + struct.pack("<I", len(head)))
+    storage.put(manifest_name(BACKUP_ID), body + blake3.blake3(body).digest())
+
+
+def _all(m: Manifest, per: int) -> bytes:
+    return b"".join(e.raw for e in m.entries(per))
 
 
 def test_manifest_round_trip(tmp_path):
@@ -113,32 +147,71 @@ def test_manifest_round_trip(tmp_path):
     entries = entries_for(rng, n)
     size = n * 65536 - 1000
     rec = record(size=size)
-    write_manifest(storage, entries, [1, 7, 300, 4096], size, rec)
+    pages = write_manifest(storage, entries, [1, 7, 300, 4096], size, rec)
     assert storage.exists(manifest_name(BACKUP_ID))
-    m = Manifest(LocalStorage(tmp_path), BACKUP_ID)
-    assert (m.block_size, m.size, m.blocks) == (65536, size, n)
+    m = Manifest(LocalStorage(tmp_path), BACKUP_ID, pages.read)
+    assert (m.format, m.block_size, m.size, m.blocks) == (2, 65536, size, n)
     assert m.record == rec
     for per in (1, 7, 64, 4096, n, n + 5):
         slices = list(m.entries(per))
-        assert all(len(s) == per * ENTRY_SIZE for s in slices[:-1])
-        assert 0 < len(slices[-1]) <= per * ENTRY_SIZE
-        assert b"".join(slices) == entries
+        assert all(len(s) == per for s in slices[:-1])
+        assert 0 < len(slices[-1]) <= per
+        assert b"".join(s.raw for s in slices) == entries
+    rng = random.Random(5)
+    for _ in range(200):  # random access: any run of blocks, one page read each
+        first = rng.randrange(n)
+        count = rng.randrange(1, 700)
+        assert m.entries_at(first, count).raw == entries[first * 48:(first + count) * 48]
+    assert m.entries_at(n - 1, 10).raw == entries[-48:]
+
+
+def test_old_format_1_manifests_stay_readable(tmp_path):
+    storage = LocalStorage(tmp_path)
+    n = 3000
+    entries = entries_for(random.Random(11), n)
+    write_v1_manifest(storage, entries, n * 65536, record())
+    m = Manifest(storage, BACKUP_ID)
+    assert (m.format, m.blocks, m.page_ids()) == (1, n, [])
+    assert _all(m, 100) == entries
+    assert m.entries_at(1234, 99).raw == entries[1234 * 48:1333 * 48]
+    m.close()
 
 
 def test_manifest_layout(tmp_path):
-    """The layout docstring of manifest.py: magic, zstd entry table, JSON header, its length,
-    BLAKE3-256 of everything before it."""
+    """docs/format.md: sealed "LVBMAN02", header length, JSON header, page table; pages are
+    the entry table in pieces of PAGE_ENTRIES entries, each named by its BLAKE3."""
     storage = LocalStorage(tmp_path)
-    entries = entries_for(random.Random(2), 100)
-    write_manifest(storage, entries, [], 100 * 65536, record())
+    n = PAGE_ENTRIES * 2 + 17
+    entries = entries_for(random.Random(2), n)
+    entries = entries[:PAGE_ENTRIES * 48] + HOLE * PAGE_ENTRIES + entries[2 * PAGE_ENTRIES * 48:]
+    pages = write_manifest(storage, entries, [], n * 65536, record())
     data = (tmp_path / manifest_name(BACKUP_ID)).read_bytes()
     assert data[:8] == MAGIC
     assert blake3.blake3(data[:-32]).digest() == data[-32:]
-    hlen = int.from_bytes(data[-36:-32], "little")
-    header = json.loads(data[-36 - hlen:-36])
-    assert header["blocks"] == 100 and header["block_size"] == 65536
-    assert header["backup"]["id"] == BACKUP_ID
-    assert zstandard.ZstdDecompressor().decompressobj().decompress(data[8:-36 - hlen]) == entries
+    hlen = int.from_bytes(data[8:12], "little")
+    header = json.loads(data[12:12 + hlen])
+    assert header["format"] == 2 and header["blocks"] == n and header["block_size"] == 65536
+    assert header["page_entries"] == PAGE_ENTRIES and header["backup"]["id"] == BACKUP_ID
+    table = data[12 + hlen:-32]
+    ids = [table[i:i + 32] for i in range(0, len(table), 32)]
+    assert len(ids) == 3 and ids[1] == NO_PAGE, "an all-hole page is not stored"
+    assert ids[0] == blake3.blake3(entries[:PAGE_ENTRIES * 48]).digest()
+    assert ids[2] == blake3.blake3(entries[2 * PAGE_ENTRIES * 48:]).digest()
+    assert set(pages.stored) == {ids[0], ids[2]}
+
+
+def test_an_incremental_stores_only_the_pages_that_changed(tmp_path):
+    storage = LocalStorage(tmp_path)
+    n = PAGE_ENTRIES * 10
+    entries = entries_for(random.Random(7), n)
+    pages = write_manifest(storage, entries, [], n * 65536, record())
+    assert len(pages.stored) == 10
+    changed = bytearray(entries)
+    changed[5 * PAGE_ENTRIES * 48 + 100] ^= 1
+    write_manifest(storage, bytes(changed), [], n * 65536, record(id=OTHER_ID),
+                   backup_id=OTHER_ID, pages=pages)
+    assert len(pages.stored) == 11
+    assert _all(Manifest(storage, OTHER_ID, pages.read), 999) == bytes(changed)
 
 
 def test_empty_manifest_round_trip(tmp_path):
@@ -146,60 +219,76 @@ def test_empty_manifest_round_trip(tmp_path):
     write_manifest(storage, b"", [], 0, record(size=0))
     m = Manifest(storage, BACKUP_ID)
     assert (m.size, m.blocks) == (0, 0)
-    assert b"".join(m.entries(10)) == b""
+    assert _all(m, 10) == b""
 
 
 def test_manifest_appears_only_on_close(tmp_path):
     storage = LocalStorage(tmp_path)
-    w = ManifestWriter(storage, BACKUP_ID)
+    w = ManifestWriter(storage, BACKUP_ID, Pages().store)
     w.append(entries_for(random.Random(3), 50))
     assert not storage.exists(manifest_name(BACKUP_ID))
     with pytest.raises(CorruptionError, match="missing"):
         Manifest(storage, BACKUP_ID)
-    w.abort()
-    assert not storage.exists(manifest_name(BACKUP_ID))
-    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "abort left files behind"
 
 
-def _manifest_bytes(tmp_path: Path, n: int) -> bytes:
+def _manifest_bytes(tmp_path: Path, n: int) -> tuple[bytes, Pages]:
     storage = LocalStorage(tmp_path)
-    write_manifest(storage, entries_for(random.Random(4), n), [5], n * 65536, record())
-    return (tmp_path / manifest_name(BACKUP_ID)).read_bytes()
+    pages = write_manifest(storage, entries_for(random.Random(4), n), [5], n * 65536, record())
+    return (tmp_path / manifest_name(BACKUP_ID)).read_bytes(), pages
 
 
-def _read_all(storage) -> None:
-    m = Manifest(storage, BACKUP_ID)
+def _read_all(storage, pages: Pages | None = None) -> None:
+    m = Manifest(storage, BACKUP_ID, pages.read if pages else None)
     for _ in m.entries(16):
         pass
 
 
-def test_manifest_any_flipped_bit_is_detected(tmp_path):
-    data = _manifest_bytes(tmp_path, 40)
+@pytest.mark.parametrize("n", [40, 3000])
+def test_manifest_any_flipped_bit_is_detected(tmp_path, n):
+    data, pages = _manifest_bytes(tmp_path, n)
     name = manifest_name(BACKUP_ID)
-    _read_all(BytesStorage({name: data}))  # the pristine one reads
+    _read_all(BytesStorage({name: data}), pages)  # the pristine one reads
+    for pos in sweep_positions(len(data), limit=600):
+        with pytest.raises(CorruptionError):
+            _read_all(BytesStorage({name: flipped(data, pos)}), pages)
+
+
+def test_old_manifest_any_flipped_bit_is_detected(tmp_path):
+    storage = BytesStorage()
+    storage.put = lambda name, data: storage.objects.__setitem__(name, data)
+    write_v1_manifest(storage, entries_for(random.Random(4), 40), 40 * 65536, record())
+    name = manifest_name(BACKUP_ID)
+    data = storage.objects[name]
+    _read_all(storage)
     for pos in sweep_positions(len(data)):
         with pytest.raises(CorruptionError):
             _read_all(BytesStorage({name: flipped(data, pos)}))
 
 
-def test_manifest_flips_in_a_big_manifest(tmp_path):
-    data = _manifest_bytes(tmp_path, 3000)
-    name = manifest_name(BACKUP_ID)
-    for pos in sweep_positions(len(data), limit=600):
-        with pytest.raises(CorruptionError):
-            _read_all(BytesStorage({name: flipped(data, pos)}))
-
-
 def test_manifest_truncated_or_extended_is_detected(tmp_path):
-    data = _manifest_bytes(tmp_path, 200)
+    data, pages = _manifest_bytes(tmp_path, 200)
     name = manifest_name(BACKUP_ID)
-    for cut in {0, 1, 8, 20, 43, 44, len(data) // 2, len(data) - 37, len(data) - 36,
+    for cut in {0, 1, 8, 12, 20, 43, 44, len(data) // 2, len(data) - 37, len(data) - 36,
                 len(data) - 33, len(data) - 32, len(data) - 1}:
         with pytest.raises(CorruptionError):
-            _read_all(BytesStorage({name: data[:cut]}))
+            _read_all(BytesStorage({name: data[:cut]}), pages)
     for extra in (b"\0", b"x" * 100):
         with pytest.raises(CorruptionError):
-            _read_all(BytesStorage({name: data + extra}))
+            _read_all(BytesStorage({name: data + extra}), pages)
+
+
+def test_a_damaged_or_missing_page_is_detected(tmp_path):
+    data, pages = _manifest_bytes(tmp_path, PAGE_ENTRIES + 5)
+    name = manifest_name(BACKUP_ID)
+    first = sorted(pages.stored)[0]
+    short = Pages()
+    short.stored = {k: (v[:-48] if k == first else v) for k, v in pages.stored.items()}
+    with pytest.raises(CorruptionError, match="wrong size"):
+        _read_all(BytesStorage({name: data}), short)
+    gone = Pages()
+    gone.stored = {k: v for k, v in pages.stored.items() if k != first}
+    with pytest.raises(CorruptionError, match="not in the repository index"):
+        _read_all(BytesStorage({name: data}), gone)
 
 
 def test_manifest_of_another_kind_is_refused(tmp_path):
@@ -474,16 +563,30 @@ def doc_read_index(repo: Path) -> dict[bytes, tuple]:
     return found
 
 
+def doc_chunk(repo: Path, index: dict, cid: bytes) -> bytes:
+    """A chunk's plaintext: its pack, byte range, decompressed, checked against its id."""
+    pack_id, off, ln, raw, flags = index[cid]
+    with open(repo / "packs" / pack_id.hex()[:2] / pack_id.hex(), "rb") as f:
+        f.seek(off)
+        blob = f.read(ln)
+    plain = zstandard.ZstdDecompressor().decompress(blob) if flags == 1 else blob
+    assert len(plain) == raw and blake3.blake3(plain).digest() == cid
+    return plain
+
+
 def doc_restore(repo: Path, backup_id: str) -> tuple[dict, bytes]:
-    """Steps 2 and 3: the header and the image of a backup."""
+    """Steps 2 and 3: the header and the image of a backup (format 2)."""
     index = doc_read_index(repo)
-    data = (repo / "manifests" / backup_id).read_bytes()
-    assert data[:8] == b"LVBMAN01"
-    assert blake3.blake3(data[:-32]).digest() == data[-32:]
-    (h,) = struct.unpack("<I", data[-36:-32])
-    header = json.loads(data[-36 - h:-36].decode())
-    table = zstandard.ZstdDecompressor().decompressobj().decompress(data[8:-36 - h])
-    bs, size = header["block_size"], header["size"]
+    payload = doc_unseal(b"LVBMAN02", (repo / "manifests" / backup_id).read_bytes())
+    (h,) = struct.unpack("<I", payload[:4])
+    header = json.loads(payload[4:4 + h].decode())
+    page_ids = payload[4 + h:]
+    bs, size, per = header["block_size"], header["size"], header["page_entries"]
+    table = b""
+    for p in range(0, len(page_ids), 32):
+        pid = page_ids[p:p + 32]
+        n = min(per, header["blocks"] - p // 32 * per)
+        table += bytes(48 * n) if pid == bytes(32) else doc_chunk(repo, index, pid)
     assert len(table) == 48 * header["blocks"]
     out = bytearray()
     for i in range(header["blocks"]):
@@ -492,15 +595,8 @@ def doc_restore(repo: Path, backup_id: str) -> tuple[dict, bytes]:
         if entry == bytes(48):
             out += bytes(n)
             continue
-        pack_id, off, ln, raw, flags = index[entry[16:]]
-        pack = repo / "packs" / pack_id.hex()[:2] / pack_id.hex()
-        with open(pack, "rb") as f:
-            f.seek(off)
-            blob = f.read(ln)
-        plain = zstandard.ZstdDecompressor().decompress(blob) if flags == 1 else blob
-        assert len(plain) == raw == n
-        assert blake3.blake3(plain).digest() == entry[16:]
-        assert xxhash.xxh3_128_digest(plain) == entry[:16]
+        plain = doc_chunk(repo, index, entry[16:])
+        assert len(plain) == n and xxhash.xxh3_128_digest(plain) == entry[:16]
         out += plain
     return header, bytes(out)
 
@@ -531,7 +627,7 @@ def cli_repo(tmp_path_factory):
 
 def test_format_doc_exists_and_names_the_magics():
     text = FORMAT_DOC.read_text()
-    for magic in (MAGIC, INDEX_MAGIC, PACK_MAGIC, PACK_END, REPO_MAGIC):
+    for magic in (MAGIC, MAGIC_V1, INDEX_MAGIC, PACK_MAGIC, PACK_END, REPO_MAGIC):
         assert magic.decode() in text, f"docs/format.md does not mention {magic!r}"
     assert "49 bytes" in text and "48 bytes" in text and "44 bytes" in text
     assert ENTRY_SIZE == 48 and FOOTER.size == 44
@@ -544,7 +640,7 @@ def test_format_doc_reader_restores_every_backup(cli_repo):
     for rec, data in backups:
         header, image = doc_restore(wd.repo, rec["id"])
         assert image == data
-        assert header["format"] == 1 and header["size"] == len(data)
+        assert header["format"] == 2 and header["size"] == len(data)
         assert header["block_size"] == 64 * 1024
         assert set(header["backup"]) == set(DOC_RECORD_FIELDS)
         assert header["backup"]["id"] == rec["id"] and header["backup"]["status"] == "available"

@@ -20,7 +20,6 @@ from typing import Callable
 from ..errors import CorruptionError, LvbackupError
 from ..faults import crash_point
 from ..locks import RunLock
-from ..manifest import ENTRY_SIZE, HOLE, Manifest
 from .index import DAMAGED_PREFIX, parse_damaged_name
 from .pack import ChunkRef, pack_name, read_trailer
 from .repo import Repository
@@ -89,17 +88,17 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
 
 
 def _mark(repo: Repository, db: sqlite3.Connection) -> None:
-    per = 4096
+    """Every chunk a manifest names is live: its pages, and the blocks they list."""
     for name, _ in repo.storage.list("manifests/"):
         try:
-            manifest = Manifest(repo.storage, name.rsplit("/", 1)[1])
+            manifest = repo.manifest(name.rsplit("/", 1)[1])
+            db.executemany("INSERT OR IGNORE INTO live VALUES (?)",
+                           [(pid,) for pid in manifest.page_ids()])
+            for entries in manifest.entries(4096):
+                db.executemany("INSERT OR IGNORE INTO live VALUES (?)",
+                               [(cid,) for _, _, cid in entries.chunks()])
         except CorruptionError as e:
             raise LvbackupError(f"gc stopped before deleting anything: {e}") from None
-        for entries in manifest.entries(per):
-            db.executemany("INSERT OR IGNORE INTO live VALUES (?)",
-                           [(entries[o + 16:o + ENTRY_SIZE],)
-                            for o in range(0, len(entries), ENTRY_SIZE)
-                            if entries[o:o + ENTRY_SIZE] != HOLE])
 
 
 def _load_packs(repo: Repository, db: sqlite3.Connection,

@@ -26,7 +26,9 @@ from ..errors import CorruptionError, UsageError
 from ..faults import crash_point
 from ..locks import run_is_alive
 from ..timeutil import now_iso
+from . import codec
 from .index import ChunkIndex, damaged_name, encode_index
+from .manifest import Manifest
 from .pack import ENTRY, FLAG_ZSTD, ChunkRef, PackBuilder, pack_name, read_trailer
 from .sealed import seal, unseal
 from .storage import LocalStorage, MissingObject, open_storage
@@ -229,6 +231,27 @@ class Repository:
     def packer(self, run_id: str) -> "Packer":
         return Packer(self, run_id)
 
+    # --- manifests ----------------------------------------------------------------------
+
+    def manifest(self, backup_id: str) -> Manifest:
+        """A backup's stored manifest (CorruptionError if missing or damaged)."""
+        return Manifest(self.storage, backup_id, self.read_pages)
+
+    def read_pages(self, ids: list[bytes]) -> dict[bytes, bytes]:
+        """Chunks by id (a manifest's pages), checked against their ids."""
+        refs = self.index.lookup(ids)
+        missing = [i for i in ids if i not in refs]
+        if missing:
+            raise CorruptionError(f"chunk {missing[0].hex()} is not in the repository index")
+        out = {i: bytearray(refs[i].raw_length) for i in set(ids)}
+        try:
+            self.read_chunks_into([(refs[i], memoryview(b), None) for i, b in out.items()])
+        except ChunkError as e:
+            if e.damaged:
+                self.quarantine(e.ref)
+            raise
+        return {i: bytes(b) for i, b in out.items()}
+
 
 class Packer:
     """Collects a run's new chunks into packs, stores them, and indexes them.
@@ -247,7 +270,10 @@ class Packer:
         self.builder = PackBuilder(capacity)
         self._spare: PackBuilder | None = None   # the other buffer, once the writer is done
         self.unindexed: list[tuple[bytes, list[ChunkRef]]] = []
+        # The one count of what a run adds to the repository: stored bytes, and the
+        # plaintext they hold.
         self.stored_bytes = 0
+        self.new_bytes = 0
         self.pack_ids: list[bytes] = []
         # Chunk ids this run stored that the index cache does not list yet. Replaced, never
         # changed in place, so that workers can read them without holding the lock.
@@ -269,12 +295,19 @@ class Packer:
         found = self.repo.index.lookup(candidates, undamaged=True)
         return {i for i in candidates if i not in found}
 
-    def add(self, chunk_id: bytes, blob: bytes, raw_length: int, flags: int) -> None:
+    def add(self, chunk_id: bytes, blob: bytes | memoryview, raw_length: int, flags: int) -> None:
         """Store one chunk (the caller has checked, with missing(), that it is new)."""
         self.builder.add(chunk_id, blob, raw_length, flags)
         self.stored_bytes += len(blob)
+        self.new_bytes += raw_length
         if len(self.builder) >= PACK_TARGET or len(self.builder.entries) >= PACK_MAX_CHUNKS:
             self._hand_off()
+
+    def add_if_missing(self, chunk_id: bytes, plain: bytes, level: int) -> None:
+        """Store `plain` under `chunk_id` unless the repository has it already."""
+        if self.missing([chunk_id]):
+            blob, flags = codec.encode(plain, level)
+            self.add(chunk_id, blob, len(plain), flags)
 
     def flush(self) -> None:
         """Store the current pack now (it is recorded as pending, not yet indexed)."""

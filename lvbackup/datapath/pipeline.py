@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from .diskio import aligned_buffer
+from ..diskio import aligned_buffer
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -1,0 +1,247 @@
+"""The backup data path: a source's blocks into chunks, packs and manifest entries.
+
+The coordinator cuts the source's block map into segments of SEGMENT bytes and hands them
+out with reused buffers; worker threads each read their segment's READ blocks, hash each
+(xxh3-128), skip all-zero blocks (holes) and blocks whose hash equals the parent manifest's
+entry at the same index, name the rest (codec), look them up in the index in one batch, and
+encode only those the repository lacks. HOLE and INHERIT blocks are never read: a hole's
+entry is the hole entry, an inherited block's is the parent's. The coordinator appends the
+results, in order, to the manifest and the packer.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+from collections import deque
+from dataclasses import dataclass, fields
+from typing import Callable, Iterator, NamedTuple
+
+import xxhash
+
+from ..faults import crash_point
+from ..repository import codec
+from ..repository.manifest import HOLE, Entries, Manifest, ManifestWriter, entry
+from ..repository.repo import Packer, Repository
+from .blockmap import BlockSource, Kind, Run, checked
+from .pipeline import BufferPool, ordered_map
+from .restore import ones
+
+SEGMENT = 4 * 1024 * 1024
+DEPTH = 4
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class ScanStats:
+    bytes_read: int = 0
+    hole_bytes: int = 0        # all-zero blocks, and holes the source reported (not read)
+    unchanged_bytes: int = 0   # equal to the parent's block, or inherited: not stored
+    reused_bytes: int = 0      # already in the repository (dedup, or packs a dead run left)
+    new_bytes: int = 0         # plaintext of the chunks this backup stored
+    stored_bytes: int = 0      # what this backup added to the repository (its packer's count)
+
+    def add(self, other: "ScanStats") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+class _Segment(NamedTuple):
+    first_block: int
+    offset: int                # in bytes
+    length: int
+    kinds: bytearray           # per block: a Kind
+    buf: mmap.mmap
+    parent: Entries            # the parent's entries for these blocks (may be short or empty)
+
+
+class _Analyzed(NamedTuple):
+    entries: bytes
+    new: list[tuple[bytes, memoryview | bytes, int, int]]   # (chunk id, blob, plaintext
+    stats: ScanStats                                        #  length, flags)
+    length: int
+    buf: mmap.mmap             # the segment's buffer, which raw blobs are views of
+
+
+_zeros: dict[int, tuple[bytes, bytes]] = {}   # block length -> (zero block, its xxh3-128)
+
+
+def _is_hole(block: memoryview, digest: bytes) -> bool:
+    n = len(block)
+    zero = _zeros.get(n)
+    if zero is None:
+        z = bytes(n)
+        zero = _zeros[n] = (z, xxhash.xxh3_128_digest(z))
+    # The digest keeps the byte comparison off non-zero blocks; the comparison keeps a
+    # crafted xxh3 collision from passing for a hole. startswith() compares without a copy.
+    return digest == zero[1] and zero[0].startswith(block)
+
+
+def runs_of(kinds: bytearray, kind: Kind) -> Iterator[tuple[int, int]]:
+    """The [first, end) index ranges where kinds[i] == kind."""
+    return ones(kinds.translate(_MASKS[kind]))
+
+
+_MASKS = {k: bytes(int(i == k) for i in range(256)) for k in Kind}
+
+
+def _segment_kinds(runs: Iterator[Run], per_seg: int, nblocks: int) -> Iterator[bytearray]:
+    """The block map cut into per-segment kind arrays."""
+    run: Run | None = None
+    for first in range(0, nblocks, per_seg):
+        kinds = bytearray()
+        want = min(per_seg, nblocks - first)
+        while len(kinds) < want:
+            if run is None or run.count == 0:
+                run = next(runs)
+            take = min(run.count, want - len(kinds))
+            kinds += bytes([run.kind]) * take
+            run = Run(run.kind, run.first + take, run.count - take)
+        yield kinds
+    for _ in runs:  # let the map's own checks run to its end
+        pass
+
+
+def write_backup(repo: Repository, source: BlockSource, parent: Manifest | None,
+                 backup_id: str, finish: Callable[[ScanStats], dict], *, workers: int,
+                 level: int, progress: Callable[[int, Packer], None] | None = None
+                 ) -> ScanStats:
+    """Back `source` up as `backup_id`: its chunks and manifest pages into packs, indexed,
+    then its manifest, whose record `finish(stats)` returns once everything else is stored
+    (it may raise to refuse the backup: nothing then names what was stored). Killed or
+    failed at any point, what was stored is indexed for a rerun to reuse."""
+    packer = repo.packer(backup_id)
+    writer = ManifestWriter(repo.storage, backup_id,
+                            lambda page_id, page: packer.add_if_missing(page_id, page, level))
+    try:
+        stats = backup_blocks(repo, packer, source, parent, writer, workers=workers,
+                              level=level,
+                              progress=(lambda done: progress(done, packer)) if progress else None)
+        writer.flush()
+        packer.commit()
+        stats.stored_bytes = packer.stored_bytes
+        record = finish(stats)
+        writer.close({"block_size": repo.block_size, "size": source.size, "backup": record})
+        crash_point("manifest-written")
+    except BaseException:
+        try:  # index what this run did store, so a rerun reuses it
+            packer.commit()
+        except Exception:  # noqa: BLE001 - the original failure is the one to report
+            pass
+        raise
+    return stats
+
+
+def backup_blocks(repo: Repository, packer: Packer, source: BlockSource,
+                  parent: Manifest | None, out: ManifestWriter, *, workers: int, level: int,
+                  progress: Progress | None = None) -> ScanStats:
+    """Read `source` into `out` and `packer`; return what was read and stored."""
+    bs, size = repo.block_size, source.size
+    per_seg = max(1, SEGMENT // bs)
+    seg_bytes = per_seg * bs
+    nblocks = (size + bs - 1) // bs
+    stop = threading.Event()
+    buffers = BufferPool(DEPTH + 2, seg_bytes, stop)
+    runs = checked(source.block_map(bs), size, bs, parent.size if parent else None)
+    parent_entries = parent.entries(per_seg) if parent is not None else iter(())
+    # Unchanged blocks whose chunk was found damaged are stored again, not inherited.
+    damaged = repo.index.damaged_ids() if parent is not None else set()
+
+    def segments() -> Iterator[_Segment]:
+        for first, kinds in zip(range(0, nblocks, per_seg), _segment_kinds(runs, per_seg, nblocks)):
+            offset = first * bs
+            pe = next(parent_entries, Entries(b""))
+            if damaged:
+                for i, j in runs_of(kinds, Kind.INHERIT):
+                    for k in range(i, j):
+                        if k >= len(pe) or pe.chunk_id(k) in damaged:
+                            kinds[k] = Kind.READ
+            yield _Segment(first, offset, min(seg_bytes, size - offset), kinds,
+                           buffers.get(), pe)
+
+    def analyze(seg: _Segment) -> _Analyzed:
+        # Workers read their own segments: reads from several threads keep up with the
+        # hashing where one reader thread could not.
+        try:
+            view = memoryview(seg.buf)
+            for i, j in runs_of(seg.kinds, Kind.READ):
+                source.readinto(view[i * bs:min(j * bs, seg.length)], seg.offset + i * bs)
+            crash_point("read-segment")
+            return _analyze(seg, bs, packer, level, damaged)
+        except BaseException:
+            buffers.put(seg.buf)
+            raise
+
+    total = ScanStats()
+    recent: deque[set[bytes]] = deque(maxlen=DEPTH + workers + 2)
+    done = 0
+    try:
+        for result in ordered_map(analyze, segments(), workers, DEPTH, stop):
+            out.append(result.entries)
+            added: set[bytes] = set()
+            for cid, blob, raw_len, flags in result.new:
+                # A chunk another in-flight segment already stored (its lookup came first).
+                if cid in added or any(cid in s for s in recent):
+                    result.stats.new_bytes -= raw_len
+                    result.stats.reused_bytes += raw_len
+                    continue
+                packer.add(cid, blob, raw_len, flags)
+                added.add(cid)
+            recent.append(added)
+            buffers.put(result.buf)  # raw blobs were views of it; the packer copied them
+            total.add(result.stats)
+            done += result.length
+            if progress:
+                progress(done)
+    finally:
+        stop.set()
+    return total
+
+
+def _analyze(seg: _Segment, bs: int, packer: Packer, level: int,
+             damaged: set[bytes]) -> _Analyzed:
+    view = memoryview(seg.buf)
+    entries = bytearray()
+    candidates: dict[bytes, memoryview] = {}
+    stats = ScanStats()
+    pe = seg.parent
+    for i, off in enumerate(range(0, seg.length, bs)):
+        kind = seg.kinds[i]
+        n = min(bs, seg.length - off)
+        if kind == Kind.HOLE:
+            entries += HOLE
+            stats.hole_bytes += n
+            continue
+        if kind == Kind.INHERIT:
+            entries += pe.entry(i)
+            stats.unchanged_bytes += n
+            continue
+        block = view[off:off + n]
+        stats.bytes_read += n
+        digest = xxhash.xxh3_128_digest(block)
+        if _is_hole(block, digest):
+            entries += HOLE
+            stats.hole_bytes += n
+            continue
+        if i < len(pe) and pe.digest(i) == digest and not pe.is_hole(i) \
+                and pe.chunk_id(i) not in damaged:
+            entries += pe.entry(i)
+            stats.unchanged_bytes += n
+            continue
+        cid = codec.chunk_id(block)
+        entries += entry(digest, cid)
+        if cid in candidates:
+            stats.reused_bytes += n
+        else:
+            candidates[cid] = block
+    new = []
+    missing = packer.missing(list(candidates)) if candidates else set()
+    for cid, block in candidates.items():
+        if cid not in missing:
+            stats.reused_bytes += len(block)
+            continue
+        blob, flags = codec.encode(block, level)
+        new.append((cid, blob, len(block), flags))
+        stats.new_bytes += len(block)
+    return _Analyzed(bytes(entries), new, stats, seg.length, seg.buf)

@@ -1,0 +1,150 @@
+"""What a backup reads: a source's block map and its bytes.
+
+A source hands the data path a block map: runs of blocks, each one
+- HOLE: not read; recorded as a hole (the source knows it reads as zeros),
+- READ: read, hashed and stored if new,
+- INHERIT: not read; the parent manifest's entry is copied (the source knows the block is
+  unchanged since the parent backup, e.g. from LVM's own change tracking).
+The runs cover the volume's blocks in order. `BlockSource` is all the data path needs; a
+change-tracking source is a BlockSource whose map says INHERIT where nothing changed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from enum import IntEnum
+from typing import Iterator, NamedTuple, Protocol
+
+from ..errors import LvbackupError, UsageError
+
+
+class Kind(IntEnum):
+    HOLE = 0
+    READ = 1
+    INHERIT = 2
+
+
+class Run(NamedTuple):
+    kind: Kind
+    first: int     # block index
+    count: int
+
+
+class BlockSource(Protocol):
+    size: int
+
+    def block_map(self, block_size: int) -> Iterator[Run]:
+        """Runs covering blocks 0 .. ceil(size / block_size) - 1, in order."""
+        ...
+
+    def readinto(self, view: memoryview, offset: int) -> None:
+        """Fill `view` with the bytes at `offset` (all of them, or raise)."""
+        ...
+
+
+def source_ended(at: int, end: int) -> LvbackupError:
+    return LvbackupError(f"the source ended at byte {at}, before its size of {end}+ bytes")
+
+
+def source_size(fd: int) -> int:
+    """Size in bytes of an open regular file or block device."""
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+class FileBlocks:
+    """A regular file or block device: holes where the filesystem reports them
+    (SEEK_DATA / SEEK_HOLE), everything else read."""
+
+    def __init__(self, fd: int, size: int | None = None):
+        self.fd = fd
+        self.size = source_size(fd) if size is None else size
+
+    def block_map(self, block_size: int) -> Iterator[Run]:
+        nblocks = -(-self.size // block_size)
+        pos = 0   # in blocks: what the runs yielded so far cover
+        for start, stop in self._data_extents():
+            first, last = start // block_size, min(nblocks, -(-stop // block_size))
+            if last <= pos:
+                continue
+            first = max(first, pos)
+            if first > pos:
+                yield Run(Kind.HOLE, pos, first - pos)
+            yield Run(Kind.READ, first, last - first)
+            pos = last
+        if pos < nblocks:
+            # A trailing hole, or the end of a source that shrank under the backup.
+            now = source_size(self.fd)
+            if now < self.size:
+                raise source_ended(now, self.size)
+            yield Run(Kind.HOLE, pos, nblocks - pos)
+
+    def _data_extents(self) -> Iterator[tuple[int, int]]:
+        """[start, stop) byte ranges that may hold data (a device, or a filesystem
+        without SEEK_DATA: all of it)."""
+        pos = 0
+        while pos < self.size:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+                hole = os.lseek(self.fd, data, os.SEEK_HOLE) if data < self.size else self.size
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos
+                    return
+                if pos == 0:
+                    yield 0, self.size
+                    return
+                raise
+            if data >= self.size:
+                return
+            yield data, min(hole, self.size)
+            pos = max(hole, data + 1)
+
+    def readinto(self, view: memoryview, offset: int) -> None:
+        """Pages this read brings into the page cache are dropped again afterwards (a backup
+        should not evict the machine's working set with a volume's worth of data it reads
+        once); pages that were cached already, which a first read with RWF_NOWAIT finds,
+        are someone else's and are left alone."""
+        stop = len(view)
+        got = 0
+        try:
+            got = os.preadv(self.fd, [view], offset, os.RWF_NOWAIT)
+        except (OSError, AttributeError):
+            pass  # nothing cached there, or no RWF_NOWAIT for this file: read it all
+        loaded = got
+        while got < stop:
+            n = os.preadv(self.fd, [view[got:]], offset + got)
+            if n == 0:
+                raise source_ended(offset + got, offset + stop)
+            got += n
+        if loaded < stop:
+            try:
+                os.posix_fadvise(self.fd, offset + loaded, stop - loaded,
+                                 os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass  # not every file supports it; the backup does not depend on it
+
+
+def checked(runs: Iterator[Run], size: int, block_size: int,
+            parent_size: int | None) -> Iterator[Run]:
+    """The runs, refused (UsageError) where they do not cover the blocks in order, or
+    inherit without a parent or beyond what the parent holds: a block can be inherited
+    only if the parent had all of its bytes, or both end inside it at the same byte."""
+    nblocks = -(-size // block_size)
+    pos = 0
+    for run in runs:
+        if run.first != pos or run.count <= 0:
+            raise UsageError(f"block map: a run at block {run.first} does not continue "
+                             f"at block {pos}")
+        end = run.first + run.count
+        if end > nblocks:
+            raise UsageError(f"block map reaches block {end - 1} of a {nblocks}-block volume")
+        if run.kind == Kind.INHERIT:
+            if parent_size is None:
+                raise UsageError("block map: blocks to inherit, but the backup has no parent")
+            if end * block_size > parent_size and not (end == nblocks and parent_size == size):
+                raise UsageError(f"block map: blocks {run.first}-{end - 1} to inherit reach "
+                                 f"past the parent's size of {parent_size} bytes")
+        pos = end
+        yield run
+    if pos != nblocks:
+        raise UsageError(f"block map covers {pos} of {nblocks} blocks")

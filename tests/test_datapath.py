@@ -1,0 +1,185 @@
+"""The data path as a library: block maps (hole / read / inherit), backups and restores
+through it, and random-access reads of a backup."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from lvbackup.datapath.backup import ScanStats, write_backup
+from lvbackup.datapath.blockmap import FileBlocks, Kind, Run
+from lvbackup.datapath.reader import BackupReader
+from lvbackup.datapath.restore import BlockError, restore_blocks
+from lvbackup.errors import UsageError
+from lvbackup.repository.manifest import PAGE_ENTRIES
+from lvbackup.repository.repo import Repository
+
+BS = 64 * 1024
+
+
+@pytest.fixture
+def repo(tmp_path) -> Iterator[Repository]:
+    r, _ = Repository.init(tmp_path / "repo", tmp_path / "cache", BS)
+    yield r
+    r.close()
+
+
+class MemorySource:
+    """A source in memory with a given block map; reading any block the map does not mark
+    READ fails with EIO, as a device would that must not be touched there."""
+
+    def __init__(self, data: bytes, runs: list[Run]):
+        self.data, self.size, self.runs = data, len(data), runs
+        self.read_blocks: set[int] = set()
+
+    def block_map(self, block_size: int) -> Iterator[Run]:
+        yield from self.runs
+
+    def readinto(self, view: memoryview, offset: int) -> None:
+        for b in range(offset // BS, (offset + len(view) - 1) // BS + 1):
+            if not any(r.kind == Kind.READ and r.first <= b < r.first + r.count
+                       for r in self.runs):
+                raise OSError(errno.EIO, "Input/output error (block outside the READ runs)")
+            self.read_blocks.add(b)
+        view[:] = self.data[offset:offset + len(view)]
+
+
+def backup(repo: Repository, source, parent_id: str | None = None) -> str:
+    backup_id = str(uuid.uuid4())
+    parent = repo.manifest(parent_id) if parent_id else None
+
+    def finish(stats: ScanStats) -> dict:
+        return {"id": backup_id, "stored_bytes": stats.stored_bytes}
+
+    write_backup(repo, source, parent, backup_id, finish, workers=2, level=1)
+    return backup_id
+
+
+def restored(repo: Repository, backup_id: str) -> bytes:
+    m = repo.manifest(backup_id)
+    return b"".join(bytes(seg.view) for seg in restore_blocks(repo, m, workers=2,
+                                                               fill_holes=True))
+
+
+def image(blocks: int, seed: int) -> bytearray:
+    rng = random.Random(seed)
+    return bytearray(b"".join(rng.randbytes(BS // 2) + bytes(BS // 2) for _ in range(blocks)))
+
+
+def test_inherited_blocks_are_never_read_and_restore_bit_exact(repo):
+    n = 200
+    old = image(n, 1)
+    full = backup(repo, MemorySource(bytes(old), [Run(Kind.READ, 0, n)]))
+    new = bytearray(old)
+    for b in (3, 4, 150):
+        new[b * BS:b * BS + 100] = os.urandom(100)
+    new[180 * BS:181 * BS] = bytes(BS)  # discarded: the source says it reads as zeros
+    runs = [Run(Kind.INHERIT, 0, 3), Run(Kind.READ, 3, 2), Run(Kind.INHERIT, 5, 145),
+            Run(Kind.READ, 150, 1), Run(Kind.INHERIT, 151, 29), Run(Kind.HOLE, 180, 1),
+            Run(Kind.INHERIT, 181, 19)]
+    src = MemorySource(bytes(new), runs)
+    incr = backup(repo, src, full)
+    assert src.read_blocks == {3, 4, 150}
+    assert restored(repo, incr) == bytes(new)
+    assert restored(repo, full) == bytes(old)
+
+
+def test_a_map_that_inherits_without_a_parent_is_refused(repo):
+    data = bytes(image(4, 2))
+    with pytest.raises(UsageError, match="no parent"):
+        backup(repo, MemorySource(data, [Run(Kind.READ, 0, 2), Run(Kind.INHERIT, 2, 2)]))
+
+
+def test_a_map_that_inherits_past_the_parent_is_refused(repo):
+    old = bytes(image(4, 3))
+    full = backup(repo, MemorySource(old, [Run(Kind.READ, 0, 4)]))
+    grown = old + bytes(image(2, 4))
+    with pytest.raises(UsageError, match="past the parent"):
+        backup(repo, MemorySource(grown, [Run(Kind.INHERIT, 0, 6)]), full)
+    # A parent that ends inside a block: that block cannot be inherited into a longer one.
+    short = old[:-100]
+    part = backup(repo, MemorySource(short, [Run(Kind.READ, 0, 4)]))
+    with pytest.raises(UsageError, match="past the parent"):
+        backup(repo, MemorySource(old, [Run(Kind.INHERIT, 0, 4)]), part)
+    # The same size as the parent: its last, short block can be.
+    again = backup(repo, MemorySource(short, [Run(Kind.INHERIT, 0, 4)]), part)
+    assert restored(repo, again) == short
+
+
+@pytest.mark.parametrize("runs", [
+    [Run(Kind.READ, 0, 3)],                             # does not cover the volume
+    [Run(Kind.READ, 0, 2), Run(Kind.READ, 3, 1)],       # a gap
+    [Run(Kind.READ, 0, 5)],                             # past the end
+])
+def test_a_map_that_does_not_cover_the_blocks_in_order_is_refused(repo, runs):
+    with pytest.raises(UsageError, match="block map"):
+        backup(repo, MemorySource(bytes(image(4, 5)), runs))
+
+
+def test_file_source_reports_holes_and_reads_the_rest(tmp_path, repo):
+    path = tmp_path / "sparse.img"
+    data = bytes(image(8, 6))
+    with open(path, "wb") as f:
+        f.write(data[:2 * BS])
+        f.seek(6 * BS)
+        f.write(data[6 * BS:])
+    expected = data[:2 * BS] + bytes(4 * BS) + data[6 * BS:]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        blocks = FileBlocks(fd)
+        runs = list(blocks.block_map(BS))
+        assert Run(Kind.HOLE, 2, 4) in runs and sum(r.count for r in runs) == 8
+        backup_id = backup(repo, blocks)
+    finally:
+        os.close(fd)
+    assert restored(repo, backup_id) == expected
+
+
+def test_reader_serves_any_range(repo):
+    n = PAGE_ENTRIES + 40   # more than one manifest page
+    data = bytes(image(n, 7))[:-333]
+    backup_id = backup(repo, MemorySource(data, [Run(Kind.READ, 0, n)]))
+    reader = BackupReader(repo, repo.manifest(backup_id), cache_bytes=4 * BS)
+    rng = random.Random(8)
+    for _ in range(300):
+        off = rng.randrange(len(data))
+        length = rng.randrange(0, min(3 * BS, len(data) - off) + 1)
+        assert reader.read(off, length) == data[off:off + length]
+    assert reader.read(len(data) - 10, 10) == data[-10:]
+    assert reader.read(0, len(data)) == data
+    assert reader._cached <= 4 * BS + BS, "the cache stays bounded"
+    with pytest.raises(UsageError, match="outside"):
+        reader.read(len(data) - 10, 11)
+
+
+def test_reader_gives_an_error_not_wrong_data_for_a_damaged_chunk(repo, tmp_path):
+    data = bytes(image(10, 9))
+    backup_id = backup(repo, MemorySource(data, [Run(Kind.READ, 0, 10)]))
+    m = repo.manifest(backup_id)
+    cid = m.entries_at(4, 1).chunk_id(0)
+    ref = repo.index.lookup([cid])[cid]
+    pack = next(p for p in (tmp_path / "repo" / "packs").rglob("*") if p.name == ref.pack_id.hex())
+    raw = bytearray(pack.read_bytes())
+    raw[ref.offset + ref.length // 2] ^= 0xFF
+    pack.chmod(0o644)
+    pack.write_bytes(bytes(raw))
+    repo.storage.close()   # drop cached descriptors of the old file
+    reader = BackupReader(repo, m)
+    assert reader.read(0, 4 * BS) == data[:4 * BS]
+    with pytest.raises(BlockError, match="block 4"):
+        reader.read(4 * BS + 10, 10)
+
+
+def test_a_long_hole_costs_no_pages(repo):
+    n = PAGE_ENTRIES * 4
+    data = bytes(n * BS)
+    backup_id = backup(repo, MemorySource(data, [Run(Kind.HOLE, 0, n)]))
+    m = repo.manifest(backup_id)
+    assert m.page_ids() == [] and m.blocks == n
+    assert restored(repo, backup_id) == data
