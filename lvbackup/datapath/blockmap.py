@@ -59,6 +59,13 @@ class FileBlocks:
     def __init__(self, fd: int, size: int | None = None):
         self.fd = fd
         self.size = source_size(fd) if size is None else size
+        try:
+            # No readahead on this descriptor: segments are read in big requests anyway,
+            # and readahead past a segment would put pages in the cache that the next
+            # segment's RWF_NOWAIT probe takes for someone else's, and leaves there.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        except OSError:
+            pass
 
     def block_map(self, block_size: int) -> Iterator[Run]:
         nblocks = -(-self.size // block_size)
