@@ -11,6 +11,7 @@ filesystems), or one write is not aligned, the file falls back to ordinary buffe
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -68,3 +69,32 @@ def pwrite_all(fd: int, data: memoryview, pos: int, padded: memoryview | None = 
             if e.errno != errno.EINVAL or not _drop_direct(fd):
                 raise
             out = data  # unaligned for this filesystem: the rest goes through the cache
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_LOW_BIT = bytes(i & 1 for i in range(256))
+
+
+def resident_pages(fd: int, offset: int, length: int) -> bytes | None:
+    """Per page of [offset, offset + length) (offset page-aligned), 1 if it is in the page
+    cache now; None where that cannot be told (a file that cannot be mapped). mincore over
+    a mapping asks without reading anything, where a read with RWF_NOWAIT may itself start
+    the I/O it then reports as cached."""
+    if length <= 0 or offset % mmap.PAGESIZE:
+        return None
+    addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+    if addr in (None, _MAP_FAILED):
+        return None
+    try:
+        vec = ctypes.create_string_buffer(-(-length // mmap.PAGESIZE))
+        if _libc.mincore(addr, length, vec) != 0:
+            return None
+        return vec.raw.translate(_LOW_BIT)
+    finally:
+        _libc.munmap(addr, length)

@@ -24,8 +24,8 @@ from . import events as ev
 from . import lvm
 from .catalog import COLUMNS, Catalog, choose_parent, to_record
 from .datapath.backup import ScanStats, write_backup
-from .datapath.blockmap import FileBlocks, source_size
-from .datapath.restore import Restored, ones, restore_blocks
+from .datapath.blockmap import FileBlocks, ones, source_size
+from .datapath.restore import Restored, restore_blocks
 from .config import Config
 from .diskio import ALIGN, open_file, pwrite_all
 from .faults import crash_point

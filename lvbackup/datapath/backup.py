@@ -23,9 +23,8 @@ from ..faults import crash_point
 from ..repository import codec
 from ..repository.manifest import HOLE, Entries, Manifest, ManifestWriter, entry
 from ..repository.repo import Packer, Repository
-from .blockmap import BlockSource, Kind, Run, checked
+from .blockmap import BlockSource, Kind, Run, checked, ones
 from .pipeline import BufferPool, ordered_map
-from .restore import ones
 
 SEGMENT = 4 * 1024 * 1024
 DEPTH = 4

@@ -12,10 +12,12 @@ change-tracking source is a BlockSource whose map says INHERIT where nothing cha
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from enum import IntEnum
 from typing import Iterator, NamedTuple, Protocol
 
+from ..diskio import resident_pages
 from ..errors import LvbackupError, UsageError
 
 
@@ -62,7 +64,7 @@ class FileBlocks:
         try:
             # No readahead on this descriptor: segments are read in big requests anyway,
             # and readahead past a segment would put pages in the cache that the next
-            # segment's RWF_NOWAIT probe takes for someone else's, and leaves there.
+            # segment's look at the cache takes for someone else's, and leaves there.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         except OSError:
             pass
@@ -109,26 +111,36 @@ class FileBlocks:
     def readinto(self, view: memoryview, offset: int) -> None:
         """Pages this read brings into the page cache are dropped again afterwards (a backup
         should not evict the machine's working set with a volume's worth of data it reads
-        once); pages that were cached already, which a first read with RWF_NOWAIT finds,
-        are someone else's and are left alone."""
+        once); pages that were cached already are someone else's and are left alone."""
         stop = len(view)
+        resident = resident_pages(self.fd, offset, stop)
         got = 0
-        try:
-            got = os.preadv(self.fd, [view], offset, os.RWF_NOWAIT)
-        except (OSError, AttributeError):
-            pass  # nothing cached there, or no RWF_NOWAIT for this file: read it all
-        loaded = got
         while got < stop:
             n = os.preadv(self.fd, [view[got:]], offset + got)
             if n == 0:
                 raise source_ended(offset + got, offset + stop)
             got += n
-        if loaded < stop:
+        page = mmap.PAGESIZE
+        absent = [(0, -(-stop // page))] if resident is None else ones(resident.translate(_NOT))
+        for i, j in absent:
             try:
-                os.posix_fadvise(self.fd, offset + loaded, stop - loaded,
+                os.posix_fadvise(self.fd, offset + i * page, (j - i) * page,
                                  os.POSIX_FADV_DONTNEED)
             except OSError:
                 pass  # not every file supports it; the backup does not depend on it
+
+
+_NOT = bytes([1]) + bytes(255)   # translate: 0 (not cached) -> 1
+
+
+def ones(flags: bytes | bytearray) -> Iterator[tuple[int, int]]:
+    """The [first, end) index ranges whose flags are 1."""
+    i = flags.find(1)
+    while i != -1:
+        j = flags.find(0, i)
+        j = len(flags) if j == -1 else j
+        yield i, j
+        i = flags.find(1, j)
 
 
 def checked(runs: Iterator[Run], size: int, block_size: int,

@@ -15,6 +15,7 @@ from ..errors import CorruptionError
 from ..repository.manifest import Entries, Manifest
 from ..repository.pack import ChunkRef
 from ..repository.repo import ChunkError, Repository
+from .blockmap import ones
 from .pipeline import BufferPool, ordered_map
 
 SEGMENT = 4 * 1024 * 1024
@@ -23,16 +24,6 @@ DEPTH = 4
 
 class BlockError(CorruptionError):
     pass
-
-
-def ones(flags: bytes | bytearray) -> Iterator[tuple[int, int]]:
-    """The [first, end) index ranges whose flags are 1."""
-    i = flags.find(1)
-    while i != -1:
-        j = flags.find(0, i)
-        j = len(flags) if j == -1 else j
-        yield i, j
-        i = flags.find(1, j)
 
 
 class Restored(NamedTuple):

@@ -4,7 +4,7 @@ targets on each filesystem users keep them on, under the kernel users run (docs/
 
 Each kernel- and filesystem-dependent call of the data path is on this path: O_DIRECT pack
 writes and restores (set after the open; refused by tmpfs before Linux 6.6), O_EXCL
-temporary files, SEEK_DATA/SEEK_HOLE on the source, RWF_NOWAIT and POSIX_FADV_DONTNEED
+temporary files, SEEK_DATA/SEEK_HOLE on the source, mincore and POSIX_FADV_RANDOM/DONTNEED
 while reading, sparse restores (holes skipped, then ftruncate), F_SETPIPE_SZ on a restore
 to a pipe, BLKGETSIZE64 and O_EXCL on a loop device as source and target, and fsync of
 files and directories.
