@@ -54,6 +54,9 @@ def source_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
+_HOLE_STEP = 4 * 1024 * 1024
+
+
 class FileBlocks:
     """A regular file or block device: holes where the filesystem reports them
     (SEEK_DATA / SEEK_HOLE), everything else read."""
@@ -77,16 +80,21 @@ class FileBlocks:
             if last <= pos:
                 continue
             first = max(first, pos)
-            if first > pos:
-                yield Run(Kind.HOLE, pos, first - pos)
+            yield from self._holes(pos, first, block_size)
             yield Run(Kind.READ, first, last - first)
             pos = last
-        if pos < nblocks:
-            # A trailing hole, or the end of a source that shrank under the backup.
+        yield from self._holes(pos, nblocks, block_size)
+
+    def _holes(self, first: int, end: int, block_size: int) -> Iterator[Run]:
+        """HOLE runs over [first, end), a few MiB at a time, each after checking that the
+        file has not shrunk: the map is read just ahead of the backup, so a source that
+        ends early under it is caught even where there is nothing to read."""
+        step = max(1, _HOLE_STEP // block_size)
+        for pos in range(first, end, step):
             now = source_size(self.fd)
             if now < self.size:
                 raise source_ended(now, self.size)
-            yield Run(Kind.HOLE, pos, nblocks - pos)
+            yield Run(Kind.HOLE, pos, min(step, end - pos))
 
     def _data_extents(self) -> Iterator[tuple[int, int]]:
         """[start, stop) byte ranges that may hold data (a device, or a filesystem

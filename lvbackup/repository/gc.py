@@ -21,6 +21,7 @@ from ..errors import CorruptionError, LvbackupError
 from ..faults import crash_point
 from ..locks import RunLock
 from .index import DAMAGED_PREFIX, parse_damaged_name
+from .manifest import Manifest
 from .pack import ChunkRef, pack_name, read_trailer
 from .repo import Repository
 
@@ -46,10 +47,10 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
             CREATE TABLE pack (id BLOB PRIMARY KEY, bytes INT, live_bytes INT, fate TEXT,
                                readable INT);
         """)
-        _mark(repo, db)
         unreadable = _load_packs(repo, db, progress)
         db.execute("CREATE INDEX chunk_pack ON chunk(pack)")
         db.execute("CREATE INDEX chunk_id ON chunk(id)")
+        _mark(repo, db)
         db.execute("UPDATE pack SET live_bytes = (SELECT coalesce(sum(c.length), 0) FROM chunk c "
                    "JOIN live l ON l.id = c.id WHERE c.pack = pack.id)")
         db.execute("UPDATE pack SET fate = CASE WHEN NOT readable THEN 'keep' "
@@ -88,10 +89,21 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
 
 
 def _mark(repo: Repository, db: sqlite3.Connection) -> None:
-    """Every chunk a manifest names is live: its pages, and the blocks they list."""
+    """Every chunk a manifest names is live: its pages, and the blocks they list. Pages are
+    found through the packs' own trailers (loaded first), not the index that gc rebuilds."""
+    def read_pages(ids: list[bytes]) -> dict[bytes, bytes]:
+        refs = []
+        for cid in ids:
+            row = db.execute("SELECT id, pack, offset, length, raw, flags FROM chunk "
+                             "WHERE id = ? LIMIT 1", (cid,)).fetchone()
+            if row is None:
+                raise CorruptionError(f"chunk {cid.hex()} is in no pack")
+            refs.append(ChunkRef(*row))
+        return repo.read_checked(refs)
+
     for name, _ in repo.storage.list("manifests/"):
         try:
-            manifest = repo.manifest(name.rsplit("/", 1)[1])
+            manifest = Manifest(repo.storage, name.rsplit("/", 1)[1], read_pages)
             db.executemany("INSERT OR IGNORE INTO live VALUES (?)",
                            [(pid,) for pid in manifest.page_ids()])
             for entries in manifest.entries(4096):

@@ -234,7 +234,9 @@ class Manifest:
         try:
             got = self._read_pages(wanted) if wanted and self._read_pages else {}
         except CorruptionError as e:
-            raise CorruptionError(f"{self.what}: {e}") from None
+            last = min(self.blocks, (first + count) * self.page_entries) - 1
+            raise CorruptionError(f"{self.what}, entries of blocks {first * self.page_entries}"
+                                  f"-{last}: {e}") from None
         out = []
         for p, pid in zip(range(first, first + count), ids):
             page = bytes(self._page_len(p)) if pid == NO_PAGE else got.get(pid)

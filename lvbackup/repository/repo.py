@@ -238,19 +238,25 @@ class Repository:
         return Manifest(self.storage, backup_id, self.read_pages)
 
     def read_pages(self, ids: list[bytes]) -> dict[bytes, bytes]:
-        """Chunks by id (a manifest's pages), checked against their ids."""
+        """Chunks by id (a manifest's pages), found through the index, checked against
+        their ids."""
         refs = self.index.lookup(ids)
         missing = [i for i in ids if i not in refs]
         if missing:
             raise CorruptionError(f"chunk {missing[0].hex()} is not in the repository index")
-        out = {i: bytearray(refs[i].raw_length) for i in set(ids)}
+        return self.read_checked(list(refs.values()))
+
+    def read_checked(self, refs: list[ChunkRef]) -> dict[bytes, bytes]:
+        """The plaintexts of these chunks by id, checked against their ids; a damaged copy
+        is quarantined (and ChunkError raised)."""
+        out = {r.chunk_id: (r, bytearray(r.raw_length)) for r in refs}
         try:
-            self.read_chunks_into([(refs[i], memoryview(b), None) for i, b in out.items()])
+            self.read_chunks_into([(r, memoryview(b), None) for r, b in out.values()])
         except ChunkError as e:
             if e.damaged:
                 self.quarantine(e.ref)
             raise
-        return {i: bytes(b) for i, b in out.items()}
+        return {i: bytes(b) for i, (_, b) in out.items()}
 
 
 class Packer:
