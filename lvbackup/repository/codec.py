@@ -1,7 +1,7 @@
 """How data becomes stored bytes and back: a block into a chunk blob, and a small object's
 payload into its stored form.
 
-Every transformation between plaintext and what the repository holds lives here (naming,
+Every transformation between plaintext and what the repository holds belongs here (naming,
 compression, checksums, the sealed envelope), so that a new stage such as encryption is a
 change to this module alone. Callers see flags, blobs and verdicts, never the algorithms.
 
@@ -30,7 +30,7 @@ FLAG_RAW = 0
 FLAG_ZSTD = 1
 
 _HASH_LEN = 32
-_OBJECT_LEVEL = 3
+_OBJECT_LEVEL = 3   # zstd's default: objects are small, their ratio matters more than speed
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
