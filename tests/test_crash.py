@@ -21,8 +21,9 @@ from pathlib import Path
 import blake3
 import pytest
 
+from lvbackup.repository.codec import FLAG_RAW
 from lvbackup.repository.index import ChunkIndex, decode_index
-from lvbackup.repository.pack import FLAG_RAW, ChunkRef
+from lvbackup.repository.pack import ChunkRef
 from lvbackup.repository.repo import Repository
 from lvbackup.repository.storage import LocalStorage
 

@@ -15,7 +15,8 @@ import pytest
 
 from lvbackup import diskio
 from lvbackup.repository import repo as repo_mod
-from lvbackup.repository.pack import FLAG_RAW, PackBuilder, pack_name, read_trailer
+from lvbackup.repository.codec import FLAG_RAW
+from lvbackup.repository.pack import PackBuilder, pack_name, read_trailer
 from lvbackup.repository.repo import Repository
 from lvbackup.repository.storage import LocalStorage
 

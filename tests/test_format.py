@@ -19,13 +19,13 @@ import xxhash
 import zstandard
 
 from lvbackup.errors import CorruptionError
+from lvbackup.repository.codec import FLAG_RAW, FLAG_ZSTD, seal, unseal
 from lvbackup.repository.manifest import (ENTRY_SIZE, HOLE, MAGIC, MAGIC_V1, NO_PAGE, PAGE_ENTRIES,
                                           Manifest, ManifestWriter, manifest_name)
 from lvbackup.repository.index import INDEX_MAGIC, decode_index, encode_index
-from lvbackup.repository.pack import (FLAG_RAW, FLAG_ZSTD, FOOTER, PACK_END, PACK_MAGIC,
-                                      ChunkRef, PackBuilder, pack_name, read_trailer)
+from lvbackup.repository.pack import (FOOTER, PACK_END, PACK_MAGIC, ChunkRef, PackBuilder,
+                                      pack_name, read_trailer)
 from lvbackup.repository.repo import REPO_MAGIC, ChunkError, Repository
-from lvbackup.repository.sealed import seal, unseal
 from lvbackup.repository.storage import LocalStorage, MissingObject
 
 from support import Workdir, apply_change, make_image, zero_range

@@ -1,6 +1,6 @@
 """The chunk index: index files in the repository, and a local SQLite cache of them.
 
-An index file (`index/<BLAKE3 of the file>`) is sealed (see sealed.py, magic "LVBIDX01");
+An index file (`index/<BLAKE3 of the file>`) is sealed (see codec.seal, magic "LVBIDX01");
 its payload is a sequence of groups, one per pack:
 
     pack id (32 bytes) | N (u32) | N trailer entries (pack.ENTRY, 49 bytes each)
@@ -27,8 +27,8 @@ import blake3
 
 from ..errors import CorruptionError, LvbackupError, UsageError
 from ..sqlitefile import open_error
+from .codec import seal, unseal
 from .pack import ENTRY, ChunkRef
-from .sealed import seal, unseal
 
 INDEX_MAGIC = b"LVBIDX01"
 _GROUP = struct.Struct("<32sI")

@@ -35,7 +35,7 @@ import zstandard
 
 from ..errors import CorruptionError
 from .storage import LocalStorage as Backend, MissingObject  # TODO(merge): backends
-from .sealed import seal, unseal
+from .codec import chunk_id, seal, unseal
 
 MAGIC = b"LVBMAN02"
 MAGIC_V1 = b"LVBMAN01"
@@ -121,7 +121,7 @@ class ManifestWriter:
         if page.count(0) == len(page):
             self._ids += NO_PAGE
             return
-        page_id = blake3.blake3(page).digest()
+        page_id = chunk_id(page)
         self.store_page(page_id, page)
         self._ids += page_id
 

@@ -8,7 +8,8 @@ Layout (all integers little-endian):
     footer:  N (u32) | BLAKE3-256(trailer) | "LVBPEND1"   44 bytes
 
 ENTRY = chunk id (32 bytes, BLAKE3-256 of the plaintext) | offset (u64, from the start of
-the file) | stored length (u32) | plaintext length (u32) | flags (u8: 0 raw, 1 zstd).
+the file) | stored length (u32) | plaintext length (u32) | flags (u8: 0 raw, 1 zstd;
+see codec.py).
 
 A pack is named by the BLAKE3-256 of its trailer entries (the digest its footer holds): the
 entries name every chunk by its hash and place it, so they identify the content, and naming
@@ -26,14 +27,14 @@ import blake3
 
 from ..diskio import aligned_buffer
 from ..errors import CorruptionError
+# Re-exported: the chunker still takes the flags from here.
+from .codec import FLAG_RAW as FLAG_RAW, FLAG_ZSTD as FLAG_ZSTD
+from .codec import Buffer
 
 PACK_MAGIC = b"LVBPACK1"
 PACK_END = b"LVBPEND1"
 ENTRY = struct.Struct("<32sQIIB")
 FOOTER = struct.Struct("<I32s8s")
-
-FLAG_RAW = 0
-FLAG_ZSTD = 1
 
 
 class ChunkRef(NamedTuple):
@@ -78,7 +79,7 @@ class PackBuilder:
         trailer = (len(self.entries) + 1) * ENTRY.size + FOOTER.size
         return self.size + blob_length + trailer <= self.capacity
 
-    def add(self, chunk_id: bytes, blob: bytes, raw_length: int, flags: int) -> None:
+    def add(self, chunk_id: bytes, blob: Buffer, raw_length: int, flags: int) -> None:
         if not self.room(len(blob)):
             raise ValueError(f"a {len(blob)}-byte blob does not fit in the pack buffer")
         end = self.size + len(blob)
@@ -87,7 +88,7 @@ class PackBuilder:
         self.ids.add(chunk_id)
         self.size = end
 
-    def _copy_in(self, blob: bytes | bytearray | memoryview) -> None:
+    def _copy_in(self, blob: Buffer) -> None:
         """Append `blob`'s bytes at self.size; with ctypes.memmove, which runs without the
         GIL, so that the workers go on while the coordinator fills a pack."""
         if isinstance(blob, bytes):

@@ -17,20 +17,16 @@ import threading
 import uuid
 from pathlib import Path
 
-import blake3
-import xxhash
-import zstandard
-
 from ..diskio import ALIGN
 from ..errors import CorruptionError, UsageError
 from ..faults import crash_point
 from ..locks import run_is_alive
 from ..timeutil import now_iso
 from . import codec
+from .codec import CodecError, Verdict, check_block, decode_into, seal, stored_is_plain, unseal
 from .index import ChunkIndex, damaged_name, encode_index
 from .manifest import Manifest
-from .pack import ENTRY, FLAG_ZSTD, ChunkRef, PackBuilder, pack_name, read_trailer
-from .sealed import seal, unseal
+from .pack import ENTRY, ChunkRef, PackBuilder, pack_name, read_trailer
 from .storage import LocalStorage, MissingObject, open_storage
 
 REPO_MAGIC = b"LVBREPO1"
@@ -41,15 +37,6 @@ PACK_TARGET = 16 * 1024 * 1024
 PACK_MAX_CHUNKS = 16384  # bounds a pack's trailer when blocks compress to almost nothing
 INDEX_EVERY = 16  # packs per index file while a run is writing
 _MAX_IOV = 512    # buffers per vectored read (the kernel takes up to 1024)
-
-_tls = threading.local()
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    d = getattr(_tls, "dctx", None)
-    if d is None:
-        d = _tls.dctx = zstandard.ZstdDecompressor()
-    return d
 
 
 class ChunkError(CorruptionError):
@@ -163,9 +150,9 @@ class Repository:
         against the xxh3-128 digest given with it (a restore passes the block's digest from
         its manifest: an end-to-end check against the source as it was read, at xxh3's
         speed) or, given None, against the chunk's BLAKE3 id. Chunks stored back to back in
-        a pack are read with one vectored read: raw ones straight into their buffers,
-        compressed ones into a scratch buffer to decompress from. Raises ChunkError naming
-        the first bad chunk."""
+        a pack are read with one vectored read: those stored as their plaintext straight
+        into their buffers, the others into a scratch buffer to decode from. Raises
+        ChunkError naming the first bad chunk."""
         run: list[tuple[ChunkRef, memoryview, bytes | None]] = []
         for item in sorted(wanted, key=lambda w: (w[0].pack_id, w[0].offset)):
             ref, last = item[0], run[-1][0] if run else None
@@ -180,39 +167,33 @@ class Repository:
     def _read_run(self, run: list[tuple[ChunkRef, memoryview, bytes | None]]) -> None:
         """Chunks that lie back to back in one pack."""
         for ref, out, _ in run:
-            if len(out) != ref.raw_length or (ref.flags != FLAG_ZSTD and
+            if len(out) != ref.raw_length or (stored_is_plain(ref.flags) and
                                               ref.length != ref.raw_length):
                 raise ChunkError(ref, "fails its checksum")
-        scratch = memoryview(bytearray(sum(r.length for r, _, _ in run if r.flags == FLAG_ZSTD)))
+        scratch = memoryview(bytearray(sum(r.length for r, _, _ in run
+                                           if not stored_is_plain(r.flags))))
         targets = []
         pos = 0
         for ref, out, _ in run:
-            if ref.flags == FLAG_ZSTD:
+            if stored_is_plain(ref.flags):
+                targets.append(out)
+            else:
                 targets.append(scratch[pos:pos + ref.length])
                 pos += ref.length
-            else:
-                targets.append(out)
         try:
             self.storage.get_range_into(pack_name(run[0][0].pack_id), run[0][0].offset, targets)
         except CorruptionError as e:
             raise ChunkError(run[0][0], str(e)) from None
-        dctx = _decompressor()
         for (ref, out, digest), blob in zip(run, targets):
-            if ref.flags == FLAG_ZSTD:
+            if not stored_is_plain(ref.flags):
                 try:
-                    got = 0
-                    reader = dctx.stream_reader(blob)
-                    while got < len(out) and (n := reader.readinto(out[got:])):
-                        got += n
-                except zstandard.ZstdError:
-                    raise ChunkError(ref, "does not decompress") from None
-                if got != len(out):
-                    raise ChunkError(ref, "fails its checksum")
-            if digest is not None and xxhash.xxh3_128_digest(out) == digest:
-                continue
-            if blake3.blake3(out).digest() != ref.chunk_id:
+                    decode_into(blob, ref.flags, out)
+                except CodecError as e:
+                    raise ChunkError(ref, str(e)) from None
+            verdict = check_block(out, ref.chunk_id, digest)
+            if verdict is Verdict.DAMAGED:
                 raise ChunkError(ref, "fails its checksum")
-            if digest is not None:
+            if verdict is Verdict.DIGEST_MISMATCH:
                 raise ChunkError(ref, "does not match the block's digest in the manifest",
                                  damaged=False)
 
