@@ -19,6 +19,7 @@ every block, so restoring a backup needs nothing but it, the index and the chunk
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from typing import Iterator
@@ -27,7 +28,7 @@ import blake3
 import zstandard
 
 from .errors import CorruptionError
-from .repository.storage import MissingObject
+from .repository.backends import MissingObject
 
 MAGIC = b"LVBMAN01"
 ENTRY_SIZE = 48
@@ -57,7 +58,8 @@ class ManifestWriter:
     """Streams a manifest into the repository; it appears only when close() succeeds."""
 
     def __init__(self, storage, backup_id: str):
-        self._file = storage.create(manifest_name(backup_id))
+        self._storage, self._name = storage, manifest_name(backup_id)
+        self._file = io.BytesIO()
         self._out = _Hashing(self._file)
         self._out.write(MAGIC)
         self._z = zstandard.ZstdCompressor(level=3).stream_writer(self._out, closefd=False)
@@ -74,10 +76,10 @@ class ManifestWriter:
                           sort_keys=True).encode()
         self._out.write(head + _LEN.pack(len(head)))
         self._file.write(self._out.h.digest())
-        self._file.commit()
+        self._storage.put(self._name, self._file.getbuffer())
 
     def abort(self) -> None:
-        self._file.abort()
+        self._file.close()
 
 
 class Manifest:

@@ -56,7 +56,7 @@ class PackBuilder:
     """Fills one pack at a time in a fixed, page-aligned buffer that is reused for the next.
 
     A fixed buffer costs no reallocation and no fresh page faults per pack, and its page
-    alignment lets storage write the pack with O_DIRECT (see LocalStorage.put_aligned).
+    alignment lets the local backend write the pack with O_DIRECT (see backends/local.py).
     """
 
     def __init__(self, capacity: int = 1 << 20):
