@@ -24,7 +24,7 @@ import pytest
 from lvbackup.repository.index import ChunkIndex, decode_index
 from lvbackup.repository.pack import FLAG_RAW, ChunkRef
 from lvbackup.repository.repo import Repository
-from lvbackup.repository.storage import LocalStorage
+from lvbackup.repository.backends import LocalBackend
 
 from support import (MiB, Workdir, apply_change, assert_one_line_error, describe, make_image,
                      reused_bytes)
@@ -119,7 +119,7 @@ def victim_id(s: Setup) -> str | None:
 
 def indexed_packs(wd: Workdir) -> set[str]:
     """Hex ids of the packs that the repository's index files list."""
-    storage = LocalStorage(wd.repo)
+    storage = LocalBackend(wd.repo)
     try:
         return {pack_id.hex() for name in wd.files("index")
                 for pack_id, _ in decode_index(name, storage.get(name))}

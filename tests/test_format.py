@@ -25,7 +25,7 @@ from lvbackup.repository.pack import (FLAG_RAW, FLAG_ZSTD, FOOTER, PACK_END, PAC
                                       ChunkRef, PackBuilder, pack_name, read_trailer)
 from lvbackup.repository.repo import REPO_MAGIC, ChunkError, Repository
 from lvbackup.repository.sealed import seal, unseal
-from lvbackup.repository.storage import LocalStorage, MissingObject
+from lvbackup.repository.backends import LocalBackend, MissingObject
 
 from support import Workdir, apply_change, make_image, zero_range
 
@@ -107,7 +107,7 @@ def write_manifest(storage, entries: bytes, pieces: list[int], size: int, rec: d
 
 
 def test_manifest_round_trip(tmp_path):
-    storage = LocalStorage(tmp_path)
+    storage = LocalBackend(tmp_path)
     rng = random.Random(1)
     n = 10_000
     entries = entries_for(rng, n)
@@ -115,7 +115,7 @@ def test_manifest_round_trip(tmp_path):
     rec = record(size=size)
     write_manifest(storage, entries, [1, 7, 300, 4096], size, rec)
     assert storage.exists(manifest_name(BACKUP_ID))
-    m = Manifest(LocalStorage(tmp_path), BACKUP_ID)
+    m = Manifest(LocalBackend(tmp_path), BACKUP_ID)
     assert (m.block_size, m.size, m.blocks) == (65536, size, n)
     assert m.record == rec
     for per in (1, 7, 64, 4096, n, n + 5):
@@ -128,7 +128,7 @@ def test_manifest_round_trip(tmp_path):
 def test_manifest_layout(tmp_path):
     """The layout docstring of manifest.py: magic, zstd entry table, JSON header, its length,
     BLAKE3-256 of everything before it."""
-    storage = LocalStorage(tmp_path)
+    storage = LocalBackend(tmp_path)
     entries = entries_for(random.Random(2), 100)
     write_manifest(storage, entries, [], 100 * 65536, record())
     data = (tmp_path / manifest_name(BACKUP_ID)).read_bytes()
@@ -142,7 +142,7 @@ def test_manifest_layout(tmp_path):
 
 
 def test_empty_manifest_round_trip(tmp_path):
-    storage = LocalStorage(tmp_path)
+    storage = LocalBackend(tmp_path)
     write_manifest(storage, b"", [], 0, record(size=0))
     m = Manifest(storage, BACKUP_ID)
     assert (m.size, m.blocks) == (0, 0)
@@ -150,7 +150,7 @@ def test_empty_manifest_round_trip(tmp_path):
 
 
 def test_manifest_appears_only_on_close(tmp_path):
-    storage = LocalStorage(tmp_path)
+    storage = LocalBackend(tmp_path)
     w = ManifestWriter(storage, BACKUP_ID)
     w.append(entries_for(random.Random(3), 50))
     assert not storage.exists(manifest_name(BACKUP_ID))
@@ -162,7 +162,7 @@ def test_manifest_appears_only_on_close(tmp_path):
 
 
 def _manifest_bytes(tmp_path: Path, n: int) -> bytes:
-    storage = LocalStorage(tmp_path)
+    storage = LocalBackend(tmp_path)
     write_manifest(storage, entries_for(random.Random(4), n), [5], n * 65536, record())
     return (tmp_path / manifest_name(BACKUP_ID)).read_bytes()
 
@@ -212,7 +212,7 @@ def test_manifest_of_another_kind_is_refused(tmp_path):
 
 def test_missing_manifest(tmp_path):
     with pytest.raises(CorruptionError, match="missing"):
-        Manifest(LocalStorage(tmp_path), BACKUP_ID)
+        Manifest(LocalBackend(tmp_path), BACKUP_ID)
 
 
 # --- packs -------------------------------------------------------------------------------
