@@ -54,6 +54,12 @@ def _write(fd: int, view: memoryview, direct: bool) -> None:
         os.ftruncate(fd, len(view))
 
 
+def _check_read(fd: int, name: str, offset: int, length: int, got: int) -> None:
+    # An empty read past the end reads nothing, like one at the end: only the size tells.
+    if got != length or (not length and offset > os.fstat(fd).st_size):
+        raise short_read(name, offset, length, os.fstat(fd).st_size)
+
+
 class LocalBackend(Backend):
     capabilities = Capabilities(local_files=True, conditional_put=True, ranged_get=True)
 
@@ -143,16 +149,14 @@ class LocalBackend(Backend):
         check_span(name, offset, length)
         fd = self._fd(name)
         data = os.pread(fd, length, offset)
-        if len(data) != length:
-            raise short_read(name, offset, length, os.fstat(fd).st_size)
+        _check_read(fd, name, offset, length, len(data))
         return data
 
     def get_range_into(self, name: str, offset: int, outs: list[memoryview]) -> None:
         want = sum(len(o) for o in outs)
         check_span(name, offset, want)
         fd = self._fd(name)
-        if want and os.preadv(fd, outs, offset) != want:
-            raise short_read(name, offset, want, os.fstat(fd).st_size)
+        _check_read(fd, name, offset, want, os.preadv(fd, outs, offset) if want else 0)
 
     def size(self, name: str) -> int:
         return self._stat(name).st_size
