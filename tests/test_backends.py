@@ -31,7 +31,7 @@ BIG = 64 * 1024 * 1024
 
 
 @pytest.fixture(params=["local", "local-tmpfs", "memory"])
-def backend(request, tmp_path) -> Iterator[Backend]:
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "local":
         b: Backend = LocalBackend.open(tmp_path / "repo", create=True)
     elif request.param == "local-tmpfs":
@@ -66,7 +66,7 @@ def big_payload() -> memoryview:
 
 # --- atomic visibility ---------------------------------------------------------------------
 
-def test_a_reader_never_sees_a_partial_object(backend):
+def test_a_reader_never_sees_a_partial_object(backend: Backend) -> None:
     data = big_payload()
     tail = bytes(data[-4096:])
     seen: list[int] = []
@@ -99,7 +99,8 @@ def test_a_reader_never_sees_a_partial_object(backend):
     assert backend.get("big/obj") == data
 
 
-def test_a_failing_put_leaves_nothing_visible(backend, monkeypatch):
+def test_a_failing_put_leaves_nothing_visible(backend: Backend,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     root = local_root(backend)
     real = local_backend.pwrite_all
 
@@ -116,7 +117,8 @@ def test_a_failing_put_leaves_nothing_visible(backend, monkeypatch):
     assert not list((root / "tmp").iterdir()), "the temporary file is removed"
 
 
-def test_a_killed_put_leaves_nothing_visible_and_remove_incomplete_clears_it(backend):
+def test_a_killed_put_leaves_nothing_visible_and_remove_incomplete_clears_it(
+        backend: Backend) -> None:
     root = local_root(backend)
     # The child stops for good at its fsync (all written, nothing published) and is killed.
     script = ("import os, sys, time\n"
@@ -137,7 +139,7 @@ def test_a_killed_put_leaves_nothing_visible_and_remove_incomplete_clears_it(bac
 
 # --- write-once ------------------------------------------------------------------------------
 
-def test_a_second_put_is_refused_and_keeps_the_first(backend):
+def test_a_second_put_is_refused_and_keeps_the_first(backend: Backend) -> None:
     backend.put("index/a", b"first")
     with pytest.raises(ObjectExists, match="index/a"):
         backend.put("index/a", b"second")
@@ -146,7 +148,7 @@ def test_a_second_put_is_refused_and_keeps_the_first(backend):
     assert backend.get("index/a") == b"first"
 
 
-def test_concurrent_writers(backend):
+def test_concurrent_writers(backend: Backend) -> None:
     n = 8
     barrier = threading.Barrier(n)
     won: list[int] = []
@@ -180,7 +182,7 @@ def test_concurrent_writers(backend):
 
 # --- reads -----------------------------------------------------------------------------------
 
-def test_ranged_reads_at_the_edges(backend):
+def test_ranged_reads_at_the_edges(backend: Backend) -> None:
     data = random.Random(2).randbytes(10_000)
     backend.put("packs/ee/obj", data)
     assert backend.size("packs/ee/obj") == len(data)
@@ -195,7 +197,7 @@ def test_ranged_reads_at_the_edges(backend):
         backend.get_range("packs/ee/obj", -1, 1)
 
 
-def test_get_range_into_several_buffers(backend):
+def test_get_range_into_several_buffers(backend: Backend) -> None:
     data = random.Random(3).randbytes(20_000)
     backend.put("packs/ff/obj", data)
     bufs = [bytearray(n) for n in (3, 4096, 1, 0, 7000)]
@@ -209,7 +211,7 @@ def test_get_range_into_several_buffers(backend):
                                                         memoryview(bytearray(2))])
 
 
-def test_missing_objects(backend):
+def test_missing_objects(backend: Backend) -> None:
     calls: list[Callable[[], object]] = [
         lambda: backend.get("packs/00/none"), lambda: backend.size("packs/00/none"),
         lambda: backend.get_range("packs/00/none", 0, 1), lambda: backend.token("packs/00/none"),
@@ -222,7 +224,7 @@ def test_missing_objects(backend):
 
 # --- listing and deleting --------------------------------------------------------------------
 
-def test_listing_by_prefix_and_tokens(backend):
+def test_listing_by_prefix_and_tokens(backend: Backend) -> None:
     for name in ["index/a", "index/b", "indexes/c", "packs/aa/x", "packs/bb/y", "config"]:
         backend.put(name, name.encode())
     assert sorted(n for n, _ in backend.list("index/")) == ["index/a", "index/b"]
@@ -241,7 +243,7 @@ def test_listing_by_prefix_and_tokens(backend):
         list(backend.list("index"))
 
 
-def test_delete(backend):
+def test_delete(backend: Backend) -> None:
     backend.put("manifests/m", b"m")
     backend.delete("manifests/m")
     assert not backend.exists("manifests/m") and list(backend.list("manifests/")) == []
@@ -252,14 +254,14 @@ def test_delete(backend):
     assert backend.get("manifests/m") == b"again"
 
 
-def test_nothing_incomplete_after_puts_that_finished(backend):
+def test_nothing_incomplete_after_puts_that_finished(backend: Backend) -> None:
     backend.put("a/b", b"1")
     backend.put("a/c", b"y" * 5000)
     assert backend.remove_incomplete(older_than=0) == 0
     assert sorted(n for n, _ in backend.list("a/")) == ["a/b", "a/c"]
 
 
-def test_remove_incomplete_keeps_fresh_ones(backend):
+def test_remove_incomplete_keeps_fresh_ones(backend: Backend) -> None:
     root = local_root(backend)
     backend.put("config", b"c")
     tmp = root / "tmp"
@@ -274,14 +276,14 @@ def test_remove_incomplete_keeps_fresh_ones(backend):
 
 
 @pytest.mark.parametrize("name", ["/abs", "../x", "a/../b", "", "a//b", "a/", ".", "a/./b"])
-def test_bad_names_are_refused(backend, name):
+def test_bad_names_are_refused(backend: Backend, name: str) -> None:
     for call in [lambda: backend.put(name, b"x"), lambda: backend.get(name),
                  lambda: backend.exists(name), lambda: backend.delete(name)]:
         with pytest.raises(ValueError, match="bad object name"):
             call()
 
 
-def test_the_local_temporary_area_is_not_an_object_name(backend):
+def test_the_local_temporary_area_is_not_an_object_name(backend: Backend) -> None:
     local_root(backend)
     with pytest.raises(ValueError, match="bad object name"):
         backend.put("tmp/x", b"x")
@@ -289,8 +291,9 @@ def test_the_local_temporary_area_is_not_an_object_name(backend):
 
 # --- the registry --------------------------------------------------------------------------
 
-def test_open_backend_by_location(tmp_path):
-    for location in [tmp_path / "a", str(tmp_path / "a"), f"file://{tmp_path / 'a'}"]:
+def test_open_backend_by_location(tmp_path: Path) -> None:
+    locations: list[str | Path] = [tmp_path / "a", str(tmp_path / "a"), f"file://{tmp_path / 'a'}"]
+    for location in locations:
         b = open_backend(location, create=True)
         assert isinstance(b, LocalBackend) and b.root == tmp_path / "a"
     name = f"mem://registry-{uuid.uuid4().hex}"
@@ -301,7 +304,8 @@ def test_open_backend_by_location(tmp_path):
     one.delete("config")
 
 
-def test_open_backend_refuses_an_unknown_scheme_or_an_unwritable_directory(tmp_path):
+def test_open_backend_refuses_an_unknown_scheme_or_an_unwritable_directory(
+        tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="unknown scheme 'xyz'"):
         open_backend("xyz://bucket/repo")
     (tmp_path / "file").write_bytes(b"")
@@ -309,7 +313,7 @@ def test_open_backend_refuses_an_unknown_scheme_or_an_unwritable_directory(tmp_p
         open_backend(tmp_path / "file" / "repo", create=True)
 
 
-def test_a_repository_in_memory_opened_twice(tmp_path):
+def test_a_repository_in_memory_opened_twice(tmp_path: Path) -> None:
     location = f"mem://repo-{uuid.uuid4().hex}"
     repo, created = Repository.init(location, tmp_path / "cache", None)
     assert created
