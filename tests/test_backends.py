@@ -148,6 +148,12 @@ def test_a_second_put_is_refused_and_keeps_the_first(backend: Backend) -> None:
     assert backend.get("index/a") == b"first"
 
 
+def test_a_content_addressed_put_replaces_a_damaged_copy(backend: Backend) -> None:
+    backend.put("packs/12/obj", b"flipped bit")
+    backend.put_content_addressed("packs/12/obj", b"flipped bIt")
+    assert backend.get("packs/12/obj") == b"flipped bIt"
+
+
 def test_concurrent_writers(backend: Backend) -> None:
     n = 8
     barrier = threading.Barrier(n)

@@ -226,8 +226,10 @@ class Repository:
         repository that cannot be written to (full, read-only) just keeps the damage."""
         self.index.mark_damaged(ref.chunk_id, ref.pack_id)
         try:
-            self.storage.put_content_addressed(damaged_name(ref.chunk_id, ref.pack_id),
+            self.storage.put(damaged_name(ref.chunk_id, ref.pack_id),
                              seal(DAMAGED_MAGIC, json.dumps({"found_at": now_iso()}).encode()))
+        except ObjectExists:
+            pass  # found damaged before: the first mark stands
         except OSError:
             pass
 

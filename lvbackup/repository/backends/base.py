@@ -78,13 +78,17 @@ class Backend(ABC):
         """Store `data` under `name`, atomically and durably; ObjectExists if it exists."""
 
     def put_content_addressed(self, name: str, data: Data) -> None:
-        """put() of an object whose name says what it holds (packs and index files are
-        named by their content, a damage mark by the copy it marks): finding the name taken
-        is success (a rerun storing a pack again, gc repacking into a pack that exists)."""
+        """put() of an object named by its content (packs, index files). Finding the name
+        taken is success (a rerun storing a pack again, gc repacking into a pack that
+        exists), unless the stored bytes differ: then that copy is damaged, and is
+        replaced, as a new put of the same content always has."""
         try:
             self.put(name, data)
         except ObjectExists:
-            pass
+            if memoryview(data).cast("B") == self.get(name):
+                return
+            self.delete(name)
+            self.put(name, data)
 
     @abstractmethod
     def get(self, name: str) -> bytes:
