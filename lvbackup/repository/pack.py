@@ -26,6 +26,7 @@ import blake3
 
 from ..diskio import aligned_buffer
 from ..errors import CorruptionError
+from .backends import Backend
 
 PACK_MAGIC = b"LVBPACK1"
 PACK_END = b"LVBPEND1"
@@ -115,7 +116,7 @@ class PackBuilder:
         return pack_id, data, refs
 
 
-def read_trailer(storage, pack_id: bytes) -> list[ChunkRef]:
+def read_trailer(storage: Backend, pack_id: bytes) -> list[ChunkRef]:
     """The refs listed in a stored pack's trailer (two ranged reads, not the whole pack)."""
     name = pack_name(pack_id)
     what = f"pack {pack_id.hex()}"
