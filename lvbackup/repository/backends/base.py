@@ -27,7 +27,7 @@ class MissingObject(CorruptionError):
 
 
 class ObjectExists(LvbackupError):
-    """A put refused because the name is taken: objects are never replaced."""
+    """A put refused because the name is taken: a put never replaces an object."""
 
 
 @dataclass(frozen=True)
