@@ -17,7 +17,7 @@ import pytest
 
 from lvbackup.repository.index import decode_index
 from lvbackup.repository.pack import read_trailer
-from lvbackup.repository.storage import LocalStorage
+from lvbackup.repository.backends import LocalBackend
 
 from support import (BLOCK_SIZE, Workdir, apply_change, assert_one_line_error, describe,
                      flip_byte, make_image)
@@ -107,7 +107,7 @@ def restores(wd: Workdir, bid: str, data: bytes) -> None:
 # --- chunks --------------------------------------------------------------------------------
 
 def _pack_refs(wd: Workdir, pack: str):
-    storage = LocalStorage(wd.repo)
+    storage = LocalBackend(wd.repo)
     try:
         return read_trailer(storage, bytes.fromhex(Path(pack).name))
     finally:
@@ -169,7 +169,7 @@ def test_flipped_byte_in_an_index_file(case, k):
 def test_corrupt_index_is_reported_even_when_backups_are_fine(case):
     """An index file listing a pack no backup needs is still damage worth exit 1."""
     index = next(iter(case.indexes[1]))
-    storage = LocalStorage(case.wd.repo)
+    storage = LocalBackend(case.wd.repo)
     groups = list(decode_index(index, storage.get(index)))
     storage.close()
     assert len(groups) == 1

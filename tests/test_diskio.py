@@ -18,7 +18,8 @@ from lvbackup.repository import repo as repo_mod
 from lvbackup.repository.codec import FLAG_RAW
 from lvbackup.repository.pack import PackBuilder, pack_name, read_trailer
 from lvbackup.repository.repo import Repository
-from lvbackup.repository.storage import LocalStorage
+from lvbackup.repository.backends import LocalBackend
+from lvbackup.repository.backends import local as local_backend
 
 SHM = Path("/dev/shm")   # tmpfs: refuses O_DIRECT at open
 
@@ -47,16 +48,24 @@ def dirs(tmp_path):
 
 
 @pytest.mark.parametrize("length", [1, 4095, 4096, 4097, 3 * 4096 + 17, 64 * 1024])
-def test_put_aligned_stores_exactly_the_bytes(dirs, length):
+def test_put_of_an_aligned_buffer_stores_exactly_the_bytes(dirs, length, monkeypatch):
+    opened = []
+
+    def open_file(*args, direct=False):
+        opened.append(direct)
+        return diskio.open_file(*args, direct=direct)
+
+    monkeypatch.setattr(local_backend, "open_file", open_file)
     for d in dirs:
-        storage = LocalStorage(d)
+        storage = LocalBackend(d)
         buf = diskio.aligned_buffer(128 * 1024)
         payload = random.Random(length).randbytes(length)
         buf[:length] = payload
         buf[length:length + 100] = b"\xff" * 100   # padding garbage must not survive
-        storage.put_aligned("packs/x/obj", memoryview(buf), length)
+        storage.put("packs/x/obj", memoryview(buf)[:length])
         assert (d / "packs/x/obj").read_bytes() == payload, d
         assert not list((d / "tmp").iterdir()), "no temporary file left behind"
+    assert opened == [True] * len(dirs), "an aligned buffer is written with O_DIRECT"
 
 
 def test_pwrite_all_falls_back_when_a_write_is_not_aligned(tmp_path):
@@ -174,10 +183,10 @@ def test_exclusive_create_where_o_direct_is_refused(tmp_path, refusing_direct):
     assert path.read_bytes() == b"data" and os.listdir(tmp_path) == ["f"]
 
 
-def test_put_aligned_where_o_direct_is_refused(tmp_path, refusing_direct):
-    storage = LocalStorage(tmp_path)
+def test_put_where_o_direct_is_refused(tmp_path, refusing_direct):
+    storage = LocalBackend(tmp_path)
     buf = diskio.aligned_buffer(8192)
     buf[:5000] = b"z" * 5000
-    storage.put_aligned("packs/y/obj", memoryview(buf), 5000)
+    storage.put("packs/y/obj", memoryview(buf)[:5000])
     assert (tmp_path / "packs/y/obj").read_bytes() == b"z" * 5000
     assert not list((tmp_path / "tmp").iterdir())

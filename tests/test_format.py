@@ -26,7 +26,7 @@ from lvbackup.repository.index import INDEX_MAGIC, decode_index, encode_index
 from lvbackup.repository.pack import (FOOTER, PACK_END, PACK_MAGIC, ChunkRef, PackBuilder,
                                       pack_name, read_trailer)
 from lvbackup.repository.repo import REPO_MAGIC, ChunkError, Repository
-from lvbackup.repository.storage import LocalStorage, MissingObject
+from lvbackup.repository.backends import LocalBackend, MissingObject
 
 from support import Workdir, apply_change, make_image, zero_range
 
@@ -141,7 +141,7 @@ def _all(m: Manifest, per: int) -> bytes:
 
 
 def test_manifest_round_trip(tmp_path):
-    storage = LocalStorage(tmp_path)
+    storage = LocalBackend(tmp_path)
     rng = random.Random(1)
     n = 10_000
     entries = entries_for(rng, n)
@@ -149,7 +149,7 @@ def test_manifest_round_trip(tmp_path):
     rec = record(size=size)
     pages = write_manifest(storage, entries, [1, 7, 300, 4096], size, rec)
     assert storage.exists(manifest_name(BACKUP_ID))
-    m = Manifest(LocalStorage(tmp_path), BACKUP_ID, pages.read)
+    m = Manifest(LocalBackend(tmp_path), BACKUP_ID, pages.read)
     assert (m.format, m.block_size, m.size, m.blocks) == (2, 65536, size, n)
     assert m.record == rec
     for per in (1, 7, 64, 4096, n, n + 5):
@@ -166,7 +166,7 @@ def test_manifest_round_trip(tmp_path):
 
 
 def test_old_format_1_manifests_stay_readable(tmp_path):
-    storage = LocalStorage(tmp_path)
+    storage = LocalBackend(tmp_path)
     n = 3000
     entries = entries_for(random.Random(11), n)
     write_v1_manifest(storage, entries, n * 65536, record())
@@ -180,7 +180,7 @@ def test_old_format_1_manifests_stay_readable(tmp_path):
 def test_manifest_layout(tmp_path):
     """docs/format.md: sealed "LVBMAN02", header length, JSON header, page table; pages are
     the entry table in pieces of PAGE_ENTRIES entries, each named by its BLAKE3."""
-    storage = LocalStorage(tmp_path)
+    storage = LocalBackend(tmp_path)
     n = PAGE_ENTRIES * 2 + 17
     entries = entries_for(random.Random(2), n)
     entries = entries[:PAGE_ENTRIES * 48] + HOLE * PAGE_ENTRIES + entries[2 * PAGE_ENTRIES * 48:]
@@ -201,7 +201,7 @@ def test_manifest_layout(tmp_path):
 
 
 def test_an_incremental_stores_only_the_pages_that_changed(tmp_path):
-    storage = LocalStorage(tmp_path)
+    storage = LocalBackend(tmp_path)
     n = PAGE_ENTRIES * 10
     entries = entries_for(random.Random(7), n)
     pages = write_manifest(storage, entries, [], n * 65536, record())
@@ -215,7 +215,7 @@ def test_an_incremental_stores_only_the_pages_that_changed(tmp_path):
 
 
 def test_empty_manifest_round_trip(tmp_path):
-    storage = LocalStorage(tmp_path)
+    storage = LocalBackend(tmp_path)
     write_manifest(storage, b"", [], 0, record(size=0))
     m = Manifest(storage, BACKUP_ID)
     assert (m.size, m.blocks) == (0, 0)
@@ -223,7 +223,7 @@ def test_empty_manifest_round_trip(tmp_path):
 
 
 def test_manifest_appears_only_on_close(tmp_path):
-    storage = LocalStorage(tmp_path)
+    storage = LocalBackend(tmp_path)
     w = ManifestWriter(storage, BACKUP_ID, Pages().store)
     w.append(entries_for(random.Random(3), 50))
     assert not storage.exists(manifest_name(BACKUP_ID))
@@ -232,7 +232,7 @@ def test_manifest_appears_only_on_close(tmp_path):
 
 
 def _manifest_bytes(tmp_path: Path, n: int) -> tuple[bytes, Pages]:
-    storage = LocalStorage(tmp_path)
+    storage = LocalBackend(tmp_path)
     pages = write_manifest(storage, entries_for(random.Random(4), n), [5], n * 65536, record())
     return (tmp_path / manifest_name(BACKUP_ID)).read_bytes(), pages
 
@@ -301,7 +301,7 @@ def test_manifest_of_another_kind_is_refused(tmp_path):
 
 def test_missing_manifest(tmp_path):
     with pytest.raises(CorruptionError, match="missing"):
-        Manifest(LocalStorage(tmp_path), BACKUP_ID)
+        Manifest(LocalBackend(tmp_path), BACKUP_ID)
 
 
 # --- packs -------------------------------------------------------------------------------

@@ -617,12 +617,12 @@ def test_index_file_missing_or_truncated_then_gc_rebuilds_it(two, damage):
 def _damage_a_chunk_of(wd: Workdir, data: bytes) -> None:
     """Flip a byte inside the stored copy of one of `data`'s 64 KiB blocks."""
     from lvbackup.repository.pack import read_trailer
-    from lvbackup.repository.storage import LocalStorage
+    from lvbackup.repository.backends import LocalBackend
 
     import blake3
 
     ids = {blake3.blake3(data[o:o + 64 * 1024]).digest() for o in range(0, len(data), 64 * 1024)}
-    storage = LocalStorage(wd.repo)
+    storage = LocalBackend(wd.repo)
     try:
         pack, ref = next((pack, r) for pack in sorted(wd.files("packs"))
                          for r in read_trailer(storage, bytes.fromhex(Path(pack).name))

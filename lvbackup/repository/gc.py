@@ -35,7 +35,9 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
 
     `progress(done, total)` follows the bytes of packs examined."""
     storage = repo.storage
-    storage.clean_tmp()
+    # No grace period: under the exclusive lock no other run is writing, so every
+    # unfinished put was left by a run that is gone.
+    storage.remove_incomplete(older_than=0)
     repo.index.sync(storage)  # the fallback for packs whose trailer is unreadable
     work = Path(cache_dir) / f"gc-{uuid.uuid4().hex}.sqlite"
     db = sqlite3.connect(work, isolation_level=None)

@@ -27,6 +27,7 @@ import blake3
 
 from ..errors import CorruptionError, LvbackupError, UsageError
 from ..sqlitefile import open_error
+from .backends import Backend
 from .codec import seal, unseal
 from .pack import ENTRY, ChunkRef
 
@@ -139,7 +140,7 @@ class ChunkIndex:
 
     # --- keeping the cache in step with the repository's index files -----------------
 
-    def sync(self, storage) -> list[str]:
+    def sync(self, storage: Backend) -> list[str]:
         """Merge new index files; start over if one changed or vanished (gc ran).
 
         Returns the names of index files that failed their checksum: their entries are

@@ -34,7 +34,7 @@ import blake3
 import zstandard
 
 from ..errors import CorruptionError
-from .storage import LocalStorage as Backend, MissingObject  # TODO(merge): backends
+from .backends import Backend, MissingObject
 from .codec import chunk_id, seal, unseal
 
 MAGIC = b"LVBMAN02"

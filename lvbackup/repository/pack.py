@@ -27,8 +27,7 @@ import blake3
 
 from ..diskio import aligned_buffer
 from ..errors import CorruptionError
-# Re-exported: the chunker still takes the flags from here.
-from .codec import FLAG_RAW as FLAG_RAW, FLAG_ZSTD as FLAG_ZSTD
+from .backends import Backend
 from .codec import Buffer
 
 PACK_MAGIC = b"LVBPACK1"
@@ -57,7 +56,7 @@ class PackBuilder:
     """Fills one pack at a time in a fixed, page-aligned buffer that is reused for the next.
 
     A fixed buffer costs no reallocation and no fresh page faults per pack, and its page
-    alignment lets storage write the pack with O_DIRECT (see LocalStorage.put_aligned).
+    alignment lets the local backend write the pack with O_DIRECT (see backends/local.py).
     """
 
     def __init__(self, capacity: int = 1 << 20):
@@ -116,7 +115,7 @@ class PackBuilder:
         return pack_id, data, refs
 
 
-def read_trailer(storage, pack_id: bytes) -> list[ChunkRef]:
+def read_trailer(storage: Backend, pack_id: bytes) -> list[ChunkRef]:
     """The refs listed in a stored pack's trailer (two ranged reads, not the whole pack)."""
     name = pack_name(pack_id)
     what = f"pack {pack_id.hex()}"

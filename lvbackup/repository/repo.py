@@ -25,9 +25,9 @@ from ..timeutil import now_iso
 from . import codec
 from .codec import CodecError, Verdict, check_block, decode_into, seal, stored_is_plain, unseal
 from .index import ChunkIndex, damaged_name, encode_index
+from .backends import Backend, MissingObject, ObjectExists, open_backend
 from .manifest import Manifest
 from .pack import ENTRY, ChunkRef, PackBuilder, pack_name, read_trailer
-from .storage import LocalStorage, MissingObject, open_storage
 
 REPO_MAGIC = b"LVBREPO1"
 DAMAGED_MAGIC = b"LVBDMG01"
@@ -56,7 +56,7 @@ def validate_block_size(block_size: int) -> int:
 
 
 class Repository:
-    def __init__(self, storage: LocalStorage, meta: dict, cache_dir: Path):
+    def __init__(self, storage: Backend, meta: dict, cache_dir: Path):
         self.storage = storage
         self.meta = meta
         self.id: str = meta["id"]
@@ -66,25 +66,30 @@ class Repository:
     # --- opening ------------------------------------------------------------------
 
     @classmethod
-    def init(cls, location: Path, cache_dir: Path, block_size: int | None) -> tuple["Repository", bool]:
+    def init(cls, location: str | Path, cache_dir: Path, block_size: int | None
+             ) -> tuple["Repository", bool]:
         """Create the repository if it does not exist; (repository, created)."""
-        storage = open_storage(location, create=True)
-        if storage.exists("config"):
-            repo = cls.open(location, cache_dir)
-            if block_size is not None and block_size != repo.block_size:
-                raise UsageError(f"repository {location} already exists with block size "
-                                 f"{repo.block_size}; a block size is chosen once, at init")
-            return repo, False
-        meta = {"version": FORMAT_VERSION, "id": str(uuid.uuid4()),
-                "block_size": validate_block_size(DEFAULT_BLOCK_SIZE if block_size is None
-                                                  else block_size),
-                "created_at": now_iso()}
-        storage.put("config", seal(REPO_MAGIC, json.dumps(meta).encode()))
-        return cls(storage, meta, cache_dir), True
+        storage = open_backend(location, create=True)
+        if not storage.exists("config"):
+            meta = {"version": FORMAT_VERSION, "id": str(uuid.uuid4()),
+                    "block_size": validate_block_size(DEFAULT_BLOCK_SIZE if block_size is None
+                                                      else block_size),
+                    "created_at": now_iso()}
+            try:
+                storage.put("config", seal(REPO_MAGIC, json.dumps(meta).encode()))
+                return cls(storage, meta, cache_dir), True
+            except ObjectExists:
+                pass  # a concurrent init won: its repository is the one
+        storage.close()
+        repo = cls.open(location, cache_dir)
+        if block_size is not None and block_size != repo.block_size:
+            raise UsageError(f"repository {location} already exists with block size "
+                             f"{repo.block_size}; a block size is chosen once, at init")
+        return repo, False
 
     @classmethod
-    def open(cls, location: Path, cache_dir: Path) -> "Repository":
-        storage = LocalStorage(location)
+    def open(cls, location: str | Path, cache_dir: Path) -> "Repository":
+        storage = open_backend(location)
         try:
             raw = storage.get("config")
         except MissingObject:
@@ -132,8 +137,8 @@ class Repository:
     def write_index(self, groups: list[tuple[bytes, list[ChunkRef]]]) -> str:
         """Store an index file listing `groups` (and cache it); returns its name."""
         name, data = encode_index(groups)
-        self.storage.put(name, data)
-        self.index.add_indexed(name, self.storage.stamp(name), groups)
+        self.storage.put_content_addressed(name, data)
+        self.index.add_indexed(name, self.storage.token(name), groups)
         return name
 
     # --- chunks ---------------------------------------------------------------------
@@ -206,6 +211,8 @@ class Repository:
         try:
             self.storage.put(damaged_name(ref.chunk_id, ref.pack_id),
                              seal(DAMAGED_MAGIC, json.dumps({"found_at": now_iso()}).encode()))
+        except ObjectExists:
+            pass  # found damaged before: the first mark stands
         except OSError:
             pass
 
@@ -243,7 +250,7 @@ class Repository:
 class Packer:
     """Collects a run's new chunks into packs, stores them, and indexes them.
 
-    Order on disk: a pack is stored (fsynced, renamed), then recorded as pending in the
+    Order on disk: a pack is stored (fsynced, published), then recorded as pending in the
     cache, then listed in an index file every INDEX_EVERY packs and at commit(). Packs are
     finished (hashed) and stored by a writer thread, so that filling the next pack overlaps
     storing the last one. Two fixed pack buffers take turns, which bounds memory to them.
@@ -338,7 +345,8 @@ class Packer:
 
     def _store(self, full: PackBuilder) -> None:
         pack_id, data, refs = full.finish()
-        self.repo.storage.put_aligned(pack_name(pack_id), full.view, len(data))
+        # A slice of the page-aligned pack buffer: the local backend writes it with O_DIRECT.
+        self.repo.storage.put_content_addressed(pack_name(pack_id), full.view[:len(data)])
         crash_point("pack-stored")
         self.repo.index.add_pending(pack_id, self.run_id)
         crash_point("pack-pending")

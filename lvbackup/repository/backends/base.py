@@ -1,0 +1,133 @@
+"""The storage backend interface: named, immutable objects that are put once, read whole or
+by range, listed, and deleted.
+
+Everything above the backends (packs, index, manifests, gc) uses only this interface, so an
+object store can replace the local directory without touching it. Names are '/'-separated
+relative paths such as 'packs/ab/ab12...'; a prefix to list is '' or ends with '/'.
+
+A put is atomic (a reader sees the whole object or none of it) and write-once (a put of a
+name that exists raises ObjectExists and leaves the object as it was). What a backend
+guarantees beyond that it declares in its Capabilities, so callers and tests ask rather
+than assume.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
+
+from ...errors import CorruptionError, LvbackupError
+
+Data = bytes | bytearray | memoryview
+
+
+class MissingObject(CorruptionError):
+    """The object asked for does not exist."""
+
+
+class ObjectExists(LvbackupError):
+    """A put refused because the name is taken: a put never replaces an object."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    local_files: bool
+    """Objects are files on this host: interrupted puts leave temporary files here."""
+    conditional_put: bool
+    """The store itself refuses a second put of a name atomically, so of concurrent puts of
+    one name exactly one succeeds; without it two writers may both believe they won."""
+    ranged_get: bool
+    """A ranged read fetches only the bytes asked for, not the whole object."""
+
+
+def check_name(name: str) -> str:
+    parts = name.split("/")
+    if name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"bad object name {name!r}")
+    return name
+
+
+def check_prefix(prefix: str) -> str:
+    if prefix:
+        if not prefix.endswith("/"):
+            raise ValueError(f"bad object prefix {prefix!r}: a folder, ending with '/'")
+        check_name(prefix[:-1])
+    return prefix
+
+
+def check_span(name: str, offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise ValueError(f"bad range {offset}+{length} of {name!r}")
+
+
+def short_read(name: str, offset: int, length: int, size: int) -> CorruptionError:
+    return CorruptionError(f"repository object {name} is truncated: {length} bytes at "
+                           f"offset {offset} asked for, it has {size}")
+
+
+def missing(name: str) -> MissingObject:
+    return MissingObject(f"repository object {name} is missing")
+
+
+class Backend(ABC):
+    capabilities: ClassVar[Capabilities]
+
+    @abstractmethod
+    def put(self, name: str, data: Data) -> None:
+        """Store `data` under `name`, atomically and durably; ObjectExists if it exists."""
+
+    def put_content_addressed(self, name: str, data: Data) -> None:
+        """put() of an object named by its content (packs, index files). Finding the name
+        taken is success (a rerun storing a pack again, gc repacking into a pack that
+        exists), unless the stored bytes differ: then that copy is damaged, and is
+        replaced, as a new put of the same content always has."""
+        try:
+            self.put(name, data)
+        except ObjectExists:
+            if memoryview(data).cast("B") == self.get(name):
+                return
+            self.delete(name)
+            self.put(name, data)
+
+    @abstractmethod
+    def get(self, name: str) -> bytes:
+        """The whole object."""
+
+    @abstractmethod
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        """`length` bytes from `offset`; CorruptionError if the object ends before that."""
+
+    @abstractmethod
+    def get_range_into(self, name: str, offset: int, outs: list[memoryview]) -> None:
+        """Fill `outs`, in order, with the bytes from `offset` on (one vectored read where
+        the backend has one); CorruptionError if the object ends before they are full."""
+
+    @abstractmethod
+    def size(self, name: str) -> int: ...
+
+    @abstractmethod
+    def exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(name, token()) of every object whose name starts with `prefix`, in no order."""
+
+    @abstractmethod
+    def token(self, name: str) -> str:
+        """An opaque token that changes when the object is replaced or deleted and put
+        again (what a cache of the object's content is keyed on)."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove the object. Deleting a missing object is not an error: a run that was
+        killed while deleting (gc, delete) repeats its deletions."""
+
+    @abstractmethod
+    def remove_incomplete(self, older_than: float) -> int:
+        """Remove what puts that never finished left behind (temporary files, abandoned
+        uploads) older than `older_than` seconds; how many were removed. A grace period
+        spares the puts of other processes still in progress."""
+
+    @abstractmethod
+    def close(self) -> None: ...
