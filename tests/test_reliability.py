@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from lvbackup.repository.manifest import PAGE_ENTRIES
 from lvbackup.repository.repo import PACK_TARGET
 
 from support import (MiB, Workdir, apply_change, assert_one_line_error, describe, make_image,
@@ -493,9 +494,12 @@ def test_disk_full_between_a_pack_and_its_index(tmp_path, tmpfs):
     wd = e.wd
     big = tmp_path / "big.img"
     data = random_image(big, PACK_TARGET // MiB, 552)
-    # 64 KiB blocks, stored raw, fill exactly one pack (and a 49-byte trailer entry each).
+    # 64 KiB blocks, stored raw, fill exactly one pack (and a 49-byte trailer entry each),
+    # together with the one page of manifest entries that lists them (256 entries of 48
+    # bytes, random hashes: stored raw too).
     chunks = PACK_TARGET // (64 * 1024)
-    pack = 8 + chunks * 64 * 1024 + chunks * 49 + 44
+    pages = -(-chunks // PAGE_ENTRIES)
+    pack = 8 + chunks * 64 * 1024 + pages * PAGE_ENTRIES * 48 + (chunks + pages) * 49 + 44
     page = os.statvfs(repo).f_frsize
     filler = fill(repo, -(-pack // page) * page + page)  # the pack and not its index
     p = wd.run("create", "--device", big)
