@@ -17,6 +17,7 @@ from . import __version__, engine, lvm, sources
 from .catalog import STATUSES, parse_labels
 from .config import Config, as_dict, load_config
 from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
+from .lifecycle import Status
 from .pipeline import tune_malloc
 from .units import human_size
 
@@ -757,7 +758,7 @@ def volumes(app: App) -> None:
     from .catalog import to_record
     lvs = lvm.list_lvs()
     last: dict[tuple[str, str | None], dict] = {}
-    for row in app.lv().catalog.list(status="available"):
+    for row in app.lv().catalog.list(status=Status.AVAILABLE):
         last[(row["volume_id"], row["snapshot_id"])] = to_record(row)
     out = []
     for v in sorted((x for x in lvs if not x.is_snapshot and x.segtype != "thin-pool"),
