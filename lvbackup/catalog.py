@@ -3,17 +3,20 @@
 Table `backups`: one row per backup; its columns are the JSON field names of a backup
 record (DESIGN.md, "Catalog"). The catalog is an index: every available backup's manifest
 carries its record, so `catalog rebuild` recreates it from the repository alone.
+A row's status changes only through `Catalog.transition` (or `put`), which refuses a move
+that lvbackup.lifecycle does not allow.
 """
 
 from __future__ import annotations
 
+import builtins  # Catalog.list hides the builtin in the annotations of its class
 import json
 import os
 import re
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypedDict
+from typing import Any, Iterable, Iterator, Mapping, TypedDict, cast
 
 import sqlite_utils
 from sqlite_utils import Migrations
@@ -76,19 +79,19 @@ migrations = Migrations("lvbackup.catalog")
 
 @migrations()
 def m001_backups(db: sqlite_utils.Database) -> None:
-    db["backups"].create(
+    db.table("backups").create(
         {name: (int if kind in (int, bool) else str) for name, kind in _V1_COLUMNS.items()},
         pk="id",
         not_null={"volume_id", "status", "created_at", "updated_at", "data_timestamp"},
         defaults={"num_dependent_backups": 0, "stored_bytes": 0, "is_incremental": 0},
     )
-    db["backups"].create_index(["volume_id", "status"])
-    db["backups"].create_index(["parent_id"])
+    db.table("backups").create_index(["volume_id", "status"])
+    db.table("backups").create_index(["parent_id"])
 
 
 @migrations()
 def m002_labels_protection(db: sqlite_utils.Database) -> None:
-    table = db["backups"]
+    table = db.table("backups")
     have = set(table.columns_dict)
     if "labels" not in have:
         table.add_column("labels", str)
@@ -130,7 +133,7 @@ def parse_labels(items: Iterable[str]) -> dict[str, str]:
     return labels
 
 
-def row_labels(row: BackupRecord) -> dict[str, str]:
+def row_labels(row: Mapping[str, Any]) -> dict[str, str]:
     """The labels of a catalog row (its `labels` column is JSON text, or already a dict)."""
     raw = row.get("labels")
     if not raw:
@@ -144,7 +147,7 @@ def row_labels(row: BackupRecord) -> dict[str, str]:
     return value if isinstance(value, dict) else {}
 
 
-def has_labels(row: BackupRecord, wanted: dict[str, str]) -> bool:
+def has_labels(row: Mapping[str, Any], wanted: dict[str, str]) -> bool:
     have = row_labels(row)
     return all(have.get(k) == v for k, v in wanted.items())
 
@@ -171,9 +174,14 @@ def choose_parent(candidates: Iterable[BackupRecord],
     raise UsageError(NO_PARENT)
 
 
-def to_record(row: BackupRecord) -> BackupRecord:
+def as_record(raw: Mapping[str, Any], **fields: Any) -> BackupRecord:
+    """The catalog's fields of `raw` (None where it lacks one), `fields` replacing them."""
+    return cast(BackupRecord, {**{name: raw.get(name) for name in COLUMNS}, **fields})
+
+
+def to_record(row: Mapping[str, Any]) -> BackupRecord:
     """A row as the JSON record users see (booleans, and has_dependent_backups)."""
-    rec: BackupRecord = {name: row.get(name) for name in COLUMNS}  # type: ignore[misc]
+    rec = as_record(row)
     rec["is_incremental"] = bool(rec["is_incremental"])
     rec["labels"] = row_labels(row)
     rec["protected"] = bool(rec["protected"])
@@ -183,11 +191,9 @@ def to_record(row: BackupRecord) -> BackupRecord:
 
 
 def _as_row(record: BackupRecord, status: Status) -> dict[str, Any]:
-    row = {k: record.get(k) for k in COLUMNS}
-    row["status"] = status.value
-    row["labels"] = json.dumps(row_labels(record), sort_keys=True)
-    row["protected"] = int(bool(row["protected"]))
-    return row
+    return {**as_record(record), "status": status.value,
+            "labels": json.dumps(row_labels(record), sort_keys=True),
+            "protected": int(bool(record.get("protected")))}
 
 
 class Catalog:
@@ -198,11 +204,11 @@ class Catalog:
             conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             # No sqlite-utils plugins: they have no business in the catalog, and finding
             # them (an entry-point scan) is a tenth of every command's start-up.
-            self.db = sqlite_utils.Database(conn, execute_plugins=False)
-            self.db.execute("PRAGMA busy_timeout = 60000")
-            if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                self.db.enable_wal()
-            migrations.apply(self.db)
+            self._db = sqlite_utils.Database(conn, execute_plugins=False)
+            self._db.execute("PRAGMA busy_timeout = 60000")
+            if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self._db.enable_wal()
+            migrations.apply(self._db)
         except sqlite3.DatabaseError as e:
             if getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
                 raise LvbackupError(f"catalog {self.path} is unreadable ({e}); "
@@ -211,10 +217,10 @@ class Catalog:
                              "") from None
         except OSError as e:
             raise UsageError(f"cannot open catalog {self.path}: {e.strerror}") from None
-        self.table = self.db["backups"]
+        self._table = self._db.table("backups")
 
     def close(self) -> None:
-        self.db.conn.close()
+        self._db.conn.close()
 
     @contextmanager
     def write(self) -> Iterator[None]:
@@ -224,17 +230,17 @@ class Catalog:
         SQLITE_BUSY_SNAPSHOT ("database is locked") when another process committed in
         between; no busy timeout retries that. Taking the write lock first waits instead.
         """
-        if self.db.conn.in_transaction:
-            with self.db.atomic():
+        if self._db.conn.in_transaction:
+            with self._db.atomic():
                 yield
             return
-        self.db.execute("BEGIN IMMEDIATE")
+        self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        self._db.execute("COMMIT")
 
     # --- rows -----------------------------------------------------------------------
 
@@ -245,11 +251,12 @@ class Catalog:
         return row
 
     def find(self, backup_id: str) -> BackupRecord | None:
-        return next(self._rows("id = ?", [backup_id]), None)
+        rows = list(self._rows("id = ?", [backup_id]))
+        return rows[0] if rows else None
 
     def count(self) -> int:
         """How many rows there are; reading them fails on a catalog SQLite cannot read."""
-        return int(self.db.execute("SELECT count(*) FROM backups").fetchone()[0])
+        return int(self._db.execute("SELECT count(*) FROM backups").fetchone()[0])
 
     def resolve(self, prefix: str, include_deleted: bool = True) -> BackupRecord:
         """The backup whose id is or starts with `prefix` (unique), else NotFoundError."""
@@ -273,7 +280,7 @@ class Catalog:
     def insert(self, record: BackupRecord, status: Status) -> None:
         """Add a backup's row in `status`, which must be a status a backup can start in."""
         check_initial(record["id"], status)
-        self.table.insert(_as_row(record, status))
+        self._table.insert(_as_row(record, status))
 
     def put(self, record: BackupRecord, status: Status) -> None:
         """Add or replace the row of a backup re-created from its manifest or an exported
@@ -285,7 +292,7 @@ class Catalog:
                 return
             if old["status"] != status:
                 check_transition(record["id"], Status(old["status"]), status)
-            self.table.upsert(_as_row(record, status), pk="id")
+            self._table.upsert(_as_row(record, status), pk="id")
 
     def transition(self, backup_id: str, to: Status, **fields: Any) -> None:
         """Move a backup to status `to`, updating `fields` with it; IllegalTransition (and
@@ -304,14 +311,15 @@ class Catalog:
         if fields.get("fail_reason"):
             fields["fail_reason"] = str(fields["fail_reason"])[:FAIL_REASON_MAX]
         fields["updated_at"] = now_iso()
-        self.table.update(backup_id, fields)
+        self._table.update(backup_id, fields)
 
-    def _rows(self, where: str | None, args: list[Any], **kwargs: Any) -> Iterator[BackupRecord]:
-        return self.table.rows_where(where, args, **kwargs)  # type: ignore[return-value]
+    def _rows(self, where: str | None, args: builtins.list[Any],
+              **kwargs: Any) -> Iterator[BackupRecord]:
+        return cast(Iterator[BackupRecord], self._table.rows_where(where, args, **kwargs))
 
     def list(self, volumes: Iterable[str] = (), status: str | None = None,
              include_deleted: bool = False,
-             labels: dict[str, str] | None = None) -> list[BackupRecord]:
+             labels: dict[str, str] | None = None) -> builtins.list[BackupRecord]:
         """Backups, oldest first; `volumes` are names, ids or id prefixes of volumes; with
         `labels`, only backups carrying every one of them."""
         where: list[str] = []
@@ -330,15 +338,15 @@ class Catalog:
         rows = self._rows(" AND ".join(where) or None, args, order_by="created_at, id")
         return [r for r in rows if not labels or has_labels(r, labels)]
 
-    def candidates(self, volume_id: str) -> list[BackupRecord]:
+    def candidates(self, volume_id: str) -> builtins.list[BackupRecord]:
         """Non-deleted backups of a volume: the incremental parent candidates."""
         return list(self._rows("volume_id = ? AND status != 'deleted'", [volume_id]))
 
-    def children(self, backup_id: str) -> list[BackupRecord]:
+    def children(self, backup_id: str) -> builtins.list[BackupRecord]:
         return list(self._rows("parent_id = ? AND status != 'deleted'", [backup_id],
                                order_by="created_at"))
 
-    def in_states(self, *states: Status) -> list[BackupRecord]:
+    def in_states(self, *states: Status) -> builtins.list[BackupRecord]:
         marks = ",".join("?" * len(states))
         return list(self._rows(f"status IN ({marks})", [s.value for s in states]))
 
@@ -348,7 +356,7 @@ class Catalog:
     def refresh_dependents(self, backup_id: str | None) -> None:
         """Recount num_dependent_backups (rule 12) of `backup_id` (no-op for None)."""
         if backup_id:
-            self.db.execute(self._RECOUNT + " WHERE id = ?", [*_COUNTED, backup_id])
+            self._db.execute(self._RECOUNT + " WHERE id = ?", [*_COUNTED, backup_id])
 
     def refresh_all_dependents(self) -> None:
-        self.db.execute(self._RECOUNT, _COUNTED)
+        self._db.execute(self._RECOUNT, _COUNTED)

@@ -18,11 +18,11 @@ import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, TypedDict
 
 from . import events as ev
 from . import lvm
-from .catalog import COLUMNS, BackupRecord, Catalog, choose_parent, to_record
+from .catalog import COLUMNS, BackupRecord, Catalog, as_record, choose_parent, to_record
 from .chunker import (Restored, ScanStats, backup_blocks, data_runs, restore_blocks,
                       source_size)
 from .config import Config
@@ -194,9 +194,8 @@ def _failed_payload(lv: Lvbackup, run: dict, e: BaseException) -> dict:
     except Exception:  # noqa: BLE001 - the catalog itself may be what failed
         rec = {**to_record(rec), "status": Status.ERROR, "fail_reason": _reason(e)}
     if rec is None:
-        rec = {**{k: None for k in COLUMNS}, "volume_name": run["volume"], "status": Status.ERROR,
-               "fail_reason": _reason(e)[:255], "labels": {}}
-        rec = to_record(rec)
+        rec = to_record(as_record({}, volume_name=run["volume"], status=Status.ERROR,
+                                  fail_reason=_reason(e)[:255], labels={}))
     return {**rec, "reason": _reason(e)}
 
 
@@ -454,9 +453,10 @@ def restore_backup(lv: Lvbackup, backup_id: str, *, to: str | None = None,
     cat = lv.catalog
     row = cat.resolve(backup_id)
     if to is None and to_file is None and new_volume is None:
-        if not _is_lv_name(row["volume_name"] or ""):
+        volume_name = row["volume_name"] or ""
+        if not _is_lv_name(volume_name):
             raise UsageError(f"backup {row['id']} is not of an LVM volume; give --to or --to-file")
-        new_volume = f"{row['volume_name'].split('/')[0]}/restore_backup_{row['id']}"
+        new_volume = f"{volume_name.split('/')[0]}/restore_backup_{row['id']}"
     if to is not None and _is_lv_name(to):
         to = _lv_target(to, force)
     with ExitStack() as stack:
@@ -549,8 +549,14 @@ def delete_backup(lv: Lvbackup, backup_id: str, *, force: bool = False) -> Backu
         return delete_row(lv, cat.get(row["id"]), force=force)[0]
 
 
+class Reparented(TypedDict):
+    id: str
+    old_parent_id: str
+    new_parent_id: str | None
+
+
 def delete_row(lv: Lvbackup, row: BackupRecord, *, force: bool = False,
-               reparent: bool = False) -> tuple[BackupRecord, list[dict[str, str | None]]]:
+               reparent: bool = False) -> tuple[BackupRecord, list[Reparented]]:
     """Delete one backup (the caller holds the repository lock); (its record, the children
     re-parented). A protected backup is refused. Children refuse the delete (Cinder's rule
     14) unless `reparent`: then, since manifests are self-contained, each child's parent
@@ -570,7 +576,7 @@ def delete_row(lv: Lvbackup, row: BackupRecord, *, force: bool = False,
         ids = ", ".join(c["id"] for c in children)
         raise UsageError(f"Incremental backups exist for this backup. "
                          f"(backup {row['id']} has dependents: {ids}; delete them first)")
-    moved = []
+    moved: list[Reparented] = []
     with RunLock(lv.lock_dir, row["id"]).acquire():
         lv.events.emit(ev.DELETE_START, to_record(row))
         with cat.write():
@@ -703,10 +709,9 @@ def import_record(lv: Lvbackup, text: str) -> BackupRecord:
         except CorruptionError as e:
             raise LvbackupError(f"cannot import backup {rec['id']}: {e}; copy its manifest "
                                 f"into {lv.config.repository} first") from None
-        row: BackupRecord = {k: rec.get(k) for k in COLUMNS}  # type: ignore[misc]
-        row.update(fail_reason=None, updated_at=now_iso(),
-                   size=manifest.size, block_size=manifest.block_size,
-                   is_incremental=bool(rec.get("parent_id")), num_dependent_backups=0)
+        row = as_record(rec, fail_reason=None, updated_at=now_iso(), size=manifest.size,
+                        block_size=manifest.block_size,
+                        is_incremental=bool(rec.get("parent_id")), num_dependent_backups=0)
         for key in ("created_at", "data_timestamp"):
             row[key] = row[key] or manifest.record.get(key) or now_iso()  # type: ignore[literal-required]
         with cat.write():
@@ -750,8 +755,7 @@ def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
                 except CorruptionError as e:
                     bad.append(str(e))
                     continue
-                row: BackupRecord = {k: rec.get(k) for k in COLUMNS}  # type: ignore[misc]
-                row["fail_reason"] = None
+                row = as_record(rec, fail_reason=None)
                 old = cat.find(backup_id)
                 if old is not None:
                     # Catalog-only facts, changed after the manifest was written: keep them.

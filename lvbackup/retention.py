@@ -161,7 +161,7 @@ def prune(lv, policy: Policy, *, volumes: list[str] | None = None,
             report["reparented"] = [{"id": c, "old_parent_id": recorded[c], "new_parent_id": p}
                                     for c, p in new_parents(every, order).items()]
             return report
-        moves: dict[str, dict] = {}
+        moves: dict[str, engine.Reparented] = {}
         with ExitStack() as stack:
             # Every lock first, in a fixed order: a busy volume stops the prune before it
             # has deleted anything, never half-way through.
