@@ -28,8 +28,8 @@ from .chunker import (Restored, ScanStats, backup_blocks, data_runs, restore_blo
 from .config import Config
 from .diskio import ALIGN, open_file, pwrite_all
 from .faults import crash_point
-from .lifecycle import Status
 from .errors import CorruptionError, LvbackupError, UsageError
+from .lifecycle import Status
 from .locks import RunLock, repository_lock, run_is_alive, volume_lock
 from .manifest import ENTRY_SIZE, HOLE, Manifest, ManifestWriter, manifest_name
 from .metrics import record_backup
@@ -140,7 +140,7 @@ def recover_dead_runs(lv: Lvbackup) -> list[BackupRecord]:
                 continue  # another run recovered it meanwhile
             cat.transition(row["id"], to, **fields)
             cat.refresh_dependents(row["parent_id"])
-        changed.append({**row, **fields, "status": to})  # type: ignore[typeddict-item]
+        changed.append(as_record(row, **fields, status=to))
     return changed
 
 
