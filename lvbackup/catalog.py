@@ -3,31 +3,33 @@
 Table `backups`: one row per backup; its columns are the JSON field names of a backup
 record (DESIGN.md, "Catalog"). The catalog is an index: every available backup's manifest
 carries its record, so `catalog rebuild` recreates it from the repository alone.
+A row's status changes only through `Catalog.transition` (or `put`), which refuses a move
+that lvbackup.lifecycle does not allow.
 """
 
 from __future__ import annotations
 
+import builtins  # Catalog.list hides the builtin in the annotations of its class
 import json
 import os
 import re
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping, TypedDict, cast
 
 import sqlite_utils
 from sqlite_utils import Migrations
 
 from .errors import LvbackupError, NotFoundError, UsageError
+from .lifecycle import COUNTED, Status, check_initial, check_transition
 from .sqlitefile import open_error
 from .timeutil import now_iso
 
-STATUSES = ("creating", "available", "error", "restoring", "deleting", "deleted",
-            "error_deleting")
+STATUSES = tuple(s.value for s in Status)
 FAIL_REASON_MAX = 255
+_COUNTED = [s.value for s in COUNTED]
 NO_PARENT = "No backups available to do an incremental backup."
-# Children in these states count in their parent's num_dependent_backups (rule 12).
-COUNTED = ("available", "restoring", "deleting", "error_deleting")
 
 # The columns of the first schema (m001); later migrations add to it. Never change this.
 _V1_COLUMNS: dict[str, type] = {
@@ -42,24 +44,54 @@ _V1_COLUMNS: dict[str, type] = {
 # (stored as JSON text); `protected` backups are never pruned or deleted.
 COLUMNS: dict[str, type] = {**_V1_COLUMNS, "labels": dict, "protected": bool}
 
+
+
+class BackupRecord(TypedDict, total=False):
+    """A backup: a catalog row, or the record users see (`to_record`), which adds
+    `has_dependent_backups`. Partial while a backup is being described (a failure before
+    it had a row). SQLite has no booleans: a row holds 0/1 where a record holds bool, and
+    its `labels` as JSON text."""
+    id: str
+    name: str | None
+    description: str | None
+    volume_id: str
+    volume_name: str | None
+    snapshot_id: str | None
+    snapshot_name: str | None
+    parent_id: str | None
+    is_incremental: bool
+    data_timestamp: str
+    created_at: str
+    updated_at: str
+    status: str
+    fail_reason: str | None
+    size: int | None
+    block_size: int | None
+    stored_bytes: int
+    num_dependent_backups: int
+    labels: dict[str, str] | str | None
+    protected: bool | None
+    has_dependent_backups: bool
+
+
 migrations = Migrations("lvbackup.catalog")
 
 
 @migrations()
 def m001_backups(db: sqlite_utils.Database) -> None:
-    db["backups"].create(
+    db.table("backups").create(
         {name: (int if kind in (int, bool) else str) for name, kind in _V1_COLUMNS.items()},
         pk="id",
         not_null={"volume_id", "status", "created_at", "updated_at", "data_timestamp"},
         defaults={"num_dependent_backups": 0, "stored_bytes": 0, "is_incremental": 0},
     )
-    db["backups"].create_index(["volume_id", "status"])
-    db["backups"].create_index(["parent_id"])
+    db.table("backups").create_index(["volume_id", "status"])
+    db.table("backups").create_index(["parent_id"])
 
 
 @migrations()
 def m002_labels_protection(db: sqlite_utils.Database) -> None:
-    table = db["backups"]
+    table = db.table("backups")
     have = set(table.columns_dict)
     if "labels" not in have:
         table.add_column("labels", str)
@@ -101,7 +133,7 @@ def parse_labels(items: Iterable[str]) -> dict[str, str]:
     return labels
 
 
-def row_labels(row: dict) -> dict[str, str]:
+def row_labels(row: Mapping[str, Any]) -> dict[str, str]:
     """The labels of a catalog row (its `labels` column is JSON text, or already a dict)."""
     raw = row.get("labels")
     if not raw:
@@ -115,20 +147,21 @@ def row_labels(row: dict) -> dict[str, str]:
     return value if isinstance(value, dict) else {}
 
 
-def has_labels(row: dict, wanted: dict[str, str]) -> bool:
+def has_labels(row: Mapping[str, Any], wanted: dict[str, str]) -> bool:
     have = row_labels(row)
     return all(have.get(k) == v for k, v in wanted.items())
 
 
-def choose_parent(candidates: Iterable[dict], snapshot_time: str | None = None) -> dict:
+def choose_parent(candidates: Iterable[BackupRecord],
+                  snapshot_time: str | None = None) -> BackupRecord:
     """Cinder's parent for an incremental backup (CINDER-RULES.md rules 6-8).
 
     `candidates` are the non-deleted backups of the volume; `snapshot_time` is the
     creation time of the snapshot being backed up (None for a volume backup). Raises
     UsageError(NO_PARENT) if there is no usable parent.
     """
-    candidates = [c for c in candidates if c["status"] != "deleted"]
-    available = [c for c in candidates if c["status"] == "available"]
+    candidates = [c for c in candidates if c["status"] != Status.DELETED]
+    available = [c for c in candidates if c["status"] == Status.AVAILABLE]
     eligible = [c for c in available
                 if snapshot_time is None or c["data_timestamp"] < snapshot_time]
     if eligible:
@@ -136,20 +169,31 @@ def choose_parent(candidates: Iterable[dict], snapshot_time: str | None = None) 
     if snapshot_time is not None and available:
         # Rule 8: nothing is older than the snapshot, so fall back to the newest backup.
         newest = max(candidates, key=lambda c: c["created_at"])
-        if newest["status"] == "available":
+        if newest["status"] == Status.AVAILABLE:
             return newest
     raise UsageError(NO_PARENT)
 
 
-def to_record(row: dict) -> dict[str, Any]:
+def as_record(raw: Mapping[str, Any], **fields: Any) -> BackupRecord:
+    """The catalog's fields of `raw` (None where it lacks one), `fields` replacing them."""
+    return cast(BackupRecord, {**{name: raw.get(name) for name in COLUMNS}, **fields})
+
+
+def to_record(row: Mapping[str, Any]) -> BackupRecord:
     """A row as the JSON record users see (booleans, and has_dependent_backups)."""
-    rec = {name: row.get(name) for name in COLUMNS}
+    rec = as_record(row)
     rec["is_incremental"] = bool(rec["is_incremental"])
     rec["labels"] = row_labels(row)
     rec["protected"] = bool(rec["protected"])
     rec["num_dependent_backups"] = rec["num_dependent_backups"] or 0
     rec["has_dependent_backups"] = rec["num_dependent_backups"] > 0
     return rec
+
+
+def _as_row(record: BackupRecord, status: Status) -> dict[str, Any]:
+    return {**as_record(record), "status": status.value,
+            "labels": json.dumps(row_labels(record), sort_keys=True),
+            "protected": int(bool(record.get("protected")))}
 
 
 class Catalog:
@@ -160,11 +204,11 @@ class Catalog:
             conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             # No sqlite-utils plugins: they have no business in the catalog, and finding
             # them (an entry-point scan) is a tenth of every command's start-up.
-            self.db = sqlite_utils.Database(conn, execute_plugins=False)
-            self.db.execute("PRAGMA busy_timeout = 60000")
-            if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                self.db.enable_wal()
-            migrations.apply(self.db)
+            self._db = sqlite_utils.Database(conn, execute_plugins=False)
+            self._db.execute("PRAGMA busy_timeout = 60000")
+            if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self._db.enable_wal()
+            migrations.apply(self._db)
         except sqlite3.DatabaseError as e:
             if getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
                 raise LvbackupError(f"catalog {self.path} is unreadable ({e}); "
@@ -173,10 +217,10 @@ class Catalog:
                              "") from None
         except OSError as e:
             raise UsageError(f"cannot open catalog {self.path}: {e.strerror}") from None
-        self.table = self.db["backups"]
+        self._table = self._db.table("backups")
 
     def close(self) -> None:
-        self.db.conn.close()
+        self._db.conn.close()
 
     @contextmanager
     def write(self) -> Iterator[None]:
@@ -186,31 +230,35 @@ class Catalog:
         SQLITE_BUSY_SNAPSHOT ("database is locked") when another process committed in
         between; no busy timeout retries that. Taking the write lock first waits instead.
         """
-        if self.db.conn.in_transaction:
-            with self.db.atomic():
+        if self._db.conn.in_transaction:
+            with self._db.atomic():
                 yield
             return
-        self.db.execute("BEGIN IMMEDIATE")
+        self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        self._db.execute("COMMIT")
 
     # --- rows -----------------------------------------------------------------------
 
-    def get(self, backup_id: str) -> dict:
-        rows = list(self.table.rows_where("id = ?", [backup_id]))
-        if not rows:
+    def get(self, backup_id: str) -> BackupRecord:
+        row = self.find(backup_id)
+        if row is None:
             raise NotFoundError(f"backup {backup_id} not found")
-        return rows[0]
+        return row
 
-    def find(self, backup_id: str) -> dict | None:
-        rows = list(self.table.rows_where("id = ?", [backup_id]))
+    def find(self, backup_id: str) -> BackupRecord | None:
+        rows = list(self._rows("id = ?", [backup_id]))
         return rows[0] if rows else None
 
-    def resolve(self, prefix: str, include_deleted: bool = True) -> dict:
+    def count(self) -> int:
+        """How many rows there are; reading them fails on a catalog SQLite cannot read."""
+        return int(self._db.execute("SELECT count(*) FROM backups").fetchone()[0])
+
+    def resolve(self, prefix: str, include_deleted: bool = True) -> BackupRecord:
         """The backup whose id is or starts with `prefix` (unique), else NotFoundError."""
         prefix = prefix.strip().lower()
         if not prefix:
@@ -219,7 +267,7 @@ class Catalog:
         if not include_deleted:
             where += " AND status != 'deleted'"
         like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        rows = list(self.table.rows_where(where, [like], limit=3))
+        rows = list(self._rows(where, [like], limit=3))
         exact = [r for r in rows if r["id"] == prefix]
         if exact:
             return exact[0]
@@ -229,23 +277,53 @@ class Catalog:
             raise NotFoundError(f"backup id prefix {prefix} is ambiguous; give more characters")
         return rows[0]
 
-    def insert(self, record: dict) -> None:
-        row = {k: record.get(k) for k in COLUMNS}
-        row["labels"] = json.dumps(row["labels"] or {}, sort_keys=True)
-        row["protected"] = int(bool(row["protected"]))
-        self.table.insert(row)
+    def insert(self, record: BackupRecord, status: Status) -> None:
+        """Add a backup's row in `status`, which must be a status a backup can start in."""
+        check_initial(record["id"], status)
+        self._table.insert(_as_row(record, status))
+
+    def put(self, record: BackupRecord, status: Status) -> None:
+        """Add or replace the row of a backup re-created from its manifest or an exported
+        record; replacing it moves its status as `transition` would."""
+        with self.write():
+            old = self.find(record["id"])
+            if old is None:
+                self.insert(record, status)
+                return
+            if old["status"] != status:
+                check_transition(record["id"], Status(old["status"]), status)
+            self._table.upsert(_as_row(record, status), pk="id")
+
+    def transition(self, backup_id: str, to: Status, **fields: Any) -> None:
+        """Move a backup to status `to`, updating `fields` with it; IllegalTransition (and
+        nothing written) if its current status does not lead there."""
+        with self.write():
+            check_transition(backup_id, Status(self.get(backup_id)["status"]), to)
+            self._update(backup_id, {**fields, "status": to.value})
 
     def update(self, backup_id: str, **fields: Any) -> None:
-        if "fail_reason" in fields and fields["fail_reason"]:
+        """Change fields other than `status`, which only `transition` changes."""
+        if "status" in fields:
+            raise TypeError("Catalog.update cannot change a status; use Catalog.transition")
+        self._update(backup_id, fields)
+
+    def _update(self, backup_id: str, fields: dict[str, Any]) -> None:
+        if fields.get("fail_reason"):
             fields["fail_reason"] = str(fields["fail_reason"])[:FAIL_REASON_MAX]
         fields["updated_at"] = now_iso()
-        self.table.update(backup_id, fields)
+        self._table.update(backup_id, fields)
+
+    def _rows(self, where: str | None, args: builtins.list[Any],
+              **kwargs: Any) -> Iterator[BackupRecord]:
+        return cast(Iterator[BackupRecord], self._table.rows_where(where, args, **kwargs))
 
     def list(self, volumes: Iterable[str] = (), status: str | None = None,
-             include_deleted: bool = False, labels: dict[str, str] | None = None) -> list[dict]:
+             include_deleted: bool = False,
+             labels: dict[str, str] | None = None) -> builtins.list[BackupRecord]:
         """Backups, oldest first; `volumes` are names, ids or id prefixes of volumes; with
         `labels`, only backups carrying every one of them."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         volumes = list(volumes)
         if volumes:
             where.append("(" + " OR ".join(["volume_id = ? OR volume_name = ? OR volume_id LIKE ?"]
@@ -257,21 +335,20 @@ class Catalog:
             args.append(status)
         elif not include_deleted:
             where.append("status != 'deleted'")
-        rows = self.table.rows_where(" AND ".join(where) or None, args,
-                                     order_by="created_at, id")
+        rows = self._rows(" AND ".join(where) or None, args, order_by="created_at, id")
         return [r for r in rows if not labels or has_labels(r, labels)]
 
-    def candidates(self, volume_id: str) -> list[dict]:
+    def candidates(self, volume_id: str) -> builtins.list[BackupRecord]:
         """Non-deleted backups of a volume: the incremental parent candidates."""
-        return list(self.table.rows_where("volume_id = ? AND status != 'deleted'", [volume_id]))
+        return list(self._rows("volume_id = ? AND status != 'deleted'", [volume_id]))
 
-    def children(self, backup_id: str) -> list[dict]:
-        return list(self.table.rows_where("parent_id = ? AND status != 'deleted'", [backup_id],
-                                          order_by="created_at"))
+    def children(self, backup_id: str) -> builtins.list[BackupRecord]:
+        return list(self._rows("parent_id = ? AND status != 'deleted'", [backup_id],
+                               order_by="created_at"))
 
-    def in_states(self, *states: str) -> list[dict]:
+    def in_states(self, *states: Status) -> builtins.list[BackupRecord]:
         marks = ",".join("?" * len(states))
-        return list(self.table.rows_where(f"status IN ({marks})", list(states)))
+        return list(self._rows(f"status IN ({marks})", [s.value for s in states]))
 
     _RECOUNT = ("UPDATE backups SET num_dependent_backups = (SELECT count(*) FROM backups c "
                 f"WHERE c.parent_id = backups.id AND c.status IN ({','.join('?' * len(COUNTED))}))")
@@ -279,7 +356,7 @@ class Catalog:
     def refresh_dependents(self, backup_id: str | None) -> None:
         """Recount num_dependent_backups (rule 12) of `backup_id` (no-op for None)."""
         if backup_id:
-            self.db.execute(self._RECOUNT + " WHERE id = ?", [*COUNTED, backup_id])
+            self._db.execute(self._RECOUNT + " WHERE id = ?", [*_COUNTED, backup_id])
 
     def refresh_all_dependents(self) -> None:
-        self.db.execute(self._RECOUNT, list(COUNTED))
+        self._db.execute(self._RECOUNT, _COUNTED)

@@ -9,15 +9,16 @@ import signal
 import sys
 import traceback
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import click
 
 from . import __version__, engine, lvm, sources
-from .catalog import STATUSES, parse_labels
+from .catalog import STATUSES, BackupRecord, parse_labels
 from .config import Config, as_dict, load_config
 from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
 from .datapath.pipeline import tune_malloc
+from .lifecycle import Status
 from .units import human_size
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ def _when(ts: str | None) -> str:
     return (ts or "")[:19].replace("T", " ")
 
 
-def print_record(rec: dict) -> None:
+def print_record(rec: Mapping[str, Any]) -> None:
     """Key and value per line: plain text (no rich), since `create` ends with it."""
     keys = _SHOW_FIELDS + ("labels", "protected")
     width = max(map(len, keys))
@@ -188,7 +189,8 @@ def print_record(rec: dict) -> None:
         click.echo(f"{key:<{width}}  {'-' if value is None else value}")
 
 
-def print_lineage(rec: dict, chain: list[dict], dependents: list[dict]) -> None:
+def print_lineage(rec: BackupRecord, chain: list[BackupRecord],
+                  dependents: list[BackupRecord]) -> None:
     """A backup's record, the chain of parents back to its full backup, and its children."""
     print_record(rec)
     console = out_console()
@@ -756,8 +758,8 @@ def volumes(app: App) -> None:
     """
     from .catalog import to_record
     lvs = lvm.list_lvs()
-    last: dict[tuple[str, str | None], dict] = {}
-    for row in app.lv().catalog.list(status="available"):
+    last: dict[tuple[str, str | None], BackupRecord] = {}
+    for row in app.lv().catalog.list(status=Status.AVAILABLE):
         last[(row["volume_id"], row["snapshot_id"])] = to_record(row)
     out = []
     for v in sorted((x for x in lvs if not x.is_snapshot and x.segtype != "thin-pool"),

@@ -18,11 +18,11 @@ import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, TypedDict
 
 from . import events as ev
 from . import lvm
-from .catalog import COLUMNS, Catalog, choose_parent, to_record
+from .catalog import COLUMNS, BackupRecord, Catalog, as_record, choose_parent, to_record
 from .datapath.backup import ScanStats, write_backup
 from .datapath.blockmap import FileBlocks, ones, source_size
 from .datapath.restore import Restored, restore_blocks
@@ -30,6 +30,7 @@ from .config import Config
 from .diskio import ALIGN, open_file, pwrite_all
 from .faults import crash_point
 from .errors import CorruptionError, LvbackupError, UsageError
+from .lifecycle import Status
 from .locks import RunLock, repository_lock, run_is_alive, volume_lock
 from .repository.manifest import Manifest, manifest_name
 from .metrics import record_backup
@@ -103,7 +104,7 @@ def init_repository(config: Config, block_size: int | None) -> dict:
 
 # --- recovery of dead runs -------------------------------------------------------------
 
-def recover_dead_runs(lv: Lvbackup) -> list[dict]:
+def recover_dead_runs(lv: Lvbackup) -> list[BackupRecord]:
     """Settle rows left in a transitional state by runs that died (rule 11).
 
     A `creating` backup whose manifest was written is complete and becomes `available`;
@@ -111,29 +112,36 @@ def recover_dead_runs(lv: Lvbackup) -> list[dict]:
     is `deleted` if its manifest is gone, else `error_deleting`.
     """
     cat = lv.catalog
-    changed = []
-    for row in cat.in_states("creating", "restoring", "deleting"):
+    changed: list[BackupRecord] = []
+    for row in cat.in_states(Status.CREATING, Status.RESTORING, Status.DELETING):
         if run_is_alive(lv.lock_dir, row["id"]):
             continue
         manifest = _manifest_or_none(lv, row["id"])
         has_manifest = manifest is not None
-        if row["status"] == "creating":
+        fields: dict[str, object]
+        if row["status"] == Status.CREATING:
             if manifest is not None:
-                fields = {"status": "available", "fail_reason": None,
+                to = Status.AVAILABLE
+                fields = {"fail_reason": None,
                           "stored_bytes": manifest.record.get("stored_bytes") or 0}
             else:
-                fields = {"status": "error", "fail_reason":
+                to = Status.ERROR
+                fields = {"fail_reason":
                           "incomplete backup reset: the run creating it was interrupted"}
-        elif row["status"] == "restoring":
-            fields = {"status": "available"}
+        elif row["status"] == Status.RESTORING:
+            to, fields = Status.AVAILABLE, {}
+        elif has_manifest:
+            to = Status.ERROR_DELETING
+            fields = {"fail_reason":
+                      "the run deleting it was interrupted; delete it again with --force"}
         else:
-            fields = ({"status": "error_deleting", "fail_reason":
-                       "the run deleting it was interrupted; delete it again with --force"}
-                      if has_manifest else {"status": "deleted"})
+            to, fields = Status.DELETED, {}
         with cat.write():
-            cat.update(row["id"], **fields)
+            if cat.get(row["id"])["status"] != row["status"]:
+                continue  # another run recovered it meanwhile
+            cat.transition(row["id"], to, **fields)
             cat.refresh_dependents(row["parent_id"])
-        changed.append({**row, **fields})
+        changed.append(as_record(row, **fields, status=to))
     return changed
 
 
@@ -148,7 +156,7 @@ def _manifest_or_none(lv: Lvbackup, backup_id: str) -> Manifest | None:
 
 @dataclass
 class CreateResult:
-    record: dict
+    record: BackupRecord
     stats: ScanStats
 
 
@@ -185,11 +193,10 @@ def _failed_payload(lv: Lvbackup, run: dict, e: BaseException) -> dict:
         if rec is not None:
             rec = to_record(lv.catalog.get(rec["id"]))
     except Exception:  # noqa: BLE001 - the catalog itself may be what failed
-        rec = {**to_record(rec), "status": "error", "fail_reason": _reason(e)}
+        rec = {**to_record(rec), "status": Status.ERROR, "fail_reason": _reason(e)}
     if rec is None:
-        rec = {**{k: None for k in COLUMNS}, "volume_name": run["volume"], "status": "error",
-               "fail_reason": _reason(e)[:255], "labels": {}}
-        rec = to_record(rec)
+        rec = to_record(as_record({}, volume_name=run["volume"], status=Status.ERROR,
+                                  fail_reason=_reason(e)[:255], labels={}))
     return {**rec, "reason": _reason(e)}
 
 
@@ -227,18 +234,18 @@ def _create_backup(lv: Lvbackup, open_source: SourceFactory, run: dict, *, incre
             parent = (choose_parent(cat.candidates(ident.volume_id), ident.snapshot_time)
                       if incremental else None)
             now = now_iso()
-            record = {
+            record: BackupRecord = {
                 "id": backup_id, "name": name, "description": description,
                 "volume_id": ident.volume_id, "volume_name": ident.volume_name,
                 "snapshot_id": ident.snapshot_id, "snapshot_name": ident.snapshot_name,
                 "parent_id": parent["id"] if parent else None,
                 "is_incremental": parent is not None,
                 "data_timestamp": ident.snapshot_time or now, "created_at": now,
-                "updated_at": now, "status": "creating", "fail_reason": None, "size": None,
+                "updated_at": now, "status": Status.CREATING, "fail_reason": None, "size": None,
                 "block_size": repo.block_size, "stored_bytes": 0, "num_dependent_backups": 0,
                 "labels": dict(labels or {}), "protected": False,
             }
-            cat.insert(record)
+            cat.insert(record, Status.CREATING)
             run["record"], run["parent"] = record, parent
             lv.events.emit(ev.CREATE_START, to_record(record))
 
@@ -259,7 +266,7 @@ def _create_backup(lv: Lvbackup, open_source: SourceFactory, run: dict, *, incre
             stats = _write_backup(lv, source, blocks, record, parent, progress)
         except BaseException as e:
             if run["record"] is not None:
-                cat.update(backup_id, status="error", fail_reason=_reason(e))
+                cat.transition(backup_id, Status.ERROR, fail_reason=_reason(e))
             if isinstance(e, OSError):
                 raise LvbackupError(f"backup of {run['volume']} failed: {_reason(e)}") from None
             raise
@@ -277,8 +284,8 @@ def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _write_backup(lv: Lvbackup, source: Source, blocks: FileBlocks, record: dict,
-                  parent: dict | None, progress) -> ScanStats:
+def _write_backup(lv: Lvbackup, source: Source, blocks: FileBlocks, record: BackupRecord,
+                  parent: BackupRecord | None, progress) -> ScanStats:
     repo, cat = lv.repo, lv.catalog
     size = blocks.size
     repo.sync_index(lv.lock_dir)
@@ -302,14 +309,14 @@ def _write_backup(lv: Lvbackup, source: Source, blocks: FileBlocks, record: dict
     def finish(stats: ScanStats) -> dict:
         if source.check is not None:
             source.check()
-        return to_record({**record, "status": "available", "stored_bytes": stats.stored_bytes,
+        return to_record({**record, "status": Status.AVAILABLE, "stored_bytes": stats.stored_bytes,
                           "updated_at": now_iso()})
 
     stats = write_backup(repo, blocks, parent_manifest, record["id"], finish,
                          workers=lv.config.workers, level=lv.config.compression_level,
                          progress=on_progress)
     with cat.write():
-        cat.update(record["id"], status="available", stored_bytes=stats.stored_bytes)
+        cat.transition(record["id"], Status.AVAILABLE, stored_bytes=stats.stored_bytes)
         cat.refresh_dependents(record["parent_id"])
     return stats
 
@@ -411,7 +418,7 @@ def _new_volume(spec: str, size: int, thin_pool: str | None) -> tuple[str, bool]
 def restore_backup(lv: Lvbackup, backup_id: str, *, to: str | None = None,
                    to_file: str | None = None, new_volume: str | None = None,
                    thin_pool: str | None = None, force: bool = False,
-                   progress: Callable[[int, int], None] | None = None) -> dict:
+                   progress: Callable[[int, int], None] | None = None) -> BackupRecord:
     """Write a backup's image to a device, LV, new LV, file or stdout.
 
     With no target at all, a new LV `restore_backup_<id>` is created in the VG of the
@@ -420,16 +427,17 @@ def restore_backup(lv: Lvbackup, backup_id: str, *, to: str | None = None,
     cat = lv.catalog
     row = cat.resolve(backup_id)
     if to is None and to_file is None and new_volume is None:
-        if not _is_lv_name(row["volume_name"] or ""):
+        volume_name = row["volume_name"] or ""
+        if not _is_lv_name(volume_name):
             raise UsageError(f"backup {row['id']} is not of an LVM volume; give --to or --to-file")
-        new_volume = f"{row['volume_name'].split('/')[0]}/restore_backup_{row['id']}"
+        new_volume = f"{volume_name.split('/')[0]}/restore_backup_{row['id']}"
     if to is not None and _is_lv_name(to):
         to = _lv_target(to, force)
     with ExitStack() as stack:
         stack.enter_context(lv.shared_lock())
         recover_dead_runs(lv)
         row = cat.get(row["id"])
-        if row["status"] != "available":
+        if row["status"] != Status.AVAILABLE:
             raise UsageError(f"Backup status must be available (backup {row['id']} is {row['status']})")
         repo = lv.repo
         repo.sync_index(lv.lock_dir)
@@ -446,7 +454,7 @@ def restore_backup(lv: Lvbackup, backup_id: str, *, to: str | None = None,
             stack.callback(target.discard)
             stack.callback(os.close, target.fd)
         stack.enter_context(RunLock(lv.lock_dir, row["id"]).acquire())
-        cat.update(row["id"], status="restoring")
+        cat.transition(row["id"], Status.RESTORING)
         lv.events.emit(ev.RESTORE_START, {**to_record(cat.get(row["id"])), "target": target.name})
         try:
             try:
@@ -461,7 +469,7 @@ def restore_backup(lv: Lvbackup, backup_id: str, *, to: str | None = None,
                 raise LvbackupError(f"restore of backup {row['id']} to {target.name} failed: "
                                     f"{_reason(e)}") from None
             finally:
-                cat.update(row["id"], status="available")
+                cat.transition(row["id"], Status.AVAILABLE)
         except BaseException as e:
             lv.events.emit(ev.RESTORE_ERROR, {**to_record(cat.get(row["id"])),
                                               "target": target.name, "reason": _reason(e)})
@@ -506,7 +514,7 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 # --- delete --------------------------------------------------------------------------
 
-def delete_backup(lv: Lvbackup, backup_id: str, *, force: bool = False) -> dict:
+def delete_backup(lv: Lvbackup, backup_id: str, *, force: bool = False) -> BackupRecord:
     """Remove a backup's manifest and mark it deleted (its chunks go at the next gc)."""
     cat = lv.catalog
     row = cat.resolve(backup_id)
@@ -515,20 +523,26 @@ def delete_backup(lv: Lvbackup, backup_id: str, *, force: bool = False) -> dict:
         return delete_row(lv, cat.get(row["id"]), force=force)[0]
 
 
-def delete_row(lv: Lvbackup, row: dict, *, force: bool = False,
-               reparent: bool = False) -> tuple[dict, list[dict]]:
+class Reparented(TypedDict):
+    id: str
+    old_parent_id: str
+    new_parent_id: str | None
+
+
+def delete_row(lv: Lvbackup, row: BackupRecord, *, force: bool = False,
+               reparent: bool = False) -> tuple[BackupRecord, list[Reparented]]:
     """Delete one backup (the caller holds the repository lock); (its record, the children
     re-parented). A protected backup is refused. Children refuse the delete (Cinder's rule
     14) unless `reparent`: then, since manifests are self-contained, each child's parent
     becomes the deleted backup's parent (none: the child is a full backup from then on),
     recorded in the catalog in the same transaction that marks the backup `deleting`."""
     cat = lv.catalog
-    if row["status"] == "deleted":
+    if row["status"] == Status.DELETED:
         raise UsageError(f"backup {row['id']} is already deleted")
     if row["protected"]:
         raise UsageError(f"backup {row['id']} is protected; run 'lvbackup unprotect "
                          f"{row['id']}' first")
-    if row["status"] not in ("available", "error") and not force:
+    if row["status"] not in (Status.AVAILABLE, Status.ERROR) and not force:
         raise UsageError(f"Backup status must be available or error (backup {row['id']} "
                          f"is {row['status']}); pass --force to delete it anyway")
     children = cat.children(row["id"])
@@ -536,11 +550,11 @@ def delete_row(lv: Lvbackup, row: dict, *, force: bool = False,
         ids = ", ".join(c["id"] for c in children)
         raise UsageError(f"Incremental backups exist for this backup. "
                          f"(backup {row['id']} has dependents: {ids}; delete them first)")
-    moved = []
+    moved: list[Reparented] = []
     with RunLock(lv.lock_dir, row["id"]).acquire():
         lv.events.emit(ev.DELETE_START, to_record(row))
         with cat.write():
-            cat.update(row["id"], status="deleting")
+            cat.transition(row["id"], Status.DELETING)
             for child in children:
                 cat.update(child["id"], parent_id=row["parent_id"],
                            is_incremental=row["parent_id"] is not None)
@@ -553,12 +567,12 @@ def delete_row(lv: Lvbackup, row: dict, *, force: bool = False,
             lv.repo.storage.delete(manifest_name(row["id"]))
             crash_point("delete-manifest-removed")
         except OSError as e:
-            cat.update(row["id"], status="error_deleting", fail_reason=_reason(e))
+            cat.transition(row["id"], Status.ERROR_DELETING, fail_reason=_reason(e))
             lv.events.emit(ev.DELETE_ERROR, {**to_record(cat.get(row["id"])),
                                              "reason": _reason(e)})
             raise LvbackupError(f"cannot delete backup {row['id']}: {_reason(e)}") from None
         with cat.write():
-            cat.update(row["id"], status="deleted")
+            cat.transition(row["id"], Status.DELETED)
             cat.refresh_dependents(row["parent_id"])
     rec = to_record(cat.get(row["id"]))
     lv.events.emit(ev.DELETE_END, rec)
@@ -573,7 +587,7 @@ def verify_backups(lv: Lvbackup, ids: list[str], *, deep: bool,
     cat = lv.catalog
     with lv.shared_lock():
         recover_dead_runs(lv)
-        rows = ([cat.resolve(i) for i in ids] if ids else cat.list(status="available"))
+        rows = ([cat.resolve(i) for i in ids] if ids else cat.list(status=Status.AVAILABLE))
         repo = lv.repo
         bad_index = repo.sync_index(lv.lock_dir)
         results = []
@@ -581,7 +595,7 @@ def verify_backups(lv: Lvbackup, ids: list[str], *, deep: bool,
         done = 0
         for row in rows:
             error = None
-            if row["status"] != "available":
+            if row["status"] != Status.AVAILABLE:
                 error = f"backup {row['id']} is {row['status']}, not available"
             else:
                 try:
@@ -637,13 +651,13 @@ def _verify_one(repo: Repository, backup_id: str, deep: bool) -> None:
 def export_record(lv: Lvbackup, backup_id: str) -> str:
     """Base64 of a JSON object with every catalog field of an available backup (rule 19)."""
     row = lv.catalog.resolve(backup_id)
-    if row["status"] != "available":
+    if row["status"] != Status.AVAILABLE:
         raise UsageError(f"Backup status must be available (backup {row['id']} is {row['status']})")
     rec = {k: v for k, v in to_record(row).items() if k in COLUMNS}
     return base64.b64encode(json.dumps(rec, sort_keys=True).encode()).decode()
 
 
-def import_record(lv: Lvbackup, text: str) -> dict:
+def import_record(lv: Lvbackup, text: str) -> BackupRecord:
     """Re-create a catalog row from export_record's output (rule 20)."""
     try:
         raw = base64.b64decode("".join(text.split()), validate=True)
@@ -661,21 +675,20 @@ def import_record(lv: Lvbackup, text: str) -> dict:
     cat = lv.catalog
     with lv.shared_lock():
         existing = cat.find(rec["id"])
-        if existing is not None and existing["status"] != "deleted":
+        if existing is not None and existing["status"] != Status.DELETED:
             raise UsageError("Backup already exists in database.")
         try:
             manifest = lv.repo.manifest(rec["id"])
         except CorruptionError as e:
             raise LvbackupError(f"cannot import backup {rec['id']}: {e}; copy its manifest "
                                 f"into {lv.config.repository} first") from None
-        row = {k: rec.get(k) for k in COLUMNS}
-        row.update(status="available", fail_reason=None, updated_at=now_iso(),
-                   size=manifest.size, block_size=manifest.block_size,
-                   is_incremental=bool(rec.get("parent_id")), num_dependent_backups=0)
+        row = as_record(rec, fail_reason=None, updated_at=now_iso(), size=manifest.size,
+                        block_size=manifest.block_size,
+                        is_incremental=bool(rec.get("parent_id")), num_dependent_backups=0)
         for key in ("created_at", "data_timestamp"):
-            row[key] = row[key] or manifest.record.get(key) or now_iso()
+            row[key] = row[key] or manifest.record.get(key) or now_iso()  # type: ignore[literal-required]
         with cat.write():
-            cat.table.upsert(row, pk="id")
+            cat.put(row, Status.AVAILABLE)
             cat.refresh_dependents(row["id"])
             cat.refresh_dependents(row["parent_id"])
     return to_record(cat.get(row["id"]))
@@ -697,7 +710,7 @@ def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
             moved = None
             try:
                 cat = lv.catalog
-                cat.db.execute("SELECT count(*) FROM backups").fetchone()
+                cat.count()
             except LvbackupError:
                 moved = config.catalog.with_name(
                     f"{config.catalog.name}.corrupt-{now_iso().replace(':', '')}")
@@ -715,23 +728,22 @@ def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
                 except CorruptionError as e:
                     bad.append(str(e))
                     continue
-                row = {k: rec.get(k) for k in COLUMNS}
-                row["status"], row["fail_reason"] = "available", None
+                row = as_record(rec, fail_reason=None)
                 old = cat.find(backup_id)
                 if old is not None:
                     # Catalog-only facts, changed after the manifest was written: keep them.
                     for key in ("protected", "parent_id", "is_incremental"):
-                        row[key] = old[key]
-                with cat.write():
-                    cat.table.upsert(row, pk="id")
+                        row[key] = old[key]  # type: ignore[literal-required]
+                cat.put(row, Status.AVAILABLE)
                 found.add(backup_id)
             for row in cat.list(include_deleted=True):
-                if row["id"] in found or row["status"] in ("deleted", "error"):
+                if row["id"] in found or row["status"] in (Status.DELETED, Status.ERROR):
                     continue
-                fields = ({"status": "deleted"} if row["status"] == "deleting" else
-                          {"status": "error",
-                           "fail_reason": "manifest missing or corrupt in the repository"})
-                cat.update(row["id"], **fields)
+                if row["status"] == Status.DELETING:
+                    cat.transition(row["id"], Status.DELETED)
+                else:
+                    cat.transition(row["id"], Status.ERROR, fail_reason="manifest missing or "
+                                   "corrupt in the repository")
             _orphans_become_full(cat)
             cat.refresh_all_dependents()
     finally:
@@ -746,24 +758,24 @@ def _orphans_become_full(cat: Catalog) -> None:
     rows = {r["id"]: r for r in cat.list(include_deleted=True)}
     for r in rows.values():
         parent = rows.get(r["parent_id"]) if r["parent_id"] else None
-        if (r["parent_id"] and r["status"] != "deleted"
-                and (parent is None or parent["status"] == "deleted")):
+        if (r["parent_id"] and r["status"] != Status.DELETED
+                and (parent is None or parent["status"] == Status.DELETED)):
             cat.update(r["id"], parent_id=None, is_incremental=False)
 
 
 # --- protection ----------------------------------------------------------------------
 
-def set_protected(lv: Lvbackup, backup_id: str, protected: bool) -> dict:
+def set_protected(lv: Lvbackup, backup_id: str, protected: bool) -> BackupRecord:
     """Protect a backup from prune and delete, or lift that protection."""
     cat = lv.catalog
     row = cat.resolve(backup_id)
-    if row["status"] == "deleted":
+    if row["status"] == Status.DELETED:
         raise UsageError(f"backup {row['id']} is deleted")
     cat.update(row["id"], protected=int(protected))
     return to_record(cat.get(row["id"]))
 
 
-def backup_chain(lv: Lvbackup, backup_id: str) -> list[dict]:
+def backup_chain(lv: Lvbackup, backup_id: str) -> list[BackupRecord]:
     """The backup's row, then its parent's, and so on back to its full backup (the list
     ends early at a parent the catalog does not have)."""
     cat = lv.catalog

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from .timeutil import now_iso
 
@@ -66,7 +66,7 @@ def stderr_warning(message: str) -> None:
         pass
 
 
-def make_event(event: str, payload: dict) -> dict:
+def make_event(event: str, payload: Mapping[str, Any]) -> dict[str, Any]:
     return {"event": event, "timestamp": now_iso(), "payload": payload}
 
 
@@ -83,7 +83,7 @@ class Events:
     def enabled(self) -> bool:
         return self.event_log is not None or bool(self.hooks)
 
-    def emit(self, event: str, payload: dict) -> None:
+    def emit(self, event: str, payload: Mapping[str, Any]) -> None:
         """Log `event` and run its hooks; never raises (but lets signals through)."""
         if not self.enabled:
             return

@@ -17,8 +17,10 @@ from datetime import datetime, timedelta
 from typing import Callable, ContextManager
 
 from . import engine, lvm, retention, sources
+from .catalog import BackupRecord
 from .config import JOB_LABEL, Job
 from .errors import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, LvbackupError, UsageError
+from .lifecycle import Status
 from .timeutil import parse_iso, utcnow
 
 # Worst last: a locked run (retry later) is less alarming than a failure, and an error that
@@ -34,7 +36,7 @@ def worst_exit(codes: list[int]) -> int:
     return max(codes, key=lambda c: _SEVERITY.get(c, _SEVERITY[EXIT_FAILED]), default=EXIT_OK)
 
 
-def full_or_incremental(job: Job, backups: list[dict],
+def full_or_incremental(job: Job, backups: list[BackupRecord],
                         now: datetime | None = None) -> tuple[bool, str]:
     """(incremental?, why) for the job's next backup; `backups` are the volume's catalog
     rows. Pure. A full backup is due when the job is not incremental, when the volume has
@@ -42,7 +44,7 @@ def full_or_incremental(job: Job, backups: list[dict],
     last full is `full_every_days` old."""
     if not job.incremental:
         return False, "full: the job is not incremental"
-    available = sorted((b for b in backups if b["status"] == "available"),
+    available = sorted((b for b in backups if b["status"] == Status.AVAILABLE),
                        key=lambda b: (b["data_timestamp"], b["created_at"]))
     if not available:
         return False, "full: the volume has no available backup yet"
@@ -96,7 +98,7 @@ def _source(lv: engine.Lvbackup, job: Job) -> tuple[sources.SourceFactory, str, 
     assert job.snapshot_of is not None
     origin, snap = newest_snapshot(job.snapshot_of)
     done = [b for b in lv.catalog.candidates(origin.uuid)
-            if b["snapshot_id"] == snap.uuid and b["status"] == "available"]
+            if b["snapshot_id"] == snap.uuid and b["status"] == Status.AVAILABLE]
     skip = (f"the newest snapshot {snap.full_name} is already backed up ({done[0]['id']})"
             if done else None)
     factory = sources.snapshot_source(snap.full_name, lock_dir=cfg.lock_dir)

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Iterable
 
+from .catalog import BackupRecord
+from .lifecycle import Status
 from .timeutil import parse_iso
 
 KINDS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
@@ -68,16 +70,16 @@ class Plan:
     remove: list[str] = field(default_factory=list)
 
 
-def select(backups: Iterable[dict], policy: Policy) -> Plan:
+def select(backups: Iterable[BackupRecord], policy: Policy) -> Plan:
     """Apply `policy` to catalog rows (any mix of volumes; each volume on its own).
 
     Pure: reads `id`, `volume_id`, `status`, `data_timestamp`, `created_at` and
     `protected` of each row. An empty policy keeps everything (it never means "remove all").
     """
     plan = Plan()
-    by_volume: dict[str, list[dict]] = {}
+    by_volume: dict[str, list[BackupRecord]] = {}
     for b in backups:
-        if b.get("status") == "available":
+        if b.get("status") == Status.AVAILABLE:
             by_volume.setdefault(b["volume_id"], []).append(b)
     for rows in by_volume.values():
         rows.sort(key=lambda r: (r["data_timestamp"], r["created_at"], r["id"]), reverse=True)
@@ -109,7 +111,7 @@ def select(backups: Iterable[dict], policy: Policy) -> Plan:
     return plan
 
 
-def new_parents(rows: Iterable[dict], removed: Iterable[str]) -> dict[str, str | None]:
+def new_parents(rows: Iterable[BackupRecord], removed: Iterable[str]) -> dict[str, str | None]:
     """For each remaining backup whose recorded parent is removed: its nearest remaining
     ancestor (None: it becomes a full backup). Pure; used to report a dry run."""
     by_id = {r["id"]: r for r in rows}
@@ -144,7 +146,7 @@ def prune(lv, policy: Policy, *, volumes: list[str] | None = None,
                     "keep": [], "remove": [], "reparented": []}
     with lv.exclusive_lock():
         engine.recover_dead_runs(lv)
-        rows = cat.list(volumes=volumes or [], status="available", labels=labels)
+        rows = cat.list(volumes=volumes or [], status=Status.AVAILABLE, labels=labels)
         plan = select(rows, policy)
         by_id = {r["id"]: r for r in rows}
         for bid, why in plan.keep.items():
@@ -159,7 +161,7 @@ def prune(lv, policy: Policy, *, volumes: list[str] | None = None,
             report["reparented"] = [{"id": c, "old_parent_id": recorded[c], "new_parent_id": p}
                                     for c, p in new_parents(every, order).items()]
             return report
-        moves: dict[str, dict] = {}
+        moves: dict[str, engine.Reparented] = {}
         with ExitStack() as stack:
             # Every lock first, in a fixed order: a busy volume stops the prune before it
             # has deleted anything, never half-way through.
@@ -176,7 +178,7 @@ def prune(lv, policy: Policy, *, volumes: list[str] | None = None,
     return report
 
 
-def _brief(row: dict) -> dict:
+def _brief(row: BackupRecord) -> dict:
     return {"id": row["id"], "volume_name": row["volume_name"],
             "data_timestamp": row["data_timestamp"], "parent_id": row["parent_id"],
             "is_incremental": bool(row["is_incremental"])}

@@ -311,20 +311,21 @@ def test_catalog_write_after_a_read_in_a_transaction(tmp_path):
     import threading
 
     from lvbackup.catalog import Catalog
+    from lvbackup.lifecycle import Status
 
     path = tmp_path / "catalog.db"
     a = Catalog(path)
     try:
         base = {"volume_id": "v", "status": "creating", "created_at": "t", "updated_at": "t",
                 "data_timestamp": "t", "labels": {}, "protected": False}
-        a.insert({**base, "id": "one"})
-        a.insert({**base, "id": "two"})
+        a.insert({**base, "id": "one"}, Status.CREATING)
+        a.insert({**base, "id": "two"}, Status.CREATING)
         errors = []
 
         def other_run() -> None:
             b = Catalog(path)               # another run's connection
             try:
-                b.update("two", status="available")
+                b.transition("two", Status.AVAILABLE)
             except Exception as e:  # noqa: BLE001
                 errors.append(e)
             finally:
@@ -335,7 +336,7 @@ def test_catalog_write_after_a_read_in_a_transaction(tmp_path):
             t = threading.Thread(target=other_run)
             t.start()
             t.join(2)                        # unfixed: it commits now; fixed: it waits
-            a.update("one", status="available")
+            a.transition("one", Status.AVAILABLE)
         t.join(90)
         assert not errors, errors
         assert {r["id"]: r["status"] for r in a.list()} == {"one": "available", "two": "available"}
