@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import builtins  # Catalog.list hides the builtin in the annotations of its class
 import json
-import os
 import re
 import sqlite3
 from contextlib import contextmanager

@@ -1,29 +1,47 @@
-"""The command line: parse, call the engine, render (rich tables, or one JSON document)."""
+"""The command line: parse, call one operation, render (rich tables, or one JSON document)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
 import sys
 import traceback
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import click
 
-from . import __version__, engine, lvm, sources
-from .catalog import STATUSES, BackupRecord, parse_labels
+from . import __version__
+from .catalog import STATUSES, parse_labels
 from .config import Config, as_dict, load_config
-from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
 from .datapath.pipeline import tune_malloc
-from .lifecycle import Status
+from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
+from .operations.create import create_backup, select_source
+from .operations.delete import delete_backup
+from .operations.inventory import create_snapshot, delete_snapshot, list_snapshots
+from .operations.inventory import volumes as list_volumes
+from .operations.jobs import run_jobs
+from .operations.maintenance import collect_garbage, init_repository, rebuild_catalog
+from .operations.prune import prune as prune_backups
+from .operations.records import export_record as export_backup_record
+from .operations.records import import_record as import_backup_record
+from .operations.records import list_backups, set_protected, show_backup
+from .operations.restore import restore_backup
+from .operations.verify import verify_backups
+from .render import (
+    err_console,
+    new_table,
+    out_console,
+    print_lineage,
+    print_lvs,
+    print_record,
+    print_records,
+    when,
+)
+from .retention import Policy
+from .session import Session
 from .units import human_size
-
-if TYPE_CHECKING:
-    from rich.console import Console
-    from rich.table import Table
 
 EXIT_CODES = """\b
 Exit status:
@@ -33,28 +51,6 @@ Exit status:
   75  the repository or volume is locked by another run (see --wait)
   'run' exits with the worst of its jobs' statuses (2 worst, then 1, then 75).
 """
-
-# rich is imported only where it renders something: most runs (cron, scripts, --json,
-# --quiet) never do, and its import is a sixth of the start-up time.
-
-@functools.cache
-def err_console() -> "Console":
-    from rich.console import Console
-    return Console(stderr=True, highlight=False)
-
-
-def out_console() -> "Console":
-    """Rich output on stdout. Not on a terminal (cron mail, a pipe, a log file), tables get
-    room to stay readable instead of rich's default 80 columns."""
-    from rich.console import Console
-    wide = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
-    return Console(width=160 if wide else None)
-
-
-def new_table(**options: Any) -> "Table":
-    from rich.table import Table
-    return Table(**options)
-
 
 def parse_size(text: str) -> int:
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -67,7 +63,7 @@ def parse_size(text: str) -> int:
 
 
 class App:
-    """Per-invocation state: global options, the configuration, the open engine."""
+    """Per-invocation state: global options, the configuration, the open session."""
 
     def __init__(self, config_path: str | None, as_json: bool, quiet: bool, verbose: bool):
         self.config_path = config_path
@@ -75,7 +71,7 @@ class App:
         self.quiet = quiet
         self.verbose = verbose
         self._config: Config | None = None
-        self._lv: engine.Lvbackup | None = None
+        self._session: Session | None = None
 
     @property
     def config(self) -> Config:
@@ -83,12 +79,12 @@ class App:
             self._config = load_config(self.config_path)
         return self._config
 
-    def lv(self, wait: float = 0.0) -> engine.Lvbackup:
-        if self._lv is None:
-            self._lv = engine.Lvbackup(self.config, wait)
-            self._lv.warn = self.warn
-            click.get_current_context().call_on_close(self._lv.close)
-        return self._lv
+    def session(self, wait: float = 0.0) -> Session:
+        if self._session is None:
+            self._session = Session(self.config, wait)
+            self._session.warn = self.warn
+            click.get_current_context().call_on_close(self._session.close)
+        return self._session
 
     def warn(self, message: str) -> None:
         """One line on stderr (above a progress bar, if one is shown), even with --quiet:
@@ -120,14 +116,14 @@ class App:
 
 
 class Group(click.Group):
-    """Turns LvbackupError into one line on stderr and its exit status."""
+    """Reports an LvbackupError as exit_status() does, also when click runs the command
+    in standalone mode (tests, shell completion)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except LvbackupError as e:
-            click.echo(f"lvbackup: error: {e}", err=True)
-            ctx.exit(e.exit_code)
+            ctx.exit(exit_status(e))
 
 
 pass_app = click.make_pass_decorator(App)
@@ -160,71 +156,6 @@ def cli(ctx: click.Context, config_path: str | None, as_json: bool, quiet: bool,
     ctx.obj = App(config_path, as_json, quiet, verbose)
 
 
-# --- rendering -----------------------------------------------------------------------------
-
-_SHOW_FIELDS = ("id", "name", "description", "status", "fail_reason", "volume_name", "volume_id",
-                "snapshot_name", "snapshot_id", "parent_id", "is_incremental", "data_timestamp",
-                "created_at", "updated_at", "size", "block_size", "stored_bytes",
-                "num_dependent_backups", "has_dependent_backups")
-
-
-def _labels_text(labels: dict | None) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted((labels or {}).items()))
-
-
-def _when(ts: str | None) -> str:
-    return (ts or "")[:19].replace("T", " ")
-
-
-def print_record(rec: Mapping[str, Any]) -> None:
-    """Key and value per line: plain text (no rich), since `create` ends with it."""
-    keys = _SHOW_FIELDS + ("labels", "protected")
-    width = max(map(len, keys))
-    for key in keys:
-        value = rec.get(key)
-        if key in ("size", "stored_bytes") and value is not None:
-            value = f"{human_size(value)} ({value} bytes)"
-        elif key == "labels":
-            value = _labels_text(value) or None
-        click.echo(f"{key:<{width}}  {'-' if value is None else value}")
-
-
-def print_lineage(rec: BackupRecord, chain: list[BackupRecord],
-                  dependents: list[BackupRecord]) -> None:
-    """A backup's record, the chain of parents back to its full backup, and its children."""
-    print_record(rec)
-    console = out_console()
-    if len(chain) > 1 or rec.get("parent_id"):
-        table = new_table(title="chain back to the full backup")
-        for col in ("id", "kind", "status", "data timestamp (UTC)", "size", "stored", "name"):
-            table.add_column(col, overflow="fold")
-        for r in chain:
-            table.add_row(r["id"], "incr" if r["is_incremental"] else "full", r["status"],
-                          _when(r["data_timestamp"]), human_size(r["size"]),
-                          human_size(r["stored_bytes"]), r["name"] or "")
-        last = chain[-1]
-        if last.get("is_incremental") and last.get("parent_id"):
-            table.add_row(last["parent_id"], "?", "missing", "", "", "", "")
-        console.print(table)
-    if dependents:
-        console.print("dependents: " + ", ".join(d["id"] for d in dependents))
-
-
-def print_records(recs: list[dict]) -> None:
-    table = new_table()
-    for col in ("id", "volume", "kind", "status", "data timestamp (UTC)", "size", "stored",
-                "parent", "deps", "name", "labels"):
-        table.add_column(col, overflow="fold")
-    for r in recs:
-        status = r["status"] + (" (protected)" if r.get("protected") else "")
-        table.add_row(r["id"][:8], r["volume_name"] or "", "incr" if r["is_incremental"] else "full",
-                      status, _when(r["data_timestamp"]),
-                      human_size(r["size"]), human_size(r["stored_bytes"]),
-                      (r["parent_id"] or "-")[:8], str(r["num_dependent_backups"]),
-                      r["name"] or "", _labels_text(r.get("labels")))
-    out_console().print(table)
-
-
 label_option = click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
                             help="Only backups with this label (repeatable: all must match).")
 
@@ -241,7 +172,7 @@ def init(app: App, block_size: str | None) -> None:
     Example:
       lvbackup --config /etc/lvbackup/lvbackup.yaml init --block-size 128K
     """
-    result = engine.init_repository(app.config, parse_size(block_size) if block_size else None)
+    result = init_repository(app.config, parse_size(block_size) if block_size else None)
 
     def human(r: dict) -> None:
         verb = "Created" if r["created"] else "Using existing"
@@ -277,26 +208,13 @@ def create(app: App, volume: str | None, snapshot: str | None, device: str | Non
       lvbackup --json create --device /srv/vm.img --name nightly --label tier=gold
     """
     label_map = parse_labels(labels)
-    if device and (volume or snapshot):
-        raise click.UsageError("--device cannot be combined with --volume or --snapshot")
-    if snapshot:
-        source = sources.snapshot_source(snapshot, volume, lock_dir=app.config.lock_dir)
-    elif volume:
-        source = sources.volume_source(volume, force=force,
-                                       snapshot_size=app.config.temp_snapshot_size,
-                                       lock_dir=app.config.lock_dir)
-    elif device:
-        source = sources.device_source(device)
-    else:
-        raise click.UsageError("give the source: --volume VG/LV, --snapshot VG/SNAP or --device PATH")
-    lv = app.lv(wait)
-    # Names the volume in the metrics and in backup.create.error if the source cannot open.
-    source_name = (os.path.realpath(device) if device else
-                   volume.removeprefix("/dev/") if volume and "/" in volume else None)
+    source, source_name = select_source(app.config, volume=volume, snapshot=snapshot,
+                                        device=device, force=force)
+    session = app.session(wait)
     with app.progress("backup") as progress:
-        result = engine.create_backup(lv, source, incremental=incremental, name=name,
-                                      description=description, labels=label_map,
-                                      progress=progress, source_name=source_name)
+        result = create_backup(session, source, incremental=incremental, name=name,
+                               description=description, labels=label_map,
+                               progress=progress, source_name=source_name)
     s = result.stats
     app.log(f"read {human_size(s.bytes_read)}, holes {human_size(s.hole_bytes)}, unchanged "
             f"{human_size(s.unchanged_bytes)}, reused {human_size(s.reused_bytes)}, "
@@ -317,15 +235,7 @@ def list_(app: App, volume: str | None, status: str | None, labels: tuple[str, .
       lvbackup list --volume vg0/data --status available
       lvbackup list --label job=nightly-data
     """
-    label_map = parse_labels(labels)
-    from .catalog import to_record
-    lv = app.lv()
-    engine.recover_dead_runs(lv)
-    names = [volume] if volume else []
-    if volume and os.path.exists(volume):  # an image path as given to create --device
-        names.append(os.path.realpath(volume))
-    rows = [to_record(r) for r in lv.catalog.list(volumes=names, status=status,
-                                                  labels=label_map)]
+    rows = list_backups(app.session(), volume, status, parse_labels(labels))
     app.emit(rows, print_records)
 
 
@@ -344,15 +254,10 @@ def show(app: App, backup_id: str, chain: bool) -> None:
       lvbackup show 3f2a
       lvbackup --json show 3f2a --chain
     """
-    from .catalog import to_record
-    lv = app.lv()
-    engine.recover_dead_runs(lv)
-    rec = to_record(lv.catalog.resolve(backup_id))
-    lineage = [to_record(r) for r in engine.backup_chain(lv, rec["id"])]
+    rec, lineage, dependents = show_backup(app.session(), backup_id)
     if chain:
         app.emit(lineage, print_records)
         return
-    dependents = [to_record(r) for r in lv.catalog.children(rec["id"])]
     app.emit(rec, lambda r: print_lineage(r, lineage, dependents))
 
 
@@ -384,10 +289,10 @@ def restore(app: App, backup_id: str, to: str | None, new_volume: str | None,
         raise click.UsageError("--thin-pool goes with --new-volume")
     if to_file == "-" and app.as_json:
         raise click.UsageError("--json cannot be combined with --to-file - (stdout carries the image)")
-    lv = app.lv(wait)
+    session = app.session(wait)
     with app.progress("restore") as progress:
-        rec = engine.restore_backup(lv, backup_id, to=to, to_file=to_file, new_volume=new_volume,
-                                    thin_pool=thin_pool, force=force, progress=progress)
+        rec = restore_backup(session, backup_id, to=to, to_file=to_file, new_volume=new_volume,
+                             thin_pool=thin_pool, force=force, progress=progress)
     if to_file == "-":
         return
     where = to or to_file or new_volume or "a new volume"
@@ -406,7 +311,7 @@ def delete(app: App, backup_id: str, force: bool, wait: float) -> None:
     Example:
       lvbackup delete 3f2a
     """
-    rec = engine.delete_backup(app.lv(wait), backup_id, force=force)
+    rec = delete_backup(app.session(wait), backup_id, force=force)
     app.emit(rec, lambda r: click.echo(f"Deleted backup {r['id']}"))
 
 
@@ -420,7 +325,7 @@ def protect(app: App, backup_id: str) -> None:
     Example:
       lvbackup protect 3f2a
     """
-    rec = engine.set_protected(app.lv(), backup_id, True)
+    rec = set_protected(app.session(), backup_id, True)
     app.emit(rec, lambda r: click.echo(f"Protected backup {r['id']}"))
 
 
@@ -434,7 +339,7 @@ def unprotect(app: App, backup_id: str) -> None:
     Example:
       lvbackup unprotect 3f2a
     """
-    rec = engine.set_protected(app.lv(), backup_id, False)
+    rec = set_protected(app.session(), backup_id, False)
     app.emit(rec, lambda r: click.echo(f"Unprotected backup {r['id']}"))
 
 
@@ -470,7 +375,6 @@ def prune(app: App, last: int, hourly: int, daily: int, weekly: int, monthly: in
       lvbackup prune --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run
       lvbackup prune --volume vg0/data --label job=nightly --keep-daily 14
     """
-    from .retention import Policy, prune as prune_backups
     policy = Policy(last=last, hourly=hourly, daily=daily, weekly=weekly, monthly=monthly,
                     yearly=yearly)
     if policy.empty:
@@ -479,8 +383,7 @@ def prune(app: App, last: int, hourly: int, daily: int, weekly: int, monthly: in
     label_map = parse_labels(labels)
     names = list(volumes)
     names += [os.path.realpath(v) for v in volumes if os.path.exists(v)]
-    lv = app.lv(wait)
-    report = prune_backups(lv, policy, volumes=names, labels=label_map, dry_run=dry_run)
+    report = prune_backups(app.session(wait), policy, volumes=names, labels=label_map, dry_run=dry_run)
 
     def human(r: dict) -> None:
         table = new_table()
@@ -491,7 +394,7 @@ def prune(app: App, last: int, hourly: int, daily: int, weekly: int, monthly: in
         for item, action, why in sorted(rows, key=lambda x: (x[0]["volume_name"] or "",
                                                              x[0]["data_timestamp"])):
             table.add_row(item["id"][:8], item["volume_name"] or "",
-                          _when(item["data_timestamp"]), action, why)
+                          when(item["data_timestamp"]), action, why)
         out_console().print(table)
         for m in r["reparented"]:
             click.echo(f"{'Would re-parent' if r['dry_run'] else 'Re-parented'} {m['id']} "
@@ -520,9 +423,7 @@ def run_(app: App, job_names: tuple[str, ...], wait: float) -> None:
       lvbackup --quiet run data-nightly root-nightly
       lvbackup --json run > /var/log/lvbackup/last-run.json
     """
-    from .jobs import run_jobs
-    lv = app.lv(wait)
-    summary = run_jobs(lv, job_names, progress=app.progress, log=app.log)
+    summary = run_jobs(app.session(wait), job_names, progress=app.progress, log=app.log)
 
     def human(r: dict) -> None:
         table = new_table()
@@ -565,8 +466,8 @@ def verify(app: App, backup_ids: tuple[str, ...], deep: bool, wait: float) -> No
       lvbackup verify --deep
     """
     with app.progress("verify") as progress:
-        report = engine.verify_backups(app.lv(wait), list(backup_ids), deep=deep,
-                                       progress=progress)
+        report = verify_backups(app.session(wait), list(backup_ids), deep=deep,
+                                progress=progress)
 
     def human(r: dict) -> None:
         for e in r["index_errors"]:
@@ -592,11 +493,8 @@ def gc(app: App, wait: float) -> None:
     Example:
       lvbackup gc
     """
-    from .repository.gc import collect_garbage
-    lv = app.lv(wait)
-    with lv.exclusive_lock(), app.progress("gc") as progress:
-        engine.recover_dead_runs(lv)
-        stats = collect_garbage(lv.repo, lv.config.cache_dir, lv.lock_dir, progress)
+    with app.progress("gc") as progress:
+        stats = collect_garbage(app.session(wait), progress)
 
     def human(s: dict) -> None:
         click.echo(f"Deleted {s['packs_deleted']} packs, repacked {s['packs_repacked']}, "
@@ -615,7 +513,7 @@ def export_record(app: App, backup_id: str) -> None:
     Example:
       lvbackup export-record 3f2a > 3f2a.record
     """
-    click.echo(engine.export_record(app.lv(), backup_id))
+    click.echo(export_backup_record(app.session(), backup_id))
 
 
 @cli.command("import-record")
@@ -635,7 +533,7 @@ def import_record(app: App, source: str, wait: float) -> None:
         raise UsageError(f"cannot read {source}: {e.strerror}") from None
     except UnicodeDecodeError:
         text = "\x00"
-    rec = engine.import_record(app.lv(wait), text)
+    rec = import_backup_record(app.session(wait), text)
     app.emit(rec, lambda r: click.echo(f"Imported backup {r['id']}"))
 
 
@@ -659,25 +557,8 @@ def catalog_rebuild(app: App, wait: float) -> None:
     Example:
       lvbackup catalog rebuild
     """
-    result = engine.rebuild_catalog(app.config, wait)
+    result = rebuild_catalog(app.config, wait)
     app.emit(result, lambda r: click.echo(f"Recovered {r['recovered']} backups from the repository"))
-
-
-def _lv_row(lv: "lvm.LogicalVolume") -> dict:
-    return {"vg": lv.vg, "name": lv.name, "full_name": lv.full_name, "uuid": lv.uuid,
-            "size": lv.size, "created_at": lv.time, "origin": lv.origin or None,
-            "thin": lv.is_thin, "open": lv.is_open, "active": lv.is_active, "state": lv.state}
-
-
-def _print_lvs(rows: list[dict], title: str) -> None:
-    table = new_table(title=title)
-    for col in ("name", "uuid", "size", "origin", "created (UTC)", "state", "open"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(r["full_name"], r["uuid"], human_size(r["size"]), r["origin"] or "-",
-                      (r["created_at"] or "")[:19].replace("T", " "), r["state"],
-                      "yes" if r["open"] else "no")
-    out_console().print(table)
 
 
 @cli.group()
@@ -702,13 +583,7 @@ def snapshot_create(app: App, volume: str, name: str | None, size: str | None) -
     Example:
       lvbackup snapshot create vg0/data --name data-0300
     """
-    origin = lvm.find_lv(volume)
-    if origin.is_snapshot:
-        raise UsageError(f"{origin.full_name} is a snapshot; snapshot its origin instead")
-    from .timeutil import utcnow
-    snap = lvm.create_snapshot(origin, name or f"{origin.name[:100]}-snap-"
-                               f"{utcnow():%Y%m%dT%H%M%S}", size)
-    app.emit(_lv_row(snap), lambda r: click.echo(f"Created snapshot {r['full_name']} ({r['uuid']})"))
+    app.emit(create_snapshot(volume, name, size), lambda r: click.echo(f"Created snapshot {r['full_name']} ({r['uuid']})"))
 
 
 @snapshot.command("list")
@@ -721,13 +596,7 @@ def snapshot_list(app: App, volume: str | None) -> None:
     Example:
       lvbackup snapshot list vg0/data
     """
-    if volume:
-        origin = lvm.find_lv(volume)
-        snaps = [s for s in lvm.list_lvs(origin.vg) if s.origin == origin.name]
-    else:
-        snaps = [s for s in lvm.list_lvs() if s.is_snapshot]
-    snaps.sort(key=lambda s: (s.vg, s.time, s.name))
-    app.emit([_lv_row(s) for s in snaps], lambda rows: _print_lvs(rows, "snapshots"))
+    app.emit(list_snapshots(volume), lambda rows: print_lvs(rows, "snapshots"))
 
 
 @snapshot.command("delete")
@@ -740,11 +609,7 @@ def snapshot_delete(app: App, snap: str) -> None:
     Example:
       lvbackup snapshot delete vg0/data-0300
     """
-    target = lvm.find_lv(snap)
-    if not target.is_snapshot:
-        raise UsageError(f"{target.full_name} is not a snapshot; lvbackup deletes only snapshots")
-    lvm.remove_lv(target)
-    app.emit(_lv_row(target), lambda r: click.echo(f"Deleted snapshot {r['full_name']}"))
+    app.emit(delete_snapshot(snap), lambda r: click.echo(f"Deleted snapshot {r['full_name']}"))
 
 
 @cli.command()
@@ -756,18 +621,7 @@ def volumes(app: App) -> None:
     Example:
       lvbackup volumes
     """
-    from .catalog import to_record
-    lvs = lvm.list_lvs()
-    last: dict[tuple[str, str | None], BackupRecord] = {}
-    for row in app.lv().catalog.list(status=Status.AVAILABLE):
-        last[(row["volume_id"], row["snapshot_id"])] = to_record(row)
-    out = []
-    for v in sorted((x for x in lvs if not x.is_snapshot and x.segtype != "thin-pool"),
-                    key=lambda x: x.full_name):
-        snaps = [s for s in lvs if s.vg == v.vg and s.origin == v.name]
-        out.append({**_lv_row(v), "last_backup": last.get((v.uuid, None)),
-                    "snapshots": [{**_lv_row(s), "last_backup": last.get((v.uuid, s.uuid))}
-                                  for s in sorted(snaps, key=lambda s: s.time)]})
+    out = list_volumes(app.session())
 
     def human(rows: list[dict]) -> None:
         table = new_table()
@@ -831,39 +685,42 @@ def _on_signal(signum: int, _frame) -> None:
     raise Terminated(128 + signum)
 
 
+def exit_status(e: BaseException, verbose: bool = False) -> int:
+    """The one place where an exception becomes a line on stderr and an exit status."""
+    if isinstance(e, click.ClickException):
+        click.echo(f"lvbackup: error: {e.format_message()}", err=True)
+        return e.exit_code if e.exit_code else EXIT_USAGE
+    if isinstance(e, (click.exceptions.Abort, KeyboardInterrupt)):
+        click.echo("lvbackup: interrupted", err=True)
+        return 130
+    if isinstance(e, LvbackupError):
+        click.echo(f"lvbackup: error: {e}", err=True)
+        return e.exit_code
+    if isinstance(e, BrokenPipeError):
+        return EXIT_FAILED
+    if isinstance(e, Terminated):  # from _on_signal: the work was stopped and cleaned up
+        click.echo(f"lvbackup: terminated by signal {(e.code or 0) - 128}", err=True)
+        return e.code if isinstance(e.code, int) else EXIT_FAILED
+    if isinstance(e, SystemExit):  # click's own exits (shell completion, --help, --version)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAILED)
+    if verbose:
+        traceback.print_exception(e)
+    click.echo(f"lvbackup: internal error: {type(e).__name__}: {e} "
+               "(rerun with --verbose for details)", err=True)
+    return EXIT_FAILED
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
     tune_malloc()
     verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
     try:
-        code = cli.main(prog_name="lvbackup", standalone_mode=False)
-    except click.ClickException as e:
-        click.echo(f"lvbackup: error: {e.format_message()}", err=True)
-        code = e.exit_code if e.exit_code else EXIT_USAGE
-    except click.exceptions.Abort:
-        click.echo("lvbackup: interrupted", err=True)
-        code = 130
-    except LvbackupError as e:
-        click.echo(f"lvbackup: error: {e}", err=True)
-        code = e.exit_code
-    except KeyboardInterrupt:
-        click.echo("lvbackup: interrupted", err=True)
-        code = 130
-    except BrokenPipeError:
-        code = EXIT_FAILED
-    except Terminated as e:  # from _on_signal: the work was stopped and cleaned up
-        click.echo(f"lvbackup: terminated by signal {(e.code or 0) - 128}", err=True)
-        code = e.code if isinstance(e.code, int) else EXIT_FAILED
-    except SystemExit as e:  # click's own exits (shell completion, --help, --version)
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAILED)
-    except Exception as e:  # noqa: BLE001 - never a traceback unless asked for
-        if verbose:
-            traceback.print_exc()
-        click.echo(f"lvbackup: internal error: {type(e).__name__}: {e} "
-                   "(rerun with --verbose for details)", err=True)
-        code = EXIT_FAILED
+        result = cli.main(prog_name="lvbackup", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except BaseException as e:  # noqa: BLE001 - never a traceback unless asked for
+        code = exit_status(e, verbose)
     try:
         sys.stdout.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    sys.exit(code if isinstance(code, int) else 0)
+    sys.exit(code)

@@ -7,7 +7,7 @@ N most recent days that have one; and so on for hours, ISO weeks, months and yea
 A backup kept by any rule is kept. Protected backups are always kept. Only `available`
 backups are considered: a backup in any other state is neither kept nor removed here.
 
-Applying a plan deletes the other backups through the engine's delete path. Manifests are
+Applying a plan (operations/prune.py) deletes the other backups through the delete operation. Manifests are
 self-contained, so removing a backup never breaks another: a kept incremental whose
 parent goes is re-parented in the catalog to its nearest remaining ancestor, or becomes a
 full backup (parent null, is_incremental false) when none remains.
@@ -15,7 +15,6 @@ full backup (parent null, is_incremental false) when none remains.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Iterable
@@ -126,59 +125,3 @@ def new_parents(rows: Iterable[BackupRecord], removed: Iterable[str]) -> dict[st
             parent = by_id[parent].get("parent_id") if parent in by_id else None
         out[r["id"]] = parent
     return out
-
-
-# --- applying a plan ---------------------------------------------------------------------
-
-def prune(lv, policy: Policy, *, volumes: list[str] | None = None,
-          labels: dict[str, str] | None = None, dry_run: bool = False) -> dict:
-    """Select with `policy` among the available backups (of `volumes`, carrying every one
-    of `labels`) and, unless `dry_run`, delete the others, re-parenting their children.
-
-    Like gc, prune holds the repository lock exclusively: nothing else that writes runs
-    meanwhile (a running incremental reads its parent's manifest). Returns a report.
-    """
-    from . import engine  # local: config imports Policy from here, and engine imports config
-    from .locks import volume_lock
-
-    cat = lv.catalog
-    report: dict = {"dry_run": dry_run, "policy": policy.as_dict(), "labels": labels or {},
-                    "keep": [], "remove": [], "reparented": []}
-    with lv.exclusive_lock():
-        engine.recover_dead_runs(lv)
-        rows = cat.list(volumes=volumes or [], status=Status.AVAILABLE, labels=labels)
-        plan = select(rows, policy)
-        by_id = {r["id"]: r for r in rows}
-        for bid, why in plan.keep.items():
-            report["keep"].append({**_brief(by_id[bid]), "reasons": why})
-        for bid in plan.remove:
-            report["remove"].append(_brief(by_id[bid]))
-        order = sorted(plan.remove, key=lambda i: (by_id[i]["volume_id"],
-                                                   by_id[i]["created_at"]))
-        if dry_run:
-            every = cat.list(volumes=[by_id[i]["volume_id"] for i in order]) if order else []
-            recorded = {r["id"]: r["parent_id"] for r in every}
-            report["reparented"] = [{"id": c, "old_parent_id": recorded[c], "new_parent_id": p}
-                                    for c, p in new_parents(every, order).items()]
-            return report
-        moves: dict[str, engine.Reparented] = {}
-        with ExitStack() as stack:
-            # Every lock first, in a fixed order: a busy volume stops the prune before it
-            # has deleted anything, never half-way through.
-            for volume_id in sorted({by_id[i]["volume_id"] for i in order}):
-                name = next(by_id[i]["volume_name"] for i in order
-                            if by_id[i]["volume_id"] == volume_id)
-                stack.enter_context(volume_lock(lv.lock_dir, volume_id, name).acquire(lv.wait))
-            for bid in order:
-                _, moved = engine.delete_row(lv, cat.get(bid), reparent=True)
-                for m in moved:  # a child may move more than once: first old, last new
-                    moves[m["id"]] = {**m, "old_parent_id": moves.get(m["id"], m)["old_parent_id"]}
-        report["deleted"] = order
-        report["reparented"] = [m for c, m in moves.items() if c not in plan.remove]
-    return report
-
-
-def _brief(row: BackupRecord) -> dict:
-    return {"id": row["id"], "volume_name": row["volume_name"],
-            "data_timestamp": row["data_timestamp"], "parent_id": row["parent_id"],
-            "is_incremental": bool(row["is_incremental"])}

@@ -1,7 +1,7 @@
 """What a backup reads: a readable device path plus its identity and data timestamp.
 
 Every kind of source (an image file or block device, an LVM volume, an LVM snapshot)
-reduces to a `Source`; the engine needs nothing else. Each source is a context manager
+reduces to a `Source`; the data path needs nothing else. Each source is a context manager
 factory taking the run id, so that whatever it sets up (an activation, a temporary
 snapshot) is undone when the backup ends, however it ends.
 """
@@ -39,7 +39,7 @@ class Source:
 
 # (run id, begin) -> the source. A factory calls begin(identity) as soon as it knows what it
 # will read (a Source whose path may still be empty), before it changes anything
-# (activations, temporary snapshots): the engine then locks the volume and records the
+# (activations, temporary snapshots): `create` then locks the volume and records the
 # backup, so that a failure from there on leaves an `error` row.
 Begin = Callable[[Source], None]
 SourceFactory = Callable[[str, Begin], ContextManager[Source]]

@@ -228,7 +228,7 @@ def test_truncated_pack(case):
 
 
 # Regression test for BUG verify-truncated: plain verify checks a pack's size only against the
-# first chunk it meets in that pack (engine._verify_one seen_packs), so a pack truncated after
+# first chunk it meets in that pack (operations/verify.py _verify_one), so a pack truncated after
 # that chunk passes
 def test_plain_verify_finds_a_truncated_pack(case):
     pack = case.wd.repo / next(iter(case.packs[0]))

@@ -14,7 +14,7 @@ import pytest
 from support import Workdir, apply_change, assert_one_line_error, describe, flip_byte, make_image
 
 from lvbackup.config import Job
-from lvbackup.jobs import full_or_incremental, worst_exit
+from lvbackup.operations.jobs import full_or_incremental, worst_exit
 
 
 # --- pure helpers --------------------------------------------------------------------------

@@ -331,7 +331,7 @@ def test_catalog_write_after_a_read_in_a_transaction(tmp_path):
             finally:
                 b.close()
 
-        with a.write():                      # as engine._write_backup's final update
+        with a.write():                      # as create's final update
             a.get("one")                     # Table.update reads the row first
             t = threading.Thread(target=other_run)
             t.start()

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 import blake3
 
-from ..errors import CorruptionError, LvbackupError, UsageError
+from ..errors import CorruptionError, UsageError
 from ..sqlitefile import open_error
 from .backends import Backend
 from .codec import seal, unseal

@@ -23,9 +23,17 @@ from ..faults import crash_point
 from ..locks import run_is_alive
 from ..timeutil import now_iso
 from . import codec
-from .codec import CodecError, Verdict, check_block, decode_into, seal, stored_is_plain, unseal
-from .index import ChunkIndex, damaged_name, encode_index
 from .backends import Backend, MissingObject, ObjectExists, open_backend
+from .codec import (
+    CodecError,
+    Verdict,
+    check_block,
+    decode_into,
+    seal,
+    stored_is_plain,
+    unseal,
+)
+from .index import ChunkIndex, damaged_name, encode_index
 from .manifest import Manifest
 from .pack import ENTRY, ChunkRef, PackBuilder, pack_name, read_trailer
 

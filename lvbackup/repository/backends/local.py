@@ -19,8 +19,18 @@ from typing import Iterator
 
 from ...diskio import ALIGN, aligned_buffer, open_file, pwrite_all
 from ...errors import UsageError
-from .base import (Backend, Capabilities, Data, MissingObject, ObjectExists, check_name,
-                   check_prefix, check_span, missing, short_read)
+from .base import (
+    Backend,
+    Capabilities,
+    Data,
+    MissingObject,
+    ObjectExists,
+    check_name,
+    check_prefix,
+    check_span,
+    missing,
+    short_read,
+)
 
 _INCOMPLETE = "tmp"   # the backend's own area: never an object name
 

@@ -7,8 +7,17 @@ import itertools
 import threading
 from typing import Iterator
 
-from .base import (Backend, Capabilities, Data, ObjectExists, check_name, check_prefix,
-                   check_span, missing, short_read)
+from .base import (
+    Backend,
+    Capabilities,
+    Data,
+    ObjectExists,
+    check_name,
+    check_prefix,
+    check_span,
+    missing,
+    short_read,
+)
 
 
 class _Store:

@@ -10,18 +10,28 @@ exit status is the worst of the jobs' (see `worst_exit`).
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Callable, ContextManager
 
-from . import engine, lvm, retention, sources
-from .catalog import BackupRecord
-from .config import JOB_LABEL, Job
-from .errors import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, LvbackupError, UsageError
-from .lifecycle import Status
-from .timeutil import parse_iso, utcnow
+from .. import lvm
+from ..catalog import BackupRecord
+from ..config import JOB_LABEL, Job
+from ..errors import (
+    EXIT_FAILED,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_USAGE,
+    LvbackupError,
+    UsageError,
+)
+from ..lifecycle import Status
+from ..session import Session
+from ..sources import SourceFactory
+from ..timeutil import parse_iso, utcnow
+from .create import create_backup, newest_snapshot, select_source
+from .prune import prune
 
 # Worst last: a locked run (retry later) is less alarming than a failure, and an error that
 # needs a person (bad configuration, an in-use volume without force) the most.
@@ -68,44 +78,27 @@ def full_or_incremental(job: Job, backups: list[BackupRecord],
     return True, why
 
 
-def newest_snapshot(origin_spec: str) -> tuple[lvm.LogicalVolume, lvm.LogicalVolume]:
-    """(origin, its newest snapshot by creation time); lvbackup's own temporary snapshots
-    do not count. UsageError if the volume has none."""
-    origin = lvm.find_lv(origin_spec)
-    if origin.is_snapshot:
-        raise UsageError(f"{origin.full_name} is a snapshot; snapshot_of: names its origin")
-    snaps = [s for s in lvm.list_lvs(origin.vg)
-             if s.origin == origin.name and lvm.TEMP_TAG not in s.tags]
-    if not snaps:
-        raise UsageError(f"volume {origin.full_name} has no snapshot to back up; create one "
-                         f"first (lvbackup snapshot create {origin.full_name})")
-    return origin, max(snaps, key=lambda s: (s.time, s.name))
-
-
-def _source(lv: engine.Lvbackup, job: Job) -> tuple[sources.SourceFactory, str, str, str | None]:
+def _source(session: Session, job: Job) -> tuple[SourceFactory, str, str, str | None]:
     """(source factory, volume id or name to find its backups, volume name, or a reason to
     skip the job)."""
-    cfg = lv.config
     if job.device is not None:
-        path = os.path.realpath(job.device)
-        return sources.device_source(job.device), path, path, None
+        factory, name = select_source(session.config, device=job.device)
+        return factory, name, name, None
     if job.volume is not None:
         vol = lvm.find_lv(job.volume)
-        factory = sources.volume_source(job.volume, force=job.force,
-                                        snapshot_size=cfg.temp_snapshot_size,
-                                        lock_dir=cfg.lock_dir)
+        factory, _ = select_source(session.config, volume=job.volume, force=job.force)
         return factory, vol.uuid, vol.full_name, None
     assert job.snapshot_of is not None
     origin, snap = newest_snapshot(job.snapshot_of)
-    done = [b for b in lv.catalog.candidates(origin.uuid)
+    done = [b for b in session.catalog.candidates(origin.uuid)
             if b["snapshot_id"] == snap.uuid and b["status"] == Status.AVAILABLE]
     skip = (f"the newest snapshot {snap.full_name} is already backed up ({done[0]['id']})"
             if done else None)
-    factory = sources.snapshot_source(snap.full_name, lock_dir=cfg.lock_dir)
+    factory, _ = select_source(session.config, snapshot=snap.full_name)
     return factory, origin.uuid, origin.full_name, skip
 
 
-def run_job(lv: engine.Lvbackup, job: Job, *, progress: ProgressFactory | None = None,
+def run_job(session: Session, job: Job, *, progress: ProgressFactory | None = None,
             log: Callable[[str], None] | None = None) -> dict:
     """Run one job; never raises an LvbackupError (it is reported in the result)."""
     log = log or (lambda _m: None)
@@ -115,23 +108,23 @@ def run_job(lv: engine.Lvbackup, job: Job, *, progress: ProgressFactory | None =
                     "backup": None, "pruned": [], "reparented": [], "duration_seconds": None}
     stage = "backup"
     try:
-        factory, volume_key, volume_name, skip = _source(lv, job)
+        factory, volume_key, volume_name, skip = _source(session, job)
         if skip:
             result.update(status="skipped", exit_code=EXIT_OK, why=skip)
             log(f"job {job.name}: skipped: {skip}")
             return result
-        incremental, why = full_or_incremental(job, lv.catalog.list(volumes=[volume_key]))
+        incremental, why = full_or_incremental(job, session.catalog.list(volumes=[volume_key]))
         result.update(kind="incremental" if incremental else "full", why=why)
         log(f"job {job.name}: backing up {volume_name}: {why}")
         with (progress(job.name) if progress else nullcontext()) as bar:
-            created = engine.create_backup(
-                lv, factory, incremental=incremental, name=job.name,
+            created = create_backup(
+                session, factory, incremental=incremental, name=job.name,
                 labels={**job.labels, JOB_LABEL: job.name}, progress=bar,
                 source_name=volume_name)
         result["backup"] = created.record
         if job.keep is not None:
             stage = "retention"
-            report = retention.prune(lv, job.keep, volumes=[created.record["volume_id"]],
+            report = prune(session, job.keep, volumes=[created.record["volume_id"]],
                                      labels={JOB_LABEL: job.name})
             result["pruned"] = report["deleted"]
             result["reparented"] = report["reparented"]
@@ -148,19 +141,19 @@ def run_job(lv: engine.Lvbackup, job: Job, *, progress: ProgressFactory | None =
     return result
 
 
-def run_jobs(lv: engine.Lvbackup, names: list[str] | tuple[str, ...] = (), *,
+def run_jobs(session: Session, names: list[str] | tuple[str, ...] = (), *,
              progress: ProgressFactory | None = None,
              log: Callable[[str], None] | None = None) -> dict:
     """Run the named jobs (all, in the configuration's order, if none are named)."""
-    jobs = lv.config.jobs
+    jobs = session.config.jobs
     if not jobs:
-        raise UsageError(f"no jobs in the configuration {lv.config.source}: add a 'jobs:' "
+        raise UsageError(f"no jobs in the configuration {session.config.source}: add a 'jobs:' "
                          "section (see lvbackup.yaml.example)")
     unknown = [n for n in names if n not in jobs]
     if unknown:
-        raise UsageError(f"no job named {', '.join(unknown)} in {lv.config.source} "
+        raise UsageError(f"no job named {', '.join(unknown)} in {session.config.source} "
                          f"(jobs: {', '.join(jobs)})")
     chosen = list(dict.fromkeys(names)) if names else list(jobs)
-    results = [run_job(lv, jobs[n], progress=progress, log=log) for n in chosen]
+    results = [run_job(session, jobs[n], progress=progress, log=log) for n in chosen]
     code = worst_exit([r["exit_code"] for r in results])
     return {"ok": code == EXIT_OK, "exit_code": code, "jobs": results}

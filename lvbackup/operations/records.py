@@ -1,0 +1,112 @@
+"""Backup records: export, import, protection, lineage."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import uuid
+
+from ..catalog import (
+    COLUMNS,
+    BackupRecord,
+    as_record,
+    to_record,
+)
+from ..errors import CorruptionError, LvbackupError, UsageError
+from ..lifecycle import Status
+from ..session import Session, recover_dead_runs
+from ..timeutil import now_iso
+
+
+def export_record(session: Session, backup_id: str) -> str:
+    """Base64 of a JSON object with every catalog field of an available backup (rule 19)."""
+    row = session.catalog.resolve(backup_id)
+    if row["status"] != Status.AVAILABLE:
+        raise UsageError(f"Backup status must be available (backup {row['id']} is {row['status']})")
+    rec = {k: v for k, v in to_record(row).items() if k in COLUMNS}
+    return base64.b64encode(json.dumps(rec, sort_keys=True).encode()).decode()
+
+
+def import_record(session: Session, text: str) -> BackupRecord:
+    """Re-create a catalog row from export_record's output (rule 20)."""
+    try:
+        raw = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError("Can't decode backup record.") from None
+    try:
+        rec = json.loads(raw)
+        if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+            raise ValueError
+        uuid.UUID(rec["id"])
+        if not rec.get("volume_id") or not isinstance(rec.get("size"), int):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError("Can't parse backup record.") from None
+    cat = session.catalog
+    with session.shared_lock():
+        existing = cat.find(rec["id"])
+        if existing is not None and existing["status"] != Status.DELETED:
+            raise UsageError("Backup already exists in database.")
+        try:
+            manifest = session.repo.manifest(rec["id"])
+        except CorruptionError as e:
+            raise LvbackupError(f"cannot import backup {rec['id']}: {e}; copy its manifest "
+                                f"into {session.config.repository} first") from None
+        row = as_record(rec, fail_reason=None, updated_at=now_iso(), size=manifest.size,
+                        block_size=manifest.block_size,
+                        is_incremental=bool(rec.get("parent_id")), num_dependent_backups=0)
+        for key in ("created_at", "data_timestamp"):
+            row[key] = row[key] or manifest.record.get(key) or now_iso()  # type: ignore[literal-required]
+        with cat.write():
+            cat.put(row, Status.AVAILABLE)
+            cat.refresh_dependents(row["id"])
+            cat.refresh_dependents(row["parent_id"])
+    return to_record(cat.get(row["id"]))
+
+
+def set_protected(session: Session, backup_id: str, protected: bool) -> BackupRecord:
+    """Protect a backup from prune and delete, or lift that protection."""
+    cat = session.catalog
+    row = cat.resolve(backup_id)
+    if row["status"] == Status.DELETED:
+        raise UsageError(f"backup {row['id']} is deleted")
+    cat.update(row["id"], protected=int(protected))
+    return to_record(cat.get(row["id"]))
+
+
+def backup_chain(session: Session, backup_id: str) -> list[BackupRecord]:
+    """The backup's row, then its parent's, and so on back to its full backup (the list
+    ends early at a parent the catalog does not have)."""
+    cat = session.catalog
+    chain = [cat.get(backup_id)]
+    seen = {backup_id}
+    while chain[-1]["parent_id"] and chain[-1]["parent_id"] not in seen:
+        parent = cat.find(chain[-1]["parent_id"])
+        if parent is None:
+            break
+        seen.add(parent["id"])
+        chain.append(parent)
+    return chain
+
+
+def list_backups(session: Session, volume: str | None = None, status: str | None = None,
+                 labels: dict[str, str] | None = None) -> list[BackupRecord]:
+    """Backups (of a volume given by name, id or image path; in a status; with labels)."""
+    recover_dead_runs(session)
+    names = [volume] if volume else []
+    if volume and os.path.exists(volume):  # an image path as given to create --device
+        names.append(os.path.realpath(volume))
+    return [to_record(r) for r in session.catalog.list(volumes=names, status=status,
+                                                       labels=labels or {})]
+
+
+def show_backup(session: Session, backup_id: str
+                ) -> tuple[BackupRecord, list[BackupRecord], list[BackupRecord]]:
+    """A backup's record, its chain back to its full backup, and its dependents."""
+    recover_dead_runs(session)
+    rec = to_record(session.catalog.resolve(backup_id))
+    lineage = [to_record(r) for r in backup_chain(session, rec["id"])]
+    dependents = [to_record(r) for r in session.catalog.children(rec["id"])]
+    return rec, lineage, dependents

@@ -1,0 +1,122 @@
+"""Restore a backup: `restore`."""
+
+from __future__ import annotations
+
+import os
+import stat
+from contextlib import ExitStack
+from typing import Callable
+
+from .. import events as ev
+from ..catalog import (
+    BackupRecord,
+    to_record,
+)
+from ..datapath.blockmap import ones
+from ..datapath.restore import Restored, restore_blocks
+from ..diskio import ALIGN, pwrite_all
+from ..errors import CorruptionError, LvbackupError, UsageError
+from ..faults import crash_point
+from ..lifecycle import Status
+from ..locks import RunLock
+from ..repository.manifest import Manifest
+from ..repository.repo import Repository
+from ..session import Session, reason, recover_dead_runs
+from ..targets import Target, is_lv_name, lv_target, open_target
+
+
+def restore_backup(session: Session, backup_id: str, *, to: str | None = None,
+                   to_file: str | None = None, new_volume: str | None = None,
+                   thin_pool: str | None = None, force: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> BackupRecord:
+    """Write a backup's image to a device, LV, new LV, file or stdout.
+
+    With no target at all, a new LV `restore_backup_<id>` is created in the VG of the
+    backed-up volume (rule 17). Returns the backup's record.
+    """
+    cat = session.catalog
+    row = cat.resolve(backup_id)
+    if to is None and to_file is None and new_volume is None:
+        volume_name = row["volume_name"] or ""
+        if not is_lv_name(volume_name):
+            raise UsageError(f"backup {row['id']} is not of an LVM volume; give --to or --to-file")
+        new_volume = f"{volume_name.split('/')[0]}/restore_backup_{row['id']}"
+    if to is not None and is_lv_name(to):
+        to = lv_target(to, force)
+    with ExitStack() as stack:
+        stack.enter_context(session.shared_lock())
+        recover_dead_runs(session)
+        row = cat.get(row["id"])
+        if row["status"] != Status.AVAILABLE:
+            raise UsageError(f"Backup status must be available (backup {row['id']} is {row['status']})")
+        repo = session.repo
+        repo.sync_index(session.lock_dir)
+        try:
+            manifest = repo.manifest(row["id"])
+        except CorruptionError as e:
+            raise CorruptionError(f"backup {row['id']}: {e}") from None
+        fresh_device = False
+        if new_volume is not None:
+            to, fresh_device = new_volume(new_volume, manifest.size, thin_pool)
+        target = open_target(to, to_file, manifest.size, force)
+        target.fresh = target.fresh or fresh_device
+        if target.fd != 1:
+            stack.callback(target.discard)
+            stack.callback(os.close, target.fd)
+        stack.enter_context(RunLock(session.lock_dir, row["id"]).acquire())
+        cat.transition(row["id"], Status.RESTORING)
+        session.events.emit(ev.RESTORE_START, {**to_record(cat.get(row["id"])), "target": target.name})
+        try:
+            try:
+                _write_image(repo, manifest, target, session.config.workers, progress)
+                target.publish()
+            except CorruptionError as e:
+                raise CorruptionError(f"backup {row['id']}: {e}") from None
+            except BrokenPipeError:
+                raise LvbackupError(f"restore of backup {row['id']}: the reader of the output "
+                                    "closed it early") from None
+            except OSError as e:
+                raise LvbackupError(f"restore of backup {row['id']} to {target.name} failed: "
+                                    f"{reason(e)}") from None
+            finally:
+                cat.transition(row["id"], Status.AVAILABLE)
+        except BaseException as e:
+            session.events.emit(ev.RESTORE_ERROR, {**to_record(cat.get(row["id"])),
+                                              "target": target.name, "reason": reason(e)})
+            raise
+    rec = to_record(cat.get(row["id"]))
+    session.events.emit(ev.RESTORE_END, {**rec, "target": target.name})
+    return rec
+
+
+def _write_image(repo: Repository, manifest: Manifest, target: Target, workers: int,
+                 progress) -> None:
+    bs, size = manifest.block_size, manifest.size
+    skip_holes = target.fresh and target.seekable
+
+    def write_at(seg: Restored) -> None:
+        base = seg.first_block * bs
+        if not skip_holes:
+            pwrite_all(target.fd, seg.view, base)
+            return
+        for i, j in ones(seg.data):  # a sparse write: only blocks that hold data
+            run = seg.view[i * bs:j * bs]
+            padded = memoryview(seg.buf)[i * bs:i * bs + -(-len(run) // ALIGN) * ALIGN]
+            pwrite_all(target.fd, run, base + i * bs, padded)
+
+    for seg in restore_blocks(repo, manifest, workers=workers, fill_holes=not skip_holes,
+                              write=write_at if target.seekable else None):
+        if not target.seekable:
+            _write_all(target.fd, seg.view)
+        crash_point("restore-segment")
+        if progress:
+            progress(min(seg.first_block * bs + len(seg.view), size), size)
+    if target.seekable:
+        if target.fresh and stat.S_ISREG(os.fstat(target.fd).st_mode):
+            os.ftruncate(target.fd, size)  # a trailing hole, or the padding of the last write
+        os.fsync(target.fd)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]

@@ -1,0 +1,129 @@
+"""An open configuration (the session every operation works in), and what every operation
+does first: settle the rows of runs that died.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, ContextManager
+
+from . import events as ev
+from .catalog import BackupRecord, Catalog, as_record
+from .config import Config
+from .errors import CorruptionError, UsageError
+from .lifecycle import Status
+from .locks import repository_lock, run_is_alive
+from .repository.manifest import Manifest
+from .repository.repo import Repository
+
+
+class Session:
+    """An open configuration: the catalog and repository it names, opened on first use."""
+
+    def __init__(self, config: Config, wait: float = 0.0):
+        self.config = config
+        self.wait = wait
+        self._catalog: Catalog | None = None
+        self._repo: Repository | None = None
+        # Where warnings go (failed hooks, an unwritable event log or metrics file).
+        self.warn: Callable[[str], None] = ev.stderr_warning
+        self._events: ev.Events | None = None
+
+    @property
+    def events(self) -> ev.Events:
+        if self._events is None:
+            self._events = ev.Events(self.config.event_log, self.config.hooks,
+                                     warn=lambda m: self.warn(m))
+        return self._events
+
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = Catalog(self.config.catalog)
+        return self._catalog
+
+    @property
+    def repo(self) -> Repository:
+        if self._repo is None:
+            self._repo = Repository.open(self.config.repository, self.config.cache_dir)
+        return self._repo
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.config.lock_dir
+
+    def close(self) -> None:
+        if self._catalog is not None:
+            self._catalog.close()
+        if self._repo is not None:
+            self._repo.close()
+
+    def shared_lock(self) -> ContextManager:
+        return repository_lock(self.lock_dir, exclusive=False).acquire(self.wait)
+
+    def exclusive_lock(self) -> ContextManager:
+        return repository_lock(self.lock_dir, exclusive=True).acquire(self.wait)
+
+
+
+
+def recover_dead_runs(session: Session) -> list[BackupRecord]:
+    """Settle rows left in a transitional state by runs that died (rule 11).
+
+    A `creating` backup whose manifest was written is complete and becomes `available`;
+    otherwise it becomes `error`. A `restoring` one is `available` again. A `deleting` one
+    is `deleted` if its manifest is gone, else `error_deleting`.
+    """
+    cat = session.catalog
+    changed: list[BackupRecord] = []
+    for row in cat.in_states(Status.CREATING, Status.RESTORING, Status.DELETING):
+        if run_is_alive(session.lock_dir, row["id"]):
+            continue
+        manifest = _manifest_or_none(session, row["id"])
+        has_manifest = manifest is not None
+        fields: dict[str, object]
+        if row["status"] == Status.CREATING:
+            if manifest is not None:
+                to = Status.AVAILABLE
+                fields = {"fail_reason": None,
+                          "stored_bytes": manifest.record.get("stored_bytes") or 0}
+            else:
+                to = Status.ERROR
+                fields = {"fail_reason":
+                          "incomplete backup reset: the run creating it was interrupted"}
+        elif row["status"] == Status.RESTORING:
+            to, fields = Status.AVAILABLE, {}
+        elif has_manifest:
+            to = Status.ERROR_DELETING
+            fields = {"fail_reason":
+                      "the run deleting it was interrupted; delete it again with --force"}
+        else:
+            to, fields = Status.DELETED, {}
+        with cat.write():
+            if cat.get(row["id"])["status"] != row["status"]:
+                continue  # another run recovered it meanwhile
+            cat.transition(row["id"], to, **fields)
+            cat.refresh_dependents(row["parent_id"])
+        changed.append(as_record(row, **fields, status=to))
+    return changed
+
+
+def _manifest_or_none(session: Session, backup_id: str) -> Manifest | None:
+    try:
+        return session.repo.manifest(backup_id)
+    except (CorruptionError, UsageError):
+        return None
+
+
+
+def reason(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror or e}{where}"
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, SystemExit):
+        return "terminated by a signal"
+    return str(e) or type(e).__name__
+
+
