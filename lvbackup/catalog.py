@@ -1,7 +1,7 @@
 """The SQLite catalog of backups and their lineage (through sqlite-utils).
 
 Table `backups`: one row per backup; its columns are the JSON field names of a backup
-record (DESIGN.md, "Catalog"). The catalog is an index: every available backup's manifest
+record (docs/format.md, "Manifests"). The catalog is an index: every available backup's manifest
 carries its record, so `catalog rebuild` recreates it from the repository alone.
 A row's status changes only through `Catalog.transition` (or `put`), which refuses a move
 that lvbackup.lifecycle does not allow.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import builtins  # Catalog.list hides the builtin in the annotations of its class
 import json
-import re
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +27,6 @@ from .timeutil import now_iso
 STATUSES = tuple(s.value for s in Status)
 FAIL_REASON_MAX = 255
 _COUNTED = [s.value for s in COUNTED]
-NO_PARENT = "No backups available to do an incremental backup."
 
 # The columns of the first schema (m001); later migrations add to it. Never change this.
 _V1_COLUMNS: dict[str, type] = {
@@ -99,39 +97,6 @@ def m002_labels_protection(db: sqlite_utils.Database) -> None:
         db.execute("ALTER TABLE backups ADD COLUMN protected INTEGER DEFAULT 0")
 
 
-# --- labels ----------------------------------------------------------------------------
-
-LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-LABEL_VALUE_MAX = 255
-
-
-def check_label(key: Any, value: Any, what: str = "label") -> tuple[str, str]:
-    """A validated (key, value) pair; UsageError naming `what` otherwise."""
-    if not isinstance(key, str) or not LABEL_KEY.match(key):
-        raise UsageError(f"{what}: invalid label key {key!r}: use letters, digits and _ . - "
-                         "(starting with a letter or digit), at most 63 characters")
-    if isinstance(value, bool) or value is None or not isinstance(value, (str, int, float)):
-        raise UsageError(f"{what}: the value of label {key!r} must be a string "
-                         "(quote it in YAML)")
-    value = str(value)
-    if len(value) > LABEL_VALUE_MAX or any(c in value for c in "\n\r\0"):
-        raise UsageError(f"{what}: the value of label {key!r} must be one line of at most "
-                         f"{LABEL_VALUE_MAX} characters")
-    return key, value
-
-
-def parse_labels(items: Iterable[str]) -> dict[str, str]:
-    """`KEY=VALUE` arguments (as given to --label) as a dict; UsageError if malformed."""
-    labels: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--label {item!r}: expected KEY=VALUE")
-        key, value = check_label(key, value, f"--label {item!r}")
-        labels[key] = value
-    return labels
-
-
 def row_labels(row: Mapping[str, Any]) -> dict[str, str]:
     """The labels of a catalog row (its `labels` column is JSON text, or already a dict)."""
     raw = row.get("labels")
@@ -149,28 +114,6 @@ def row_labels(row: Mapping[str, Any]) -> dict[str, str]:
 def has_labels(row: Mapping[str, Any], wanted: dict[str, str]) -> bool:
     have = row_labels(row)
     return all(have.get(k) == v for k, v in wanted.items())
-
-
-def choose_parent(candidates: Iterable[BackupRecord],
-                  snapshot_time: str | None = None) -> BackupRecord:
-    """Cinder's parent for an incremental backup (CINDER-RULES.md rules 6-8).
-
-    `candidates` are the non-deleted backups of the volume; `snapshot_time` is the
-    creation time of the snapshot being backed up (None for a volume backup). Raises
-    UsageError(NO_PARENT) if there is no usable parent.
-    """
-    candidates = [c for c in candidates if c["status"] != Status.DELETED]
-    available = [c for c in candidates if c["status"] == Status.AVAILABLE]
-    eligible = [c for c in available
-                if snapshot_time is None or c["data_timestamp"] < snapshot_time]
-    if eligible:
-        return max(eligible, key=lambda c: (c["data_timestamp"], c["created_at"]))
-    if snapshot_time is not None and available:
-        # Rule 8: nothing is older than the snapshot, so fall back to the newest backup.
-        newest = max(candidates, key=lambda c: c["created_at"])
-        if newest["status"] == Status.AVAILABLE:
-            return newest
-    raise UsageError(NO_PARENT)
 
 
 def as_record(raw: Mapping[str, Any], **fields: Any) -> BackupRecord:

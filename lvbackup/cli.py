@@ -13,10 +13,11 @@ from typing import Any, Callable, Iterator
 import click
 
 from . import __version__
-from .catalog import STATUSES, parse_labels
+from .catalog import STATUSES
 from .config import Config, as_dict, load_config
 from .datapath.pipeline import tune_malloc
 from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
+from .labels import parse_labels
 from .operations.create import create_backup, select_source
 from .operations.delete import delete_backup
 from .operations.inventory import create_snapshot, delete_snapshot, list_snapshots

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from .catalog import check_label
 from .errors import UsageError
 from .events import DEFAULT_HOOK_TIMEOUT, Hook, matching_events
+from .labels import check_label
 from .retention import KINDS, Policy
 
 DEFAULT_CONFIG_PATH = Path("/etc/lvbackup/lvbackup.yaml")

@@ -107,7 +107,7 @@ def _still_valid(snap: lvm.LogicalVolume) -> Callable[[], None] | None:
 
 
 def snapshot_source(spec: str, volume: str | None = None, lock_dir=None) -> SourceFactory:
-    """An LVM snapshot (classic or thin); the volume is its origin (CINDER-RULES 1-2)."""
+    """An LVM snapshot (classic or thin); the volume is its origin (docs/lineage.md, rules 1-2)."""
     @contextmanager
     def open_source(_run_id: str, begin: Begin) -> Iterator[Source]:
         snap, vg_lvs = lvm.lookup(spec)
@@ -135,7 +135,7 @@ def snapshot_source(spec: str, volume: str | None = None, lock_dir=None) -> Sour
 def volume_source(spec: str, *, force: bool, snapshot_size: str | None,
                   lock_dir) -> SourceFactory:
     """An LVM volume: read directly when closed, through a temporary snapshot with --force
-    when open (CINDER-RULES 3)."""
+    when open (docs/lineage.md, rule 3)."""
     @contextmanager
     def open_source(run_id: str, begin: Begin) -> Iterator[Source]:
         lv, vg_lvs = lvm.lookup(spec)

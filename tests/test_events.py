@@ -1,4 +1,4 @@
-"""Events (Cinder's notifications, CINDER-RULES.md rule 21): the event log, and hooks that
+"""Events (Cinder's notifications, docs/lineage.md rule 21): the event log, and hooks that
 get each event's JSON on stdin, are reported when they fail or hang, and never change the
 result of the operation."""
 

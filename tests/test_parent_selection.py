@@ -1,4 +1,4 @@
-"""The incremental parent (CINDER-RULES.md rules 5-8): lvbackup.catalog.choose_parent.
+"""The incremental parent (docs/lineage.md, rules 5-8): lvbackup.lineage.choose_parent.
 
 Candidates are crafted rows with ISO 8601 UTC timestamps as the catalog stores them.
 """
@@ -9,8 +9,8 @@ import itertools
 
 import pytest
 
-from lvbackup.catalog import choose_parent
 from lvbackup.errors import EXIT_USAGE, UsageError
+from lvbackup.lineage import choose_parent
 
 NO_PARENT = "No backups available to do an incremental backup."
 

@@ -1,4 +1,4 @@
-"""An ordered, bounded, parallel map: the shape of every data path (DESIGN.md, "Data path").
+"""An ordered, bounded, parallel map: the shape of every data path (docs/architecture.md).
 
 A feeder thread pulls items (typically: reads a segment into a reused buffer) and submits
 `fn(item)` to a small thread pool; results come back in input order. At most `depth` items

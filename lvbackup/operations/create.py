@@ -14,7 +14,6 @@ from .. import lvm
 from ..catalog import (
     BackupRecord,
     as_record,
-    choose_parent,
     to_record,
 )
 from ..config import Config
@@ -22,6 +21,7 @@ from ..datapath.backup import ScanStats, write_backup
 from ..datapath.blockmap import FileBlocks
 from ..errors import CorruptionError, LvbackupError, UsageError
 from ..lifecycle import Status
+from ..lineage import choose_parent
 from ..locks import RunLock, volume_lock
 from ..metrics import record_backup
 from ..repository.repo import Packer
