@@ -16,6 +16,9 @@ import errno
 import fcntl
 import mmap
 import os
+import uuid
+from pathlib import Path
+from types import TracebackType
 
 ALIGN = 4096
 O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -98,3 +101,63 @@ def resident_pages(fd: int, offset: int, length: int) -> bytes | None:
         return vec.raw.translate(_LOW_BIT)
     finally:
         _libc.munmap(addr, length)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """A new file that appears at `path` whole or not at all, the one way lvbackup makes
+    one: written under a temporary name (in `tmp_dir`, else beside `path`), fsynced, then
+    renamed over `path` or, with `replace=False`, linked to it (which refuses an existing
+    `path` with FileExistsError: write-once), and the directory fsynced. As a context
+    manager it commits on success and discards the temporary file on an exception."""
+
+    def __init__(self, path: str | os.PathLike[str], *, mode: int = 0o600, direct: bool = False,
+                 replace: bool = True, tmp_dir: str | os.PathLike[str] | None = None):
+        self.path = Path(path)
+        self.replace = replace
+        where = Path(tmp_dir) if tmp_dir is not None else self.path.parent
+        self.tmp = where / f"{self.path.name}.lvbackup-{uuid.uuid4().hex[:8]}.tmp"
+        self.fd = open_file(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode, direct=direct)
+        self._open = True
+
+    def _close(self) -> None:
+        if self._open:
+            self._open = False
+            os.close(self.fd)
+
+    def commit(self, fsync: bool = True) -> None:
+        try:
+            if fsync:
+                os.fsync(self.fd)
+            self._close()
+            if self.replace:
+                os.replace(self.tmp, self.path)
+            else:
+                os.link(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        if not self.replace:
+            self.tmp.unlink(missing_ok=True)
+        fsync_dir(self.path.parent)
+
+    def discard(self) -> None:
+        self._close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
+from .diskio import AtomicFile
 from .locks import FileLock
 
 METRICS: dict[str, tuple[str, str]] = {
@@ -104,28 +104,9 @@ def record_backup(path: Path, lock_dir: Path, volume: str, *, ok: bool, ended_at
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and rename."""
+    """Replace `path` with `text` atomically; readable by the node_exporter (0644)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A name the textfile collector ignores (it reads only *.prom).
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    # A temporary name the textfile collector ignores (it reads only *.prom).
+    with AtomicFile(path, mode=0o644) as f:
+        os.write(f.fd, text.encode())
+        os.fchmod(f.fd, 0o644)  # whatever the umask

@@ -4,16 +4,15 @@ output, a block device, or an LVM volume (existing or new). The counterpart of s
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import lvm
 from .datapath.blockmap import source_size
-from .diskio import open_file
+from .diskio import AtomicFile, open_file
 from .errors import UsageError
 
 
@@ -23,16 +22,19 @@ class Target:
     name: str
     fresh: bool      # already zero-filled: holes may be skipped
     seekable: bool
-    tmp_path: str | None = None   # a new file is written here, renamed to `name` when whole
+    atomic: AtomicFile | None = None   # a new file: it appears under `name` only when whole
 
     def publish(self) -> None:
-        if self.tmp_path is not None:
-            os.replace(self.tmp_path, self.name)
-            self.tmp_path = None
+        """The restore is complete: a new file takes its name (the image was fsynced)."""
+        if self.atomic is not None:
+            self.atomic.commit(fsync=False)
 
-    def discard(self) -> None:
-        if self.tmp_path is not None:
-            Path(self.tmp_path).unlink(missing_ok=True)
+    def close(self) -> None:
+        """Release the target; a new file that was not published is removed."""
+        if self.atomic is not None:
+            self.atomic.discard()
+        elif self.fd != 1:
+            os.close(self.fd)
 
 
 def open_target(to: str | None, to_file: str | None, size: int, force: bool) -> Target:
@@ -52,29 +54,27 @@ def open_target(to: str | None, to_file: str | None, size: int, force: bool) -> 
     if to is not None and st is None:
         raise UsageError(f"restore target {path} does not exist; use --to-file to create a file")
     existing = to is not None or (st is not None and stat.S_ISBLK(st.st_mode))
-    flags = os.O_WRONLY
-    tmp_path = None
-    if not existing:
-        # Write beside the destination and rename at the end: a failed restore leaves
-        # whatever was at PATH untouched, never a half-written image under its name.
-        flags |= os.O_CREAT | os.O_EXCL
-        tmp_path = f"{path}.lvbackup-{uuid.uuid4().hex[:8]}.tmp"
-    elif st is not None and stat.S_ISBLK(st.st_mode) and not force:
-        flags |= os.O_EXCL  # EBUSY if mounted or held open exclusively
+    # Not a character device or a FIFO: those take no O_DIRECT.
+    direct = st is None or stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)
     try:
-        # Not a character device or a FIFO: those take no O_DIRECT.
-        direct = st is None or stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)
-        fd = open_file(tmp_path or path, flags, 0o600, direct=direct)
+        if not existing:
+            # Written beside the destination and renamed at the end: a failed restore
+            # leaves whatever was at PATH untouched, never a half-written image under its name.
+            atomic = AtomicFile(path, direct=direct)
+            return Target(atomic.fd, path, fresh=True, seekable=True, atomic=atomic)
+        flags = os.O_WRONLY
+        if st is not None and stat.S_ISBLK(st.st_mode) and not force:
+            flags |= os.O_EXCL  # EBUSY if mounted or held open exclusively
+        fd = open_file(path, flags, 0o600, direct=direct)
     except OSError as e:
-        if e.errno == 16:
+        if e.errno == errno.EBUSY:
             raise UsageError(f"restore target {path} is in use; unmount it or pass --force") from None
         raise UsageError(f"cannot open restore target {path}: {e.strerror}") from None
-    if existing:
-        have = source_size(fd)
-        if have < size:
-            os.close(fd)
-            raise UsageError(f"volume size {have} is too small to restore backup of size {size}.")
-    return Target(fd, path, fresh=not existing, seekable=True, tmp_path=tmp_path)
+    have = source_size(fd)
+    if have < size:
+        os.close(fd)
+        raise UsageError(f"volume size {have} is too small to restore backup of size {size}.")
+    return Target(fd, path, fresh=False, seekable=True)
 
 
 def _grow_pipe(fd: int) -> None:

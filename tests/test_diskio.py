@@ -19,7 +19,6 @@ from lvbackup.repository.codec import FLAG_RAW
 from lvbackup.repository.pack import PackBuilder, pack_name, read_trailer
 from lvbackup.repository.repo import Repository
 from lvbackup.repository.backends import LocalBackend
-from lvbackup.repository.backends import local as local_backend
 
 SHM = Path("/dev/shm")   # tmpfs: refuses O_DIRECT at open
 
@@ -50,12 +49,13 @@ def dirs(tmp_path):
 @pytest.mark.parametrize("length", [1, 4095, 4096, 4097, 3 * 4096 + 17, 64 * 1024])
 def test_put_of_an_aligned_buffer_stores_exactly_the_bytes(dirs, length, monkeypatch):
     opened = []
+    real = diskio.open_file
 
     def open_file(*args, direct=False):
         opened.append(direct)
-        return diskio.open_file(*args, direct=direct)
+        return real(*args, direct=direct)
 
-    monkeypatch.setattr(local_backend, "open_file", open_file)
+    monkeypatch.setattr(diskio, "open_file", open_file)
     for d in dirs:
         storage = LocalBackend(d)
         buf = diskio.aligned_buffer(128 * 1024)

@@ -60,9 +60,7 @@ def restore_backup(session: Session, backup_id: str, *, to: str | None = None,
             to, fresh_device = new_volume(new_volume, manifest.size, thin_pool)
         target = open_target(to, to_file, manifest.size, force)
         target.fresh = target.fresh or fresh_device
-        if target.fd != 1:
-            stack.callback(target.discard)
-            stack.callback(os.close, target.fd)
+        stack.callback(target.close)
         stack.enter_context(RunLock(session.lock_dir, row["id"]).acquire())
         cat.transition(row["id"], Status.RESTORING)
         session.events.emit(ev.RESTORE_START, {**to_record(cat.get(row["id"])), "target": target.name})

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
 
-from ...diskio import ALIGN, aligned_buffer, open_file, pwrite_all
+from ...diskio import ALIGN, AtomicFile, aligned_buffer, fsync_dir, pwrite_all
 from ...errors import UsageError
 from .base import (
     Backend,
@@ -33,14 +33,6 @@ from .base import (
 )
 
 _INCOMPLETE = "tmp"   # the backend's own area: never an object name
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _page_aligned(view: memoryview) -> bool:
@@ -104,28 +96,23 @@ class LocalBackend(Backend):
         direct = _page_aligned(view)
         tmp_dir = self.root / _INCOMPLETE
         tmp_dir.mkdir(exist_ok=True)
-        tmp = tmp_dir / f"{uuid.uuid4().hex}.tmp"
-        fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, direct=direct)
+        f = AtomicFile(final, mode=0o644, direct=direct, replace=False, tmp_dir=tmp_dir)
         try:
-            try:
-                _write(fd, view, direct)
-                # token() reads the mtime: a fine-grained one tells apart an object deleted
-                # and put again, where the filesystem's own clock ticks only every few ms.
-                now = time.time_ns()
-                os.utime(fd, ns=(now, now))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write(f.fd, view, direct)
+            # token() reads the mtime: a fine-grained one tells apart an object deleted
+            # and put again, where the filesystem's own clock ticks only every few ms.
+            now = time.time_ns()
+            os.utime(f.fd, ns=(now, now))
+            os.fsync(f.fd)
             if not final.parent.is_dir():
                 final.parent.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(final.parent.parent)
-            try:
-                os.link(tmp, final)
-            except FileExistsError:
-                raise ObjectExists(f"repository object {name} exists already") from None
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(final.parent)
+                fsync_dir(final.parent.parent)
+            f.commit(fsync=False)
+        except FileExistsError:
+            raise ObjectExists(f"repository object {name} exists already") from None
+        except BaseException:
+            f.discard()
+            raise
 
     def _fd(self, name: str) -> int:
         with self._lock:
