@@ -20,6 +20,7 @@ from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
 from .labels import parse_labels
 from .operations.create import create_backup, select_source
 from .operations.delete import delete_backup
+from .operations.diff import diff_backups
 from .operations.inventory import create_snapshot, delete_snapshot, list_snapshots
 from .operations.inventory import volumes as list_volumes
 from .operations.jobs import run_jobs
@@ -482,6 +483,35 @@ def verify(app: App, backup_ids: tuple[str, ...], deep: bool, wait: float) -> No
         bad = [b["id"] for b in report["backups"] if not b["ok"]]
         detail = f"backups {', '.join(bad)}" if bad else "the index"
         raise LvbackupError(f"verify found damage in {detail}")
+
+
+@cli.command()
+@click.argument("backup_id")
+@click.argument("other_id", required=False)
+@click.option("--jsonl", is_flag=True, help="One JSON object per range on stdout.")
+@pass_app
+def diff(app: App, backup_id: str, other_id: str | None, jsonl: bool) -> None:
+    """The byte ranges where a backup differs from its parent (or from OTHER, a backup of
+    the same volume), from the manifests alone.
+
+    \b
+    Examples:
+      lvbackup diff 3f2a
+      lvbackup diff 3f2a 9c41 --jsonl | while read -r range; do ...; done
+    """
+    report = diff_backups(app.session(), backup_id, other_id)
+    if jsonl:
+        for r in report["ranges"]:
+            click.echo(json.dumps(r))
+        return
+
+    def human(r: dict) -> None:
+        for x in r["ranges"]:
+            click.echo(f"{x['offset']:>16} {x['length']:>14}  {x['change']}")
+        click.echo(f"{len(r['ranges'])} ranges, {human_size(r['differing_bytes'])} of "
+                   f"{human_size(r['size'])} differ from backup {r['other_id']}")
+
+    app.emit(report, human)
 
 
 @cli.command()
