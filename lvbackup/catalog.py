@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import builtins  # Catalog.list hides the builtin in the annotations of its class
 import json
-import os
 import re
 import sqlite3
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, TypedDict, cast
+from typing import Any, TypedDict, cast
 
 import sqlite_utils
 from sqlite_utils import Migrations

@@ -7,8 +7,8 @@ a row in a state no operation expects.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Mapping
 
 
 class Status(StrEnum):

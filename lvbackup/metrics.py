@@ -16,6 +16,7 @@ a lock file in lvbackup's lock directory, so concurrent runs never lose each oth
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -116,10 +117,8 @@ def write_atomic(path: Path, text: str) -> None:
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     try:
         dfd = os.open(path.parent, os.O_RDONLY)

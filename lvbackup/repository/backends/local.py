@@ -14,13 +14,23 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ...diskio import ALIGN, aligned_buffer, open_file, pwrite_all
 from ...errors import UsageError
-from .base import (Backend, Capabilities, Data, MissingObject, ObjectExists, check_name,
-                   check_prefix, check_span, missing, short_read)
+from .base import (
+    Backend,
+    Capabilities,
+    Data,
+    MissingObject,
+    ObjectExists,
+    check_name,
+    check_prefix,
+    check_span,
+    missing,
+    short_read,
+)
 
 _INCOMPLETE = "tmp"   # the backend's own area: never an object name
 
@@ -71,7 +81,7 @@ class LocalBackend(Backend):
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, root: Path, create: bool) -> "LocalBackend":
+    def open(cls, root: Path, create: bool) -> LocalBackend:
         if create:
             try:
                 root.mkdir(parents=True, exist_ok=True)

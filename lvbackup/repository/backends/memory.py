@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
-from .base import (Backend, Capabilities, Data, ObjectExists, check_name, check_prefix,
-                   check_span, missing, short_read)
+from .base import (
+    Backend,
+    Capabilities,
+    Data,
+    ObjectExists,
+    check_name,
+    check_prefix,
+    check_span,
+    missing,
+    short_read,
+)
 
 
 class _Store:
