@@ -1,7 +1,7 @@
 """The SQLite catalog of backups and their lineage (through sqlite-utils).
 
 Table `backups`: one row per backup; its columns are the JSON field names of a backup
-record (DESIGN.md, "Catalog"). The catalog is an index: every available backup's manifest
+record (docs/format.md, "Manifests"). The catalog is an index: every available backup's manifest
 carries its record, so `catalog rebuild` recreates it from the repository alone.
 A row's status changes only through `Catalog.transition` (or `put`), which refuses a move
 that lvbackup.lifecycle does not allow.
@@ -154,7 +154,7 @@ def has_labels(row: Mapping[str, Any], wanted: dict[str, str]) -> bool:
 
 def choose_parent(candidates: Iterable[BackupRecord],
                   snapshot_time: str | None = None) -> BackupRecord:
-    """Cinder's parent for an incremental backup (CINDER-RULES.md rules 6-8).
+    """Cinder's parent for an incremental backup (docs/user-guide.md, "The four cases").
 
     `candidates` are the non-deleted backups of the volume; `snapshot_time` is the
     creation time of the snapshot being backed up (None for a volume backup). Raises
@@ -167,7 +167,7 @@ def choose_parent(candidates: Iterable[BackupRecord],
     if eligible:
         return max(eligible, key=lambda c: (c["data_timestamp"], c["created_at"]))
     if snapshot_time is not None and available:
-        # Rule 8: nothing is older than the snapshot, so fall back to the newest backup.
+        # Nothing is older than the snapshot: Cinder falls back to the newest backup.
         newest = max(candidates, key=lambda c: c["created_at"])
         if newest["status"] == Status.AVAILABLE:
             return newest
@@ -354,7 +354,7 @@ class Catalog:
                 f"WHERE c.parent_id = backups.id AND c.status IN ({','.join('?' * len(COUNTED))}))")
 
     def refresh_dependents(self, backup_id: str | None) -> None:
-        """Recount num_dependent_backups (rule 12) of `backup_id` (no-op for None)."""
+        """Recount num_dependent_backups of `backup_id` (no-op for None)."""
         if backup_id:
             self._db.execute(self._RECOUNT + " WHERE id = ?", [*_COUNTED, backup_id])
 

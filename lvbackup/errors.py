@@ -1,4 +1,4 @@
-"""Exceptions that carry the command's exit status (see DESIGN.md, "Exit status")."""
+"""Exceptions that carry the command's exit status (docs/operations.md, "Exit status")."""
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -1,4 +1,5 @@
-"""Notifications, as Cinder sends them (CINDER-RULES.md rule 21): an event log and hooks.
+"""Notifications, as Cinder sends them (docs/operations.md, "Events and hooks"): an event
+log and hooks.
 
 Each event is one JSON object `{"event": NAME, "timestamp": UTC ISO 8601, "payload": {...}}`
 whose payload is the backup's record (error events add `reason`; `backup.createprogress`

@@ -1,4 +1,5 @@
-"""An ordered, bounded, parallel map: the shape of every data path (DESIGN.md, "Data path").
+"""An ordered, bounded, parallel map: the shape of every data path (docs/performance.md,
+"How the data path is built, and why").
 
 A feeder thread pulls items (typically: reads a segment into a reused buffer) and submits
 `fn(item)` to a small thread pool; results come back in input order. At most `depth` items
