@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check lvbackup
+.venv/bin/ruff check lvbackup tests bench
 .venv/bin/mypy lvbackup
 .venv/bin/python -m pytest -m "not lvm" tests "$@"
 tests/vm/run-lvm-tests

@@ -7,8 +7,7 @@ import errno
 import os
 import random
 import uuid
-from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
