@@ -28,7 +28,8 @@ BLOCK_SIZE = 64 * KiB          # the tests' repositories use `init --block-size 
 
 LVBACKUP = Path(sys.executable).parent / "lvbackup"
 
-# DESIGN.md, "Catalog": the JSON field names of a backup record, plus has_dependent_backups.
+# docs/format.md, "Manifests": the JSON field names of a backup record, plus
+# has_dependent_backups.
 RECORD_FIELDS = ("id", "name", "description", "volume_id", "volume_name", "snapshot_id",
                  "snapshot_name", "parent_id", "is_incremental", "data_timestamp", "created_at",
                  "updated_at", "status", "fail_reason", "size", "block_size", "stored_bytes",
@@ -37,7 +38,7 @@ OUTPUT_FIELDS = RECORD_FIELDS + ("has_dependent_backups",)
 STATUSES = ("creating", "available", "error", "restoring", "deleting", "deleted",
             "error_deleting")
 
-# UTC with microseconds (CINDER-RULES.md rule 9; DESIGN.md: "Times are UTC, ISO 8601").
+# UTC with microseconds, ISO 8601.
 UTC_ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(\+00:00|Z)$")
 
 _SUMMARY = re.compile(r"reused ([\d.]+) (B|KiB|MiB|GiB|TiB)")

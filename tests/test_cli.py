@@ -1,4 +1,4 @@
-"""The command line contract (DESIGN.md, "Commands"), driven through the installed command
+"""The command line contract (README.md, docs/user-guide.md), driven through the installed command
 on image files: init, create, list, show, restore, delete, verify, gc, export/import,
 catalog rebuild, and the JSON output.
 """
@@ -167,7 +167,7 @@ def test_name_and_description(workdir, tmp_path):
 
 
 def test_grown_and_shrunk_volume_incrementals_restore(workdir, tmp_path):
-    """CINDER-RULES rule 10: lvbackup allows incrementals of a grown or shrunk volume."""
+    """Unlike Cinder, lvbackup allows incrementals of a grown or shrunk volume."""
     workdir.init("64K")
     img = tmp_path / "g.img"
     v1 = make_image(img, 3, seed=35, tail=1000)

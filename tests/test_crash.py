@@ -1,6 +1,6 @@
 """Crash safety: a backup killed at any moment leaves no `available` backup that cannot be
 restored, earlier backups intact, a truthful catalog after the next command, and packs that
-a rerun reuses (DESIGN.md, "Repository": "A run killed at any point leaves ...").
+a rerun reuses (docs/reliability.md, "1. kill -9 at any stage").
 
 The victim is a real `lvbackup create` of a 36 MiB image of random data, slowed down with
 `workers: 1` and `compression_level: 19` (zstd at level 19 runs at some 10-15 MB/s, so the
@@ -284,7 +284,7 @@ def test_sigterm_marks_the_backup_error_and_keeps_its_packs(setup):
         assert wd.restore_bytes(earlier) == data
 
 
-# --- concurrent runs (CINDER-RULES rule 4; exit 75) ------------------------------------------
+# --- concurrent runs (docs/reliability.md, "4. Locks"; exit 75) ------------------------------
 
 def test_concurrent_runs_while_a_backup_is_running(setup, tmp_path):
     wd = setup.wd

@@ -1,6 +1,6 @@
-"""Events (Cinder's notifications, CINDER-RULES.md rule 21): the event log, and hooks that
-get each event's JSON on stdin, are reported when they fail or hang, and never change the
-result of the operation."""
+"""Events (Cinder's notifications, docs/operations.md, "Events and hooks"): the event log,
+and hooks that get each event's JSON on stdin, are reported when they fail or hang, and
+never change the result of the operation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The incremental parent (CINDER-RULES.md rules 5-8): lvbackup.catalog.choose_parent.
+"""The incremental parent (docs/user-guide.md, "The four cases"):
+lvbackup.catalog.choose_parent.
 
 Candidates are crafted rows with ISO 8601 UTC timestamps as the catalog stores them.
 """

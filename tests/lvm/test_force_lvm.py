@@ -1,4 +1,4 @@
-"""In-use volumes (CINDER-RULES.md rule 3): refused without --force; with --force read
+"""In-use volumes (docs/user-guide.md, "The four cases"): refused without --force; with --force read
 through a temporary snapshot (classic for a linear LV, thin for a thin LV) that never
 outlives the run: not after success, not after a failure to create it, not after SIGTERM
 or SIGINT (even one that arrives while lvcreate runs, which must not be killed halfway);

@@ -1,5 +1,5 @@
 """Incremental parent selection across volume and snapshot backups of one real LV
-(CINDER-RULES.md rules 5-9), with classic snapshots taken a second apart.
+(docs/user-guide.md, "The four cases"), with classic snapshots taken a second apart.
 
 Timeline of the volume `data` (a linear LV; snapshot times have one-second resolution):
 
