@@ -15,9 +15,9 @@ import contextlib
 import mmap
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import xxhash
 
@@ -105,8 +105,8 @@ def _segment_kinds(runs: Iterator[Run], per_seg: int, nblocks: int) -> Iterator[
 
 
 def write_backup(repo: Repository, source: BlockSource, parent: Manifest | None,
-                 backup_id: str, finish: Callable[[ScanStats], dict], *, workers: int,
-                 level: int, progress: Callable[[int, Packer], None] | None = None
+                 backup_id: str, finish: Callable[[ScanStats], Mapping[str, Any]], *,
+                 workers: int, level: int, progress: Callable[[int, Packer], None] | None = None
                  ) -> ScanStats:
     """Back `source` up as `backup_id`: its chunks and manifest pages into packs, indexed,
     then its manifest, whose record `finish(stats)` returns once everything else is stored
