@@ -6,6 +6,7 @@ any user, so it measures the same process a user runs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -49,7 +50,7 @@ def text_pool(seed: int, size: int = 8 * MiB) -> bytes:
     words = rng.choices(vocab, cum_weights=cum, k=size // 5)
     seps = rng.choices([" ", " ", " ", " ", " ", " ", ", ", ". ", "\n", ": ", "; ", " - "],
                        k=len(words))
-    out = "".join(w + s for w, s in zip(words, seps)).encode()
+    out = "".join(w + s for w, s in zip(words, seps, strict=True)).encode()
     while len(out) < size:
         out += out
     return out[:size]
@@ -211,7 +212,7 @@ class Run:
     def cpu(self) -> float:
         return self.user + self.sys
 
-    def check(self, what: str) -> "Run":
+    def check(self, what: str) -> Run:
         if self.rc != 0:
             raise RuntimeError(f"{what} failed (exit {self.rc}): {' '.join(self.argv)}\n"
                                f"{self.stderr.strip()[-2000:]}")
@@ -258,49 +259,48 @@ def run(argv: list[str], *, env: dict | None = None, stdin: Path | None = None,
     _become_subreaper()
     _reap_orphans()
     r = Run([str(a) for a in argv])
-    err = tempfile.TemporaryFile()
-    fin = open(stdin, "rb") if stdin is not None else subprocess.DEVNULL
     want_pipe = stdout in ("capture", "hash")
-    try:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(["setsid", "-f", *r.argv], stdin=fin,
-                             stdout=subprocess.PIPE if want_pipe else subprocess.DEVNULL,
-                             stderr=err, env=env, cwd=cwd, close_fds=True)
-        _, status, _ = os.wait4(p.pid, 0)      # setsid itself: exits once it has forked
-        p.returncode = os.waitstatus_to_exitcode(status)
-        if p.returncode != 0:
-            if p.stdout:
+    with contextlib.ExitStack() as stack:
+        err = stack.enter_context(tempfile.TemporaryFile())
+        fin = (stack.enter_context(open(stdin, "rb")) if stdin is not None
+               else subprocess.DEVNULL)
+        try:
+            t0 = time.perf_counter()
+            p = subprocess.Popen(["setsid", "-f", *r.argv], stdin=fin,
+                                 stdout=subprocess.PIPE if want_pipe else subprocess.DEVNULL,
+                                 stderr=err, env=env, cwd=cwd, close_fds=True)
+            _, status, _ = os.wait4(p.pid, 0)      # setsid itself: exits once it has forked
+            p.returncode = os.waitstatus_to_exitcode(status)
+            if p.returncode != 0:
+                if p.stdout:
+                    p.stdout.close()
+                r.rc = p.returncode
+                return r
+            if want_pipe:
+                fd = p.stdout.fileno()
+                if stdout == "hash":
+                    h = xxhash.xxh3_128()
+                    buf = bytearray(MiB)
+                    view = memoryview(buf)
+                    while n := os.readv(fd, [buf]):
+                        h.update(view[:n])
+                        r.out_bytes += n
+                    r.out_hash = h.hexdigest()
+                else:
+                    chunks = []
+                    while data := os.read(fd, 1 << 16):
+                        chunks.append(data)
+                    raw = b"".join(chunks)
+                    r.out_bytes = len(raw)
+                    r.stdout = raw.decode(errors="replace")
                 p.stdout.close()
-            r.rc = p.returncode
-            return r
-        if want_pipe:
-            fd = p.stdout.fileno()
-            if stdout == "hash":
-                h = xxhash.xxh3_128()
-                buf = bytearray(MiB)
-                view = memoryview(buf)
-                while n := os.readv(fd, [buf]):
-                    h.update(view[:n])
-                    r.out_bytes += n
-                r.out_hash = h.hexdigest()
-            else:
-                chunks = []
-                while data := os.read(fd, 1 << 16):
-                    chunks.append(data)
-                raw = b"".join(chunks)
-                r.out_bytes = len(raw)
-                r.stdout = raw.decode(errors="replace")
-            p.stdout.close()
-        _, status, ru = os.wait4(-1, 0)        # the command, adopted
-        r.wall = time.perf_counter() - t0
-        r.rc = os.waitstatus_to_exitcode(status)
-        r.user, r.sys, r.maxrss_kib = ru.ru_utime, ru.ru_stime, ru.ru_maxrss
-    finally:
-        if stdin is not None:
-            fin.close()
-        err.seek(0)
-        r.stderr = err.read().decode(errors="replace")
-        err.close()
+            _, status, ru = os.wait4(-1, 0)        # the command, adopted
+            r.wall = time.perf_counter() - t0
+            r.rc = os.waitstatus_to_exitcode(status)
+            r.user, r.sys, r.maxrss_kib = ru.ru_utime, ru.ru_stime, ru.ru_maxrss
+        finally:
+            err.seek(0)
+            r.stderr = err.read().decode(errors="replace")
     return r
 
 
@@ -323,7 +323,8 @@ def ensure_peers(install: bool, log) -> dict[str, str | None]:
             env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
             log(f"installing {' '.join(missing.values())} from Debian ...")
             cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends"]
-            r = subprocess.run(cmd + list(missing.values()), env=env, capture_output=True, text=True)
+            r = subprocess.run(cmd + list(missing.values()), env=env, capture_output=True,
+                               text=True)
             if r.returncode != 0:
                 log("apt-get install failed; running apt-get update and retrying one by one")
                 subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)

@@ -107,9 +107,9 @@ def main(argv=None) -> int:
         make_sparse(img, size, args.seed)
         run([lvb, "--config", cfg, "init"]).check("lvbackup init")
         res = {"size_gib": size / GiB, "data_mib": DATA_STRETCHES * STRETCH / MiB}
-        steps = [("full backup", [lvb, "--config", cfg, "--json", "--quiet", "create", "--device", img]),
-                 ("incremental", [lvb, "--config", cfg, "--json", "--quiet", "create", "--device", img,
-                                  "--incremental"]),
+        create = [lvb, "--config", cfg, "--json", "--quiet", "create", "--device", img]
+        steps = [("full backup", create),
+                 ("incremental", [*create, "--incremental"]),
                  ("restore to file", None)]
         backup_id = None
         for step, argv_ in steps:
@@ -138,7 +138,8 @@ def main(argv=None) -> int:
         results.append(res)
         remove(d)
 
-    print(f"lvbackup memory check: sparse images of {', '.join(f'{s / GiB:g}' for s in sizes)} GiB, "
+    print(f"lvbackup memory check: sparse images of "
+          f"{', '.join(f'{s / GiB:g}' for s in sizes)} GiB, "
           f"each with {DATA_STRETCHES} x {STRETCH // 1024} KiB of random data; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{'step':16} " + "".join(f"{f'{s / GiB:g} GiB: s / RSS MiB':>26}" for s in sizes)
@@ -148,12 +149,13 @@ def main(argv=None) -> int:
         cells, rss = [], []
         for res in results:
             m = res.get(step)
-            cells.append(f"{m['wall_s']:8.1f} s / {m['peak_rss_mib']:6.1f}{'' if m['ok'] else ' FAIL'}"
-                         if m else "-")
+            cells.append(f"{m['wall_s']:8.1f} s / {m['peak_rss_mib']:6.1f}"
+                         f"{'' if m['ok'] else ' FAIL'}" if m else "-")
             rss.append(m["peak_rss_mib"] if m else None)
         ratio = rss[-1] / rss[0] if None not in rss and rss[0] else None
         verdicts.append({"step": step, "rss_mib": rss, "ratio": ratio,
-                         "status": "n/a" if ratio is None else "met" if ratio <= TARGET else "MISSED"})
+                         "status": ("n/a" if ratio is None
+                                    else "met" if ratio <= TARGET else "MISSED")})
         print(f"{step:16} " + "".join(f"{c:>26}" for c in cells)
               + f"{'-' if ratio is None else f'{ratio:.2f}x':>11}")
     print(f"target: peak RSS of the largest within {TARGET}x of the smallest: "

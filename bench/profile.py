@@ -24,8 +24,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (VENV_BIN, GiB, MiB, apply_changes, change_plan, ensure_image,  # noqa: E402
-                      lvbackup_cmd, remove, run, warm, write_lvbackup_config)
+from benchlib import (  # noqa: E402
+    VENV_BIN,
+    GiB,
+    MiB,
+    apply_changes,
+    change_plan,
+    ensure_image,
+    lvbackup_cmd,
+    remove,
+    run,
+    warm,
+    write_lvbackup_config,
+)
 
 
 def log(msg: str) -> None:
@@ -42,7 +53,8 @@ PYFRAME = re.compile(r"^(.*) \(([^()]*\.py):\d+\)$")
 
 # (category, pattern over one frame); the frame nearest the leaf that matches decides.
 RULES = [
-    ("Python cyclic GC", re.compile(r"gc_collect_main|gc_collect_with_callback|collect_generations")),
+    ("Python cyclic GC",
+     re.compile(r"gc_collect_main|gc_collect_with_callback|collect_generations")),
     ("zstd decompress", re.compile(r"ZSTD_decompress|ZSTD_decode|HUF_decompress|FSE_decompress|"
                                    r"ZstdDecompressor|decompressor\.c|decompressobj")),
     ("zstd compress", re.compile(r"\(zstd\.c:|ZstdCompressor|compressor\.c|compressionwriter\.c")),
@@ -52,11 +64,12 @@ RULES = [
     ("pread (repository)", re.compile(r"\bpread64\b|os_pread\b")),
     ("posix_fadvise", re.compile(r"fadvise")),
     ("fsync", re.compile(r"fsync|fdatasync")),
-    ("write/pwrite", re.compile(r"^(pwrite64|write|__write|os_write|os_pwrite|_io_FileIO_write)\b")),
+    ("write/pwrite",
+     re.compile(r"^(pwrite64|write|__write|os_write|os_pwrite|_io_FileIO_write)\b")),
     ("SQLite", re.compile(r"sqlite", re.I)),
 ]
-WAKE_LEAF = re.compile(r"^(sem_post|pthread_cond_signal|pthread_cond_broadcast|pthread_mutex_unlock|"
-                       r"syscall|futex_wake)\b")
+WAKE_LEAF = re.compile(r"^(sem_post|pthread_cond_signal|pthread_cond_broadcast|"
+                       r"pthread_mutex_unlock|syscall|futex_wake)\b")
 COPY_LEAF = re.compile(r"^(realloc|malloc|free|memcpy|memmove|memset|memcmp|__memcpy|__memmove|"
                        r"__memset|__memcmp|_int_malloc|_int_realloc|_int_free|munmap|mmap)")
 
@@ -174,7 +187,8 @@ def python_lines(path: Path, wall: float, rate: int, top: int = 6) -> str:
             counts[group]["startup: imports"] += n
             continue
         m = re.match(r"^(.*) \(([^()]*\.py):(\d+)\)$", frames[-1])
-        key = f"{m.group(2)}:{m.group(3)} {_source(m.group(2), int(m.group(3)))}" if m else frames[-1]
+        key = (f"{m.group(2)}:{m.group(3)} {_source(m.group(2), int(m.group(3)))}" if m
+               else frames[-1])
         counts[group][key] += n
     ticks = wall * rate
     out = []
@@ -182,7 +196,8 @@ def python_lines(path: Path, wall: float, rate: int, top: int = 6) -> str:
     for g in sorted(counts, key=lambda g: (order.index(g) if g in order else 9, g)):
         c = counts[g]
         busy = sum(c.values())
-        out.append(f"- {g}: on CPU or in a system call {busy / ticks:.2f} cores-worth of the wall time")
+        out.append(f"- {g}: on CPU or in a system call {busy / ticks:.2f} cores-worth of the "
+                   "wall time")
         for k, n in c.most_common(top):
             out.append(f"    - {n / ticks * 100:4.1f} % of wall  `{k}`  ({n / rate:.2f} s)")
     return "\n".join(out)

@@ -21,9 +21,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (CHANGE, GiB, MiB, apply_changes, change_plan, ensure_image,  # noqa: E402
-                      ensure_peers, hash_file, lvbackup_cmd, machine_info, remove, run, sync,
-                      tree_size, version_of, warm, write_lvbackup_config)
+from benchlib import (  # noqa: E402
+    CHANGE,
+    GiB,
+    MiB,
+    apply_changes,
+    change_plan,
+    ensure_image,
+    ensure_peers,
+    hash_file,
+    lvbackup_cmd,
+    machine_info,
+    remove,
+    run,
+    sync,
+    tree_size,
+    version_of,
+    warm,
+    write_lvbackup_config,
+)
 
 LVB = "lvbackup"
 LVB3 = "lvbackup zstd-3"
@@ -159,8 +175,8 @@ class Bench:
 
         # full backup --------------------------------------------------------------------
         ids = {}
-        row, r = self.step("full backup", LVB, [lvb, "--config", cfg1, "--json", "--quiet", "create",
-                                                "--device", disk],
+        create = [lvb, "--config", cfg1, "--json", "--quiet", "create", "--device", disk]
+        row, r = self.step("full backup", LVB, create,
                            stdout="capture", warm_paths=[disk], repo=w / "lvb" / "repo")
         ids["full"] = record_id(row, r)
         self.step("full backup", LVB3, [lvb, "--config", cfg3, "--json", "--quiet", "create",
@@ -193,8 +209,7 @@ class Bench:
         changed_hash = hash_file(disk)
 
         # incremental --------------------------------------------------------------------
-        row, r = self.step("incremental", LVB, [lvb, "--config", cfg1, "--json", "--quiet", "create",
-                                                "--device", disk, "--incremental"],
+        row, r = self.step("incremental", LVB, [*create, "--incremental"],
                            stdout="capture", warm_paths=[disk], repo=w / "lvb" / "repo")
         if record_id(row, r):
             rec = json.loads(r.stdout)
@@ -227,8 +242,9 @@ class Bench:
         else:
             self.missing("restore to pipe", "zstd -d -c")
         if borg:
-            self.step("restore to pipe", "borg", [borg, "extract", "--stdout", f"{borg_repo}::incr"],
-                      env=borg_env, stdout="hash", warm_paths=[borg_repo], expect=changed_hash)
+            self.step("restore to pipe", "borg",
+                      [borg, "extract", "--stdout", f"{borg_repo}::incr"], env=borg_env,
+                      stdout="hash", warm_paths=[borg_repo], expect=changed_hash)
         else:
             self.missing("restore to pipe", "borg")
         if restic:
@@ -379,7 +395,8 @@ def render(rows: list[Row], size: int) -> str:
         body.append([r.step, r.tool, fmt(r.wall_s, ".2f"),
                      fmt(r.mbps, ".0f") if r.step != "init" and r.status == "ok" else "-",
                      fmt(r.cpu_s, ".2f"),
-                     fmt(r.cpu_s / r.wall_s if r.wall_s else None, ".2f"), fmt(r.peak_rss_mib, ".0f"),
+                     fmt(r.cpu_s / r.wall_s if r.wall_s else None, ".2f"),
+                     fmt(r.peak_rss_mib, ".0f"),
                      fmt(r.repo_growth_mib, ".1f"),
                      "-" if sp is None else f"{sp:.1f}x", fmt(r.load1, ".1f"), check])
     widths = [max(len(str(x[i])) for x in [head] + body) for i in range(len(head))]
@@ -510,7 +527,8 @@ def main(argv=None) -> int:
     for t in tg:
         got = "-" if t["got"] is None else t["got"]
         cpu = f"cpu {t['cpu_ratio']:>5}" if t.get("cpu_ratio") is not None else " " * 9
-        print(f"  {t['target']:{tw}}  want {t['want']:>10}  got {str(got):>7}  {cpu}  {t['status']}")
+        print(f"  {t['target']:{tw}}  want {t['want']:>10}  got {str(got):>7}  {cpu}  "
+              f"{t['status']}")
 
     bad = [r for r in rows if r.status in ("FAILED", "MISMATCH")]
     bad += [r for rs in rounds for r in rs if r.status in ("FAILED", "MISMATCH") and r not in bad]

@@ -12,9 +12,10 @@ from __future__ import annotations
 import builtins  # Catalog.list hides the builtin in the annotations of its class
 import json
 import sqlite3
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, TypedDict, cast
+from typing import Any, TypedDict, cast
 
 import sqlite_utils
 from sqlite_utils import Migrations
@@ -296,7 +297,7 @@ class Catalog:
                 f"WHERE c.parent_id = backups.id AND c.status IN ({','.join('?' * len(COUNTED))}))")
 
     def refresh_dependents(self, backup_id: str | None) -> None:
-        """Recount num_dependent_backups (rule 12) of `backup_id` (no-op for None)."""
+        """Recount num_dependent_backups of `backup_id` (no-op for None)."""
         if backup_id:
             self._db.execute(self._RECOUNT + " WHERE id = ?", [*_COUNTED, backup_id])
 

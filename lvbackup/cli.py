@@ -7,8 +7,9 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import click
 
@@ -137,7 +138,8 @@ wait_option = click.option("--wait", type=click.FloatRange(min=0), default=0.0,
 @click.group(cls=Group, epilog=EXIT_CODES,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", "config_path", metavar="FILE",
-              help="Configuration file [default: $LVBACKUP_CONFIG, else /etc/lvbackup/lvbackup.yaml]")
+              help="Configuration file "
+                   "[default: $LVBACKUP_CONFIG, else /etc/lvbackup/lvbackup.yaml]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but the result.")
 @click.option("--verbose", "-v", is_flag=True, help="Explain more; tracebacks on internal errors.")
@@ -178,7 +180,8 @@ def init(app: App, block_size: str | None) -> None:
 
     def human(r: dict) -> None:
         verb = "Created" if r["created"] else "Using existing"
-        click.echo(f"{verb} repository {r['repository']} (block size {human_size(r['block_size'])}),"
+        size = human_size(r["block_size"])
+        click.echo(f"{verb} repository {r['repository']} (block size {size}),"
                    f" catalog {r['catalog']}")
 
     app.emit(result, human)
@@ -186,7 +189,8 @@ def init(app: App, block_size: str | None) -> None:
 
 @cli.command()
 @click.option("--volume", metavar="VG/LV", help="Back up an LVM volume.")
-@click.option("--snapshot", metavar="VG/SNAP|UUID", help="Back up an LVM snapshot (classic or thin).")
+@click.option("--snapshot", metavar="VG/SNAP|UUID",
+              help="Back up an LVM snapshot (classic or thin).")
 @click.option("--device", metavar="PATH", help="Back up a block device or image file.")
 @click.option("--incremental", is_flag=True,
               help="Incremental: the parent is the volume's latest available backup.")
@@ -265,7 +269,8 @@ def show(app: App, backup_id: str, chain: bool) -> None:
 
 @cli.command()
 @click.argument("backup_id")
-@click.option("--to", metavar="VG/LV|DEVICE", help="An existing LV, device or file, at least as large.")
+@click.option("--to", metavar="VG/LV|DEVICE",
+              help="An existing LV, device or file, at least as large.")
 @click.option("--new-volume", metavar="VG/NAME", help="Create this LV and restore into it.")
 @click.option("--thin-pool", metavar="POOL", help="With --new-volume: a thin LV in this pool.")
 @click.option("--to-file", metavar="PATH|-", help="A new image file, or - for standard output.")
@@ -290,7 +295,8 @@ def restore(app: App, backup_id: str, to: str | None, new_volume: str | None,
     if thin_pool and not new_volume:
         raise click.UsageError("--thin-pool goes with --new-volume")
     if to_file == "-" and app.as_json:
-        raise click.UsageError("--json cannot be combined with --to-file - (stdout carries the image)")
+        raise click.UsageError("--json cannot be combined with --to-file - "
+                               "(stdout carries the image)")
     session = app.session(wait)
     with app.progress("restore") as progress:
         rec = restore_backup(session, backup_id, to=to, to_file=to_file, new_volume=new_volume,
@@ -303,7 +309,8 @@ def restore(app: App, backup_id: str, to: str | None, new_volume: str | None,
 
 @cli.command()
 @click.argument("backup_id")
-@click.option("--force", is_flag=True, help="Delete whatever its status (not if it has dependents).")
+@click.option("--force", is_flag=True,
+              help="Delete whatever its status (not if it has dependents).")
 @wait_option
 @pass_app
 def delete(app: App, backup_id: str, force: bool, wait: float) -> None:
@@ -385,7 +392,8 @@ def prune(app: App, last: int, hourly: int, daily: int, weekly: int, monthly: in
     label_map = parse_labels(labels)
     names = list(volumes)
     names += [os.path.realpath(v) for v in volumes if os.path.exists(v)]
-    report = prune_backups(app.session(wait), policy, volumes=names, labels=label_map, dry_run=dry_run)
+    report = prune_backups(app.session(wait), policy, volumes=names, labels=label_map,
+                           dry_run=dry_run)
 
     def human(r: dict) -> None:
         table = new_table()
@@ -559,7 +567,11 @@ def import_record(app: App, source: str, wait: float) -> None:
       lvbackup import-record 3f2a.record
     """
     try:
-        text = sys.stdin.read() if source == "-" else open(source).read()
+        if source == "-":
+            text = sys.stdin.read()
+        else:
+            with open(source) as f:
+                text = f.read()
     except OSError as e:
         raise UsageError(f"cannot read {source}: {e.strerror}") from None
     except UnicodeDecodeError:
@@ -589,7 +601,8 @@ def catalog_rebuild(app: App, wait: float) -> None:
       lvbackup catalog rebuild
     """
     result = rebuild_catalog(app.config, wait)
-    app.emit(result, lambda r: click.echo(f"Recovered {r['recovered']} backups from the repository"))
+    app.emit(result,
+             lambda r: click.echo(f"Recovered {r['recovered']} backups from the repository"))
 
 
 @cli.group()
@@ -614,7 +627,8 @@ def snapshot_create(app: App, volume: str, name: str | None, size: str | None) -
     Example:
       lvbackup snapshot create vg0/data --name data-0300
     """
-    app.emit(create_snapshot(volume, name, size), lambda r: click.echo(f"Created snapshot {r['full_name']} ({r['uuid']})"))
+    app.emit(create_snapshot(volume, name, size),
+             lambda r: click.echo(f"Created snapshot {r['full_name']} ({r['uuid']})"))
 
 
 @snapshot.command("list")
@@ -659,11 +673,12 @@ def volumes(app: App) -> None:
         for col in ("volume / snapshot", "size", "created (UTC)", "state", "last backup"):
             table.add_column(col, overflow="fold")
         for r in rows:
-            for item, label in [(r, r["full_name"])] + [(s, "  └ " + s["name"]) for s in r["snapshots"]]:
+            items = [(r, r["full_name"])] + [(s, "  └ " + s["name"]) for s in r["snapshots"]]
+            for item, label in items:
                 b = item["last_backup"]
                 table.add_row(label, human_size(item["size"]),
                               (item["created_at"] or "")[:19].replace("T", " "), item["state"],
-                              f"{b['id'][:8]} {b['created_at'][:19].replace('T', ' ')}" if b else "-")
+                              f"{b['id'][:8]} {when(b['created_at'])}" if b else "-")
         out_console().print(table)
 
     app.emit(out, human)
@@ -730,8 +745,9 @@ def exit_status(e: BaseException, verbose: bool = False) -> int:
     if isinstance(e, BrokenPipeError):
         return EXIT_FAILED
     if isinstance(e, Terminated):  # from _on_signal: the work was stopped and cleaned up
-        click.echo(f"lvbackup: terminated by signal {(e.code or 0) - 128}", err=True)
-        return e.code if isinstance(e.code, int) else EXIT_FAILED
+        code = e.code if isinstance(e.code, int) else EXIT_FAILED
+        click.echo(f"lvbackup: terminated by signal {code - 128}", err=True)
+        return code
     if isinstance(e, SystemExit):  # click's own exits (shell completion, --help, --version)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAILED)
     if verbose:

@@ -260,7 +260,8 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
                      ("cache_dir", "LVBACKUP_CACHE_DIR")):
         if os.environ.get(env):
             raw[key] = os.environ[env]
-    repository = _path(raw.get("repository", str(DEFAULT_STATE_DIR / "repository")), "repository", base)
+    repository = _path(raw.get("repository", str(DEFAULT_STATE_DIR / "repository")),
+                       "repository", base)
     catalog = _path(raw.get("catalog", str(DEFAULT_STATE_DIR / "catalog.db")), "catalog", base)
     cache_dir = (_path(raw["cache_dir"], "cache_dir", base) if "cache_dir" in raw
                  else catalog.parent / "cache")

@@ -152,7 +152,7 @@ class AtomicFile:
         self._close()
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "AtomicFile":
+    def __enter__(self) -> AtomicFile:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,

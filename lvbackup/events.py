@@ -12,6 +12,7 @@ everything it started) is reported as one line through `warn`, and the work goes
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -19,9 +20,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from .timeutil import now_iso
 
@@ -169,11 +171,7 @@ def run_hook(argv: tuple[str, ...] | list[str], stdin_text: str, timeout: float,
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass

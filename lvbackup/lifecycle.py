@@ -7,8 +7,8 @@ a row in a state no operation expects.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Mapping
 
 
 class Status(StrEnum):
@@ -40,7 +40,7 @@ _MOVES: dict[Status, set[Status]] = {
     Status.ERROR: {Status.DELETING, Status.AVAILABLE},
     # Retried by `delete --force` (below); rebuild decides by the manifest as above.
     Status.ERROR_DELETING: {Status.AVAILABLE, Status.ERROR},
-    # import-record revives a deleted row (rule 20); rebuild does when a manifest is back.
+    # import-record revives a deleted row; rebuild does when a manifest is back.
     Status.DELETED: {Status.AVAILABLE},
 }
 
@@ -55,7 +55,7 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     for status, to in _MOVES.items()
 }
 
-# Children in these states count in their parent's num_dependent_backups (rule 12).
+# Children in these states count in their parent's num_dependent_backups.
 COUNTED: tuple[Status, ...] = (Status.AVAILABLE, Status.RESTORING, Status.DELETING,
                                Status.ERROR_DELETING)
 

@@ -3,7 +3,7 @@ incremental builds on. Pure: it reads the records it is given and nothing else."
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from .catalog import BackupRecord
 from .errors import UsageError

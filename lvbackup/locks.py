@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -23,7 +24,7 @@ class FileLock:
         self.shared = shared
         self._fd: int | None = None
 
-    def acquire(self, wait: float = 0.0) -> "FileLock":
+    def acquire(self, wait: float = 0.0) -> FileLock:
         """Take the lock, waiting up to `wait` seconds; raise LockedError (exit 75) if held."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,14 +56,13 @@ class FileLock:
     def release(self) -> None:
         if self._fd is not None:
             if not self.shared:
-                try:  # a later run must not name this process as the holder
+                # A later run must not name this process as the holder.
+                with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, 0)
-                except OSError:
-                    pass
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "FileLock":
+    def __enter__(self) -> FileLock:
         return self if self._fd is not None else self.acquire()
 
     def __exit__(self, *exc) -> None:

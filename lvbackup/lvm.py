@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .errors import LvbackupError, NotFoundError, UsageError
 from .timeutil import iso
@@ -113,7 +113,7 @@ def split_name(spec: str) -> tuple[str, str]:
 
 def _parse_time(text: str) -> str:
     # lvm2 prints "2026-11-24 17:04:35 +0000" (one-second resolution).
-    return iso(datetime.strptime(text.strip(), "%Y-%m-%d %H:%M:%S %z").astimezone(timezone.utc))
+    return iso(datetime.strptime(text.strip(), "%Y-%m-%d %H:%M:%S %z").astimezone(UTC))
 
 
 def _tool(name: str) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,12 +22,12 @@ if TYPE_CHECKING:
 # --quiet) never do, and its import is a sixth of the start-up time.
 
 @functools.cache
-def err_console() -> "Console":
+def err_console() -> Console:
     from rich.console import Console
     return Console(stderr=True, highlight=False)
 
 
-def out_console() -> "Console":
+def out_console() -> Console:
     """Rich output on stdout. Not on a terminal (cron mail, a pipe, a log file), tables get
     room to stay readable instead of rich's default 80 columns."""
     from rich.console import Console
@@ -34,7 +35,7 @@ def out_console() -> "Console":
     return Console(width=160 if wide else None)
 
 
-def new_table(**options: Any) -> "Table":
+def new_table(**options: Any) -> Table:
     from rich.table import Table
     return Table(**options)
 
@@ -94,7 +95,8 @@ def print_records(recs: list[dict]) -> None:
         table.add_column(col, overflow="fold")
     for r in recs:
         status = r["status"] + (" (protected)" if r.get("protected") else "")
-        table.add_row(r["id"][:8], r["volume_name"] or "", "incr" if r["is_incremental"] else "full",
+        table.add_row(r["id"][:8], r["volume_name"] or "",
+                      "incr" if r["is_incremental"] else "full",
                       status, when(r["data_timestamp"]),
                       human_size(r["size"]), human_size(r["stored_bytes"]),
                       (r["parent_id"] or "-")[:8], str(r["num_dependent_backups"]),

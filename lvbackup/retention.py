@@ -7,7 +7,8 @@ N most recent days that have one; and so on for hours, ISO weeks, months and yea
 A backup kept by any rule is kept. Protected backups are always kept. Only `available`
 backups are considered: a backup in any other state is neither kept nor removed here.
 
-Applying a plan (operations/prune.py) deletes the other backups through the delete operation. Manifests are
+Applying a plan (operations/prune.py) deletes the other backups through the delete
+operation. Manifests are
 self-contained, so removing a backup never breaks another: a kept incremental whose
 parent goes is re-parented in the catalog to its nearest remaining ancestor, or becomes a
 full backup (parent null, is_incremental false) when none remains.
@@ -15,9 +16,9 @@ full backup (parent null, is_incremental false) when none remains.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Iterable
 
 from .catalog import BackupRecord
 from .lifecycle import Status

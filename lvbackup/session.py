@@ -4,8 +4,9 @@ does first: settle the rows of runs that died.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable, ContextManager
 
 from . import events as ev
 from .catalog import BackupRecord, Catalog, as_record
@@ -58,10 +59,10 @@ class Session:
         if self._repo is not None:
             self._repo.close()
 
-    def shared_lock(self) -> ContextManager:
+    def shared_lock(self) -> AbstractContextManager:
         return repository_lock(self.lock_dir, exclusive=False).acquire(self.wait)
 
-    def exclusive_lock(self) -> ContextManager:
+    def exclusive_lock(self) -> AbstractContextManager:
         return repository_lock(self.lock_dir, exclusive=True).acquire(self.wait)
 
 

@@ -8,12 +8,13 @@ snapshot) is undone when the backup ends, however it ends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import uuid
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, ContextManager, Iterator
 
 from . import lvm
 from .errors import LvbackupError, UsageError
@@ -42,7 +43,7 @@ class Source:
 # (activations, temporary snapshots): `create` then locks the volume and records the
 # backup, so that a failure from there on leaves an `error` row.
 Begin = Callable[[Source], None]
-SourceFactory = Callable[[str, Begin], ContextManager[Source]]
+SourceFactory = Callable[[str, Begin], AbstractContextManager[Source]]
 
 
 def check_readable(path: str) -> os.stat_result:
@@ -181,10 +182,8 @@ def temporary_snapshot(lv: lvm.LogicalVolume, run_id: str,
     except (KeyboardInterrupt, SystemExit):
         # A signal arrived while LVM created it (lvm._run lets LVM finish): remove it now
         # rather than leave it to the next run.
-        try:
+        with contextlib.suppress(lvm.LvmError):  # it was not created after all
             lvm.remove_lv(f"{lv.vg}/{name}")
-        except lvm.LvmError:
-            pass  # it was not created after all
         raise
     try:
         if not snap.is_active:

@@ -68,7 +68,8 @@ def open_target(to: str | None, to_file: str | None, size: int, force: bool) -> 
         fd = open_file(path, flags, 0o600, direct=direct)
     except OSError as e:
         if e.errno == errno.EBUSY:
-            raise UsageError(f"restore target {path} is in use; unmount it or pass --force") from None
+            raise UsageError(f"restore target {path} is in use; "
+                             "unmount it or pass --force") from None
         raise UsageError(f"cannot open restore target {path}: {e.strerror}") from None
     have = source_size(fd)
     if have < size:
@@ -99,7 +100,7 @@ def lv_target(spec: str, force: bool) -> str:
     return target.path
 
 
-def new_volume(spec: str, size: int, thin_pool: str | None) -> tuple[str, bool]:
+def create_volume_target(spec: str, size: int, thin_pool: str | None) -> tuple[str, bool]:
     """Create the LV to restore into; (device path, whether it reads as zeros already)."""
     vg, name = lvm.split_name(spec)
     created = lvm.create_lv(vg, name, size, thin_pool)

@@ -1,17 +1,17 @@
 """UTC timestamps, stored and printed as fixed-width ISO 8601 strings (so they sort as text)."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def iso(ts: datetime) -> str:
     """'2026-11-24T17:04:35.000000+00:00': always microseconds, always UTC."""
     if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc).isoformat(timespec="microseconds")
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def now_iso() -> str:
@@ -21,5 +21,5 @@ def now_iso() -> str:
 def parse_iso(text: str) -> datetime:
     ts = datetime.fromisoformat(text)
     if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc)
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC)

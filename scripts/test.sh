@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The whole test suite: unit and CLI tests on this machine, then the tests marked `lvm`
-# against real lvm2 and device-mapper inside the test VM (tests/vm). Any failure fails the run.
+# The whole test suite: the linter and the type checker, unit and CLI tests on this machine,
+# then the tests marked `lvm` against real lvm2 and device-mapper inside the test VM
+# (tests/vm). Any failure fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/ruff check lvbackup tests bench
+.venv/bin/mypy lvbackup
 .venv/bin/python -m pytest -m "not lvm" tests "$@"
 tests/vm/run-lvm-tests

@@ -28,7 +28,8 @@ BLOCK_SIZE = 64 * KiB          # the tests' repositories use `init --block-size 
 
 LVBACKUP = Path(sys.executable).parent / "lvbackup"
 
-# docs/format.md, "Manifests": the JSON field names of a backup record, plus has_dependent_backups.
+# docs/format.md, "Manifests": the JSON field names of a backup record, plus
+# has_dependent_backups.
 RECORD_FIELDS = ("id", "name", "description", "volume_id", "volume_name", "snapshot_id",
                  "snapshot_name", "parent_id", "is_incremental", "data_timestamp", "created_at",
                  "updated_at", "status", "fail_reason", "size", "block_size", "stored_bytes",
@@ -139,7 +140,8 @@ def describe(p: subprocess.CompletedProcess) -> str:
         out = out[:2000].decode(errors="replace")
     if isinstance(err, bytes):
         err = err.decode(errors="replace")
-    return f"{' '.join(map(str, p.args))}\nexit {p.returncode}\nstderr:\n{err}\nstdout:\n{out[:4000]}"
+    return (f"{' '.join(map(str, p.args))}\nexit {p.returncode}\nstderr:\n{err}\n"
+            f"stdout:\n{out[:4000]}")
 
 
 def assert_one_line_error(p: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
@@ -233,7 +235,8 @@ class Workdir:
         assert p.returncode == 0, describe(p)
         got = self.restore_bytes(backup_id)
         assert len(got) == len(expected), (len(got), len(expected))
-        assert got == expected, f"restore of {backup_id} differs at byte {first_diff(got, expected)}"
+        assert got == expected, \
+            f"restore of {backup_id} differs at byte {first_diff(got, expected)}"
 
     # looking inside
 
@@ -262,7 +265,7 @@ class Workdir:
         assert len(found) == 1, found
         return found[0]
 
-    def clone(self, dest: Path) -> "Workdir":
+    def clone(self, dest: Path) -> Workdir:
         """A copy of this workdir (repository, catalog, cache) with its own config file."""
         shutil.copytree(self.path, dest)
         return Workdir(dest, **self.extra)

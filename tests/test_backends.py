@@ -12,16 +12,22 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import blake3
 import pytest
 
 from lvbackup import diskio
 from lvbackup.errors import CorruptionError, UsageError
-from lvbackup.repository.backends import (Backend, LocalBackend, MemoryBackend, MissingObject,
-                                          ObjectExists, open_backend)
+from lvbackup.repository.backends import (
+    Backend,
+    LocalBackend,
+    MemoryBackend,
+    MissingObject,
+    ObjectExists,
+    open_backend,
+)
 from lvbackup.repository.backends import local as local_backend
 from lvbackup.repository.codec import FLAG_RAW
 from lvbackup.repository.repo import Repository

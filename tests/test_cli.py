@@ -15,9 +15,22 @@ from pathlib import Path
 
 import pytest
 
-from support import (BLOCK_SIZE, KiB, MiB, OUTPUT_FIELDS, RECORD_FIELDS, UTC_ISO, Chain,
-                     Workdir, apply_change, assert_one_line_error, build_chain, describe,
-                     image_bytes, make_image)
+from support import (
+    BLOCK_SIZE,
+    OUTPUT_FIELDS,
+    RECORD_FIELDS,
+    UTC_ISO,
+    Chain,
+    KiB,
+    MiB,
+    Workdir,
+    apply_change,
+    assert_one_line_error,
+    build_chain,
+    describe,
+    image_bytes,
+    make_image,
+)
 
 # The operations issue added `labels` and `protected` to every record (catalog migration
 # m002). TODO(support.py owner): fold these into support.RECORD_FIELDS / OUTPUT_FIELDS.
@@ -82,7 +95,7 @@ def test_full_then_incrementals(chain):
     assert full["num_dependent_backups"] == 1 and full["has_dependent_backups"] is True
     assert inc1["num_dependent_backups"] == 1 and inc1["has_dependent_backups"] is True
     assert inc2["num_dependent_backups"] == 0 and inc2["has_dependent_backups"] is False
-    for rec, data in zip((full, inc1, inc2), chain.versions):
+    for rec, data in zip((full, inc1, inc2), chain.versions, strict=True):
         _check_record(rec)
         assert rec["status"] == "available"
         assert rec["size"] == len(data)
@@ -481,7 +494,7 @@ def test_gc_after_delete_shrinks_the_repository(chain, own):
     assert stats["bytes_freed"] > 0
     p = own.verify("--deep")
     assert p.returncode == 0, describe(p)
-    for bid, data in zip(chain.ids[:2], chain.versions):
+    for bid, data in zip(chain.ids[:2], chain.versions[:2], strict=True):
         assert own.restore_bytes(bid) == data
     assert own.restore_bytes(chain.other_id) == chain.other_data
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import blake3
 import pytest
@@ -15,10 +15,24 @@ import xxhash
 import zstandard
 
 from lvbackup.errors import CorruptionError
-from lvbackup.repository.codec import (FLAG_RAW, FLAG_ZSTD, Buffer, CodecError, Verdict,
-                                       block_digest, check_block, chunk_id, compress_object,
-                                       decode_into, decompress_object, encode, seal,
-                                       stored_is_plain, unseal, verify)
+from lvbackup.repository.codec import (
+    FLAG_RAW,
+    FLAG_ZSTD,
+    Buffer,
+    CodecError,
+    Verdict,
+    block_digest,
+    check_block,
+    chunk_id,
+    compress_object,
+    decode_into,
+    decompress_object,
+    encode,
+    seal,
+    stored_is_plain,
+    unseal,
+    verify,
+)
 from lvbackup.repository.pack import ChunkRef, PackBuilder, pack_name
 from lvbackup.repository.repo import ChunkError, Repository
 
@@ -283,9 +297,11 @@ def test_read_path_reads_both_encodings_back_to_back(repo: Repository) -> None:
     blocks = [os.urandom(BLOCK), text_block(), text_block(1000), os.urandom(10)]
     encoded = [encode(b, 3) for b in blocks]
     assert [f for _, f in encoded] == [FLAG_RAW, FLAG_ZSTD, FLAG_ZSTD, FLAG_RAW]
-    refs = _store(repo, [(chunk_id(b), blob, len(b), f) for b, (blob, f) in zip(blocks, encoded)])
+    refs = _store(repo, [(chunk_id(b), blob, len(b), f)
+                         for b, (blob, f) in zip(blocks, encoded, strict=True)])
     outs = [memoryview(bytearray(len(b))) for b in blocks]
-    repo.read_chunks_into([(r, o, block_digest(b)) for r, o, b in zip(refs, outs, blocks)])
+    repo.read_chunks_into([(r, o, block_digest(b))
+                           for r, o, b in zip(refs, outs, blocks, strict=True)])
     assert [bytes(o) for o in outs] == blocks
 
 

@@ -15,12 +15,19 @@ from pathlib import Path
 import blake3
 import pytest
 
+from lvbackup.repository.backends import LocalBackend
 from lvbackup.repository.index import decode_index
 from lvbackup.repository.pack import read_trailer
-from lvbackup.repository.backends import LocalBackend
 
-from support import (BLOCK_SIZE, Workdir, apply_change, assert_one_line_error, describe,
-                     flip_byte, make_image)
+from support import (
+    BLOCK_SIZE,
+    Workdir,
+    apply_change,
+    assert_one_line_error,
+    describe,
+    flip_byte,
+    make_image,
+)
 
 
 def block_ids(data: bytes) -> list[bytes | None]:
@@ -63,8 +70,8 @@ def pristine(tmp_path_factory) -> Pristine:
 
 @pytest.fixture
 def case(pristine, tmp_path) -> Pristine:
-    return Pristine(pristine.wd.clone(tmp_path / "wd"), pristine.image, pristine.ids, pristine.versions,
-                    pristine.blocks, pristine.packs, pristine.indexes)
+    return Pristine(pristine.wd.clone(tmp_path / "wd"), pristine.image, pristine.ids,
+                    pristine.versions, pristine.blocks, pristine.packs, pristine.indexes)
 
 
 def verify_fails(wd: Workdir, bad: dict[str, str | None], good: list[str],
@@ -316,7 +323,7 @@ def test_gc_keeps_backups_whose_pack_trailer_is_damaged(tmp_path):
     assert wd.restore_bytes(ids[0]) == datas[0]      # the chunk data is intact
     p = wd.run("gc")
     assert "Traceback" not in p.stderr
-    for bid, data in zip(ids, datas):
+    for bid, data in zip(ids, datas, strict=True):
         assert wd.restore_bytes(bid) == data
 
 

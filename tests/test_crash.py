@@ -21,14 +21,21 @@ from pathlib import Path
 import blake3
 import pytest
 
+from lvbackup.repository.backends import LocalBackend
 from lvbackup.repository.codec import FLAG_RAW
 from lvbackup.repository.index import ChunkIndex, decode_index
 from lvbackup.repository.pack import ChunkRef
 from lvbackup.repository.repo import Repository
-from lvbackup.repository.backends import LocalBackend
 
-from support import (MiB, Workdir, apply_change, assert_one_line_error, describe, make_image,
-                     reused_bytes)
+from support import (
+    MiB,
+    Workdir,
+    apply_change,
+    assert_one_line_error,
+    describe,
+    make_image,
+    reused_bytes,
+)
 
 NO_PARENT = "No backups available to do an incremental backup."
 BIG_MIB = 36
@@ -342,7 +349,7 @@ def test_index_cache_add_indexed_is_all_or_nothing(tmp_path):
     pack = b"\x01" * 32
     refs = [ChunkRef(bytes([i + 1]) * 32, pack, 8 + i, 1, 1, 0) for i in range(10)]
     refs[6] = refs[6]._replace(offset=object())   # fails mid-way, like a kill would
-    with pytest.raises(Exception):
+    with pytest.raises(sqlite3.ProgrammingError):
         idx.add_indexed("index/x", "1:1", [(pack, refs)])
     assert idx.refs_in_pack(pack) == []
     assert idx.lookup([r.chunk_id for r in refs[:6]]) == {}

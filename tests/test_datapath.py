@@ -7,8 +7,7 @@ import errno
 import os
 import random
 import uuid
-from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -43,7 +42,7 @@ class MemorySource:
 
     def readinto(self, view: memoryview, offset: int) -> None:
         for b in range(offset // BS, (offset + len(view) - 1) // BS + 1):
-            if not any(r.kind == Kind.READ and r.first <= b < r.first + r.count
+            if not any(r.kind == Kind.READ and r.first <= b < r.first + r.blocks
                        for r in self.runs):
                 raise OSError(errno.EIO, "Input/output error (block outside the READ runs)")
             self.read_blocks.add(b)
@@ -116,6 +115,7 @@ def test_a_map_that_inherits_past_the_parent_is_refused(repo):
     [Run(Kind.READ, 0, 3)],                             # does not cover the volume
     [Run(Kind.READ, 0, 2), Run(Kind.READ, 3, 1)],       # a gap
     [Run(Kind.READ, 0, 5)],                             # past the end
+    [Run(Kind.READ, 0, 4), Run(Kind.READ, 4, 1)],       # a run after the end
 ])
 def test_a_map_that_does_not_cover_the_blocks_in_order_is_refused(repo, runs):
     with pytest.raises(UsageError, match="block map"):
@@ -134,7 +134,7 @@ def test_file_source_reports_holes_and_reads_the_rest(tmp_path, repo):
     try:
         blocks = FileBlocks(fd)
         runs = list(blocks.block_map(BS))
-        assert Run(Kind.HOLE, 2, 4) in runs and sum(r.count for r in runs) == 8
+        assert Run(Kind.HOLE, 2, 4) in runs and sum(r.blocks for r in runs) == 8
         backup_id = backup(repo, blocks)
     finally:
         os.close(fd)

@@ -15,10 +15,10 @@ import pytest
 
 from lvbackup import diskio
 from lvbackup.repository import repo as repo_mod
+from lvbackup.repository.backends import LocalBackend
 from lvbackup.repository.codec import FLAG_RAW
 from lvbackup.repository.pack import PackBuilder, pack_name, read_trailer
 from lvbackup.repository.repo import Repository
-from lvbackup.repository.backends import LocalBackend
 
 SHM = Path("/dev/shm")   # tmpfs: refuses O_DIRECT at open
 

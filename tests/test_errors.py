@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from support import (Workdir, assert_one_line_error, describe, make_image, write_config)
+from support import Workdir, assert_one_line_error, describe, make_image, write_config
 
 NO_PARENT = "No backups available to do an incremental backup."
 

@@ -49,7 +49,7 @@ def test_create_restore_delete_are_logged_with_the_backup_as_payload(tmp_path):
     assert set(names[1:-1]) == {"backup.createprogress"}
     docs = _events(tmp_path / "events.jsonl")
     start, end = docs[0]["payload"], docs[-1]["payload"]
-    assert RECORD_KEYS <= set(start) and RECORD_KEYS <= set(end)
+    assert set(start) >= RECORD_KEYS and set(end) >= RECORD_KEYS
     assert start["id"] == end["id"] == rec["id"]
     assert start["status"] == "creating" and end["status"] == "available"
     assert end == rec  # the end event carries the record create printed

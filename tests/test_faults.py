@@ -16,8 +16,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from support import (MiB, Workdir, apply_change, assert_one_line_error, describe, make_image,
-                     reused_bytes)
+from support import (
+    MiB,
+    Workdir,
+    apply_change,
+    assert_one_line_error,
+    describe,
+    make_image,
+    reused_bytes,
+)
 
 
 @dataclass

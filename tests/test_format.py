@@ -6,6 +6,7 @@ so any flipped bit is detected, never silently used (docs/format.md).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -19,14 +20,30 @@ import xxhash
 import zstandard
 
 from lvbackup.errors import CorruptionError
-from lvbackup.repository.codec import FLAG_RAW, FLAG_ZSTD, seal, unseal
-from lvbackup.repository.manifest import (ENTRY_SIZE, HOLE, MAGIC, MAGIC_V1, NO_PAGE, PAGE_ENTRIES,
-                                          Manifest, ManifestWriter, manifest_name)
-from lvbackup.repository.index import INDEX_MAGIC, decode_index, encode_index
-from lvbackup.repository.pack import (FOOTER, PACK_END, PACK_MAGIC, ChunkRef, PackBuilder,
-                                      pack_name, read_trailer)
-from lvbackup.repository.repo import REPO_MAGIC, ChunkError, Repository
 from lvbackup.repository.backends import LocalBackend, MissingObject
+from lvbackup.repository.codec import FLAG_RAW, FLAG_ZSTD, seal, unseal
+from lvbackup.repository.index import INDEX_MAGIC, decode_index, encode_index
+from lvbackup.repository.manifest import (
+    ENTRY_SIZE,
+    HOLE,
+    MAGIC,
+    MAGIC_V1,
+    NO_PAGE,
+    PAGE_ENTRIES,
+    Manifest,
+    ManifestWriter,
+    manifest_name,
+)
+from lvbackup.repository.pack import (
+    FOOTER,
+    PACK_END,
+    PACK_MAGIC,
+    ChunkRef,
+    PackBuilder,
+    pack_name,
+    read_trailer,
+)
+from lvbackup.repository.repo import REPO_MAGIC, ChunkError, Repository
 
 from support import Workdir, apply_change, make_image, zero_range
 
@@ -349,7 +366,7 @@ def test_pack_round_trip(repo):
         assert repo.read_chunk(ref) == plain[ref.chunk_id]
     # The trailer lists offsets that tile the body between magic and trailer.
     assert refs[0].offset == len(PACK_MAGIC)
-    for a, b in zip(refs, refs[1:]):
+    for a, b in itertools.pairwise(refs):
         assert a.offset + a.length == b.offset
 
 

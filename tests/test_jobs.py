@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from support import Workdir, apply_change, assert_one_line_error, describe, flip_byte, make_image
-
 from lvbackup.config import Job
 from lvbackup.operations.jobs import full_or_incremental, worst_exit
 
+from support import Workdir, apply_change, assert_one_line_error, describe, flip_byte, make_image
 
 # --- pure helpers --------------------------------------------------------------------------
 
@@ -28,12 +27,12 @@ def test_worst_exit_ranks_locked_below_failed_below_usage():
 
 
 def _b(days_ago: float, incremental: bool, status: str = "available") -> dict:
-    ts = (datetime(2026, 6, 30, tzinfo=timezone.utc) - timedelta(days=days_ago)).isoformat()
+    ts = (datetime(2026, 6, 30, tzinfo=UTC) - timedelta(days=days_ago)).isoformat()
     return {"status": status, "is_incremental": incremental, "data_timestamp": ts,
             "created_at": ts}
 
 
-NOW = datetime(2026, 6, 30, tzinfo=timezone.utc)
+NOW = datetime(2026, 6, 30, tzinfo=UTC)
 
 
 def test_full_or_incremental_by_count():
@@ -94,7 +93,7 @@ def test_run_makes_fulls_and_incrementals_and_prunes_after_success(tmp_path):
     listed = {r["id"]: r for r in wd.list()}
     assert set(listed) == {manual["id"], *ids[1:]}
     assert wd.list("--label", "job=nightly") == [listed[i] for i in ids[1:]]
-    for bid, data in zip(ids[1:], versions[1:]):
+    for bid, data in zip(ids[1:], versions[1:], strict=True):
         wd.assert_restores(bid, data)
 
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import itertools
 import json
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from lvbackup.catalog import STATUSES, BackupRecord, Catalog
 from lvbackup.lifecycle import INITIAL, TRANSITIONS, IllegalTransition, Status
+
 from support import STATUSES as DOCUMENTED_STATUSES
 
 ALLOWED = sorted((frm, to) for frm, tos in TRANSITIONS.items() for to in tos)
@@ -89,10 +91,9 @@ def test_an_illegal_transition_is_a_bug_not_a_user_error():
 
 def test_an_illegal_move_inside_a_write_rolls_back_the_whole_transaction(catalog):
     _row_in(catalog, Status.AVAILABLE)
-    with pytest.raises(IllegalTransition):
-        with catalog.write():
-            catalog.update("b1", name="renamed")
-            catalog.transition("b1", Status.DELETED)
+    with pytest.raises(IllegalTransition), catalog.write():
+        catalog.update("b1", name="renamed")
+        catalog.transition("b1", Status.DELETED)
     row = catalog.get("b1")
     assert row["name"] is None and row["status"] == Status.AVAILABLE
 

@@ -16,9 +16,9 @@ import click
 import pytest
 import yaml
 
-from support import LVBACKUP, Workdir, clean_env, describe, make_image
-
 from lvbackup.cli import cli
+
+from support import LVBACKUP, Workdir, clean_env, describe, make_image
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "lvbackup.yaml.example"
@@ -55,8 +55,9 @@ def test_top_level_help_lists_the_exit_codes():
 
 def test_docs_list_the_exit_codes_and_the_completion_command():
     ops = (ROOT / "docs" / "operations.md").read_text()
-    for needle in ("75", "_LVBACKUP_COMPLETE=bash_source", "lvbackup_last_success_timestamp_seconds",
-                   "catalog rebuild", "systemd", "cron"):
+    for needle in ("75", "_LVBACKUP_COMPLETE=bash_source",
+                   "lvbackup_last_success_timestamp_seconds", "catalog rebuild", "systemd",
+                   "cron"):
         assert needle in ops, needle
 
 

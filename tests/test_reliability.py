@@ -29,8 +29,15 @@ import pytest
 from lvbackup.repository.manifest import PAGE_ENTRIES
 from lvbackup.repository.repo import PACK_TARGET
 
-from support import (MiB, Workdir, apply_change, assert_one_line_error, describe, make_image,
-                     reused_bytes)
+from support import (
+    MiB,
+    Workdir,
+    apply_change,
+    assert_one_line_error,
+    describe,
+    make_image,
+    reused_bytes,
+)
 
 SLOW_MIB = 16      # random data compressed at zstd level 19 by one worker: a few seconds
 
@@ -359,7 +366,7 @@ def test_exclusive_commands_lock_out_every_other_run(env, command, tmp_path):
     for _attempt in range(10):
         holder = env.popen(*command)
 
-        def holds() -> bool:
+        def holds(holder: subprocess.Popen = holder) -> bool:
             return lock_holders(repo_lock).get(holder.pid) == "WRITE" or holder.poll() is not None
 
         wait_for(holds, f"{command} to take the lock", timeout=120)
@@ -541,9 +548,8 @@ def test_source_shrinking_during_the_backup(env, tmp_path):
     random_image(img, SLOW_MIB, 561, sparse_tail_mib=48)
     victim = env.slow_create(img)
     wait_for(lambda: creating(wd, img), "the creating row", victim)
-    with stopped(victim):
-        with open(img, "r+b") as f:
-            f.truncate(48 * MiB)
+    with stopped(victim), open(img, "r+b") as f:
+        f.truncate(48 * MiB)
     code, _, err = finish(victim)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
@@ -621,10 +627,10 @@ def test_index_file_missing_or_truncated_then_gc_rebuilds_it(two, damage):
 
 def _damage_a_chunk_of(wd: Workdir, data: bytes) -> None:
     """Flip a byte inside the stored copy of one of `data`'s 64 KiB blocks."""
-    from lvbackup.repository.pack import read_trailer
-    from lvbackup.repository.backends import LocalBackend
-
     import blake3
+
+    from lvbackup.repository.backends import LocalBackend
+    from lvbackup.repository.pack import read_trailer
 
     ids = {blake3.blake3(data[o:o + 64 * 1024]).digest() for o in range(0, len(data), 64 * 1024)}
     storage = LocalBackend(wd.repo)

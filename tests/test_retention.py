@@ -9,10 +9,9 @@ import uuid
 
 import pytest
 
-from support import Workdir, assert_one_line_error, describe
-
 from lvbackup.retention import Policy, new_parents, select
 
+from support import Workdir, assert_one_line_error, describe
 
 # --- select(): pure ------------------------------------------------------------------------
 

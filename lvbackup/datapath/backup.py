@@ -11,11 +11,13 @@ results, in order, to the manifest and the packer.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import threading
 from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import xxhash
 
@@ -41,7 +43,7 @@ class ScanStats:
     new_bytes: int = 0         # plaintext of the chunks this backup stored
     stored_bytes: int = 0      # what this backup added to the repository (its packer's count)
 
-    def add(self, other: "ScanStats") -> None:
+    def add(self, other: ScanStats) -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
@@ -57,7 +59,7 @@ class _Segment(NamedTuple):
 
 class _Analyzed(NamedTuple):
     entries: bytes
-    new: list[tuple[bytes, memoryview | bytes, int, int]]   # (chunk id, blob, plaintext
+    new: list[tuple[bytes, codec.Buffer, int, int]]         # (chunk id, blob, plaintext
     stats: ScanStats                                        #  length, flags)
     length: int
     buf: mmap.mmap             # the segment's buffer, which raw blobs are views of
@@ -92,19 +94,19 @@ def _segment_kinds(runs: Iterator[Run], per_seg: int, nblocks: int) -> Iterator[
         kinds = bytearray()
         want = min(per_seg, nblocks - first)
         while len(kinds) < want:
-            if run is None or run.count == 0:
+            if run is None or run.blocks == 0:
                 run = next(runs)
-            take = min(run.count, want - len(kinds))
+            take = min(run.blocks, want - len(kinds))
             kinds += bytes([run.kind]) * take
-            run = Run(run.kind, run.first + take, run.count - take)
+            run = Run(run.kind, run.first + take, run.blocks - take)
         yield kinds
     for _ in runs:  # let the map's own checks run to its end
         pass
 
 
 def write_backup(repo: Repository, source: BlockSource, parent: Manifest | None,
-                 backup_id: str, finish: Callable[[ScanStats], dict], *, workers: int,
-                 level: int, progress: Callable[[int, Packer], None] | None = None
+                 backup_id: str, finish: Callable[[ScanStats], Mapping[str, Any]], *,
+                 workers: int, level: int, progress: Callable[[int, Packer], None] | None = None
                  ) -> ScanStats:
     """Back `source` up as `backup_id`: its chunks and manifest pages into packs, indexed,
     then its manifest, whose record `finish(stats)` returns once everything else is stored
@@ -124,10 +126,10 @@ def write_backup(repo: Repository, source: BlockSource, parent: Manifest | None,
         writer.close({"block_size": repo.block_size, "size": source.size, "backup": record})
         crash_point("manifest-written")
     except BaseException:
-        try:  # index what this run did store, so a rerun reuses it
+        # Index what this run did store, so a rerun reuses it; the original failure is the
+        # one to report.
+        with contextlib.suppress(Exception):
             packer.commit()
-        except Exception:  # noqa: BLE001 - the original failure is the one to report
-            pass
         raise
     return stats
 
@@ -148,7 +150,10 @@ def backup_blocks(repo: Repository, packer: Packer, source: BlockSource,
     damaged = repo.index.damaged_ids() if parent is not None else set()
 
     def segments() -> Iterator[_Segment]:
-        for first, kinds in zip(range(0, nblocks, per_seg), _segment_kinds(runs, per_seg, nblocks)):
+        # strict: once the last segment is out, the kinds generator is asked once more, which
+        # runs the map's own checks to its end.
+        for first, kinds in zip(range(0, nblocks, per_seg),
+                                _segment_kinds(runs, per_seg, nblocks), strict=True):
             offset = first * bs
             pe = next(parent_entries, Entries(b""))
             if damaged:

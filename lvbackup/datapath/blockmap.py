@@ -11,11 +11,13 @@ change-tracking source is a BlockSource whose map says INHERIT where nothing cha
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
+from collections.abc import Iterator
 from enum import IntEnum
-from typing import Iterator, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from ..diskio import resident_pages
 from ..errors import LvbackupError, UsageError
@@ -30,7 +32,7 @@ class Kind(IntEnum):
 class Run(NamedTuple):
     kind: Kind
     first: int     # block index
-    count: int
+    blocks: int    # not "count", which would shadow tuple.count()
 
 
 class BlockSource(Protocol):
@@ -64,13 +66,11 @@ class FileBlocks:
     def __init__(self, fd: int, size: int | None = None):
         self.fd = fd
         self.size = source_size(fd) if size is None else size
-        try:
-            # No readahead on this descriptor: segments are read in big requests anyway,
-            # and readahead past a segment would put pages in the cache that the next
-            # segment's look at the cache takes for someone else's, and leaves there.
+        # No readahead on this descriptor: segments are read in big requests anyway,
+        # and readahead past a segment would put pages in the cache that the next
+        # segment's look at the cache takes for someone else's, and leaves there.
+        with contextlib.suppress(OSError):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        except OSError:
-            pass
 
     def block_map(self, block_size: int) -> Iterator[Run]:
         nblocks = -(-self.size // block_size)
@@ -131,11 +131,10 @@ class FileBlocks:
         page = mmap.PAGESIZE
         absent = [(0, -(-stop // page))] if resident is None else ones(resident.translate(_NOT))
         for i, j in absent:
-            try:
+            # Not every file supports it; the backup does not depend on it.
+            with contextlib.suppress(OSError):
                 os.posix_fadvise(self.fd, offset + i * page, (j - i) * page,
                                  os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass  # not every file supports it; the backup does not depend on it
 
 
 _NOT = bytes([1]) + bytes(255)   # translate: 0 (not cached) -> 1
@@ -159,10 +158,10 @@ def checked(runs: Iterator[Run], size: int, block_size: int,
     nblocks = -(-size // block_size)
     pos = 0
     for run in runs:
-        if run.first != pos or run.count <= 0:
+        if run.first != pos or run.blocks <= 0:
             raise UsageError(f"block map: a run at block {run.first} does not continue "
                              f"at block {pos}")
-        end = run.first + run.count
+        end = run.first + run.blocks
         if end > nblocks:
             raise UsageError(f"block map reaches block {end - 1} of a {nblocks}-block volume")
         if run.kind == Kind.INHERIT:

@@ -11,8 +11,9 @@ import ctypes
 import mmap
 import queue
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 from ..diskio import aligned_buffer
 

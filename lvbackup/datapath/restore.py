@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import mmap
 import threading
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from ..errors import CorruptionError
 from ..repository.manifest import Entries, Manifest

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable
 
 from .. import events as ev
 from .. import lvm
@@ -165,7 +165,8 @@ def _write_backup(session: Session, source: Source, blocks: FileBlocks, record: 
         try:
             parent_manifest = repo.manifest(parent["id"])
         except CorruptionError as e:
-            raise CorruptionError(f"parent backup {parent['id']}: {e}; make a full backup") from None
+            raise CorruptionError(f"parent backup {parent['id']}: {e}; "
+                                  "make a full backup") from None
     sent = [0]  # the last multiple of PROGRESS_STEP percent announced
 
     def on_progress(done: int, packer: Packer) -> None:
@@ -177,7 +178,7 @@ def _write_backup(session: Session, source: Source, blocks: FileBlocks, record: 
             sent[0] = percent // ev.PROGRESS_STEP
             session.events.emit(ev.CREATE_PROGRESS, {**to_record(record), "percent": percent})
 
-    def finish(stats: ScanStats) -> dict:
+    def finish(stats: ScanStats) -> BackupRecord:
         if source.check is not None:
             source.check()
         return to_record({**record, "status": Status.AVAILABLE, "stored_bytes": stats.stored_bytes,

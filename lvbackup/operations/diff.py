@@ -3,7 +3,8 @@ manifests alone (no chunk is read): for replication scripts and audits."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from ..errors import UsageError
 from ..lifecycle import Status

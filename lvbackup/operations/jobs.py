@@ -10,10 +10,11 @@ exit status is the worst of the jobs' (see `worst_exit`).
 
 from __future__ import annotations
 
+import os
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
-from typing import Callable, ContextManager
 
 from .. import lvm
 from ..catalog import BackupRecord
@@ -37,7 +38,7 @@ from .prune import prune
 # needs a person (bad configuration, an in-use volume without force) the most.
 _SEVERITY = {EXIT_OK: 0, EXIT_LOCKED: 1, EXIT_FAILED: 2, EXIT_USAGE: 3}
 
-ProgressFactory = Callable[[str], ContextManager[Callable[..., None] | None]]
+ProgressFactory = Callable[[str], AbstractContextManager[Callable[..., None] | None]]
 
 
 def worst_exit(codes: list[int]) -> int:
@@ -63,6 +64,8 @@ def full_or_incremental(job: Job, backups: list[BackupRecord],
     if last_full is None and (job.full_every is not None or job.full_every_days is not None):
         return False, "full: no full backup of the volume is available"
     why = "incremental"
+    if last_full is None:
+        return True, why
     if job.full_every is not None:
         since = len(available) - available.index(last_full)
         if since >= job.full_every:
@@ -82,8 +85,9 @@ def _source(session: Session, job: Job) -> tuple[SourceFactory, str, str, str | 
     """(source factory, volume id or name to find its backups, volume name, or a reason to
     skip the job)."""
     if job.device is not None:
-        factory, name = select_source(session.config, device=job.device)
-        return factory, name, name, None
+        factory, _ = select_source(session.config, device=job.device)
+        path = os.path.realpath(job.device)
+        return factory, path, path, None
     if job.volume is not None:
         vol = lvm.find_lv(job.volume)
         factory, _ = select_source(session.config, volume=job.volume, force=job.force)

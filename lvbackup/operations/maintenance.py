@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..catalog import (
     Catalog,
@@ -66,7 +66,7 @@ def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
                 if old is not None:
                     # Catalog-only facts, changed after the manifest was written: keep them.
                     for key in ("protected", "parent_id", "is_incremental"):
-                        row[key] = old[key]  # type: ignore[literal-required]
+                        row[key] = old[key]
                 cat.put(row, Status.AVAILABLE)
                 found.add(backup_id)
             for row in cat.list(include_deleted=True):

@@ -47,7 +47,8 @@ def prune(session: Session, policy: Policy, *, volumes: list[str] | None = None,
             for volume_id in sorted({by_id[i]["volume_id"] for i in order}):
                 name = next(by_id[i]["volume_name"] for i in order
                             if by_id[i]["volume_id"] == volume_id)
-                stack.enter_context(volume_lock(session.lock_dir, volume_id, name).acquire(session.wait))
+                lock = volume_lock(session.lock_dir, volume_id, name or volume_id)
+                stack.enter_context(lock.acquire(session.wait))
             for bid in order:
                 _, moved = delete_row(session, cat.get(bid), reparent=True)
                 for m in moved:  # a child may move more than once: first old, last new

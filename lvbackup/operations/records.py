@@ -58,7 +58,7 @@ def import_record(session: Session, text: str) -> BackupRecord:
                         block_size=manifest.block_size,
                         is_incremental=bool(rec.get("parent_id")), num_dependent_backups=0)
         for key in ("created_at", "data_timestamp"):
-            row[key] = row[key] or manifest.record.get(key) or now_iso()  # type: ignore[literal-required]
+            row[key] = row[key] or manifest.record.get(key) or now_iso()
         with cat.write():
             cat.put(row, Status.AVAILABLE)
             cat.refresh_dependents(row["id"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Callable
 
 from .. import events as ev
 from ..catalog import (
@@ -22,7 +22,7 @@ from ..locks import RunLock
 from ..repository.manifest import Manifest
 from ..repository.repo import Repository
 from ..session import Session, reason, recover_dead_runs
-from ..targets import Target, is_lv_name, lv_target, open_target
+from ..targets import Target, create_volume_target, is_lv_name, lv_target, open_target
 
 
 def restore_backup(session: Session, backup_id: str, *, to: str | None = None,
@@ -48,7 +48,8 @@ def restore_backup(session: Session, backup_id: str, *, to: str | None = None,
         recover_dead_runs(session)
         row = cat.get(row["id"])
         if row["status"] != Status.AVAILABLE:
-            raise UsageError(f"Backup status must be available (backup {row['id']} is {row['status']})")
+            raise UsageError(f"Backup status must be available (backup {row['id']} is "
+                             f"{row['status']})")
         repo = session.repo
         repo.sync_index(session.lock_dir)
         try:
@@ -57,13 +58,14 @@ def restore_backup(session: Session, backup_id: str, *, to: str | None = None,
             raise CorruptionError(f"backup {row['id']}: {e}") from None
         fresh_device = False
         if new_volume is not None:
-            to, fresh_device = new_volume(new_volume, manifest.size, thin_pool)
+            to, fresh_device = create_volume_target(new_volume, manifest.size, thin_pool)
         target = open_target(to, to_file, manifest.size, force)
         target.fresh = target.fresh or fresh_device
         stack.callback(target.close)
         stack.enter_context(RunLock(session.lock_dir, row["id"]).acquire())
         cat.transition(row["id"], Status.RESTORING)
-        session.events.emit(ev.RESTORE_START, {**to_record(cat.get(row["id"])), "target": target.name})
+        session.events.emit(ev.RESTORE_START,
+                            {**to_record(cat.get(row["id"])), "target": target.name})
         try:
             try:
                 _write_image(repo, manifest, target, session.config.workers, progress)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import CorruptionError, LvbackupError
 from ..faults import crash_point
@@ -69,7 +69,8 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
                 storage.delete(name)
         crash_point("gc-old-index-deleted")
         freed = 0
-        gone = db.execute("SELECT id, bytes FROM pack WHERE fate IN ('delete', 'repack')").fetchall()
+        gone = db.execute("SELECT id, bytes FROM pack "
+                          "WHERE fate IN ('delete', 'repack')").fetchall()
         for pack_id, size in gone:
             storage.delete(pack_name(pack_id))
             crash_point("gc-pack-deleted")

@@ -19,9 +19,9 @@ from __future__ import annotations
 import sqlite3
 import struct
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import blake3
 
@@ -124,7 +124,9 @@ class ChunkIndex:
         try:
             self._db().executescript(_SCHEMA)
         except sqlite3.DatabaseError as e:
-            raise open_error(e, self.path, "the index cache", "cache_dir: (or $LVBACKUP_CACHE_DIR; by default it is beside the catalog)",
+            raise open_error(e, self.path, "the index cache",
+                             "cache_dir: (or $LVBACKUP_CACHE_DIR; by default it is beside the "
+                             "catalog)",
                              "; it can be deleted safely and is rebuilt from the repository"
                              ) from None
 
@@ -154,7 +156,8 @@ class ChunkIndex:
         known = dict(db.execute("SELECT name, stamp FROM index_files").fetchall())
         if any(remote.get(name) != stamp for name, stamp in known.items()):
             with _transaction(db):
-                db.execute("DELETE FROM chunks WHERE pack IN (SELECT id FROM packs WHERE indexed=1)")
+                db.execute("DELETE FROM chunks "
+                           "WHERE pack IN (SELECT id FROM packs WHERE indexed=1)")
                 db.execute("DELETE FROM packs WHERE indexed=1")
                 db.execute("DELETE FROM index_files")
             known = {}

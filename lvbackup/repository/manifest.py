@@ -28,7 +28,8 @@ import struct
 import tempfile
 import threading
 from collections import OrderedDict
-from typing import IO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import IO, cast
 
 import blake3
 import zstandard
@@ -238,7 +239,7 @@ class Manifest:
             raise CorruptionError(f"{self.what}, entries of blocks {first * self.page_entries}"
                                   f"-{last}: {e}") from None
         out = []
-        for p, pid in zip(range(first, first + count), ids):
+        for p, pid in zip(range(first, first + count), ids, strict=True):
             page = bytes(self._page_len(p)) if pid == NO_PAGE else got.get(pid)
             if page is None or len(page) != self._page_len(p):
                 raise CorruptionError(f"{self.what} is corrupt (page {p} has the wrong size)")
@@ -274,7 +275,9 @@ class Manifest:
     def _v1_stream(self) -> Iterator[bytes]:
         body = _RangeFile(self.storage, self.name, len(MAGIC), self._body_end)
         try:
-            yield from zstandard.ZstdDecompressor().read_to_iter(body, read_size=_READ)
+            # read_to_iter() needs only read(); the stubs ask for a whole IO[bytes].
+            reader = cast(IO[bytes], body)
+            yield from zstandard.ZstdDecompressor().read_to_iter(reader, read_size=_READ)
         except zstandard.ZstdError:
             raise CorruptionError(f"{self.what} is corrupt (bad entry table)") from None
 
@@ -313,7 +316,7 @@ class Manifest:
             if self._v1_table is None:
                 # A format-1 table can only be read front to back: keep one decompressed
                 # copy in an unnamed temporary file for random access.
-                table = tempfile.TemporaryFile()
+                table = tempfile.TemporaryFile()  # noqa: SIM115 - open until close()
                 for piece in self.entries(_READ // ENTRY_SIZE):
                     table.write(piece.raw)
                 self._v1_table = table

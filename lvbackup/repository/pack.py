@@ -90,8 +90,9 @@ class PackBuilder:
     def _copy_in(self, blob: Buffer) -> None:
         """Append `blob`'s bytes at self.size; with ctypes.memmove, which runs without the
         GIL, so that the workers go on while the coordinator fills a pack."""
+        src: bytes | int
         if isinstance(blob, bytes):
-            src = ctypes.cast(ctypes.c_char_p(blob), ctypes.c_void_p).value
+            src = blob   # ctypes passes a pointer to its buffer, not a copy
         elif not memoryview(blob).readonly:
             src = ctypes.addressof(ctypes.c_char.from_buffer(blob))
         else:

@@ -11,6 +11,7 @@ Objects in a repository (all names relative to its root):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -24,15 +25,7 @@ from ..locks import run_is_alive
 from ..timeutil import now_iso
 from . import codec
 from .backends import Backend, MissingObject, ObjectExists, open_backend
-from .codec import (
-    CodecError,
-    Verdict,
-    check_block,
-    decode_into,
-    seal,
-    stored_is_plain,
-    unseal,
-)
+from .codec import CodecError, Verdict, check_block, decode_into, seal, stored_is_plain, unseal
 from .index import ChunkIndex, damaged_name, encode_index
 from .manifest import Manifest
 from .pack import ENTRY, ChunkRef, PackBuilder, pack_name, read_trailer
@@ -75,7 +68,7 @@ class Repository:
 
     @classmethod
     def init(cls, location: str | Path, cache_dir: Path, block_size: int | None
-             ) -> tuple["Repository", bool]:
+             ) -> tuple[Repository, bool]:
         """Create the repository if it does not exist; (repository, created)."""
         storage = open_backend(location, create=True)
         if not storage.exists("config"):
@@ -96,12 +89,13 @@ class Repository:
         return repo, False
 
     @classmethod
-    def open(cls, location: str | Path, cache_dir: Path) -> "Repository":
+    def open(cls, location: str | Path, cache_dir: Path) -> Repository:
         storage = open_backend(location)
         try:
             raw = storage.get("config")
         except MissingObject:
-            raise UsageError(f"no repository at {location}; create it with 'lvbackup init'") from None
+            raise UsageError(f"no repository at {location}; "
+                             "create it with 'lvbackup init'") from None
         except OSError as e:
             raise UsageError(f"cannot read repository {location}: {e.strerror}") from None
         meta = json.loads(unseal(REPO_MAGIC, raw, f"repository config {location}/config"))
@@ -124,10 +118,9 @@ class Repository:
         bad = self.index.sync(self.storage)
         for run in self.index.pending_runs():
             if not run_is_alive(lock_dir, run):
-                try:
+                # On failure (e.g. a full disk) the packs stay pending: a later run indexes them.
+                with contextlib.suppress(OSError):
                     self._index_pending(run)
-                except OSError:
-                    pass  # e.g. a full disk: the packs stay pending, a later run indexes them
         return bad
 
     def _index_pending(self, run: str) -> None:
@@ -197,7 +190,7 @@ class Repository:
             self.storage.get_range_into(pack_name(run[0][0].pack_id), run[0][0].offset, targets)
         except CorruptionError as e:
             raise ChunkError(run[0][0], str(e)) from None
-        for (ref, out, digest), blob in zip(run, targets):
+        for (ref, out, digest), blob in zip(run, targets, strict=True):
             if not stored_is_plain(ref.flags):
                 try:
                     decode_into(blob, ref.flags, out)
@@ -224,7 +217,7 @@ class Repository:
         except OSError:
             pass
 
-    def packer(self, run_id: str) -> "Packer":
+    def packer(self, run_id: str) -> Packer:
         return Packer(self, run_id)
 
     # --- manifests ----------------------------------------------------------------------
@@ -297,7 +290,7 @@ class Packer:
         found = self.repo.index.lookup(candidates, undamaged=True)
         return {i for i in candidates if i not in found}
 
-    def add(self, chunk_id: bytes, blob: bytes | memoryview, raw_length: int, flags: int) -> None:
+    def add(self, chunk_id: bytes, blob: codec.Buffer, raw_length: int, flags: int) -> None:
         """Store one chunk (the caller has checked, with missing(), that it is new)."""
         self.builder.add(chunk_id, blob, raw_length, flags)
         self.stored_bytes += len(blob)

@@ -12,9 +12,9 @@ import os
 import secrets
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -81,7 +81,8 @@ class VolumeGroup:
         return self.path(name)
 
     def create_thin_pool(self, name: str, size: int | str) -> str:
-        self.lvm("lvcreate", "-q", "-y", "--type", "thin-pool", "-n", name, "-L", lvm_size(size), self.name)
+        self.lvm("lvcreate", "-q", "-y", "--type", "thin-pool", "-n", name, "-L", lvm_size(size),
+                 self.name)
         return self.path(name)
 
     def create_thin_lv(self, name: str, virtual_size: int | str, pool: str) -> str:
@@ -119,9 +120,11 @@ class VolumeGroup:
             return f.read() if length is None else f.read(length)
 
     def lvs(self, *fields: str) -> list[dict[str, str]]:
-        """`lvs` rows of this VG (hidden sub-LVs too) as dicts; lvm2 reports every value as a string."""
+        """`lvs` rows of this VG (hidden sub-LVs too) as dicts; lvm2 reports every value as a
+        string."""
         opts = ["-o", ",".join(("lv_name", "lv_attr", "lv_size", "origin", "pool_lv") + fields)]
-        out = self.lvm("lvs", "-a", "--reportformat", "json", "--units", "b", "--nosuffix", *opts, self.name)
+        out = self.lvm("lvs", "-a", "--reportformat", "json", "--units", "b", "--nosuffix", *opts,
+                       self.name)
         return [row for report in json.loads(out)["report"] for row in report["lv"]]
 
     def lv(self, name: str, *fields: str) -> dict[str, str]:
@@ -173,8 +176,8 @@ def teardown_vg(group: VolumeGroup, backing: Path, created: bool) -> None:
     backing.unlink(missing_ok=True)
     if errors:
         left = run(["dmsetup", "ls"], check=False)
-        pytest.fail(f"cleaning up VG {group.name}:\n" + "\n".join(errors) + f"\ndm devices left:\n{left}",
-                    pytrace=False)
+        pytest.fail(f"cleaning up VG {group.name}:\n" + "\n".join(errors)
+                    + f"\ndm devices left:\n{left}", pytrace=False)
 
 
 class Lvbackup:
@@ -187,8 +190,8 @@ class Lvbackup:
     def __call__(self, *args: str | Path, check: bool = True, input: bytes | None = None
                  ) -> subprocess.CompletedProcess:
         if not self.exe.exists():
-            pytest.fail(f"{self.exe} not found: install the project into the venv (scripts/setup.sh)",
-                        pytrace=False)
+            pytest.fail(f"{self.exe} not found: install the project into the venv "
+                        "(scripts/setup.sh)", pytrace=False)
         argv = [str(self.exe), "--config", str(self.config), *map(str, args)]
         # lvbackup honours LVBACKUP_* overrides; only the config file should count here.
         env = {k: v for k, v in os.environ.items() if not k.startswith("LVBACKUP_")}

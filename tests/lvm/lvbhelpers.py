@@ -17,10 +17,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -124,7 +124,7 @@ def assert_refused(p: subprocess.CompletedProcess, message: str, code: int | Non
 
 def lv_time_iso(lv_time: str) -> str:
     """lvs' "2026-11-24 17:04:35 +0000" as lvbackup stores times (UTC, microseconds)."""
-    ts = datetime.strptime(lv_time.strip(), "%Y-%m-%d %H:%M:%S %z").astimezone(timezone.utc)
+    ts = datetime.strptime(lv_time.strip(), "%Y-%m-%d %H:%M:%S %z").astimezone(UTC)
     return ts.isoformat(timespec="microseconds")
 
 
@@ -146,7 +146,7 @@ def sleep_past_second_of(iso: str) -> None:
     """Sleep until the clock is in a later whole second than the ISO 8601 time `iso`."""
     later = datetime.fromisoformat(iso).replace(microsecond=0) + timedelta(seconds=1,
                                                                           milliseconds=50)
-    while datetime.now(timezone.utc) < later:
+    while datetime.now(UTC) < later:
         time.sleep(0.05)
 
 

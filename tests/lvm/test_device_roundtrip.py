@@ -58,7 +58,8 @@ def test_full_and_incremental_backup_restore(vg, lvb, tmp_path):
     for record, expected in ((full, v1), (incr, v2)):
         out = tmp_path / f"restored-{record['id']}.img"
         lvb("restore", record["id"], "--to-file", out)
-        assert sha256(out.read_bytes()) == sha256(expected), f"restore {record['id']} --to-file differs"
+        assert sha256(out.read_bytes()) == sha256(expected), \
+            f"restore {record['id']} --to-file differs"
 
     # Onto another LV of the same size full of garbage: every byte must be rewritten,
     # the zero runs too. The incremental one, so that the chain is resolved as well.

@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from lvbhelpers import Lvb, assert_refused, ct, describe, mixed
+from lvbhelpers import Lvb, assert_refused, ct, mixed
 
 run = ct.run
 
@@ -100,7 +100,8 @@ def round_trip(lvb: Lvb, data_dir: Path, target_dir: Path, block_device: bool) -
     assert out.read_bytes() == first
     # The hole was skipped, not written as zeros (a sparse restore).
     assert os.stat(out).st_blocks * 512 <= SIZE - 4 * MiB, os.stat(out)
-    assert hashlib.sha256(_restore_to_pipe(lvb, incr["id"])).digest() == hashlib.sha256(second).digest()
+    restored = _restore_to_pipe(lvb, incr["id"])
+    assert hashlib.sha256(restored).digest() == hashlib.sha256(second).digest()
 
     if block_device:
         loops = [_loop(target_dir / "dev.img", SIZE)]

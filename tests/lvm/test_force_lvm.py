@@ -17,8 +17,20 @@ from types import SimpleNamespace
 
 import pytest
 
-from lvbhelpers import (MiB, Lvb, assert_refused, children, held_open, info, mixed, module_vg,
-                        ok_json, sha, temp_snapshots, wait_for_rows)
+from lvbhelpers import (
+    Lvb,
+    MiB,
+    assert_refused,
+    children,
+    held_open,
+    info,
+    mixed,
+    module_vg,
+    ok_json,
+    sha,
+    temp_snapshots,
+    wait_for_rows,
+)
 
 pytestmark = pytest.mark.lvm
 
@@ -58,7 +70,7 @@ def lv_names(vg) -> list[str]:
 def test_in_use_volumes(site, tmp_path):
     vg, lvb = site.vg, site.lvb
     forced = dict(zip(NAMES, lvb.parallel(*[("--json", "create", "--volume", vol(site, n),
-                                             "--force") for n in NAMES])))
+                                             "--force") for n in NAMES]), strict=True))
     recs = {n: ok_json(p) for n, p in forced.items()}
     assert temp_snapshots(vg) == [] and lv_names(vg) == site.names
 
@@ -189,7 +201,8 @@ def test_signal_while_lvm_creates_the_temporary_snapshot(site):
 
 def process_state(pid: int) -> str | None:
     try:
-        stat = open(f"/proc/{pid}/stat").read()
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
     except OSError:
         return None
     return stat[stat.rindex(")") + 2]

@@ -6,8 +6,17 @@ from __future__ import annotations
 
 import pytest
 
-from lvbhelpers import (MiB, Lvb, describe, held_open, info, mixed, next_second, ok_json,
-                        temp_snapshots)
+from lvbhelpers import (
+    Lvb,
+    MiB,
+    describe,
+    held_open,
+    info,
+    mixed,
+    next_second,
+    ok_json,
+    temp_snapshots,
+)
 
 pytestmark = pytest.mark.lvm
 

@@ -23,8 +23,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from lvbhelpers import (MiB, Lvb, assert_refused, info, lv_time_iso, mixed, module_vg,
-                        next_second, sha, sleep_past_second_of)
+from lvbhelpers import (
+    Lvb,
+    MiB,
+    assert_refused,
+    info,
+    lv_time_iso,
+    mixed,
+    module_vg,
+    next_second,
+    sha,
+    sleep_past_second_of,
+)
 
 pytestmark = pytest.mark.lvm
 

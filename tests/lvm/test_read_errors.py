@@ -24,7 +24,8 @@ GOOD = 8 * MiB       # read fine: the linear segment before the error
 BAD = 1 * MiB        # the error segment
 
 
-def dmsetup(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def dmsetup(*args: str, input: str | None = None, check: bool = True
+            ) -> subprocess.CompletedProcess:
     p = subprocess.run(["dmsetup", *args], input=input, capture_output=True, text=True)
     if check and p.returncode != 0:
         raise AssertionError(f"dmsetup {' '.join(args)} exited {p.returncode}: {p.stderr}")

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lvbhelpers import MiB, Lvb, assert_refused, info, lv_time_iso, mixed, module_vg, ok_json
+from lvbhelpers import Lvb, MiB, assert_refused, info, lv_time_iso, mixed, module_vg, ok_json
 
 pytestmark = pytest.mark.lvm
 
@@ -84,7 +84,8 @@ def test_snapshot_list(site):
     every, of_lin = ok_json(every), ok_json(of_lin)
     mine = [s for s in every if s["vg"] == vg.name]
     made = site.made
-    assert sorted(s["uuid"] for s in mine) == sorted([made["classic"]["uuid"], made["thin"]["uuid"]])
+    assert sorted(s["uuid"] for s in mine) == sorted([made["classic"]["uuid"],
+                                                      made["thin"]["uuid"]])
     for s in mine:
         assert {"uuid", "origin", "created_at", "full_name"} <= s.keys(), s
         assert s["origin"] in ("lin", "thin")
@@ -149,7 +150,7 @@ def test_lvm_errors(site):
     }
     results = lvb.parallel(*cases)
     out, err = missing.communicate(timeout=120)
-    for p, message in zip(results, cases.values()):
+    for p, message in zip(results, cases.values(), strict=True):
         assert_refused(p, message)
     assert_refused(subprocess.CompletedProcess(missing.args, missing.returncode, out, err),
                    "lvm2 is not installed (lvs not found)")

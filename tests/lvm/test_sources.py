@@ -15,8 +15,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from lvbhelpers import (MiB, Lvb, assert_refused, garbage, has_open, held_open, lv_time_iso,
-                        mixed, module_vg, ok_json, sha)
+from lvbhelpers import (
+    Lvb,
+    MiB,
+    assert_refused,
+    garbage,
+    has_open,
+    held_open,
+    lv_time_iso,
+    mixed,
+    module_vg,
+    ok_json,
+    sha,
+)
 
 pytestmark = pytest.mark.lvm
 
@@ -47,10 +58,10 @@ def world(tmp_path_factory):
 
         vol = dict(zip(("lin", "thin"), lvb.parallel(
             ("--json", "create", "--volume", f"{vg.name}/lin"),
-            ("--json", "create", "--volume", f"{vg.name}/thin"))))
+            ("--json", "create", "--volume", f"{vg.name}/thin")), strict=True))
         snap = dict(zip(("lsnap", "tsnap"), lvb.parallel(
             ("--json", "create", "--snapshot", f"{vg.name}/lsnap"),
-            ("--json", "create", "--snapshot", lvs["tsnap"]["lv_uuid"]))))
+            ("--json", "create", "--snapshot", lvs["tsnap"]["lv_uuid"])), strict=True))
         yield SimpleNamespace(vg=vg, lvb=lvb, lvs=lvs, at_snap=at_snap, now=now, vol=vol,
                               snap=snap, tsnap_attr_after=vg.lv("tsnap")["lv_attr"])
 
@@ -100,7 +111,8 @@ def test_volume_and_snapshot_together(world):
         ("--json", "create", "--volume", f"{vg.name}/thin", "--snapshot", f"{vg.name}/tsnap"),
         ("--json", "create", "--volume", f"{vg.name}/lin", "--snapshot", f"{vg.name}/tsnap"))
     rec = ok_json(match)
-    assert (rec["volume_id"], rec["snapshot_id"]) == (lvs["thin"]["lv_uuid"], lvs["tsnap"]["lv_uuid"])
+    assert (rec["volume_id"], rec["snapshot_id"]) == (lvs["thin"]["lv_uuid"],
+                                                      lvs["tsnap"]["lv_uuid"])
     assert_refused(mismatch, f"Volume {lvs['lin']['lv_uuid']} does not match with "
                              f"snapshot.volume_id {lvs['thin']['lv_uuid']}.")
     assert vg.lv("tsnap")["lv_attr"][4] == "-"

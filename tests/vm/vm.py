@@ -65,7 +65,7 @@ chroot /newroot /bin/sh /run/lvbackup-vm/stage2
 echo "lvbackup-vm: stage 2 exited with status $?" >/dev/console
 sync
 poweroff -f
-"""
+"""  # noqa: E501 - shell lines; any change to INIT also rebuilds the cached guest
 
 # Bump to force a rebuild when the build logic changes in a way MODULES/INIT do not show.
 BUILD_FORMAT = 1
@@ -96,7 +96,8 @@ def check(argv: list[str], what: str, **kw) -> subprocess.CompletedProcess:
     except OSError as e:
         raise VMError(f"{what}: cannot run {argv[0]}: {e}") from e
     if p.returncode != 0:
-        raise VMError(f"{what} failed ({shlex.join(argv)}, exit {p.returncode}):\n{p.stdout}{p.stderr}")
+        raise VMError(f"{what} failed ({shlex.join(argv)}, exit {p.returncode}):\n"
+                      f"{p.stdout}{p.stderr}")
     return p
 
 
@@ -117,10 +118,12 @@ def resolve_kernel_pkg() -> str:
     pkg = os.environ.get("LVBACKUP_VM_KERNEL_PKG")
     if pkg:
         return pkg
-    out = apt(["apt-cache", "depends", "linux-image-amd64"], "finding the guest kernel package").stdout
+    out = apt(["apt-cache", "depends", "linux-image-amd64"],
+              "finding the guest kernel package").stdout
     m = re.search(r"Depends:\s*(linux-image-[0-9][^\s]*)", out)
     if not m:
-        raise VMError(f"no linux-image-<version> dependency in `apt-cache depends linux-image-amd64`:\n{out}")
+        raise VMError("no linux-image-<version> dependency in "
+                      f"`apt-cache depends linux-image-amd64`:\n{out}")
     return m.group(1)
 
 
@@ -143,7 +146,8 @@ def download_deb(pkg: str) -> Path:
 
 
 def extract_vmlinux(vmlinuz: Path) -> bytes:
-    """The kernel ELF inside a bzImage: boot it directly, skipping the decompressor (slow under TCG)."""
+    """The kernel ELF inside a bzImage: boot it directly, skipping the decompressor (slow
+    under TCG)."""
     data = vmlinuz.read_bytes()
     at = data.find(b"\xfd7zXZ\x00")
     if at < 0:
@@ -174,7 +178,8 @@ def modinfo(ko: bytes) -> dict[str, str]:
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", ko, 0x3A)
 
     def section(i: int) -> tuple[int, bytes]:
-        name, _type, _flags, _addr, off, size = struct.unpack_from("<IIQQQQ", ko, shoff + i * shentsize)
+        name, _type, _flags, _addr, off, size = struct.unpack_from("<IIQQQQ", ko,
+                                                                   shoff + i * shentsize)
         return name, ko[off:off + size]
 
     names = section(shstrndx)[1]
@@ -208,7 +213,8 @@ def resolve_modules(moddir: Path) -> list[tuple[str, bytes]]:
         if name in chain:
             raise VMError(f"module dependency cycle: {' -> '.join(chain + (name,))}")
         if name not in files:
-            raise VMError(f"module {name} not found in {moddir} (needed by {' -> '.join(chain) or 'MODULES'})")
+            raise VMError(f"module {name} not found in {moddir} "
+                          f"(needed by {' -> '.join(chain) or 'MODULES'})")
         ko = read_module(files[name])
         for dep in filter(None, modinfo(ko).get("depends", "").split(",")):
             visit(dep, chain + (name,))
@@ -221,12 +227,14 @@ def resolve_modules(moddir: Path) -> list[tuple[str, bytes]]:
 
 
 def cpio(entries: list[tuple[str, int, bytes, int]]) -> bytes:
-    """A newc cpio archive of (path, mode, data, rdev) written directly, so no root or cpio(1) is needed."""
+    """A newc cpio archive of (path, mode, data, rdev) written directly, so no root or cpio(1)
+    is needed."""
     out = bytearray()
 
     def add(ino: int, path: str, mode: int, data: bytes, rdev: int) -> None:
         name = path.encode() + b"\0"
-        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, os.major(rdev), os.minor(rdev), len(name), 0)
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, os.major(rdev), os.minor(rdev),
+                  len(name), 0)
         out.extend(b"070701" + b"".join(b"%08X" % f for f in fields) + name)
         out.extend(b"\0" * (-len(out) % 4) + data)
         out.extend(b"\0" * (-len(out) % 4))
@@ -256,7 +264,8 @@ def make_initramfs(modules: list[tuple[str, bytes]]) -> bytes:
     entries += [("dev/console", 0o020600, b"", os.makedev(5, 1)),
                 ("bin/busybox", f, busybox.read_bytes(), 0),
                 ("init", f, INIT.encode(), 0),
-                ("lib/modules/load-order", 0o100644, "".join(n + "\n" for n, _ in modules).encode(), 0)]
+                ("lib/modules/load-order", 0o100644,
+                 "".join(n + "\n" for n, _ in modules).encode(), 0)]
     entries += [(f"lib/modules/{n}", 0o100644, ko, 0) for n, ko in modules]
     return cpio(entries)
 
@@ -311,7 +320,8 @@ def build(force: bool = False) -> Path:
         vmlinuz = glob.glob(str(work / "pkg/boot/vmlinuz-*"))
         moddirs = glob.glob(str(work / "pkg/lib/modules/*/"))
         if len(vmlinuz) != 1 or len(moddirs) != 1:
-            raise VMError(f"{deb.name}: expected one boot/vmlinuz-* and one lib/modules/*/, got {vmlinuz} {moddirs}")
+            raise VMError(f"{deb.name}: expected one boot/vmlinuz-* and one lib/modules/*/, "
+                          f"got {vmlinuz} {moddirs}")
         out = work / "guest"
         out.mkdir()
         (out / "vmlinux").write_bytes(extract_vmlinux(Path(vmlinuz[0])))
@@ -335,7 +345,8 @@ def build(force: bool = False) -> Path:
                 shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log(f"guest built in {time.monotonic() - t0:.1f}s ({len(modules)} modules, kernel {manifest['kernel_release']})")
+    log(f"guest built in {time.monotonic() - t0:.1f}s ({len(modules)} modules, "
+        f"kernel {manifest['kernel_release']})")
     return final
 
 
@@ -360,7 +371,8 @@ def guest_env() -> dict[str, str]:
                                                   "PY_COLORS", "NO_COLOR", "COLUMNS")}
     # Same PATH as the host (same root filesystem), plus the sbin directories lvm2 lives in.
     path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":")
-    env["PATH"] = ":".join(path + [d for d in ("/usr/local/sbin", "/usr/sbin", "/sbin") if d not in path])
+    env["PATH"] = ":".join(path + [d for d in ("/usr/local/sbin", "/usr/sbin", "/sbin")
+                                   if d not in path])
     env.setdefault("LANG", "C.UTF-8")
     if sys.stdout.isatty():
         # The guest's stdout is a pipe; keep pytest's colours and width when a human watches.
@@ -393,12 +405,14 @@ def qemu_argv(kernel_fd: int, initrd_fd: int, rundir: Path, fds: dict[str, int])
         "-virtfs", f"local,path=/,mount_tag=hostroot,readonly=on,{ninep}",
         "-virtfs", f"local,path={qpath(CHECKOUT)},mount_tag=checkout,{ninep}",
         "-virtfs", f"local,path={qpath(rundir)},mount_tag=rundir,{ninep}",
-        "-drive", f"file={qpath(rundir / 'data.img')},format=raw,if=virtio,cache=unsafe,discard=unmap",
+        "-drive",
+        f"file={qpath(rundir / 'data.img')},format=raw,if=virtio,cache=unsafe,discard=unmap",
         "-device", "virtio-rng-pci",
     ]
     # ttyS0 = kernel console (+ exit marker), ttyS1/ttyS2 = the command's stdout/stderr.
     for name in ("console", "stdout", "stderr"):
-        argv += ["-chardev", f"file,id={name},path=/dev/fd/{fds[name]},append=on", "-serial", f"chardev:{name}"]
+        argv += ["-chardev", f"file,id={name},path=/dev/fd/{fds[name]},append=on",
+                 "-serial", f"chardev:{name}"]
     # Extra options for experiments, e.g. "-cpu Haswell" (qemu lets the last -cpu/-smp/-m win).
     return argv + shlex.split(os.environ.get("LVBACKUP_VM_QEMU_OPTS", ""))
 
@@ -487,9 +501,11 @@ def run(argv: list[str]) -> int:
         if status is None:
             why = (f"timed out after {timeout}s (LVBACKUP_VM_TIMEOUT)" if timed_out
                    else f"qemu exited with status {qemu_rc} after {elapsed:.0f}s")
-            tail = b"\n".join(bytes(console).replace(b"\r", b"").splitlines()[-80:]).decode(errors="replace")
+            last = bytes(console).replace(b"\r", b"").splitlines()[-80:]
+            tail = b"\n".join(last).decode(errors="replace")
             raise VMError(f"the guest never reported an exit status: {why}.\n"
-                          f"--- guest console (last 80 lines) ---\n{tail}\n--- end of guest console ---")
+                          f"--- guest console (last 80 lines) ---\n{tail}\n"
+                          "--- end of guest console ---")
         if verbose:
             log(f"guest command exited with status {status} ({elapsed:.1f}s in the VM)")
         return status
@@ -501,7 +517,8 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build the guest kernel + initramfs into the cache")
     b.add_argument("--force", action="store_true", help="rebuild even if the cache is complete")

@@ -5,8 +5,8 @@ more entry in _SCHEMES."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ...errors import UsageError
 from .base import Backend, Capabilities, MissingObject, ObjectExists

@@ -14,8 +14,9 @@ than assume.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 from ...errors import CorruptionError, LvbackupError
 

@@ -14,8 +14,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ...diskio import ALIGN, AtomicFile, aligned_buffer, fsync_dir, pwrite_all
 from ...errors import UsageError
@@ -73,7 +73,7 @@ class LocalBackend(Backend):
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, root: Path, create: bool) -> "LocalBackend":
+    def open(cls, root: Path, create: bool) -> LocalBackend:
         if create:
             try:
                 root.mkdir(parents=True, exist_ok=True)
