@@ -99,11 +99,11 @@ def _record_metrics(session: Session, volume: str | None, started: float, *, ok:
 def _create_backup(session: Session, open_source: SourceFactory, run: dict, *, incremental: bool,
                    name: str | None, description: str | None, labels: dict[str, str] | None,
                    progress) -> CreateResult:
-    repo, cat = session.repo, session.catalog
     backup_id = str(uuid.uuid4())
     with ExitStack() as stack:
         stack.enter_context(session.shared_lock())
         stack.enter_context(RunLock(session.lock_dir, backup_id).acquire())
+        repo, cat = session.repo, session.catalog
 
         def begin(ident: Source) -> None:
             # The source knows what it will read and has changed nothing yet: lock the

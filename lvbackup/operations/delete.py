@@ -19,9 +19,11 @@ from ..session import Session, reason, recover_dead_runs
 
 def delete_backup(session: Session, backup_id: str, *, force: bool = False) -> BackupRecord:
     """Remove a backup's manifest and mark it deleted (its chunks go at the next gc)."""
-    cat = session.catalog
-    row = cat.resolve(backup_id)
+    # The lock before the catalog, in every operation: a run that holds the repository
+    # exclusively may be in the middle of rewriting the catalog.
     with session.shared_lock():
+        cat = session.catalog
+        row = cat.resolve(backup_id)
         recover_dead_runs(session)
         return delete_row(session, cat.get(row["id"]), force=force)[0]
 

@@ -20,10 +20,10 @@ def prune(session: Session, policy: Policy, *, volumes: list[str] | None = None,
     Like gc, prune holds the repository lock exclusively: nothing else that writes runs
     meanwhile (a running incremental reads its parent's manifest). Returns a report.
     """
-    cat = session.catalog
     report: dict = {"dry_run": dry_run, "policy": policy.as_dict(), "labels": labels or {},
                     "keep": [], "remove": [], "reparented": []}
     with session.exclusive_lock():
+        cat = session.catalog
         recover_dead_runs(session)
         rows = cat.list(volumes=volumes or [], status=Status.AVAILABLE, labels=labels)
         plan = select(rows, policy)

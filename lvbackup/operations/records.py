@@ -44,8 +44,8 @@ def import_record(session: Session, text: str) -> BackupRecord:
             raise ValueError
     except (ValueError, UnicodeDecodeError):
         raise UsageError("Can't parse backup record.") from None
-    cat = session.catalog
     with session.shared_lock():
+        cat = session.catalog
         existing = cat.find(rec["id"])
         if existing is not None and existing["status"] != Status.DELETED:
             raise UsageError("Backup already exists in database.")

@@ -34,17 +34,18 @@ def restore_backup(session: Session, backup_id: str, *, to: str | None = None,
     With no target at all, a new LV `restore_backup_<id>` is created in the VG of the
     backed-up volume (rule 17). Returns the backup's record.
     """
-    cat = session.catalog
-    row = cat.resolve(backup_id)
-    if to is None and to_file is None and new_volume is None:
-        volume_name = row["volume_name"] or ""
-        if not is_lv_name(volume_name):
-            raise UsageError(f"backup {row['id']} is not of an LVM volume; give --to or --to-file")
-        new_volume = f"{volume_name.split('/')[0]}/restore_backup_{row['id']}"
-    if to is not None and is_lv_name(to):
-        to = lv_target(to, force)
     with ExitStack() as stack:
         stack.enter_context(session.shared_lock())
+        cat = session.catalog
+        row = cat.resolve(backup_id)
+        if to is None and to_file is None and new_volume is None:
+            volume_name = row["volume_name"] or ""
+            if not is_lv_name(volume_name):
+                raise UsageError(f"backup {row['id']} is not of an LVM volume; "
+                                 "give --to or --to-file")
+            new_volume = f"{volume_name.split('/')[0]}/restore_backup_{row['id']}"
+        if to is not None and is_lv_name(to):
+            to = lv_target(to, force)
         recover_dead_runs(session)
         row = cat.get(row["id"])
         if row["status"] != Status.AVAILABLE:
