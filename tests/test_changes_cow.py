@@ -1,5 +1,5 @@
 """Classic snapshot exception stores, built byte for byte the way the kernel lays them out
-(drivers/md/dm-snap-persistent.c): header chunk, then areas of one metadata chunk and the
+(dm-snap-persistent): header chunk, then areas of one metadata chunk and the
 data chunks it describes; chunks handed out in order, skipping metadata chunks."""
 
 from __future__ import annotations

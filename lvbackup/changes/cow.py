@@ -1,8 +1,8 @@
 """A classic (non-thin) snapshot's COW device: which origin chunks it holds copies of.
 
-The kernel's persistent exception store (drivers/md/dm-snap-persistent.c in Linux), all
-little-endian: chunk 0 is the header, u32 magic 0x70416e53 ("SnAp"), u32 valid, u32 version
-(1), u32 chunk size in 512-byte sectors. Then areas, area n starting at chunk
+The Linux kernel's persistent exception store (dm-snap-persistent), all little-endian:
+chunk 0 is the header, u32 magic 0x70416e53 ("SnAp"), u32 valid, u32 version (1), u32
+chunk size in 512-byte sectors. Then areas, area n starting at chunk
 1 + n * (E + 1), where E = chunk bytes / 16: one metadata chunk of E (old_chunk u64,
 new_chunk u64) pairs, then the E data chunks they point to. The first pair with new_chunk 0
 ends the list (chunk 0 is the header, so no copy lives there); an area with all E pairs in

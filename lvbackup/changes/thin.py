@@ -35,15 +35,15 @@ import io
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, cast
 
 from . import ChangeTrackingError
 from .ranges import Change, Extent, validated
 
 SECTOR = 512
 
-# The kernel's limits for a pool's data block size (Documentation/admin-guide/
-# device-mapper/thin-provisioning.rst): 64 KiB to 1 GiB, a multiple of 64 KiB.
+# The only data block sizes dm-thin accepts for a pool: 64 KiB to 1 GiB, in multiples of
+# 64 KiB.
 _MIN_BLOCK_SECTORS = 128
 _MAX_BLOCK_SECTORS = 2097152
 
@@ -141,7 +141,7 @@ def _elements(source: str | bytes | BinaryIO) -> Iterator[tuple[str, ET.Element]
         stream = io.BytesIO(source)
     else:
         stream = source
-    parser = ET.XMLPullParser(events=("start", "end"))
+    parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("start", "end"))
     open_elements: list[ET.Element] = []
     try:
         while chunk := stream.read(_CHUNK):
@@ -153,9 +153,10 @@ def _elements(source: str | bytes | BinaryIO) -> Iterator[tuple[str, ET.Element]
     yield from _events(parser, open_elements)
 
 
-def _events(parser: ET.XMLPullParser,
+def _events(parser: ET.XMLPullParser[ET.Element],
             open_elements: list[ET.Element]) -> Iterator[tuple[str, ET.Element]]:
-    for event, elem in parser.read_events():
+    # Start and end events, the only ones asked for, each come with their element.
+    for event, elem in cast(Iterator[tuple[str, ET.Element]], parser.read_events()):
         if event == "start":
             open_elements.append(elem)
         else:
@@ -163,7 +164,7 @@ def _events(parser: ET.XMLPullParser,
         yield event, elem
     # Drop the elements read so far from the tree (each open one keeps only its open
     # child), so that memory does not grow with the report.
-    for parent, child in zip(open_elements, open_elements[1:]):
+    for parent in open_elements[:-1]:
         del parent[:-1]
     if open_elements:
         del open_elements[-1][:]
