@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from .changes import ChangeTrackingError
 from .errors import LvbackupError, NotFoundError, UsageError
 from .timeutil import iso
 
@@ -279,3 +280,108 @@ def activate(lv: LogicalVolume) -> None:
 
 def deactivate(lv: LogicalVolume) -> None:
     _run(["lvchange", "--activate", "n", _activation_unit(lv)], f"deactivating {lv.full_name}")
+
+
+# Change tracking: thin pool metadata and thin ids. thin_delta and thin_dump come from
+# thin-provisioning-tools, which lvm2 does not need; their absence, like anything else
+# that makes LVM's record of changes unusable, is a ChangeTrackingError, on which the
+# caller reads the whole volume instead.
+
+def _dm_name(vg: str, lv: str) -> str:
+    """device-mapper's name for VG/LV: each dash in either name doubled, then joined by one."""
+    return f"{vg.replace('-', '--')}-{lv.replace('-', '--')}"
+
+
+def pool_metadata_path(vg: str, pool: str) -> str:
+    """The active pool's metadata device, which thin_delta and thin_dump read."""
+    validate_name(vg, "volume group name", lv=False)
+    validate_name(pool, "thin pool name")
+    return f"/dev/mapper/{_dm_name(vg, pool + '_tmeta')}"
+
+
+def _pool_message(vg: str, pool: str, message: str) -> None:
+    validate_name(vg, "volume group name", lv=False)
+    validate_name(pool, "thin pool name")
+    # The message goes to the pool target itself, which lvm2 names VG-POOL-tpool while
+    # thin volumes use the pool.
+    _run(["dmsetup", "message", f"{_dm_name(vg, pool)}-tpool", "0", message],
+         f"{message} on thin pool {vg}/{pool}")
+
+
+def reserve_metadata_snap(vg: str, pool: str) -> None:
+    """Freeze a copy of the pool's mapping metadata for thin_delta -m / thin_dump -m to
+    read while the pool is in use. The kernel keeps one at most: this fails while one
+    is reserved, and it must be released (it pins metadata blocks until then)."""
+    _pool_message(vg, pool, "reserve_metadata_snap")
+
+
+def release_metadata_snap(vg: str, pool: str) -> None:
+    _pool_message(vg, pool, "release_metadata_snap")
+
+
+def _thin_tool(name: str) -> str:
+    try:
+        return _tool(name)
+    except UsageError:
+        raise ChangeTrackingError(f"{name} not found: install thin-provisioning-tools "
+                                  "to back up only what changed in thin volumes") from None
+
+
+def thin_delta(vg: str, pool: str, left: int, right: int) -> str:
+    """thin_delta's XML report (see changes/thin.py) comparing thin ids `left` and
+    `right`, from the reserved metadata snapshot."""
+    _thin_tool("thin_delta")
+    return _run(["thin_delta", "-m", "--snap1", str(left), "--snap2", str(right),
+                 pool_metadata_path(vg, pool)], f"thin_delta on thin pool {vg}/{pool}")
+
+
+def thin_dump_mappings(vg: str, pool: str, dev_id: int, out: str) -> None:
+    """Write thin_dump's XML listing of thin id `dev_id`'s mappings (see changes/thin.py),
+    from the reserved metadata snapshot, to the file `out`: a fragmented volume's
+    listing can run to gigabytes."""
+    _thin_tool("thin_dump")
+    _run(["thin_dump", "-m", "--dev-id", str(dev_id), "-o", out,
+          pool_metadata_path(vg, pool)], f"thin_dump on thin pool {vg}/{pool}")
+
+
+def _report_rows(out: str) -> list[dict[str, str]]:
+    try:
+        rows = json.loads(out)["report"][0]["lv"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise LvmError("lvs printed a report lvbackup cannot read") from None
+    return [r for r in rows if not r.get("lv_name", "[").startswith("[")]
+
+
+def _parse_thin_ids(out: str) -> dict[str, int]:
+    ids = {}
+    for r in _report_rows(out):
+        text = r.get("thin_id", "")
+        if text:
+            if not text.isdigit():
+                raise LvmError(f"lvs reports thin id {text!r} for {r['lv_name']}")
+            ids[r["lv_name"]] = int(text)
+    return ids
+
+
+def thin_ids(vg: str) -> dict[str, int]:
+    """The pool-internal device id (what thin_delta and thin_dump call a thin id) of each
+    thin volume and thin snapshot of a VG, by LV name."""
+    validate_name(vg, "volume group name", lv=False)
+    return _parse_thin_ids(_run(["lvs", "--reportformat", "json", "-o", "lv_name,thin_id",
+                                 vg], "lvs"))
+
+
+def _parse_chunk_size(out: str, name: str) -> int:
+    rows = _report_rows(out)
+    text = rows[0].get("chunk_size", "") if len(rows) == 1 else ""
+    if not text.isdigit() or int(text) <= 0:
+        raise LvmError(f"lvs reports no chunk size for {name}")
+    return int(text)
+
+
+def chunk_size(lv: str) -> int:
+    """In bytes: a thin pool's data block size, or a classic snapshot's chunk size."""
+    name = "/".join(split_name(lv))
+    return _parse_chunk_size(_run(["lvs", "--reportformat", "json", "--units", "b",
+                                   "--nosuffix", "-o", "lv_name,chunk_size", name], "lvs"),
+                             name)
