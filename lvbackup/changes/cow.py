@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from . import ChangeTrackingError
 from .ranges import Change, Extent

@@ -14,8 +14,9 @@ Without a parent, nothing can be inherited: blocks that would be are READ.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from enum import IntEnum
-from typing import Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 from ..datapath.blockmap import Kind, Run
 from . import ChangeTrackingError
@@ -114,7 +115,7 @@ def _classify(nblocks: int, touched: list[Interval], zero: list[Interval],
     index = [0, 0, 0]
     kind: Kind | None = None
     first = 0
-    for a, b in zip(points, points[1:]):
+    for a in points[:-1]:
         inside = []
         for n, ivs in enumerate(lists):
             while index[n] < len(ivs) and ivs[index[n]][1] <= a:

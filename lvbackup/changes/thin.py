@@ -34,8 +34,9 @@ from __future__ import annotations
 import io
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, cast
+from typing import BinaryIO, cast
 
 from . import ChangeTrackingError
 from .ranges import Change, Extent, validated
