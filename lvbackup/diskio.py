@@ -84,23 +84,32 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 _LOW_BIT = bytes(i & 1 for i in range(256))
 
 
-def resident_pages(fd: int, offset: int, length: int) -> bytes | None:
-    """Per page of [offset, offset + length) (offset page-aligned), 1 if it is in the page
-    cache now; None where that cannot be told (a file that cannot be mapped). mincore over
-    a mapping asks without reading anything, where a read with RWF_NOWAIT may itself start
-    the I/O it then reports as cached."""
-    if length <= 0 or offset % mmap.PAGESIZE:
-        return None
-    addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
-    if addr in (None, _MAP_FAILED):
-        return None
-    try:
+class PageCacheView:
+    """Which pages of an open file are in the page cache now: mincore over one read-only
+    mapping of the whole file, made once (mapping per call cost as much as the question).
+    mincore asks without reading anything, where a read with RWF_NOWAIT may itself start
+    the I/O it then reports as cached. Where the file cannot be mapped, nothing is known."""
+
+    def __init__(self, fd: int, size: int):
+        self.size = size
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0) if size else None
+        self._addr = None if addr in (None, _MAP_FAILED) else addr
+
+    def resident(self, offset: int, length: int) -> bytes | None:
+        """Per page of [offset, offset + length) (offset page-aligned), 1 if cached; None
+        where that cannot be told."""
+        if self._addr is None or length <= 0 or offset % mmap.PAGESIZE \
+                or offset + length > self.size:
+            return None
         vec = ctypes.create_string_buffer(-(-length // mmap.PAGESIZE))
-        if _libc.mincore(addr, length, vec) != 0:
+        if _libc.mincore(self._addr + offset, length, vec) != 0:
             return None
         return vec.raw.translate(_LOW_BIT)
-    finally:
-        _libc.munmap(addr, length)
+
+    def close(self) -> None:
+        if self._addr is not None:
+            _libc.munmap(self._addr, self.size)
+            self._addr = None
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

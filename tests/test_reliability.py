@@ -502,17 +502,19 @@ def test_disk_full_between_a_pack_and_its_index(tmp_path, tmpfs):
     wd = e.wd
     big = tmp_path / "big.img"
     data = random_image(big, PACK_TARGET // MiB, 552)
-    # 64 KiB blocks, stored raw, fill exactly one pack (and a 49-byte trailer entry each),
-    # together with the one page of manifest entries that lists them (256 entries of 48
-    # bytes, random hashes: stored raw too).
+    # 64 KiB blocks, stored raw, fill exactly one pack (and a 49-byte trailer entry each);
+    # the page of manifest entries that lists them (256 entries of 48 bytes, random hashes:
+    # stored raw too) goes into a second, small pack.
     chunks = PACK_TARGET // (64 * 1024)
-    pages = -(-chunks // PAGE_ENTRIES)
-    pack = 8 + chunks * 64 * 1024 + pages * PAGE_ENTRIES * 48 + (chunks + pages) * 49 + 44
+    pack = 8 + chunks * 64 * 1024 + chunks * 49 + 44
+    pages_pack = 8 + PAGE_ENTRIES * 48 + 49 + 44
     page = os.statvfs(repo).f_frsize
-    filler = fill(repo, -(-pack // page) * page + page)  # the pack and not its index
+    before = len(wd.files("packs"))
+    # Room for both packs, not for the index file that names them.
+    filler = fill(repo, (-(-pack // page) + -(-pages_pack // page)) * page + page)
     p = wd.run("create", "--device", big)
     assert_one_line_error(p, 1, "No space left on device")
-    assert len(wd.files("packs")) == 3, "expected the pack stored, then the index to fail"
+    assert len(wd.files("packs")) == before + 2, "expected the packs stored, then the index to fail"
     assert [r["status"] for r in rows(wd)] == ["available", "available", "error"]
     e.intact()
     filler.unlink()

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from enum import IntEnum
 from typing import NamedTuple, Protocol
 
-from ..diskio import resident_pages
+from ..diskio import PageCacheView
 from ..errors import LvbackupError, UsageError
 
 
@@ -71,6 +71,11 @@ class FileBlocks:
         # segment's look at the cache takes for someone else's, and leaves there.
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self.cache = PageCacheView(fd, self.size)
+
+    def close(self) -> None:
+        """Drop the mapping (it holds the file or device open)."""
+        self.cache.close()
 
     def block_map(self, block_size: int) -> Iterator[Run]:
         nblocks = -(-self.size // block_size)
@@ -121,7 +126,7 @@ class FileBlocks:
         should not evict the machine's working set with a volume's worth of data it reads
         once); pages that were cached already are someone else's and are left alone."""
         stop = len(view)
-        resident = resident_pages(self.fd, offset, stop)
+        resident = self.cache.resident(offset, stop)
         got = 0
         while got < stop:
             n = os.preadv(self.fd, [view[got:]], offset + got)

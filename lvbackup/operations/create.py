@@ -140,6 +140,7 @@ def _create_backup(session: Session, open_source: SourceFactory, run: dict, *, i
                 raise LvbackupError(f"cannot open {source.path}: {e.strerror}") from None
             stack.callback(os.close, fd)
             blocks = FileBlocks(fd)
+            stack.callback(blocks.close)
             # With a temporary snapshot, the data is as of the snapshot (rule 9).
             fields = {"size": blocks.size, "data_timestamp": (source.snapshot_time or
                       source.data_timestamp or record["data_timestamp"])}

@@ -48,6 +48,7 @@ FORMAT = 2
 _LEN = struct.Struct("<I")
 _READ = 4 * 1024 * 1024
 _PAGE_CACHE = 64     # pages a reader keeps (12 KiB each)
+_PAGE_BATCH = 64     # pages a writer stores together
 
 
 def manifest_name(backup_id: str) -> str:
@@ -109,6 +110,7 @@ class ManifestWriter:
         self.blocks = 0
         self._page = bytearray()
         self._ids = bytearray()
+        self._unstored: list[tuple[bytes, bytes]] = []
 
     def append(self, entries: bytes) -> None:
         self.blocks += len(entries) // ENTRY_SIZE
@@ -123,14 +125,24 @@ class ManifestWriter:
             self._ids += NO_PAGE
             return
         page_id = chunk_id(page)
-        self.store_page(page_id, page)
         self._ids += page_id
+        # Stored a batch at a time, so that they lie together in the packs and a reader
+        # fetches many with one read.
+        self._unstored.append((page_id, page))
+        if len(self._unstored) >= _PAGE_BATCH:
+            self._store()
+
+    def _store(self) -> None:
+        for page_id, page in self._unstored:
+            self.store_page(page_id, page)
+        self._unstored.clear()
 
     def flush(self) -> None:
-        """Store the last, partial page (before the caller commits its packs)."""
+        """Store the last pages (before the caller commits its packs)."""
         if self._page:
             self._finish_page(bytes(self._page))
             self._page.clear()
+        self._store()
 
     def close(self, header: dict) -> None:
         """Publish the manifest with `header` (block_size, size, backup record)."""
