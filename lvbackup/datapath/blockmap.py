@@ -125,20 +125,29 @@ class FileBlocks:
         """Pages this read brings into the page cache are dropped again afterwards (a backup
         should not evict the machine's working set with a volume's worth of data it reads
         once); pages that were cached already are someone else's and are left alone."""
-        stop = len(view)
-        resident = self.cache.resident(offset, stop)
-        got = 0
+        page = mmap.PAGESIZE
+        start, stop = 0, len(view)
+        if self.cache.resident(offset, min(stop, page)) == b"\1":
+            # Cached at its start, likely all of it (a hot image): a read that takes only
+            # what is cached is the cheapest way to find out. Where the range is cold it
+            # is not tried: such a read may start the I/O it then reports as cached.
+            with contextlib.suppress(OSError):
+                start = os.preadv(self.fd, [view], offset, os.RWF_NOWAIT) // page * page
+            if start >= stop:
+                return
+        resident = self.cache.resident(offset + start, stop - start)
+        got = start
         while got < stop:
             n = os.preadv(self.fd, [view[got:]], offset + got)
             if n == 0:
                 raise source_ended(offset + got, offset + stop)
             got += n
-        page = mmap.PAGESIZE
-        absent = [(0, -(-stop // page))] if resident is None else ones(resident.translate(_NOT))
+        absent = ([(0, -(-(stop - start) // page))] if resident is None
+                  else ones(resident.translate(_NOT)))
         for i, j in absent:
             # Not every file supports it; the backup does not depend on it.
             with contextlib.suppress(OSError):
-                os.posix_fadvise(self.fd, offset + i * page, (j - i) * page,
+                os.posix_fadvise(self.fd, offset + start + i * page, (j - i) * page,
                                  os.POSIX_FADV_DONTNEED)
 
 
