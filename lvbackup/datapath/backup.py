@@ -44,8 +44,11 @@ class ScanStats:
     stored_bytes: int = 0      # what this backup added to the repository (its packer's count)
 
     def add(self, other: ScanStats) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        for name in _STAT_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+_STAT_FIELDS = tuple(f.name for f in fields(ScanStats))
 
 
 class _Segment(NamedTuple):
@@ -228,9 +231,9 @@ def _analyze(seg: _Segment, bs: int, packer: Packer, level: int,
             entries += HOLE
             stats.hole_bytes += n
             continue
-        if i < len(pe) and pe.digest(i) == digest and not pe.is_hole(i) \
-                and pe.chunk_id(i) not in damaged:
-            entries += pe.entry(i)
+        same = pe.same_block(i, digest)
+        if same is not None and same[16:] not in damaged:
+            entries += same
             stats.unchanged_bytes += n
             continue
         cid = codec.chunk_id(block)

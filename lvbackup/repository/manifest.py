@@ -78,6 +78,12 @@ class Entries:
     def chunk_id(self, i: int) -> bytes:
         return self.raw[i * ENTRY_SIZE + 16:(i + 1) * ENTRY_SIZE]
 
+    def same_block(self, i: int, digest: bytes) -> bytes | None:
+        """Entry i if it records a block with this xxh3-128 digest (not a hole), else None:
+        the incremental's question for every block it reads, hence one call."""
+        e = self.raw[i * ENTRY_SIZE:(i + 1) * ENTRY_SIZE]
+        return e if e[:16] == digest and e != HOLE else None
+
     def chunks(self) -> Iterator[tuple[int, bytes, bytes]]:
         """(index, xxh3-128 digest, chunk id) of every block that is not a hole."""
         for i in range(len(self)):
