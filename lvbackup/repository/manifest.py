@@ -72,9 +72,6 @@ class Entries:
     def is_hole(self, i: int) -> bool:
         return self.entry(i) == HOLE
 
-    def digest(self, i: int) -> bytes:
-        return self.raw[i * ENTRY_SIZE:i * ENTRY_SIZE + 16]
-
     def chunk_id(self, i: int) -> bytes:
         return self.raw[i * ENTRY_SIZE + 16:(i + 1) * ENTRY_SIZE]
 
