@@ -183,3 +183,26 @@ def test_a_long_hole_costs_no_pages(repo):
     m = repo.manifest(backup_id)
     assert m.page_ids() == [] and m.blocks == n
     assert restored(repo, backup_id) == data
+
+
+def test_long_holes_are_stretches_and_restore_bit_exact(repo):
+    """Holes spanning many segments pass as one stretch (no entries written out for them),
+    between data, at the start and at the end, full and incremental."""
+    per_seg = 4 * 1024 * 1024 // BS
+    n = per_seg * 40 + 7
+    data = bytearray(n * BS)
+    for b in (3, per_seg * 20 + 5, n - 9):
+        data[b * BS:(b + 1) * BS] = os.urandom(BS)
+    runs = [Run(Kind.HOLE, 0, 3), Run(Kind.READ, 3, 1), Run(Kind.HOLE, 4, per_seg * 20 + 1),
+            Run(Kind.READ, per_seg * 20 + 5, 1),
+            Run(Kind.HOLE, per_seg * 20 + 6, n - 15 - per_seg * 20),
+            Run(Kind.READ, n - 9, 1), Run(Kind.HOLE, n - 8, 8)]
+    full = backup(repo, MemorySource(bytes(data), runs))
+    assert restored(repo, full) == bytes(data)
+    # Only the pages that name a data block are stored.
+    assert len(repo.manifest(full).page_ids()) == 3
+    data[(n - 9) * BS:(n - 8) * BS] = bytes(BS)
+    incr_runs = runs[:-2] + [Run(Kind.HOLE, n - 9, 9)]
+    incr_runs[0:3] = [Run(Kind.INHERIT, 0, per_seg * 20 + 5)]
+    incr = backup(repo, MemorySource(bytes(data), incr_runs), full)
+    assert restored(repo, incr) == bytes(data)

@@ -691,3 +691,25 @@ def test_format_doc_cache_is_not_part_of_the_repository(cli_repo, tmp_path):
     shutil.rmtree(clone.cache)
     for rec, data in backups:
         assert clone.restore_bytes(rec["id"]) == data
+
+
+def test_appended_holes_make_the_same_manifest_as_hole_entries(tmp_path):
+    rng = random.Random(12)
+    pieces = [entries_for(rng, 10), HOLE * 700, entries_for(rng, 3), HOLE * PAGE_ENTRIES * 3,
+              HOLE * 5, entries_for(rng, 300), HOLE * 1]
+    a, b = Pages(), Pages()
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    wa = ManifestWriter(LocalBackend(tmp_path / "a"), BACKUP_ID, a.store)
+    wb = ManifestWriter(LocalBackend(tmp_path / "b"), BACKUP_ID, b.store)
+    for p in pieces:
+        wa.append(p)
+        if p.count(0) == len(p):
+            wb.append_holes(len(p) // ENTRY_SIZE)
+        else:
+            wb.append(p)
+    for w in (wa, wb):
+        w.close({"block_size": 65536, "size": 1, "backup": record()})
+    name = manifest_name(BACKUP_ID)
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert a.stored == b.stored

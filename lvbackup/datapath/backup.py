@@ -55,9 +55,10 @@ class _Segment(NamedTuple):
     first_block: int
     offset: int                # in bytes
     length: int
-    kinds: bytearray           # per block: a Kind
-    buf: mmap.mmap
+    kinds: bytearray           # per block: a Kind; empty for a stretch of holes
+    buf: mmap.mmap | None      # None for a stretch of holes: nothing to read
     parent: Entries            # the parent's entries for these blocks (may be short or empty)
+    blocks: int
 
 
 class _Analyzed(NamedTuple):
@@ -65,7 +66,8 @@ class _Analyzed(NamedTuple):
     new: list[tuple[bytes, codec.Buffer, int, int]]         # (chunk id, blob, plaintext
     stats: ScanStats                                        #  length, flags)
     length: int
-    buf: mmap.mmap             # the segment's buffer, which raw blobs are views of
+    buf: mmap.mmap | None      # the segment's buffer, which raw blobs are views of
+    holes: int                 # blocks of a stretch of holes (then `entries` is empty)
 
 
 _zeros: dict[int, tuple[bytes, bytes]] = {}   # block length -> (zero block, its xxh3-128)
@@ -90,19 +92,34 @@ def runs_of(kinds: bytearray, kind: Kind) -> Iterator[tuple[int, int]]:
 _MASKS = {k: bytes(int(i == k) for i in range(256)) for k in Kind}
 
 
-def _segment_kinds(runs: Iterator[Run], per_seg: int, nblocks: int) -> Iterator[bytearray]:
-    """The block map cut into per-segment kind arrays."""
+def _cut(runs: Iterator[Run], per_seg: int, nblocks: int
+         ) -> Iterator[tuple[int, int, bytearray | None]]:
+    """The block map cut into segments: (first block, blocks, kinds per block), or, where
+    holes cover whole segments, one (first block, blocks, None) for all of them, so that a
+    long hole costs a few steps whatever its length."""
     run: Run | None = None
-    for first in range(0, nblocks, per_seg):
+    pos = 0
+    while pos < nblocks:
+        if run is None or run.blocks == 0:
+            run = next(runs)
+        if run.kind == Kind.HOLE:
+            span = min(run.blocks, nblocks - pos)
+            take = span if pos + span == nblocks else span - span % per_seg
+            if take:
+                yield pos, take, None
+                pos += take
+                run = Run(run.kind, run.first + take, run.blocks - take)
+                continue
         kinds = bytearray()
-        want = min(per_seg, nblocks - first)
+        want = min(per_seg, nblocks - pos)
         while len(kinds) < want:
             if run is None or run.blocks == 0:
                 run = next(runs)
             take = min(run.blocks, want - len(kinds))
             kinds += bytes([run.kind]) * take
             run = Run(run.kind, run.first + take, run.blocks - take)
-        yield kinds
+        yield pos, want, kinds
+        pos += want
     for _ in runs:  # let the map's own checks run to its end
         pass
 
@@ -148,28 +165,30 @@ def backup_blocks(repo: Repository, packer: Packer, source: BlockSource,
     stop = threading.Event()
     buffers = BufferPool(DEPTH + 2, seg_bytes, stop)
     runs = checked(source.block_map(bs), size, bs, parent.size if parent else None)
-    parent_entries = parent.entries(per_seg) if parent is not None else iter(())
     # Unchanged blocks whose chunk was found damaged are stored again, not inherited.
     damaged = repo.index.damaged_ids() if parent is not None else set()
 
     def segments() -> Iterator[_Segment]:
-        # strict: once the last segment is out, the kinds generator is asked once more, which
-        # runs the map's own checks to its end.
-        for first, kinds in zip(range(0, nblocks, per_seg),
-                                _segment_kinds(runs, per_seg, nblocks), strict=True):
+        for first, count, kinds in _cut(runs, per_seg, nblocks):
             offset = first * bs
-            pe = next(parent_entries, Entries(b""))
+            length = min(count * bs, size - offset)
+            if kinds is None:
+                yield _Segment(first, offset, length, bytearray(), None, Entries(b""), count)
+                continue
+            pe = parent.entries_at(first, count) if parent is not None else Entries(b"")
             if damaged:
                 for i, j in runs_of(kinds, Kind.INHERIT):
                     for k in range(i, j):
                         if k >= len(pe) or pe.chunk_id(k) in damaged:
                             kinds[k] = Kind.READ
-            yield _Segment(first, offset, min(seg_bytes, size - offset), kinds,
-                           buffers.get(), pe)
+            yield _Segment(first, offset, length, kinds, buffers.get(), pe, count)
 
     def analyze(seg: _Segment) -> _Analyzed:
         # Workers read their own segments: reads from several threads keep up with the
         # hashing where one reader thread could not.
+        if seg.buf is None:
+            return _Analyzed(b"", [], ScanStats(hole_bytes=seg.length), seg.length, None,
+                             seg.blocks)
         try:
             view = memoryview(seg.buf)
             for i, j in runs_of(seg.kinds, Kind.READ):
@@ -185,7 +204,10 @@ def backup_blocks(repo: Repository, packer: Packer, source: BlockSource,
     done = 0
     try:
         for result in ordered_map(analyze, segments(), workers, DEPTH, stop):
-            out.append(result.entries)
+            if result.holes:
+                out.append_holes(result.holes)
+            else:
+                out.append(result.entries)
             added: set[bytes] = set()
             for cid, blob, raw_len, flags in result.new:
                 # A chunk another in-flight segment already stored (its lookup came first).
@@ -196,7 +218,8 @@ def backup_blocks(repo: Repository, packer: Packer, source: BlockSource,
                 packer.add(cid, blob, raw_len, flags)
                 added.add(cid)
             recent.append(added)
-            buffers.put(result.buf)  # raw blobs were views of it; the packer copied them
+            if result.buf is not None:
+                buffers.put(result.buf)  # raw blobs were views of it; the packer copied them
             total.add(result.stats)
             done += result.length
             if progress:
@@ -208,6 +231,7 @@ def backup_blocks(repo: Repository, packer: Packer, source: BlockSource,
 
 def _analyze(seg: _Segment, bs: int, packer: Packer, level: int,
              damaged: set[bytes]) -> _Analyzed:
+    assert seg.buf is not None   # stretches of holes never come here
     view = memoryview(seg.buf)
     entries = bytearray()
     candidates: dict[bytes, memoryview] = {}
@@ -251,4 +275,4 @@ def _analyze(seg: _Segment, bs: int, packer: Packer, level: int,
         blob, flags = codec.encode(block, level)
         new.append((cid, blob, len(block), flags))
         stats.new_bytes += len(block)
-    return _Analyzed(bytes(entries), new, stats, seg.length, seg.buf)
+    return _Analyzed(bytes(entries), new, stats, seg.length, seg.buf, 0)

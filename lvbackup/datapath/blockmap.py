@@ -56,7 +56,7 @@ def source_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
-_HOLE_STEP = 4 * 1024 * 1024
+_HOLE_STEP = 1 << 30
 
 
 class FileBlocks:
@@ -91,9 +91,9 @@ class FileBlocks:
         yield from self._holes(pos, nblocks, block_size)
 
     def _holes(self, first: int, end: int, block_size: int) -> Iterator[Run]:
-        """HOLE runs over [first, end), a few MiB at a time, each after checking that the
-        file has not shrunk: the map is read just ahead of the backup, so a source that
-        ends early under it is caught even where there is nothing to read."""
+        """HOLE runs over [first, end), a GiB at a time, each after checking that the file
+        has not shrunk: the map is read just ahead of the backup, so a source that ends
+        early under it is caught even where there is nothing to read."""
         step = max(1, _HOLE_STEP // block_size)
         for pos in range(first, end, step):
             now = source_size(self.fd)

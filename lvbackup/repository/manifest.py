@@ -123,6 +123,19 @@ class ManifestWriter:
             self._finish_page(bytes(self._page[:size]))
             del self._page[:size]
 
+    def append_holes(self, count: int) -> None:
+        """`count` hole entries, whole pages of them without writing their entries out."""
+        size = PAGE_ENTRIES * ENTRY_SIZE
+        fill = min(count, (size - len(self._page)) // ENTRY_SIZE) if self._page else 0
+        if fill:
+            self.append(HOLE * fill)
+            count -= fill
+        pages, rest = divmod(count, PAGE_ENTRIES)
+        self.blocks += pages * PAGE_ENTRIES
+        self._ids += NO_PAGE * pages
+        if rest:
+            self.append(HOLE * rest)
+
     def _finish_page(self, page: bytes) -> None:
         if page.count(0) == len(page):
             self._ids += NO_PAGE
