@@ -15,7 +15,7 @@ from lvbackup.datapath.backup import ScanStats, write_backup
 from lvbackup.datapath.blockmap import FileBlocks, Kind, Run
 from lvbackup.datapath.reader import BackupReader
 from lvbackup.datapath.restore import BlockError, restore_blocks
-from lvbackup.errors import UsageError
+from lvbackup.errors import LvbackupError, UsageError
 from lvbackup.repository.manifest import PAGE_ENTRIES
 from lvbackup.repository.repo import Repository
 
@@ -47,6 +47,21 @@ class MemorySource:
                 raise OSError(errno.EIO, "Input/output error (block outside the READ runs)")
             self.read_blocks.add(b)
         view[:] = self.data[offset:offset + len(view)]
+
+    def check_size(self) -> None:
+        assert len(self.data) == self.size
+
+
+class ShrinksAfterItsMap(FileBlocks):
+    """A file cut short once its whole map was handed out (a device removed late in a run)."""
+
+    def __init__(self, fd: int, cut_to: int):
+        super().__init__(fd)
+        self.cut_to = cut_to
+
+    def block_map(self, block_size: int) -> Iterator[Run]:
+        yield from super().block_map(block_size)
+        os.ftruncate(self.fd, self.cut_to)
 
 
 def backup(repo: Repository, source, parent_id: str | None = None) -> str:
@@ -139,6 +154,19 @@ def test_file_source_reports_holes_and_reads_the_rest(tmp_path, repo):
     finally:
         os.close(fd)
     assert restored(repo, backup_id) == expected
+
+
+def test_a_source_cut_short_in_a_hole_after_its_map_fails_the_backup(tmp_path, repo):
+    path = tmp_path / "tail.img"
+    with open(path, "wb") as f:
+        f.write(bytes(image(2, 3)))
+        f.truncate(40 * BS)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(LvbackupError, match=f"the source ended at byte {20 * BS}"):
+            backup(repo, ShrinksAfterItsMap(fd, 20 * BS))
+    finally:
+        os.close(fd)
 
 
 def test_reader_serves_any_range(repo):

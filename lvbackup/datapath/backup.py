@@ -226,6 +226,7 @@ def backup_blocks(repo: Repository, packer: Packer, source: BlockSource,
                 progress(done)
     finally:
         stop.set()
+    source.check_size()
     return total
 
 

@@ -46,6 +46,11 @@ class BlockSource(Protocol):
         """Fill `view` with the bytes at `offset` (all of them, or raise)."""
         ...
 
+    def check_size(self) -> None:
+        """Raise if the source is now shorter than `size`: called once everything is read,
+        since a map may say HOLE or INHERIT for blocks that are gone by then."""
+        ...
+
 
 def source_ended(at: int, end: int) -> LvbackupError:
     return LvbackupError(f"the source ended at byte {at}, before its size of {end}+ bytes")
@@ -77,6 +82,11 @@ class FileBlocks:
         """Drop the mapping (it holds the file or device open)."""
         self.cache.close()
 
+    def check_size(self) -> None:
+        now = source_size(self.fd)
+        if now < self.size:
+            raise source_ended(now, self.size)
+
     def block_map(self, block_size: int) -> Iterator[Run]:
         nblocks = -(-self.size // block_size)
         pos = 0   # in blocks: what the runs yielded so far cover
@@ -96,9 +106,7 @@ class FileBlocks:
         early under it is caught even where there is nothing to read."""
         step = max(1, _HOLE_STEP // block_size)
         for pos in range(first, end, step):
-            now = source_size(self.fd)
-            if now < self.size:
-                raise source_ended(now, self.size)
+            self.check_size()
             yield Run(Kind.HOLE, pos, min(step, end - pos))
 
     def _data_extents(self) -> Iterator[tuple[int, int]]:
