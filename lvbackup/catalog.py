@@ -38,9 +38,16 @@ _V1_COLUMNS: dict[str, type] = {
     "size": int, "block_size": int, "stored_bytes": int, "num_dependent_backups": int,
 }
 
+# How the backup found what changed (lvbackup.changes.tracker) and what it read; the
+# snapshot it read (by lv_uuid, creation time and thin pool lv_uuid), to pair with next time.
+_V3_COLUMNS: dict[str, type] = {
+    "change_source": str, "change_fallback": str, "bytes_read": int,
+    "source_snapshot_id": str, "source_snapshot_time": str, "source_pool_id": str,
+}
+
 # Every column, as the JSON field names of a record. `labels` is a JSON object of strings
 # (stored as JSON text); `protected` backups are never pruned or deleted.
-COLUMNS: dict[str, type] = {**_V1_COLUMNS, "labels": dict, "protected": bool}
+COLUMNS: dict[str, type] = {**_V1_COLUMNS, "labels": dict, "protected": bool, **_V3_COLUMNS}
 
 
 
@@ -69,6 +76,12 @@ class BackupRecord(TypedDict, total=False):
     num_dependent_backups: int
     labels: dict[str, str] | str | None
     protected: bool | None
+    change_source: str | None
+    change_fallback: str | None
+    bytes_read: int | None
+    source_snapshot_id: str | None
+    source_snapshot_time: str | None
+    source_pool_id: str | None
     has_dependent_backups: bool
 
 
@@ -96,6 +109,15 @@ def m002_labels_protection(db: sqlite_utils.Database) -> None:
     if "protected" not in have:
         # Nullable: records written before this column (old manifests, exports) lack it.
         db.execute("ALTER TABLE backups ADD COLUMN protected INTEGER DEFAULT 0")
+
+
+@migrations()
+def m003_change_tracking(db: sqlite_utils.Database) -> None:
+    table = db.table("backups")
+    have = set(table.columns_dict)
+    for name, kind in _V3_COLUMNS.items():
+        if name not in have:
+            table.add_column(name, kind)
 
 
 def row_labels(row: Mapping[str, Any]) -> dict[str, str]:

@@ -196,6 +196,9 @@ def init(app: App, block_size: str | None) -> None:
               help="Incremental: the parent is the volume's latest available backup.")
 @click.option("--force", is_flag=True,
               help="Back up an in-use volume through a temporary snapshot.")
+@click.option("--keep-snapshot", is_flag=True,
+              help="With --volume: read it through a snapshot and keep that snapshot as the "
+                   "base the next incremental lists its changes against (one per volume).")
 @click.option("--name", help="A name for the backup.")
 @click.option("--description", help="A description for the backup.")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
@@ -203,26 +206,33 @@ def init(app: App, block_size: str | None) -> None:
 @wait_option
 @pass_app
 def create(app: App, volume: str | None, snapshot: str | None, device: str | None,
-           incremental: bool, force: bool, name: str | None, description: str | None,
-           labels: tuple[str, ...], wait: float) -> None:
+           incremental: bool, force: bool, keep_snapshot: bool, name: str | None,
+           description: str | None, labels: tuple[str, ...], wait: float) -> None:
     """Back up a volume, a snapshot or a device, and print the new backup record.
 
     \b
     Examples:
       lvbackup create --snapshot vg0/data-snap-0300
       lvbackup create --volume vg0/data --force --incremental
+      lvbackup create --volume vg0/thin --force --incremental --keep-snapshot
       lvbackup --json create --device /srv/vm.img --name nightly --label tier=gold
     """
     label_map = parse_labels(labels)
+    keep_snapshot = keep_snapshot or (app.config.keep_snapshot and bool(volume)
+                                      and not snapshot and not device)
     source, source_name = select_source(app.config, volume=volume, snapshot=snapshot,
-                                        device=device, force=force)
+                                        device=device, force=force,
+                                        keep_snapshot=keep_snapshot)
     session = app.session(wait)
     with app.progress("backup") as progress:
         result = create_backup(session, source, incremental=incremental, name=name,
                                description=description, labels=label_map,
                                progress=progress, source_name=source_name)
-    s = result.stats
-    app.log(f"read {human_size(s.bytes_read)}, holes {human_size(s.hole_bytes)}, unchanged "
+    s, rec = result.stats, result.record
+    if rec.get("change_fallback"):
+        app.log(f"change tracking not used: {rec['change_fallback']}")
+    app.log(f"{rec.get('change_source')}: read {human_size(s.bytes_read)}, holes "
+            f"{human_size(s.hole_bytes)}, unchanged "
             f"{human_size(s.unchanged_bytes)}, reused {human_size(s.reused_bytes)}, "
             f"stored {human_size(s.stored_bytes)} (of {human_size(s.new_bytes)} new)")
     app.emit(result.record, print_record)

@@ -22,6 +22,9 @@ from .retention import KINDS, Policy
 
 DEFAULT_CONFIG_PATH = Path("/etc/lvbackup/lvbackup.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/lvbackup")
+# change_sample: the least share (%) of the blocks a change list calls unchanged that is
+# re-read to check it.
+DEFAULT_SAMPLE_PERCENT = 0.1
 
 
 class ConfigError(UsageError):
@@ -41,6 +44,7 @@ class Job:
     full_every_days: int | None = None   # ... or when the last full is this many days old
     keep: Policy | None = None       # retention applied after a successful backup
     labels: dict[str, str] = field(default_factory=dict)
+    keep_snapshot: bool | None = None   # None: the configuration's keep_snapshot
 
     @property
     def source(self) -> str:
@@ -55,6 +59,8 @@ class Config:
     compression_level: int = 1
     workers: int = 2
     temp_snapshot_size: str = "20%ORIGIN"
+    keep_snapshot: bool = False      # keep a volume's snapshot as the next incremental's base
+    change_sample: float = DEFAULT_SAMPLE_PERCENT   # % of unchanged blocks re-read to check
     event_log: Path | None = None
     metrics: Path | None = None
     hooks: tuple[Hook, ...] = ()
@@ -79,10 +85,11 @@ def _int(value: Any, key: str, low: int, high: int) -> int:
 
 
 _KEYS = ("repository", "catalog", "cache_dir", "compression_level", "workers",
-         "temp_snapshot_size", "event_log", "metrics", "hooks", "jobs")
+         "temp_snapshot_size", "keep_snapshot", "change_sample", "event_log", "metrics",
+         "hooks", "jobs")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _JOB_KEYS = ("volume", "snapshot_of", "device", "force", "incremental", "full_every", "keep",
-             "labels")
+             "labels", "keep_snapshot")
 _HOOK_KEYS = ("on", "command", "timeout")
 # The label every backup made by `lvbackup run` carries: the name of its job.
 JOB_LABEL = "job"
@@ -175,6 +182,12 @@ def _job(name: Any, raw: Any, base: Path) -> Job:
     force = _bool(raw.get("force", False), f"{key}.force")
     if force and src != "volume":
         raise ConfigError(f"config key '{key}.force' applies only to a 'volume:' source")
+    keep_snapshot = None
+    if raw.get("keep_snapshot") is not None:
+        keep_snapshot = _bool(raw["keep_snapshot"], f"{key}.keep_snapshot")
+        if keep_snapshot and src != "volume":
+            raise ConfigError(f"config key '{key}.keep_snapshot' applies only to a 'volume:' "
+                              "source")
     incremental = _bool(raw.get("incremental", False), f"{key}.incremental")
     every = every_days = None
     if raw.get("full_every") is not None:
@@ -211,7 +224,8 @@ def _job(name: Any, raw: Any, base: Path) -> Job:
                               "lvbackup run (to the job's name)")
         labels[k] = v
     return Job(name=name, **{src: spec}, force=force, incremental=incremental,
-               full_every=every, full_every_days=every_days, keep=keep, labels=labels)
+               full_every=every, full_every_days=every_days, keep=keep, labels=labels,
+               keep_snapshot=keep_snapshot)
 
 
 def _jobs(value: Any, base: Path) -> dict[str, Job]:
@@ -227,6 +241,13 @@ def _snapshot_size(value: Any) -> str:
         raise ConfigError("config key 'temp_snapshot_size' must be an LVM size such as 2G, "
                           "or a share such as 20%ORIGIN")
     return text
+
+
+def _sample(value: Any) -> float:
+    low = DEFAULT_SAMPLE_PERCENT
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= 100:
+        raise ConfigError(f"config key 'change_sample' must be a percentage from {low} to 100")
+    return float(value)
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:
@@ -272,6 +293,8 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         compression_level=_int(raw.get("compression_level", 1), "compression_level", 1, 19),
         workers=_int(raw.get("workers", min(os.cpu_count() or 1, 8)), "workers", 1, 64),
         temp_snapshot_size=_snapshot_size(raw.get("temp_snapshot_size", "20%ORIGIN")),
+        keep_snapshot=_bool(raw.get("keep_snapshot", False), "keep_snapshot"),
+        change_sample=_sample(raw.get("change_sample", DEFAULT_SAMPLE_PERCENT)),
         event_log=(_path(raw["event_log"], "event_log", base)
                    if raw.get("event_log") is not None else None),
         metrics=_path(raw["metrics"], "metrics", base) if raw.get("metrics") is not None else None,

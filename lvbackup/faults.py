@@ -1,4 +1,4 @@
-"""Crash points for the fault-injection tests (tests/test_faults.py).
+"""Crash points for the fault-injection tests (tests/test_faults.py), and one wrong answer.
 
 `LVBACKUP_FAULT=POINT[:N]` makes the process SIGKILL itself the N-th time (default: the
 first) it reaches `crash_point(POINT)`: a real crash at an exact step, as kill -9 would do
@@ -30,6 +30,15 @@ POINTS = (
     "gc-old-index-deleted",    # gc: only the new index exists, dead packs remain
     "gc-pack-deleted",         # gc: some dead packs are deleted
 )
+
+
+# Not a crash: `LVBACKUP_FAULT=drop-changes` makes LVM's change lists report every change as
+# none, so that the tests can show the sample check catches a wrong list.
+DROP_CHANGES = "drop-changes"
+
+
+def dropping_changes() -> bool:
+    return _POINT == DROP_CHANGES
 
 
 def crash_point(name: str) -> None:

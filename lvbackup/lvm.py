@@ -21,6 +21,8 @@ from .timeutil import iso
 
 # What lvbackup tags its temporary snapshots with, so a later run can find leftovers.
 TEMP_TAG = "lvbackup_temp"
+# A temporary snapshot kept (--keep-snapshot) as the base of the next incremental.
+BASE_TAG = "lvbackup_base"
 
 DEFAULT_SNAPSHOT_SIZE = "20%ORIGIN"
 
@@ -49,6 +51,8 @@ class LogicalVolume:
     time: str            # creation time, UTC ISO 8601
     tags: tuple[str, ...]
     segtype: str
+    snap_percent: float | None = None   # a classic snapshot's COW usage
+
 
     @property
     def full_name(self) -> str:
@@ -110,6 +114,13 @@ def split_name(spec: str) -> tuple[str, str]:
         raise UsageError(f"{spec!r} is not a logical volume name of the form VG/LV")
     return (validate_name(parts[0], "volume group name", lv=False),
             validate_name(parts[1], "volume name"))
+
+
+def _percent(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _parse_time(text: str) -> str:
@@ -178,7 +189,8 @@ def list_lvs(select: str | None = None) -> list[LogicalVolume]:
         attr=r["lv_attr"], origin=r.get("origin", ""), pool_lv=r.get("pool_lv", ""),
         time=_parse_time(r["lv_time"]) if r.get("lv_time") else "",
         tags=tuple(t for t in r.get("lv_tags", "").split(",") if t),
-        segtype=r.get("segtype", r.get("seg_type", "")))
+        segtype=r.get("segtype", r.get("seg_type", "")),
+        snap_percent=_percent(r.get("snap_percent", "")))
         for r in rows if not r["lv_name"].startswith("[")]
 
 
@@ -264,6 +276,11 @@ def remove_lv(lv: LogicalVolume | str) -> None:
     _run(["lvremove", "--yes", "--force", name], f"removing {name}")
 
 
+def retag(lv: LogicalVolume, add: str, delete: str) -> None:
+    _run(["lvchange", "--addtag", add, "--deltag", delete, lv.full_name],
+         f"tagging {lv.full_name}")
+
+
 def _activation_unit(lv: LogicalVolume) -> str:
     # lvm2 (de)activates a classic snapshot only together with its origin, and refuses
     # (it prompts, and reads "no" from /dev/null) when asked for the snapshot alone.
@@ -306,6 +323,30 @@ def _pool_message(vg: str, pool: str, message: str) -> None:
     # thin volumes use the pool.
     _run(["dmsetup", "message", f"{_dm_name(vg, pool)}-tpool", "0", message],
          f"{message} on thin pool {vg}/{pool}")
+
+
+def cow_path(snap: LogicalVolume) -> str:
+    """The device-mapper device holding a classic snapshot's exception store."""
+    return f"/dev/mapper/{_dm_name(snap.vg, snap.name)}-cow"
+
+
+def _parse_held_root(status: str) -> bool:
+    # "START LEN thin-pool TRANSACTION USED/TOTAL(meta) USED/TOTAL(data) HELD_ROOT ...":
+    # the held metadata root is "-" when no metadata snapshot is reserved.
+    fields = status.split()
+    try:
+        return fields[fields.index("thin-pool") + 4] != "-"
+    except (ValueError, IndexError):
+        raise LvmError(f"dmsetup status printed a thin-pool line lvbackup cannot read: "
+                       f"{status.strip()!r}") from None
+
+
+def metadata_snap_held(vg: str, pool: str) -> bool:
+    """Whether a metadata snapshot of the pool is reserved now."""
+    validate_name(vg, "volume group name", lv=False)
+    validate_name(pool, "thin pool name")
+    return _parse_held_root(_run(["dmsetup", "status", f"{_dm_name(vg, pool)}-tpool"],
+                                 f"status of thin pool {vg}/{pool}"))
 
 
 def reserve_metadata_snap(vg: str, pool: str) -> None:

@@ -36,6 +36,7 @@ class Source:
     snapshot_time: str | None = None   # a snapshot backup: the snapshot's creation time
     data_timestamp: str | None = None  # else, when the data was frozen (a temporary snapshot)
     check: Callable[[], None] | None = None   # raises if what was read cannot be trusted
+    lv: lvm.LogicalVolume | None = None       # the LV read (a snapshot, or a closed volume)
 
 
 # (run id, begin) -> the source. A factory calls begin(identity) as soon as it knows what it
@@ -125,7 +126,7 @@ def snapshot_source(spec: str, volume: str | None = None, lock_dir=None) -> Sour
         _refuse_unusable(snap)
         source = Source(path=snap.path, volume_id=origin.uuid, volume_name=origin.full_name,
                         snapshot_id=snap.uuid, snapshot_name=snap.full_name,
-                        snapshot_time=snap.time, check=_still_valid(snap))
+                        snapshot_time=snap.time, check=_still_valid(snap), lv=snap)
         begin(source)
         remove_leftover_snapshots(vg_lvs, lock_dir)
         with _active(snap):
@@ -134,9 +135,10 @@ def snapshot_source(spec: str, volume: str | None = None, lock_dir=None) -> Sour
 
 
 def volume_source(spec: str, *, force: bool, snapshot_size: str | None,
-                  lock_dir) -> SourceFactory:
+                  lock_dir, keep_snapshot: bool = False) -> SourceFactory:
     """An LVM volume: read directly when closed, through a temporary snapshot with --force
-    when open (docs/lineage.md, rule 3)."""
+    when open (docs/lineage.md, rule 3). With `keep_snapshot`, always through a snapshot,
+    which a successful backup keeps as the volume's base for the next incremental."""
     @contextmanager
     def open_source(run_id: str, begin: Begin) -> Iterator[Source]:
         lv, vg_lvs = lvm.lookup(spec)
@@ -148,23 +150,25 @@ def volume_source(spec: str, *, force: bool, snapshot_size: str | None,
             raise UsageError("Backing up an in-use volume must use the force flag. "
                              f"({lv.full_name} is open; pass --force to read it through a "
                              "temporary snapshot)")
-        source = Source(path=lv.path, volume_id=lv.uuid, volume_name=lv.full_name)
+        source = Source(path=lv.path, volume_id=lv.uuid, volume_name=lv.full_name, lv=lv)
         begin(source)
         remove_leftover_snapshots(vg_lvs, lock_dir)
-        if not lv.is_open:
+        if not lv.is_open and not keep_snapshot:
             with _active(lv):
                 yield source
             return
-        with temporary_snapshot(lv, run_id, snapshot_size) as snap:
+        remove_extra_bases(vg_lvs, lv)
+        with _active(lv), temporary_snapshot(lv, run_id, snapshot_size, keep_snapshot) as snap:
             yield replace(source, path=snap.path, data_timestamp=snap.time or now_iso(),
-                          check=_still_valid(snap))
+                          check=_still_valid(snap), lv=snap)
     return open_source
 
 
 @contextmanager
-def temporary_snapshot(lv: lvm.LogicalVolume, run_id: str,
-                       size: str | None) -> Iterator[lvm.LogicalVolume]:
-    """A tagged snapshot of `lv`, active for reading and always removed afterwards."""
+def temporary_snapshot(lv: lvm.LogicalVolume, run_id: str, size: str | None,
+                       keep: bool = False) -> Iterator[lvm.LogicalVolume]:
+    """A tagged snapshot of `lv`, active for reading and removed afterwards; with `keep`,
+    kept instead if the block ends without an error, as the volume's only base."""
     name = f"{lv.name[:80]}_lvbackup_{run_id[:8]}"
     try:
         snap = lvm.create_snapshot(lv, name, None if lv.is_thin else size,
@@ -185,12 +189,36 @@ def temporary_snapshot(lv: lvm.LogicalVolume, run_id: str,
         with contextlib.suppress(lvm.LvmError):  # it was not created after all
             lvm.remove_lv(f"{lv.vg}/{name}")
         raise
+    kept = False
     try:
         if not snap.is_active:
             lvm.activate(snap)
         yield snap
+        if keep:
+            # The backup is available: from here on the snapshot is a base, not a leftover.
+            with contextlib.suppress(lvm.LvmError):
+                lvm.retag(snap, lvm.BASE_TAG, lvm.TEMP_TAG)
+                kept = True
     finally:
-        lvm.remove_lv(snap)
+        if not kept:
+            lvm.remove_lv(snap)
+    if kept:
+        remove_extra_bases(lvm.vg_lvs(lv.vg), lv, snap)
+
+
+def remove_extra_bases(vg_lvs: list[lvm.LogicalVolume], origin: lvm.LogicalVolume,
+                       keep: lvm.LogicalVolume | None = None) -> None:
+    """Remove the base snapshots of `origin` but `keep` (by default, the newest): older ones
+    (a run killed between keeping its snapshot and removing the previous base) serve no
+    next backup."""
+    bases = sorted((x for x in vg_lvs if x.origin == origin.name and lvm.BASE_TAG in x.tags),
+                   key=lambda x: (x.time, x.name))
+    if keep is None and bases:
+        keep = bases[-1]
+    for old in bases:
+        if keep is None or old.uuid != keep.uuid:
+            with contextlib.suppress(lvm.LvmError):  # busy, or gone: the next run retries
+                lvm.remove_lv(old)
 
 
 def remove_leftover_snapshots(vg_lvs: list[lvm.LogicalVolume], lock_dir) -> list[str]:

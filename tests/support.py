@@ -33,7 +33,9 @@ LVBACKUP = Path(sys.executable).parent / "lvbackup"
 RECORD_FIELDS = ("id", "name", "description", "volume_id", "volume_name", "snapshot_id",
                  "snapshot_name", "parent_id", "is_incremental", "data_timestamp", "created_at",
                  "updated_at", "status", "fail_reason", "size", "block_size", "stored_bytes",
-                 "num_dependent_backups")
+                 "num_dependent_backups", "labels", "protected", "change_source",
+                 "change_fallback", "bytes_read", "source_snapshot_id", "source_snapshot_time",
+                 "source_pool_id")
 OUTPUT_FIELDS = RECORD_FIELDS + ("has_dependent_backups",)
 STATUSES = ("creating", "available", "error", "restoring", "deleting", "deleted",
             "error_deleting")

@@ -32,11 +32,6 @@ from support import (
     make_image,
 )
 
-# The operations issue added `labels` and `protected` to every record (catalog migration
-# m002). TODO(support.py owner): fold these into support.RECORD_FIELDS / OUTPUT_FIELDS.
-RECORD_FIELDS = tuple(dict.fromkeys(RECORD_FIELDS + ("labels", "protected")))
-OUTPUT_FIELDS = tuple(dict.fromkeys(OUTPUT_FIELDS + ("labels", "protected")))
-
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> Chain:

@@ -16,6 +16,7 @@ from ..catalog import (
     as_record,
     to_record,
 )
+from ..changes import tracker
 from ..config import Config
 from ..datapath.backup import ScanStats, write_backup
 from ..datapath.blockmap import FileBlocks
@@ -156,10 +157,10 @@ def _create_backup(session: Session, open_source: SourceFactory, run: dict, *, i
         return CreateResult(to_record(cat.get(backup_id)), stats)
 
 
-def _write_backup(session: Session, source: Source, blocks: FileBlocks, record: BackupRecord,
+def _write_backup(session: Session, source: Source, file: FileBlocks, record: BackupRecord,
                   parent: BackupRecord | None, progress) -> ScanStats:
     repo, cat = session.repo, session.catalog
-    size = blocks.size
+    size = file.size
     repo.sync_index(session.lock_dir)
     parent_manifest = None
     if parent is not None:
@@ -168,6 +169,13 @@ def _write_backup(session: Session, source: Source, blocks: FileBlocks, record: 
         except CorruptionError as e:
             raise CorruptionError(f"parent backup {parent['id']}: {e}; "
                                   "make a full backup") from None
+    plan = tracker.plan(file, source.lv, dict(parent) if parent else None, parent_manifest,
+                        repo.block_size, sample_percent=session.config.change_sample,
+                        warn=session.warn)
+    fields = {**plan.identity, "change_source": plan.change_source,
+              "change_fallback": plan.fallback}
+    record.update(fields)  # type: ignore[typeddict-item]
+    cat.update(record["id"], **fields)
     sent = [0]  # the last multiple of PROGRESS_STEP percent announced
 
     def on_progress(done: int, packer: Packer) -> None:
@@ -183,31 +191,35 @@ def _write_backup(session: Session, source: Source, blocks: FileBlocks, record: 
         if source.check is not None:
             source.check()
         return to_record({**record, "status": Status.AVAILABLE, "stored_bytes": stats.stored_bytes,
-                          "updated_at": now_iso()})
+                          "bytes_read": stats.bytes_read, "updated_at": now_iso()})
 
-    stats = write_backup(repo, blocks, parent_manifest, record["id"], finish,
+    stats = write_backup(repo, plan.blocks, parent_manifest, record["id"], finish,
                          workers=session.config.workers, level=session.config.compression_level,
                          progress=on_progress)
     with cat.write():
-        cat.transition(record["id"], Status.AVAILABLE, stored_bytes=stats.stored_bytes)
+        cat.transition(record["id"], Status.AVAILABLE, stored_bytes=stats.stored_bytes,
+                       bytes_read=stats.bytes_read)
         cat.refresh_dependents(record["parent_id"])
     return stats
 
 
 def select_source(config: Config, *, volume: str | None = None, snapshot: str | None = None,
-                  device: str | None = None, force: bool = False
-                  ) -> tuple[SourceFactory, str | None]:
+                  device: str | None = None, force: bool = False,
+                  keep_snapshot: bool = False) -> tuple[SourceFactory, str | None]:
     """The source `create` and `run` back up: an LVM snapshot (of `volume`, if given), an
     LVM volume (through a temporary snapshot with `force`), or a device or image file.
     Returns its factory and the name it goes by before it is opened (for metrics and the
     error event of a source that cannot be opened)."""
     if device and (volume or snapshot):
         raise UsageError("--device cannot be combined with --volume or --snapshot")
+    if keep_snapshot and not volume or keep_snapshot and snapshot:
+        raise UsageError("--keep-snapshot applies to --volume only (it keeps the snapshot "
+                         "lvbackup takes of the volume)")
     if snapshot:
         return snapshot_source(snapshot, volume, lock_dir=config.lock_dir), None
     if volume:
         return (volume_source(volume, force=force, snapshot_size=config.temp_snapshot_size,
-                              lock_dir=config.lock_dir),
+                              lock_dir=config.lock_dir, keep_snapshot=keep_snapshot),
                 volume.removeprefix("/dev/") if "/" in volume else None)
     if device:
         return device_source(device), os.path.realpath(device)
