@@ -683,7 +683,8 @@ def volumes(app: App) -> None:
         for col in ("volume / snapshot", "size", "created (UTC)", "state", "last backup"):
             table.add_column(col, overflow="fold")
         for r in rows:
-            items = [(r, r["full_name"])] + [(s, "  └ " + s["name"]) for s in r["snapshots"]]
+            items = [(r, r["full_name"])] + [
+                (s, "  └ " + s["name"] + (" (base)" if s["base"] else "")) for s in r["snapshots"]]
             for item, label in items:
                 b = item["last_backup"]
                 table.add_row(label, human_size(item["size"]),

@@ -2,7 +2,8 @@
 
 `LVBACKUP_FAULT=POINT[:N]` makes the process SIGKILL itself the N-th time (default: the
 first) it reaches `crash_point(POINT)`: a real crash at an exact step, as kill -9 would do
-at a lucky moment. Unset, a crash point costs one dictionary lookup.
+at a lucky moment. `POINT:N:TERM` sends SIGTERM instead, which lvbackup unwinds from.
+Unset, a crash point costs one string comparison.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import signal
 import threading
 
 _SPEC = os.environ.get("LVBACKUP_FAULT", "")
-_POINT, _, _NTH = _SPEC.partition(":")
+_POINT, _, _REST = _SPEC.partition(":")
+_NTH, _, _SIGNAL = _REST.partition(":")
 _seen = 0
 _lock = threading.Lock()
 
@@ -29,6 +31,7 @@ POINTS = (
     "gc-index-rewritten",      # gc: old and new index files both exist
     "gc-old-index-deleted",    # gc: only the new index exists, dead packs remain
     "gc-pack-deleted",         # gc: some dead packs are deleted
+    "metadata-reserved",       # backup: a thin pool's metadata snapshot is reserved
 )
 
 
@@ -47,5 +50,5 @@ def crash_point(name: str) -> None:
         return
     with _lock:
         _seen += 1
-        if _seen >= int(_NTH or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if _seen == int(_NTH or 1):
+            os.kill(os.getpid(), signal.SIGTERM if _SIGNAL == "TERM" else signal.SIGKILL)

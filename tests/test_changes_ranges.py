@@ -38,7 +38,7 @@ def model(extents: list[Extent], unit: int, size: int, bs: int, parent: int | No
     for b in range(-(-size // bs)):
         byte_states = set(state[b * bs:(b + 1) * bs])
         beyond = parent is not None and parent < size and (b + 1) * bs > parent
-        if byte_states <= {Change.DISCARDED, Change.UNMAPPED} and not beyond:
+        if byte_states <= {Change.DISCARDED, Change.UNMAPPED}:
             kinds.append(Kind.HOLE)
         elif (byte_states & {Change.CHANGED, Change.DISCARDED} or beyond
               or parent is None):
@@ -108,6 +108,9 @@ def test_grown_and_shrunk_volumes() -> None:
     assert block_runs([Extent(Change.CHANGED, 12, 4)], 1, 10, 4, 16) == \
         [Run(Kind.INHERIT, 0, 3)]
     assert block_runs([], 1, 10, 4, 10) == [Run(Kind.INHERIT, 0, 3)]
+    # Grown thin: unmapped past the parent's end reads as zeros, whatever the parent held.
+    assert block_runs([Extent(Change.UNCHANGED, 0, 2)], 4, 32, 4, 8, Change.UNMAPPED) == \
+        [Run(Kind.INHERIT, 0, 2), Run(Kind.HOLE, 2, 6)]
 
 
 def test_no_parent_reads_everything_not_known_zero() -> None:

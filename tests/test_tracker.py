@@ -60,9 +60,9 @@ def test_a_change_list_that_misses_a_change_is_caught(tmp_path, repo):
     manifest = repo.manifest(parent)
     honest = [Run(Kind.INHERIT, 0, 5), Run(Kind.READ, 5, 1), Run(Kind.INHERIT, 6, 3),
               Run(Kind.READ, 9, 1), Run(Kind.INHERIT, 10, NBLOCKS - 10)]
-    assert sample_check(blocks, honest, manifest, BS, 100) is None
+    assert sample_check(blocks, honest, manifest, BS, 100) == (None, (NBLOCKS - 2) * BS)
     lying = [Run(Kind.INHERIT, 0, NBLOCKS)]
-    why = sample_check(blocks, lying, manifest, BS, 100)
+    why, _ = sample_check(blocks, lying, manifest, BS, 100)
     assert why is not None and ("block 5 " in why or "block 9 " in why), why
 
 
@@ -72,7 +72,7 @@ def test_the_sample_compares_holes_too(tmp_path, repo):
     new = bytearray(old)
     new[3 * BS] = 7                    # data where the parent had a hole
     blocks = write_image(tmp_path / "new.img", bytes(new))
-    why = sample_check(blocks, [Run(Kind.INHERIT, 0, 16)], repo.manifest(parent), BS, 100)
+    why, _ = sample_check(blocks, [Run(Kind.INHERIT, 0, 16)], repo.manifest(parent), BS, 100)
     assert why is not None and "block 3 " in why
 
 
@@ -85,8 +85,9 @@ def test_a_default_sample_finds_a_change_list_that_drops_most_changes(tmp_path, 
         new[b * BS] ^= 0xFF
     blocks = write_image(tmp_path / "new.img", bytes(new))
     # 16 blocks sampled of 64, half of them changed: a miss has odds of about 1 in 10^5.
-    assert sample_check(blocks, [Run(Kind.INHERIT, 0, NBLOCKS)], repo.manifest(parent), BS,
-                        0.1) is not None
+    why, read = sample_check(blocks, [Run(Kind.INHERIT, 0, NBLOCKS)], repo.manifest(parent),
+                             BS, 0.1)
+    assert why is not None and read <= SAMPLE_MIN_BLOCKS * BS
 
 
 def test_a_mapped_source_backs_up_through_its_map(tmp_path, repo):

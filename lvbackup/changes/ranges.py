@@ -7,7 +7,8 @@ A repository block is
 - READ if any of its bytes may differ: touched by a CHANGED range, by a DISCARDED range
   that does not, with UNMAPPED ones, cover all of it, or lying (partly) beyond the parent's
   size (what the parent holds there is not this volume's data);
-- HOLE if all of its bytes are DISCARDED or UNMAPPED (they read as zeros);
+- HOLE if all of its bytes are DISCARDED or UNMAPPED (they read as zeros, whatever the
+  parent held: so also past the parent's size);
 - INHERIT otherwise (its bytes are UNCHANGED or were unmapped on both sides).
 Without a parent, nothing can be inherited: blocks that would be are READ.
 """
@@ -122,7 +123,7 @@ def _classify(nblocks: int, touched: list[Interval], zero: list[Interval],
                 index[n] += 1
             inside.append(index[n] < len(ivs) and ivs[index[n]][0] <= a)
         in_touched, in_zero, in_beyond = inside
-        if in_zero and not in_beyond:
+        if in_zero:
             k = Kind.HOLE
         elif in_touched or in_beyond or not inherit:
             k = Kind.READ

@@ -31,7 +31,7 @@ import xxhash
 from .. import lvm
 from ..config import DEFAULT_SAMPLE_PERCENT
 from ..datapath.blockmap import FileBlocks, Kind, Run
-from ..faults import dropping_changes
+from ..faults import crash_point, dropping_changes
 from ..locks import FileLock
 from ..repository.manifest import Manifest
 from . import ChangeTrackingError
@@ -55,6 +55,7 @@ class Plan:
     blocks: FileBlocks | MappedBlocks
     change_source: str
     fallback: str | None = None
+    sampled_bytes: int = 0     # read by the sample check
     identity: dict[str, str | None] = field(default_factory=lambda: source_identity(None, []))
 
 
@@ -108,9 +109,9 @@ def _choose(base: FileBlocks, lv: lvm.LogicalVolume, vg_lvs: list[lvm.LogicalVol
         try:
             runs, how = _changed_runs(base, lv, vg_lvs, parent, parent_manifest.size,
                                       block_size, warn)
-            bad = sample_check(base, runs, parent_manifest, block_size, sample_percent)
+            bad, sampled = sample_check(base, runs, parent_manifest, block_size, sample_percent)
             if bad is None:
-                return Plan(MappedBlocks(base, runs, block_size), how)
+                return Plan(MappedBlocks(base, runs, block_size), how, sampled_bytes=sampled)
             fallback = bad
         except (ChangeTrackingError, lvm.LvmError) as e:
             fallback = str(e)
@@ -136,6 +137,7 @@ def _changed_runs(base: FileBlocks, lv: lvm.LogicalVolume, vg_lvs: list[lvm.Logi
         raise ChangeTrackingError(f"{lv.full_name} is not a snapshot: only a snapshot's "
                                   "changes can be listed")
     if lv.is_thin and old.is_thin:
+        _refuse_external_origin(lv, vg_lvs)
         pool = _pool(lv, vg_lvs)
         if old.pool_lv != lv.pool_lv or parent.get("source_pool_id") != pool.uuid:
             raise ChangeTrackingError(f"the parent's snapshot {old.full_name} is in another "
@@ -168,6 +170,14 @@ def _pool(lv: lvm.LogicalVolume, vg_lvs: list[lvm.LogicalVolume]) -> lvm.Logical
     return pool
 
 
+def _refuse_external_origin(lv: lvm.LogicalVolume, vg_lvs: list[lvm.LogicalVolume]) -> None:
+    """Unmapped blocks of a thin volume read as zeros, unless it has an external origin."""
+    origin = next((x for x in vg_lvs if x.name == lv.origin), None) if lv.origin else None
+    if origin is not None and not origin.is_thin:
+        raise ChangeTrackingError(f"{lv.full_name} has an external origin, which its "
+                                  "unmapped blocks read from")
+
+
 def _with_drops(extents: list[Extent]) -> list[Extent]:
     """The test hook for a wrong change list: every change reported as none."""
     if not dropping_changes():
@@ -190,6 +200,7 @@ def pool_metadata(lv: lvm.LogicalVolume, pool: lvm.LogicalVolume) -> Iterator[di
             lvm.release_metadata_snap(pool.vg, pool.name)
         lvm.reserve_metadata_snap(pool.vg, pool.name)
         try:
+            crash_point("metadata-reserved")
             yield lvm.thin_ids(lv.vg)
         finally:
             lvm.release_metadata_snap(pool.vg, pool.name)
@@ -213,10 +224,7 @@ def _thin_delta_runs(base: FileBlocks, lv: lvm.LogicalVolume, old: lvm.LogicalVo
 def _mapped_runs(base: FileBlocks, lv: lvm.LogicalVolume, vg_lvs: list[lvm.LogicalVolume],
                  block_size: int) -> list[Run]:
     """READ where the pool maps blocks of `lv`, HOLE elsewhere."""
-    origin = next((x for x in vg_lvs if x.name == lv.origin), None) if lv.origin else None
-    if origin is not None and not origin.is_thin:
-        raise ChangeTrackingError(f"{lv.full_name} has an external origin, which its "
-                                  "unmapped blocks read from")
+    _refuse_external_origin(lv, vg_lvs)
     pool = _pool(lv, vg_lvs)
     with pool_metadata(lv, pool) as ids, tempfile.TemporaryDirectory() as tmp:
         dev = _thin_id(ids, lv)
@@ -283,12 +291,13 @@ def sample_size(inherited: int, percent: float, block_size: int) -> int:
 
 
 def sample_check(base: FileBlocks, runs: list[Run], parent: Manifest, block_size: int,
-                 percent: float) -> str | None:
+                 percent: float) -> tuple[str | None, int]:
     """Re-read a random sample of the blocks `runs` inherit and compare each with the
-    parent's entry; a reason to distrust the runs, or None."""
+    parent's entry: (a reason to distrust the runs, or None; the bytes read)."""
     inherit = [r for r in runs if r.kind == Kind.INHERIT]
     total = sum(r.blocks for r in inherit)
     picks = sorted(random.sample(range(total), sample_size(total, percent, block_size)))
+    read = 0
     with mmap.mmap(-1, block_size) as buf, memoryview(buf) as view:
         k = passed = 0
         for r in inherit:
@@ -297,11 +306,12 @@ def sample_check(base: FileBlocks, runs: list[Run], parent: Manifest, block_size
                 k += 1
                 n = min(block_size, base.size - block * block_size)
                 base.readinto(view[:n], block * block_size)
+                read += n
                 e = parent.entries_at(block, 1)
                 same = (buf[:n] == bytes(n) if e.is_hole(0)
                         else e.same_block(0, xxhash.xxh3_128_digest(view[:n])) is not None)
                 if not same:
                     return (f"the change list calls block {block} unchanged, but it differs "
-                            "from the parent backup's: read the whole volume instead")
+                            "from the parent backup's: read the whole volume instead"), read
             passed += r.blocks
-    return None
+    return None, read

@@ -188,6 +188,7 @@ def _write_backup(session: Session, source: Source, file: FileBlocks, record: Ba
             session.events.emit(ev.CREATE_PROGRESS, {**to_record(record), "percent": percent})
 
     def finish(stats: ScanStats) -> BackupRecord:
+        stats.bytes_read += plan.sampled_bytes   # the sample check's reads count too
         if source.check is not None:
             source.check()
         return to_record({**record, "status": Status.AVAILABLE, "stored_bytes": stats.stored_bytes,

@@ -15,16 +15,20 @@ from ..timeutil import utcnow
 def lv_row(lv: lvm.LogicalVolume) -> dict[str, Any]:
     return {"vg": lv.vg, "name": lv.name, "full_name": lv.full_name, "uuid": lv.uuid,
             "size": lv.size, "created_at": lv.time, "origin": lv.origin or None,
-            "thin": lv.is_thin, "open": lv.is_open, "active": lv.is_active, "state": lv.state}
+            "thin": lv.is_thin, "open": lv.is_open, "active": lv.is_active, "state": lv.state,
+            "base": lvm.BASE_TAG in lv.tags}
 
 
 def volumes(session: Session) -> list[dict[str, Any]]:
-    """Every logical volume (not snapshots or pools), its snapshots, and each one's last
-    available backup."""
+    """Every logical volume (not snapshots or pools), its snapshots (`base`: kept by
+    --keep-snapshot for the next incremental), and each one's last available backup (of a
+    base: the backup read from it)."""
     lvs = lvm.list_lvs()
     last: dict[tuple[str, str | None], BackupRecord] = {}
     for row in session.catalog.list(status=Status.AVAILABLE):
         last[(row["volume_id"], row["snapshot_id"])] = to_record(row)
+        if row.get("source_snapshot_id") and not row["snapshot_id"]:
+            last[(row["volume_id"], row["source_snapshot_id"])] = to_record(row)
     out = []
     for v in sorted((x for x in lvs if not x.is_snapshot and x.segtype != "thin-pool"),
                     key=lambda x: x.full_name):
