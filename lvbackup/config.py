@@ -60,6 +60,7 @@ class Config:
     workers: int = 2
     temp_snapshot_size: str = "20%ORIGIN"
     keep_snapshot: bool = False      # keep a volume's snapshot as the next incremental's base
+    change_tracking: bool = True     # use LVM's record of changes and of mapped blocks
     change_sample: float = DEFAULT_SAMPLE_PERCENT   # % of unchanged blocks re-read to check
     event_log: Path | None = None
     metrics: Path | None = None
@@ -85,8 +86,8 @@ def _int(value: Any, key: str, low: int, high: int) -> int:
 
 
 _KEYS = ("repository", "catalog", "cache_dir", "compression_level", "workers",
-         "temp_snapshot_size", "keep_snapshot", "change_sample", "event_log", "metrics",
-         "hooks", "jobs")
+         "temp_snapshot_size", "keep_snapshot", "change_tracking", "change_sample",
+         "event_log", "metrics", "hooks", "jobs")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _JOB_KEYS = ("volume", "snapshot_of", "device", "force", "incremental", "full_every", "keep",
              "labels", "keep_snapshot")
@@ -294,6 +295,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         workers=_int(raw.get("workers", min(os.cpu_count() or 1, 8)), "workers", 1, 64),
         temp_snapshot_size=_snapshot_size(raw.get("temp_snapshot_size", "20%ORIGIN")),
         keep_snapshot=_bool(raw.get("keep_snapshot", False), "keep_snapshot"),
+        change_tracking=_bool(raw.get("change_tracking", True), "change_tracking"),
         change_sample=_sample(raw.get("change_sample", DEFAULT_SAMPLE_PERCENT)),
         event_log=(_path(raw["event_log"], "event_log", base)
                    if raw.get("event_log") is not None else None),

@@ -118,12 +118,18 @@ def test_an_unreadable_pool_status_is_an_error():
 
 def test_change_sample_and_keep_snapshot_settings(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("change_sample: 100\nkeep_snapshot: true\njobs:\n  a:\n    volume: vg/lv\n"
-                   "    force: true\n    keep_snapshot: false\n")
+    cfg.write_text("change_sample: 100\nkeep_snapshot: true\nchange_tracking: false\n"
+                   "jobs:\n  a:\n    volume: vg/lv\n    force: true\n    keep_snapshot: false\n")
     c = load_config(cfg)
     assert c.change_sample == 100 and c.keep_snapshot and c.jobs["a"].keep_snapshot is False
+    assert not c.change_tracking
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    d = load_config(empty)
+    assert d.change_tracking and d.change_sample == 0.1 and not d.keep_snapshot
     for bad in ("change_sample: 0.01\n", "change_sample: 101\n", "change_sample: lots\n",
-                "jobs:\n  a:\n    device: /x\n    keep_snapshot: true\n"):
+                "jobs:\n  a:\n    device: /x\n    keep_snapshot: true\n",
+                "change_tracking: maybe\n"):
         cfg.write_text(bad)
         with pytest.raises(ConfigError):
             load_config(cfg)
