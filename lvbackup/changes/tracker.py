@@ -86,15 +86,16 @@ def source_identity(lv: lvm.LogicalVolume | None, vg_lvs: list[lvm.LogicalVolume
 
 
 def plan(base: FileBlocks, lv: lvm.LogicalVolume | None, parent: dict | None,
-         parent_manifest: Manifest | None, block_size: int, *, sample_percent: float,
-         warn: Warn) -> Plan:
-    """How to read `base` (the device of `lv`, or an image when `lv` is None)."""
+         parent_manifest: Manifest | None, block_size: int, *, track: bool = True,
+         sample_percent: float, warn: Warn) -> Plan:
+    """How to read `base` (the device of `lv`, or an image when `lv` is None); without
+    `track`, every block, though the identity of what was read is still recorded."""
     scan = "scan" if parent_manifest is not None else "full"
     if lv is None:
         return Plan(base, scan)
     vg_lvs = lvm.vg_lvs(lv.vg)   # afresh: the parent's snapshot may have changed meanwhile
-    found = _choose(base, lv, vg_lvs, parent, parent_manifest, block_size, scan,
-                    sample_percent, warn)
+    found = (_choose(base, lv, vg_lvs, parent, parent_manifest, block_size, scan,
+                     sample_percent, warn) if track else Plan(base, scan))
     try:
         return replace(found, identity=source_identity(lv, vg_lvs))
     except ChangeTrackingError:   # no pool in the report: nothing to pair with next time

@@ -169,10 +169,9 @@ def _write_backup(session: Session, source: Source, file: FileBlocks, record: Ba
         except CorruptionError as e:
             raise CorruptionError(f"parent backup {parent['id']}: {e}; "
                                   "make a full backup") from None
-    lv = source.lv if session.config.change_tracking else None
-    plan = tracker.plan(file, lv, dict(parent) if parent else None, parent_manifest,
-                        repo.block_size, sample_percent=session.config.change_sample,
-                        warn=session.warn)
+    plan = tracker.plan(file, source.lv, dict(parent) if parent else None, parent_manifest,
+                        repo.block_size, track=session.config.change_tracking,
+                        sample_percent=session.config.change_sample, warn=session.warn)
     fields = {**plan.identity, "change_source": plan.change_source,
               "change_fallback": plan.fallback}
     record.update(fields)  # type: ignore[typeddict-item]

@@ -143,7 +143,7 @@ def test_thin_incrementals_equal_full_scans(site):
         vg.snapshot("tv", snap)
         rec = create(lvb, "--snapshot", f"{vg.name}/{snap}")
         assert rec["change_source"] == "thin_delta" and rec["change_fallback"] is None, \
-            (pattern, rec)
+            (pattern, json.dumps(rec))
         # What changed, plus the sample check's 16 blocks; the volume is 48 MiB or more.
         assert rec["bytes_read"] < 8 * MiB, (pattern, rec)
         assert held_root(vg) == "-", pattern
@@ -177,7 +177,8 @@ def test_classic_incrementals_equal_full_scans(site):
         snap = f"cl-s{n}"
         vg.snapshot("cl", snap, 16 * MiB)
         rec = create(lvb, "--snapshot", f"{vg.name}/{snap}")
-        assert rec["change_source"] == "cow" and rec["change_fallback"] is None, (pattern, rec)
+        assert rec["change_source"] == "cow" and rec["change_fallback"] is None, \
+            (pattern, json.dumps(rec))
         assert rec["bytes_read"] < 8 * MiB, (pattern, rec)
         same_as_a_full_scan(site, snap, rec)
         # The older snapshot served its purpose: fewer snapshots, cheaper origin writes.
