@@ -168,21 +168,30 @@ label_option = click.option("--label", "labels", multiple=True, metavar="KEY=VAL
 
 @cli.command()
 @click.option("--block-size", metavar="N", help="Block size of a new repository (e.g. 128K).")
+@click.option("--encryption", is_flag=True,
+              help="Encrypt a new repository: the passphrase from $LVBACKUP_PASSPHRASE, "
+                   "passphrase_file: or passphrase_command:, or key_file: (config).")
 @pass_app
-def init(app: App, block_size: str | None) -> None:
+def init(app: App, block_size: str | None, encryption: bool) -> None:
     """Create the repository and the catalog (idempotent).
 
     \b
     Example:
       lvbackup --config /etc/lvbackup/lvbackup.yaml init --block-size 128K
+      LVBACKUP_PASSPHRASE=... lvbackup init --encryption && lvbackup key export > key.txt
     """
-    result = init_repository(app.config, parse_size(block_size) if block_size else None)
+    result = init_repository(app.config, parse_size(block_size) if block_size else None,
+                             encryption)
 
     def human(r: dict) -> None:
         verb = "Created" if r["created"] else "Using existing"
         size = human_size(r["block_size"])
-        click.echo(f"{verb} repository {r['repository']} (block size {size}),"
+        kind = "encrypted" if r["encrypted"] else "unencrypted"
+        click.echo(f"{verb} {kind} repository {r['repository']} (block size {size}),"
                    f" catalog {r['catalog']}")
+        if r["created"] and r["encrypted"]:
+            click.echo("Back its key up now: 'lvbackup key export' (without the key and "
+                       "its passphrase, no backup can be read)")
 
     app.emit(result, human)
 

@@ -59,6 +59,11 @@ class Config:
     metrics: Path | None = None
     hooks: tuple[Hook, ...] = ()
     jobs: dict[str, Job] = field(default_factory=dict)
+    # An encrypted repository's secret (credentials.py): never a command-line argument.
+    passphrase_file: Path | None = None
+    passphrase_command: tuple[str, ...] | None = None   # argv, run without a shell
+    key_file: Path | None = None
+    append_only: bool = False   # delete, prune and gc refuse; nothing stored is removed
     source: str = "defaults"
 
     @property
@@ -72,6 +77,10 @@ def _path(value: Any, key: str, base: Path) -> Path:
     return (base / os.path.expanduser(value)).resolve() if not os.path.isabs(value) else Path(value)
 
 
+def _optional_path(raw: dict, key: str, base: Path) -> Path | None:
+    return _path(raw[key], key, base) if raw.get(key) is not None else None
+
+
 def _int(value: Any, key: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"config key '{key}' must be a whole number from {low} to {high}")
@@ -79,7 +88,8 @@ def _int(value: Any, key: str, low: int, high: int) -> int:
 
 
 _KEYS = ("repository", "catalog", "cache_dir", "compression_level", "workers",
-         "temp_snapshot_size", "event_log", "metrics", "hooks", "jobs")
+         "temp_snapshot_size", "event_log", "metrics", "hooks", "jobs", "passphrase_file",
+         "passphrase_command", "key_file", "append_only")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _JOB_KEYS = ("volume", "snapshot_of", "device", "force", "incremental", "full_every", "keep",
              "labels")
@@ -277,6 +287,12 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         metrics=_path(raw["metrics"], "metrics", base) if raw.get("metrics") is not None else None,
         hooks=_hooks(raw.get("hooks")),
         jobs=_jobs(raw.get("jobs"), base),
+        passphrase_file=_optional_path(raw, "passphrase_file", base),
+        passphrase_command=(_strings(raw["passphrase_command"], "passphrase_command",
+                                     "arguments (argv, no shell)")
+                            if raw.get("passphrase_command") is not None else None),
+        key_file=_optional_path(raw, "key_file", base),
+        append_only=_bool(raw.get("append_only", False), "append_only"),
         source=str(cfg_path) if raw or explicit else "defaults",
     )
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from . import events as ev
 from .catalog import BackupRecord, Catalog, as_record
 from .config import Config
+from .credentials import configured_key, secrets
 from .errors import CorruptionError, UsageError
 from .lifecycle import Status
 from .locks import repository_lock, run_is_alive
@@ -46,7 +47,7 @@ class Session:
     @property
     def repo(self) -> Repository:
         if self._repo is None:
-            self._repo = Repository.open(self.config.repository, self.config.cache_dir)
+            self._repo = open_repository(self.config)
         return self._repo
 
     @property
@@ -66,6 +67,20 @@ class Session:
         return repository_lock(self.lock_dir, exclusive=True).acquire(self.wait)
 
 
+
+
+def open_repository(config: Config) -> Repository:
+    """The configured repository, unlocked with the configured secrets if encrypted. A
+    configuration that names a key refuses an unencrypted repository: storage that swapped
+    in an unencrypted config would otherwise be sent the next backups in plaintext."""
+    repo = Repository.open(config.repository, config.cache_dir, lambda: secrets(config))
+    key = configured_key(config)
+    if key is not None and not repo.encrypted:
+        repo.close()
+        raise UsageError(f"repository {config.repository} is not encrypted, but the "
+                         f"configuration gives it a key ({key}:); remove {key}: or use an "
+                         "encrypted repository ('lvbackup init --encryption')")
+    return repo
 
 
 def recover_dead_runs(session: Session) -> list[BackupRecord]:

@@ -18,6 +18,7 @@ from lvbackup.errors import CorruptionError
 from lvbackup.repository.codec import (
     FLAG_RAW,
     FLAG_ZSTD,
+    PLAIN,
     Buffer,
     CodecError,
     Verdict,
@@ -285,7 +286,7 @@ def repo(tmp_path: Path) -> Iterator[Repository]:
 
 def _store(repo: Repository, chunks: list[tuple[bytes, Buffer, int, int]]) -> list[ChunkRef]:
     """Store (chunk id, blob, plaintext length, flags) in one pack; their refs."""
-    builder = PackBuilder()
+    builder = PackBuilder(1 << 20, PLAIN.trailer_digest)
     for cid, blob, length, flags in chunks:
         builder.add(cid, blob, length, flags)
     pack_id, data, refs = builder.finish()
