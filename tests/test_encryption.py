@@ -13,6 +13,10 @@ from pathlib import Path
 
 import blake3
 import pytest
+
+from lvbackup.repository.codec import PLAIN
+from lvbackup.repository.index import decode_index
+
 from support import (
     MiB,
     Workdir,
@@ -21,9 +25,6 @@ from support import (
     flip_byte,
     make_image,
 )
-
-from lvbackup.repository.codec import PLAIN
-from lvbackup.repository.index import decode_index
 
 PASSPHRASE = "correct horse battery staple"
 ENV = {"LVBACKUP_PASSPHRASE": PASSPHRASE}
