@@ -102,19 +102,25 @@ def read_key_file(path: Path) -> Secret:
 
 
 def create_key_file(path: Path) -> Secret:
-    """A new key file at `path` (0600, never over an existing file or through a link)."""
+    """A new key file at `path`."""
     key = os.urandom(32)
+    write_private_file(path, key.hex() + "\n", "key file")
+    return Secret(KEY_FILE, key, f"key file {path}")
+
+
+def write_private_file(path: Path, text: str, what: str) -> None:
+    """A new file only its owner can read (0600), never over an existing file or through a
+    symbolic link; written and fsynced."""
     try:
         fd = open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        raise UsageError(f"key file {path} exists already; give another path") from None
+        raise UsageError(f"{what} {path} exists already; give another path") from None
     except OSError as e:
-        raise UsageError(f"cannot create key file {path}: {e.strerror}") from None
+        raise UsageError(f"cannot create {what} {path}: {e.strerror}") from None
     with os.fdopen(fd, "w") as f:
-        f.write(key.hex() + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    return Secret(KEY_FILE, key, f"key file {path}")
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -254,3 +254,73 @@ def test_plain_index_files_are_not_accepted_in_an_encrypted_repository(tmp_path:
     (index,) = (wd.repo / "index").iterdir()
     with pytest.raises(Exception, match="corrupt"):
         list(decode_index(index.name, index.read_bytes(), PLAIN))
+
+
+# --- key management -------------------------------------------------------------------------
+
+def test_key_export_import_brings_back_a_repository_whose_slots_are_lost(tmp_path: Path,
+                                                                         wd: Workdir) -> None:
+    data = make_image(tmp_path / "img", 2, seed=20)
+    rec = wd.create(tmp_path / "img")
+    export = tmp_path / "key.txt"
+    p = wd.run("key", "export", "--to", export)
+    assert p.returncode == 0, describe(p)
+    assert export.stat().st_mode & 0o777 == 0o600
+    assert PASSPHRASE not in export.read_text()
+    again = wd.run("key", "export", "--to", export)
+    assert_one_line_error(again, 2, "exists already")
+    shutil.rmtree(wd.repo / "keys")
+    assert_one_line_error(wd.run("verify"), 2, "no usable key slot", "key import")
+    p = wd.run("key", "import", export)
+    assert p.returncode == 0, describe(p)
+    assert wd.restore_bytes(rec["id"]) == data
+
+
+def test_key_import_refuses_another_repositorys_export_and_garbage(tmp_path: Path,
+                                                                  wd: Workdir) -> None:
+    other = encrypted(tmp_path / "b")
+    theirs = other.run("key", "export")
+    assert theirs.returncode == 0, describe(theirs)
+    (tmp_path / "theirs.txt").write_text(theirs.stdout)
+    assert_one_line_error(wd.run("key", "import", tmp_path / "theirs.txt"), 2)
+    (tmp_path / "junk.txt").write_text('{"format": "lvbackup key export 1", "slots": 5}')
+    assert_one_line_error(wd.run("key", "import", tmp_path / "junk.txt"), 2,
+                          "not an lvbackup key export")
+
+
+def test_change_passphrase_rewraps_without_rewriting_data(tmp_path: Path, wd: Workdir) -> None:
+    data = make_image(tmp_path / "img", 2, seed=21)
+    rec = wd.create(tmp_path / "img")
+    before = {p: p.stat().st_mtime_ns for p in wd.repo.rglob("*") if p.is_file()
+              and "keys" not in p.parts}
+    p = wd.run("key", "change-passphrase", env={"LVBACKUP_NEW_PASSPHRASE": "new one"})
+    assert p.returncode == 0, describe(p)
+    assert_one_line_error(wd.run("verify"), 2, "wrong passphrase")   # the old file's
+    p = wd.run("verify", "--deep", env={"LVBACKUP_PASSPHRASE": "new one"})
+    assert p.returncode == 0, describe(p)
+    after = {p: p.stat().st_mtime_ns for p in wd.repo.rglob("*") if p.is_file()
+             and "keys" not in p.parts}
+    assert after == before, "data or metadata was rewritten"
+    assert wd.run("restore", rec["id"], "--to-file", "-", binary=True,
+                  env={"LVBACKUP_PASSPHRASE": "new one"}).stdout == data
+    no_new = wd.run("key", "change-passphrase", env={"LVBACKUP_PASSPHRASE": "new one"})
+    assert_one_line_error(no_new, 2, "LVBACKUP_NEW_PASSPHRASE")
+
+
+def test_key_add_a_second_passphrase_and_a_key_file(tmp_path: Path, wd: Workdir) -> None:
+    make_image(tmp_path / "img", 2, seed=22)
+    rec = wd.create(tmp_path / "img")
+    (tmp_path / "second").write_text("second passphrase\n")
+    p = wd.run("key", "add", "--new-passphrase-file", tmp_path / "second")
+    assert p.returncode == 0, describe(p)
+    p = wd.run("--json", "key", "add", "--key-file", tmp_path / "repo.key")
+    assert p.returncode == 0 and json.loads(p.stdout)["kind"] == "key_file", describe(p)
+    assert (tmp_path / "repo.key").stat().st_mode & 0o777 == 0o600
+    slots = wd.run_json("key", "list")
+    assert sorted(s["kind"] for s in slots) == ["key_file", "passphrase", "passphrase"]
+    for config in (wd.config_with("second.yaml", passphrase_file=str(tmp_path / "second")),
+                   wd.config_with("keyfile.yaml", key_file=str(tmp_path / "repo.key"))):
+        p = wd.run("verify", rec["id"], config=config)
+        assert p.returncode == 0, describe(p)
+    # The first passphrase still opens it too.
+    assert wd.verify(rec["id"]).returncode == 0

@@ -17,8 +17,11 @@ old one: no data is rewritten.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,16 +130,17 @@ def read_slots(storage: Backend) -> dict[str, bytes]:
     return {name: storage.get(name) for name, _ in storage.list(SLOTS)}
 
 
-def unlock(storage: Backend, repo_id: str, check: str, secrets: list[Secret], where: str
-           ) -> tuple[bytes, str]:
-    """(master key, name of the slot that opened it) for the first secret that opens a
-    slot of this repository; UsageError (a wrong key is the user's to fix) otherwise."""
+def unlock(slots_stored: dict[str, bytes], repo_id: str, check: str, secrets: list[Secret],
+           where: str) -> tuple[bytes, str]:
+    """(master key, name of the slot that opened it) for the first secret that opens one
+    of these slots (stored bytes by name) for this repository; UsageError (a wrong key is
+    the user's to fix) otherwise."""
     slots = {}
-    for name, data in read_slots(storage).items():
+    for name, data in slots_stored.items():
         try:
             slots[name] = parse_slot(name, data)
         except CorruptionError:
-            continue   # another slot may open; a damaged one is reported by `key list`
+            continue   # another slot may open
     if not slots:
         raise UsageError(f"encrypted repository {where} has no usable key slot under keys/: "
                          "put them back with 'lvbackup key import FILE' from a key export")
@@ -148,3 +152,40 @@ def unlock(storage: Backend, repo_id: str, check: str, secrets: list[Secret], wh
     tried = ", ".join(s.source for s in secrets)
     raise UsageError(f"wrong passphrase or key file for encrypted repository {where} "
                      f"(tried {tried})")
+
+
+# --- exports: the slots as text, to keep somewhere safe ------------------------------------
+
+EXPORT_FORMAT = "lvbackup key export 1"
+_EXPORT_MAX = 256 * 1024
+_SLOT_NAME = re.compile(r"keys/[0-9a-f]{16}")
+
+
+def export_text(repo_id: str, slots: dict[str, bytes]) -> str:
+    """A key export: every slot as stored (each still needs its passphrase or key file)."""
+    encoded = {n: base64.b64encode(d).decode() for n, d in sorted(slots.items())}
+    return json.dumps({"format": EXPORT_FORMAT, "repository": repo_id, "slots": encoded},
+                      indent=1) + "\n"
+
+
+def parse_export(text: str) -> tuple[str, dict[str, bytes]]:
+    """(repository id, {slot name: stored bytes}) of a key export, every slot checked;
+    UsageError if it is not one."""
+    bad = UsageError("not an lvbackup key export (or a damaged one)")
+    if len(text) > _EXPORT_MAX:
+        raise bad
+    try:
+        doc = json.loads(text)
+        if doc.get("format") != EXPORT_FORMAT or not isinstance(doc.get("repository"), str):
+            raise bad
+        slots = {n: base64.b64decode(d, validate=True) for n, d in doc["slots"].items()}
+    except (ValueError, TypeError, AttributeError, binascii.Error):
+        raise bad from None
+    if not slots or not all(isinstance(n, str) and _SLOT_NAME.fullmatch(n) for n in slots):
+        raise bad
+    for name, data in slots.items():
+        try:
+            parse_slot(name, data)
+        except CorruptionError:
+            raise bad from None
+    return doc["repository"], slots

@@ -30,7 +30,7 @@ from . import codec
 from .backends import Backend, MissingObject, ObjectExists, open_backend
 from .codec import PLAIN, Codec, CodecError, SealingCodec, Verdict, key_check, seal, unseal
 from .index import ChunkIndex, damaged_name, encode_index
-from .keys import Secret, make_slot, new_master, unlock
+from .keys import Secret, make_slot, new_master, read_slots, unlock
 from .manifest import Manifest
 from .pack import ENTRY, ChunkRef, PackBuilder, pack_name, read_trailer
 
@@ -72,6 +72,8 @@ class Repository:
         self.id: str = meta["id"]
         self.block_size: int = meta["block_size"]
         self.codec = codec
+        # An encrypted repository's master key and the key slot that opened it.
+        self.unlocked: tuple[bytes, str] | None = None
         self.index = ChunkIndex(Path(cache_dir) / f"index-{self.id}.sqlite")
 
     @property
@@ -102,11 +104,15 @@ class Repository:
                     "cipher": CIPHER, "chunk_ids": "blake3-keyed", "key_check": key_check(master)})
                 # The slot first: a config is what makes a repository, and one must never
                 # exist that no key opens.
-                storage.put(*make_slot(master, _first(secrets, location), repo_id))
+                slot, data = make_slot(master, _first(secrets, location), repo_id)
+                storage.put(slot, data)
                 chosen = SealingCodec(master, repo_id)
             try:
                 storage.put("config", seal(REPO_MAGIC, json.dumps(meta).encode()))
-                return cls(storage, meta, cache_dir, chosen), True
+                repo = cls(storage, meta, cache_dir, chosen)
+                if encrypt:
+                    repo.unlocked = (master, slot)
+                return repo, True
             except ObjectExists:
                 pass  # a concurrent init won: its repository is the one
         storage.close()
@@ -135,39 +141,24 @@ class Repository:
             storage.close()
 
     @classmethod
-    def open(cls, location: str | Path, cache_dir: Path, secrets: Secrets | None = None
-             ) -> Repository:
+    def open(cls, location: str | Path, cache_dir: Path, secrets: Secrets | None = None,
+             slots: dict[str, bytes] | None = None) -> Repository:
+        """The repository at `location`; an encrypted one unlocked with `secrets` through
+        its key slots (or through `slots`, stored bytes by name: a key import's)."""
         storage = open_backend(location)
         try:
-            raw = storage.get("config")
-        except MissingObject:
-            raise UsageError(f"no repository at {location}; "
-                             "create it with 'lvbackup init'") from None
-        except OSError as e:
-            raise UsageError(f"cannot read repository {location}: {e.strerror}") from None
-        try:
-            meta = json.loads(unseal(REPO_MAGIC, raw, f"repository config {location}/config"))
-            version = meta.get("version")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            raise CorruptionError(f"repository config {location}/config is corrupt "
-                                  "(bad JSON)") from None
-        if version not in (FORMAT_VERSION, ENCRYPTED_VERSION):
-            raise UsageError(f"repository {location} has format version {version}; "
-                             f"this lvbackup reads versions {FORMAT_VERSION} and "
-                             f"{ENCRYPTED_VERSION}")
-        if version == FORMAT_VERSION:
-            return cls(storage, meta, cache_dir)
-        enc = meta.get("encryption")
-        if not isinstance(enc, dict) or enc.get("cipher") != CIPHER:
-            raise UsageError(f"repository {location} is encrypted with {enc!r}, which this "
-                             "lvbackup does not know")
-        try:
-            master, _ = unlock(storage, meta["id"], str(enc.get("key_check")),
-                               _all(secrets, location), str(location))
+            meta = _read_meta(storage, location)
+            if meta["version"] == FORMAT_VERSION:
+                return cls(storage, meta, cache_dir)
+            master, slot = unlock(read_slots(storage) if slots is None else slots, meta["id"],
+                                  meta["encryption"]["key_check"], _all(secrets, location),
+                                  str(location))
         except BaseException:
             storage.close()
             raise
-        return cls(storage, meta, cache_dir, SealingCodec(master, meta["id"]))
+        repo = cls(storage, meta, cache_dir, SealingCodec(master, meta["id"]))
+        repo.unlocked = (master, slot)
+        return repo
 
     def close(self) -> None:
         self.index.close()
@@ -451,6 +442,37 @@ class Packer:
                 self._writer.join()
                 self._writer = None
         self._write_index()
+
+
+def _read_meta(storage: Backend, location: str | Path) -> dict:
+    """The repository's config, checked: its version known, its fields of the right types."""
+    try:
+        raw = storage.get("config")
+    except MissingObject:
+        raise UsageError(f"no repository at {location}; "
+                         "create it with 'lvbackup init'") from None
+    except OSError as e:
+        raise UsageError(f"cannot read repository {location}: {e.strerror}") from None
+    what = f"repository config {location}/config"
+    try:
+        meta = json.loads(unseal(REPO_MAGIC, raw, what))
+        version = meta.get("version")
+        ok = isinstance(meta["id"], str) and type(meta["block_size"]) is int
+    except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        raise CorruptionError(f"{what} is corrupt (bad JSON)") from None
+    if version not in (FORMAT_VERSION, ENCRYPTED_VERSION):
+        raise UsageError(f"repository {location} has format version {version}; "
+                         f"this lvbackup reads versions {FORMAT_VERSION} and "
+                         f"{ENCRYPTED_VERSION}")
+    if version == ENCRYPTED_VERSION:
+        enc = meta.get("encryption")
+        if not isinstance(enc, dict) or enc.get("cipher") != CIPHER:
+            raise UsageError(f"repository {location} is encrypted with {enc!r}, which this "
+                             "lvbackup does not know")
+        ok = ok and isinstance(enc.get("key_check"), str)
+    if not ok:
+        raise CorruptionError(f"{what} is corrupt (bad fields)")
+    return meta
 
 
 def _all(secrets: Secrets | None, location: str | Path) -> list[Secret]:
