@@ -275,6 +275,11 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     catalog = _path(raw.get("catalog", str(DEFAULT_STATE_DIR / "catalog.db")), "catalog", base)
     cache_dir = (_path(raw["cache_dir"], "cache_dir", base) if "cache_dir" in raw
                  else catalog.parent / "cache")
+    append_only = _bool(raw.get("append_only", False), "append_only")
+    jobs = _jobs(raw.get("jobs"), base)
+    if append_only and any(job.keep for job in jobs.values()):
+        raise ConfigError("config key 'append_only': no job may have 'keep:' (retention "
+                          "deletes backups); prune from a host allowed to delete")
     return Config(
         repository=repository,
         catalog=catalog,
@@ -286,13 +291,13 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
                    if raw.get("event_log") is not None else None),
         metrics=_path(raw["metrics"], "metrics", base) if raw.get("metrics") is not None else None,
         hooks=_hooks(raw.get("hooks")),
-        jobs=_jobs(raw.get("jobs"), base),
+        jobs=jobs,
         passphrase_file=_optional_path(raw, "passphrase_file", base),
         passphrase_command=(_strings(raw["passphrase_command"], "passphrase_command",
                                      "arguments (argv, no shell)")
                             if raw.get("passphrase_command") is not None else None),
         key_file=_optional_path(raw, "key_file", base),
-        append_only=_bool(raw.get("append_only", False), "append_only"),
+        append_only=append_only,
         source=str(cfg_path) if raw or explicit else "defaults",
     )
 

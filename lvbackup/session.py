@@ -60,6 +60,11 @@ class Session:
         if self._repo is not None:
             self._repo.close()
 
+    def refuse_if_append_only(self, what: str) -> None:
+        if self.config.append_only:
+            raise UsageError(f"{what} is refused: append_only: is set ({self.config.source}), "
+                             "so no backup may be deleted from this host")
+
     def shared_lock(self) -> AbstractContextManager:
         return repository_lock(self.lock_dir, exclusive=False).acquire(self.wait)
 
@@ -73,7 +78,8 @@ def open_repository(config: Config) -> Repository:
     """The configured repository, unlocked with the configured secrets if encrypted. A
     configuration that names a key refuses an unencrypted repository: storage that swapped
     in an unencrypted config would otherwise be sent the next backups in plaintext."""
-    repo = Repository.open(config.repository, config.cache_dir, lambda: secrets(config))
+    repo = Repository.open(config.repository, config.cache_dir, lambda: secrets(config),
+                           append_only=config.append_only)
     key = configured_key(config)
     if key is not None and not repo.encrypted:
         repo.close()

@@ -114,6 +114,7 @@ def _orphans_become_full(cat: Catalog) -> None:
 def collect_garbage(session: Session, progress: Callable[[int, int], None] | None = None
                     ) -> dict:
     """`gc`, with the repository locked exclusively (no backup is writing meanwhile)."""
+    session.refuse_if_append_only("gc")
     with session.exclusive_lock():
         recover_dead_runs(session)
         return gc.collect_garbage(session.repo, session.config.cache_dir, session.lock_dir,

@@ -28,6 +28,7 @@ from ..locks import run_is_alive
 from ..timeutil import now_iso
 from . import codec
 from .backends import Backend, MissingObject, ObjectExists, open_backend
+from .backends.appendonly import AppendOnlyBackend
 from .codec import PLAIN, Codec, CodecError, SealingCodec, Verdict, key_check, seal, unseal
 from .index import ChunkIndex, damaged_name, encode_index
 from .keys import Secret, make_slot, new_master, read_slots, unlock
@@ -142,10 +143,13 @@ class Repository:
 
     @classmethod
     def open(cls, location: str | Path, cache_dir: Path, secrets: Secrets | None = None,
-             slots: dict[str, bytes] | None = None) -> Repository:
+             slots: dict[str, bytes] | None = None, append_only: bool = False) -> Repository:
         """The repository at `location`; an encrypted one unlocked with `secrets` through
-        its key slots (or through `slots`, stored bytes by name: a key import's)."""
+        its key slots (or through `slots`, stored bytes by name: a key import's). With
+        `append_only`, its storage refuses to delete or replace anything."""
         storage = open_backend(location)
+        if append_only:
+            storage = AppendOnlyBackend(storage)
         try:
             meta = _read_meta(storage, location)
             if meta["version"] == FORMAT_VERSION:
