@@ -873,6 +873,9 @@ def exit_status(e: BaseException, verbose: bool = False) -> int:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
+    # What lvbackup creates is its owner's alone (docs/security.md), also files that other
+    # code creates for it (SQLite's, gc's scratch database); metrics set their own mode.
+    os.umask(0o077)
     tune_malloc()
     verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
     try:

@@ -18,6 +18,7 @@ import yaml
 from .errors import UsageError
 from .events import DEFAULT_HOOK_TIMEOUT, Hook, matching_events
 from .labels import check_label
+from .permissions import refuse_writable_by_others
 from .retention import KINDS, Policy
 
 DEFAULT_CONFIG_PATH = Path("/etc/lvbackup/lvbackup.yaml")
@@ -245,6 +246,8 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     cfg_path = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
     raw: dict[str, Any] = {}
     if cfg_path.exists() or explicit:
+        refuse_writable_by_others(cfg_path.parent, "configuration directory")
+        refuse_writable_by_others(cfg_path, "configuration file")
         try:
             text = cfg_path.read_text()
         except FileNotFoundError:

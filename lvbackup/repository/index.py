@@ -26,6 +26,7 @@ from pathlib import Path
 import blake3
 
 from ..errors import CorruptionError, UsageError
+from ..permissions import create_private_file, make_private_dirs
 from ..sqlitefile import open_error
 from .backends import Backend
 from .codec import Codec
@@ -122,7 +123,8 @@ class ChunkIndex:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(self.path.parent)
+            create_private_file(self.path)
         except OSError as e:
             raise UsageError(f"cannot create the cache directory {self.path.parent}: "
                              f"{e.strerror}; set cache_dir in the configuration") from None
