@@ -41,7 +41,7 @@ KEY_FILE = "key_file"
 MASTER_LEN = 32
 KEY_FILE_CONTEXT = "lvbackup 2026-12 key file key-encrypting key"
 SCRYPT = {"n": 1 << 15, "r": 8, "p": 1}        # 32 MiB, a few tenths of a second
-_SCRYPT_MAX_MEMORY = 1 << 30                    # a slot asking for more is refused
+_SCRYPT_MAX_MEMORY = 1 << 28                    # 256 MiB: a slot asking for more is refused
 _SLOT_MAX = 4096                                # bytes: a slot is a few hundred
 
 

@@ -32,7 +32,7 @@ from .backends.appendonly import AppendOnlyBackend
 from .codec import PLAIN, Codec, CodecError, SealingCodec, Verdict, key_check, seal, unseal
 from .index import ChunkIndex, damaged_name, encode_index
 from .keys import Secret, make_slot, new_master, read_slots, unlock
-from .manifest import Manifest
+from .manifest import ENTRY_SIZE, PAGE_ENTRIES, Manifest
 from .pack import ENTRY, ChunkRef, PackBuilder, pack_name, read_trailer
 
 REPO_MAGIC = b"LVBREPO1"
@@ -46,6 +46,7 @@ Secrets = Callable[[], list[Secret]]
 DEFAULT_BLOCK_SIZE = 128 * 1024
 PACK_TARGET = 16 * 1024 * 1024
 PACK_MAX_CHUNKS = 16384  # bounds a pack's trailer when blocks compress to almost nothing
+PAGE_BYTES = PAGE_ENTRIES * ENTRY_SIZE   # a manifest page: a chunk too
 INDEX_EVERY = 16  # packs per index file while a run is writing
 _MAX_IOV = 512    # buffers per vectored read (the kernel takes up to 1024)
 
@@ -205,10 +206,19 @@ class Repository:
     # --- chunks ---------------------------------------------------------------------
 
     def read_chunk(self, ref: ChunkRef) -> bytes:
-        """The plaintext of a chunk, checked against its BLAKE3 id."""
+        """The plaintext of a chunk, checked against its id."""
+        self._check_lengths([ref])
         out = bytearray(ref.raw_length)
         self.read_chunks_into([(ref, memoryview(out), None)])
         return bytes(out)
+
+    def _check_lengths(self, refs: list[ChunkRef]) -> None:
+        """Refuse a length no chunk can have (from a forged or damaged index or trailer)
+        before anything is allocated for it."""
+        biggest = max(self.block_size, PAGE_BYTES)
+        for r in refs:
+            if r.raw_length > biggest:
+                raise ChunkError(r, f"claims an implausible length {r.raw_length}")
 
     def read_chunks_into(self, wanted: list[tuple[ChunkRef, memoryview, bytes | None]]
                          ) -> None:
@@ -237,6 +247,8 @@ class Repository:
             if len(out) != ref.raw_length or (plain(ref.flags) and
                                               ref.length != ref.raw_length):
                 raise ChunkError(ref, "fails its checksum")
+            if ref.length > _stored_bound(ref.raw_length):
+                raise ChunkError(ref, f"claims an implausible stored length {ref.length}")
         scratch = memoryview(bytearray(sum(r.length for r, _, _ in run
                                            if not plain(r.flags))))
         targets = []
@@ -300,6 +312,7 @@ class Repository:
     def read_checked(self, refs: list[ChunkRef]) -> dict[bytes, bytes]:
         """The plaintexts of these chunks by id, checked against their ids; a damaged copy
         is quarantined (and ChunkError raised)."""
+        self._check_lengths(refs)
         out = {r.chunk_id: (r, bytearray(r.raw_length)) for r in refs}
         try:
             self.read_chunks_into([(r, memoryview(b), None) for r, b in out.values()])
@@ -446,6 +459,12 @@ class Packer:
                 self._writer.join()
                 self._writer = None
         self._write_index()
+
+
+def _stored_bound(raw_length: int) -> int:
+    """The most bytes a chunk of `raw_length` bytes can take stored: zstd's worst case
+    (its compressBound), plus a sealed blob's nonce and tag."""
+    return raw_length + (raw_length >> 7) + 1024
 
 
 def _read_meta(storage: Backend, location: str | Path) -> dict:
