@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -324,3 +325,33 @@ def test_key_add_a_second_passphrase_and_a_key_file(tmp_path: Path, wd: Workdir)
         assert p.returncode == 0, describe(p)
     # The first passphrase still opens it too.
     assert wd.verify(rec["id"]).returncode == 0
+
+
+# --- crashes while keys are written ------------------------------------------------------
+
+def test_change_passphrase_killed_between_new_slot_and_old_deletion(tmp_path: Path,
+                                                                    wd: Workdir) -> None:
+    data = make_image(tmp_path / "img", 2, seed=23)
+    rec = wd.create(tmp_path / "img")
+    p = wd.run("key", "change-passphrase", env={"LVBACKUP_NEW_PASSPHRASE": "new one",
+                                               "LVBACKUP_FAULT": "key-slot-stored"})
+    assert p.returncode == -signal.SIGKILL, describe(p)
+    # Both passphrases open it: nothing is ever left that no passphrase opens.
+    for env in ({}, {"LVBACKUP_PASSPHRASE": "new one"}):
+        out = wd.run("restore", rec["id"], "--to-file", "-", binary=True, env=env)
+        assert out.returncode == 0 and out.stdout == data, describe(out)
+    p = wd.run("key", "change-passphrase", env={"LVBACKUP_NEW_PASSPHRASE": "third"})
+    assert p.returncode == 0, describe(p)
+    assert wd.run("verify", env={"LVBACKUP_PASSPHRASE": "third"}).returncode == 0
+
+
+def test_init_killed_after_the_key_slot_leaves_no_repository(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text(PASSPHRASE + "\n")
+    wd = Workdir(tmp_path, passphrase_file=str(tmp_path / "pw"))
+    p = wd.run("init", "--encryption", env={"LVBACKUP_FAULT": "key-slot-stored"})
+    assert p.returncode == -signal.SIGKILL, describe(p)
+    assert not (wd.repo / "config").exists()
+    assert_one_line_error(wd.run("verify"), 2, "no repository")
+    assert wd.run_json("init", "--block-size", "64K", "--encryption")["encrypted"]
+    data = make_image(tmp_path / "img", 2, seed=24)
+    assert wd.restore_bytes(wd.create(tmp_path / "img")["id"]) == data

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..credentials import create_key_file, new_passphrase, secrets, write_private_file
 from ..errors import UsageError
+from ..faults import crash_point
 from ..repository.keys import (
     PASSPHRASE,
     Secret,
@@ -94,6 +95,7 @@ def change_passphrase(session: Session, new_passphrase_file: Path | None) -> dic
             raise UsageError("the repository was opened with a key file: give the current "
                              "passphrase ($LVBACKUP_PASSPHRASE) and no key_file: to change it")
         name = _put_slot(repo, master, secret)
+        crash_point("key-slot-stored")
         repo.storage.delete(old)
     return {"repository": str(session.config.repository), "slot": name, "replaced": old}
 

@@ -108,6 +108,7 @@ class Repository:
                 # exist that no key opens.
                 slot, data = make_slot(master, _first(secrets, location), repo_id)
                 storage.put(slot, data)
+                crash_point("key-slot-stored")
                 chosen = SealingCodec(master, repo_id)
             try:
                 storage.put("config", seal(REPO_MAGIC, json.dumps(meta).encode()))
