@@ -274,7 +274,10 @@ class SealingCodec(Codec):
     def encode(self, cid: bytes, block: Buffer, level: int) -> tuple[Buffer, int]:
         inner, flags = encode(block, level)
         nonce = os.urandom(NONCE_LEN)
-        return nonce + self._aead.encrypt(nonce, inner, cid + bytes((flags,))), flags
+        blob = bytearray(len(inner) + SEAL_OVERHEAD)
+        blob[:NONCE_LEN] = nonce
+        self._aead.encrypt_into(nonce, inner, cid + bytes((flags,)), memoryview(blob)[NONCE_LEN:])
+        return blob, flags
 
     def stored_is_plain(self, flags: int) -> bool:
         return False
