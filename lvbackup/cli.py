@@ -687,7 +687,12 @@ def key() -> None:
 @key.command("list")
 @pass_app
 def key_list(app: App) -> None:
-    """List the key slots (each a passphrase or key file that opens the repository)."""
+    """List the key slots (each a passphrase or key file that opens the repository).
+
+    \b
+    Example:
+      lvbackup key list
+    """
     def human(rows: list[dict]) -> None:
         for r in rows:
             click.echo(f"{r['slot']}  {r['kind']}{'  (used now)' if r['used'] else ''}")
