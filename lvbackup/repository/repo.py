@@ -99,15 +99,17 @@ class Repository:
                           "created_at": now_iso()}
             chosen: Codec = PLAIN
             if encrypt:
-                if secrets is None:
-                    raise UsageError("an encrypted repository needs a passphrase or key file")
                 master = new_master()
                 meta.update(version=ENCRYPTED_VERSION, encryption={
                     "cipher": CIPHER, "chunk_ids": "blake3-keyed", "key_check": key_check(master)})
-                # The slot first: a config is what makes a repository, and one must never
-                # exist that no key opens.
-                slot, data = make_slot(master, _first(secrets, location), repo_id)
-                storage.put(slot, data)
+                try:
+                    # The slot first: a config is what makes a repository, and one must
+                    # never exist that no key opens.
+                    slot, data = make_slot(master, _all(secrets, location)[0], repo_id)
+                    storage.put(slot, data)
+                except BaseException:
+                    storage.close()
+                    raise
                 crash_point("key-slot-stored")
                 chosen = SealingCodec(master, repo_id)
             try:
@@ -506,7 +508,3 @@ def _all(secrets: Secrets | None, location: str | Path) -> list[Secret]:
                          "($LVBACKUP_PASSPHRASE, or passphrase_file: or passphrase_command: in "
                          "the configuration) or its key_file:")
     return got
-
-
-def _first(secrets: Secrets, location: str | Path) -> Secret:
-    return _all(secrets, location)[0]
