@@ -101,7 +101,12 @@ def recover_dead_runs(session: Session) -> list[BackupRecord]:
     for row in cat.in_states(Status.CREATING, Status.RESTORING, Status.DELETING):
         if run_is_alive(session.lock_dir, row["id"]):
             continue
-        manifest = _manifest_or_none(session, row["id"])
+        if row["status"] != Status.RESTORING and not _repository_opens(session):
+            # Absent, or encrypted and no key given: whether its manifest exists cannot be
+            # told, so the row is left for a run that can open the repository.
+            continue
+        manifest = (None if row["status"] == Status.RESTORING
+                    else _manifest_or_none(session, row["id"]))
         has_manifest = manifest is not None
         fields: dict[str, object]
         if row["status"] == Status.CREATING:
@@ -130,10 +135,17 @@ def recover_dead_runs(session: Session) -> list[BackupRecord]:
     return changed
 
 
+def _repository_opens(session: Session) -> bool:
+    try:
+        return session.repo is not None
+    except UsageError:
+        return False
+
+
 def _manifest_or_none(session: Session, backup_id: str) -> Manifest | None:
     try:
         return session.repo.manifest(backup_id)
-    except (CorruptionError, UsageError):
+    except CorruptionError:
         return None
 
 

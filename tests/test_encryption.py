@@ -355,3 +355,19 @@ def test_init_killed_after_the_key_slot_leaves_no_repository(tmp_path: Path) -> 
     assert wd.run_json("init", "--block-size", "64K", "--encryption")["encrypted"]
     data = make_image(tmp_path / "img", 2, seed=24)
     assert wd.restore_bytes(wd.create(tmp_path / "img")["id"]) == data
+
+
+def test_dead_runs_are_not_settled_without_the_key(tmp_path: Path, wd: Workdir) -> None:
+    """A backup killed after its manifest was written is complete: a command run without
+    the key (which cannot see the manifest) must not call it failed."""
+    data = make_image(tmp_path / "img", 2, seed=25)
+    p = wd.run("create", "--device", tmp_path / "img",
+               env={"LVBACKUP_FAULT": "manifest-written"})
+    assert p.returncode == -signal.SIGKILL, describe(p)
+    bare = wd.config_with("bare.yaml")
+    p = wd.run("--json", "list", config=bare)
+    assert p.returncode == 0, describe(p)
+    assert [r["status"] for r in json.loads(p.stdout)] == ["creating"]
+    (rec,) = wd.list()
+    assert rec["status"] == "available"
+    assert wd.restore_bytes(rec["id"]) == data
