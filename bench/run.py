@@ -2,6 +2,7 @@
 """lvbackup against zstd, borg and restic, side by side, on the same data in one run.
 
     .venv/bin/python bench/run.py [--size-gib 2] [--json out.json] [--work DIR]
+    .venv/bin/python bench/run.py --encryption [--repeat 3]   # encrypted vs unencrypted
 
 Builds a deterministic test image and a deterministic day of changes, installs the peers
 it lacks from Debian, then times every step (full backup, incremental, restore into a pipe,
@@ -43,6 +44,7 @@ from benchlib import (  # noqa: E402
 
 LVB = "lvbackup"
 LVB3 = "lvbackup zstd-3"
+LVBE = "lvbackup encrypted"
 
 
 
@@ -277,6 +279,55 @@ class Bench:
         return self.rows
 
 
+    def encryption_round(self) -> list[Row]:
+        """lvbackup on an unencrypted and an encrypted repository, step by step, each step
+        run on both in turn (so that a change in the machine's load touches both alike)."""
+        self.rows = []
+        w = self.work / "round-enc"
+        remove(w)
+        w.mkdir(parents=True)
+        disk = self.work / "disk.img"
+        remove(disk)
+        subprocess.run(["cp", "--sparse=always", str(self.base), str(disk)], check=True)
+        lvb = lvbackup_cmd()
+        (w / "passphrase").write_text("lvbackup-bench\n")
+        cfgs = {LVB: write_lvbackup_config(w / "plain"),
+                LVBE: write_lvbackup_config(w / "enc", passphrase_file=w / "passphrase")}
+        repos = {LVB: w / "plain" / "repo", LVBE: w / "enc" / "repo"}
+        for tool, cfg in cfgs.items():
+            self.step("init", tool, [lvb, "--config", cfg, "--json", "init",
+                                     *(["--encryption"] if tool == LVBE else [])],
+                      repo=repos[tool])
+        ids: dict[str, dict[str, str | None]] = {LVB: {}, LVBE: {}}
+        for tool, cfg in cfgs.items():
+            row, r = self.step("full backup", tool, [lvb, "--config", cfg, "--json", "--quiet",
+                                                     "create", "--device", disk],
+                               stdout="capture", warm_paths=[disk], repo=repos[tool])
+            ids[tool]["full"] = record_id(row, r)
+        apply_changes(disk, self.plan)
+        changed_hash = hash_file(disk)
+        for tool, cfg in cfgs.items():
+            row, r = self.step("incremental", tool, [lvb, "--config", cfg, "--json", "--quiet",
+                                                     "create", "--device", disk, "--incremental"],
+                               stdout="capture", warm_paths=[disk], repo=repos[tool])
+            ids[tool]["incr"] = record_id(row, r)
+        target = w / "restored.img"
+        for step, to, kw in (("restore to pipe", "-", {"stdout": "hash"}),
+                             ("restore to file", str(target), {"out_file": target})):
+            for tool, cfg in cfgs.items():
+                incr = ids[tool].get("incr")
+                if incr is None:
+                    self.missing(step, tool, "no incremental backup to restore")
+                    continue
+                self.step(step, tool, [lvb, "--config", cfg, "--quiet", "restore", incr,
+                                       "--to-file", to],
+                          warm_paths=[repos[tool]], expect=changed_hash, **kw)
+        if not self.args.keep:
+            remove(w)
+            remove(disk)
+        return self.rows
+
+
 def record_id(row: Row, r) -> str | None:
     """The backup id in `lvbackup --json create` output; marks the row failed if there is none."""
     if row.status != "ok":
@@ -315,6 +366,26 @@ def speedup(rows, step, tool, by: str = "wall_s") -> float | None:
     if not peer or not mine or peer.status != "ok" or mine.status != "ok" or not getattr(mine, by):
         return None
     return getattr(peer, by) / getattr(mine, by)
+
+
+# The encrypted repository's cost, as the ratio of its wall time to the unencrypted one's.
+ENCRYPTION_LIMITS = {"full backup": 1.25, "incremental": 1.1, "restore to pipe": 1.25,
+                     "restore to file": 1.25}
+
+
+def encryption_targets(rows: list[Row]) -> list[dict]:
+    out = []
+    for step, limit in ENCRYPTION_LIMITS.items():
+        plain, enc = find(rows, step, LVB), find(rows, step, LVBE)
+        ok = plain and enc and plain.status == enc.status == "ok" and plain.wall_s
+        got = enc.wall_s / plain.wall_s if ok else None
+        cpu = enc.cpu_s / plain.cpu_s if ok and plain.cpu_s else None
+        out.append({"target": f"encrypted {step} within {limit:g}x of unencrypted",
+                    "want": f"<= {limit:g}x", "got": None if got is None else round(got, 3),
+                    "cpu_ratio": None if cpu is None else round(cpu, 3),
+                    "status": "n/a (a step failed)" if got is None else
+                    "met" if got <= limit else "MISSED"})
+    return out
 
 
 def targets(rows: list[Row], changed_bytes: int) -> list[dict]:
@@ -449,6 +520,9 @@ def main(argv=None) -> int:
                     help="do not apt-get install missing peers (they are reported missing)")
     ap.add_argument("--keep", action="store_true", help="keep the repositories afterwards")
     ap.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
+    ap.add_argument("--encryption", action="store_true",
+                    help="compare lvbackup on an encrypted repository with an unencrypted one "
+                         "(no peers)")
     ap.add_argument("--show", metavar="FILE", help="print the table and targets of a JSON written "
                     "by --json, and exit")
     args = ap.parse_args(argv)
@@ -467,7 +541,8 @@ def main(argv=None) -> int:
     info = machine_info(work)
     log(f"{info['nproc']} CPUs ({info['cpu']}), kernel {info['kernel']}, Python {info['python']}, "
         f"load average {' '.join(f'{x:.2f}' for x in info['loadavg_at_start'])}")
-    peers = ensure_peers(not args.no_install, log)
+    peers = ({"zstd": None, "borg": None, "restic": None} if args.encryption
+             else ensure_peers(not args.no_install, log))
     versions = {"lvbackup": version_of([lvbackup_cmd(), "--version"])}
     for cmd, argv_v in (("zstd", ["zstd", "--version"]), ("borg", ["borg", "--version"]),
                         ("restic", ["restic", "version"])):
@@ -488,9 +563,9 @@ def main(argv=None) -> int:
     for i in range(args.repeat):
         if args.repeat > 1:
             log(f"round {i + 1} of {args.repeat}")
-        rounds.append(bench.round())
+        rounds.append(bench.encryption_round() if args.encryption else bench.round())
     rows = median_rows(rounds)
-    tg = targets(rows, changed_bytes)
+    tg = encryption_targets(rows) if args.encryption else targets(rows, changed_bytes)
     info["loadavg_at_end"] = list(os.getloadavg())
 
     print(f"lvbackup benchmark: {size / GiB:.2f} GiB image (25 % holes, 35 % text, 40 % random, "

@@ -22,6 +22,7 @@ from sqlite_utils import Migrations
 
 from .errors import LvbackupError, NotFoundError, UsageError
 from .lifecycle import COUNTED, Status, check_initial, check_transition
+from .permissions import create_private_file, make_private_dirs, refuse_writable_by_others
 from .sqlitefile import open_error
 from .timeutil import now_iso
 
@@ -165,7 +166,10 @@ class Catalog:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(self.path.parent)
+            refuse_writable_by_others(self.path.parent, "catalog directory")
+            refuse_writable_by_others(self.path, "catalog")
+            create_private_file(self.path)
             conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             # No sqlite-utils plugins: they have no business in the catalog, and finding
             # them (an entry-point scan) is a tenth of every command's start-up.

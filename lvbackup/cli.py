@@ -9,6 +9,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -25,6 +26,7 @@ from .operations.diff import diff_backups
 from .operations.inventory import create_snapshot, delete_snapshot, list_snapshots
 from .operations.inventory import volumes as list_volumes
 from .operations.jobs import run_jobs
+from .operations.key import add_key, change_passphrase, export_key, import_key, list_keys
 from .operations.maintenance import collect_garbage, init_repository, rebuild_catalog
 from .operations.prune import prune as prune_backups
 from .operations.records import export_record as export_backup_record
@@ -118,6 +120,20 @@ class App:
             yield update
 
 
+def read_text_input(source: str) -> str:
+    """The text of FILE or of standard input ("-"); undecodable text becomes a NUL, which
+    every parser refuses."""
+    try:
+        if source == "-":
+            return sys.stdin.read()
+        with open(source) as f:
+            return f.read(1 << 20)
+    except OSError as e:
+        raise UsageError(f"cannot read {source}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        return "\x00"
+
+
 class Group(click.Group):
     """Reports an LvbackupError as exit_status() does, also when click runs the command
     in standalone mode (tests, shell completion)."""
@@ -168,21 +184,30 @@ label_option = click.option("--label", "labels", multiple=True, metavar="KEY=VAL
 
 @cli.command()
 @click.option("--block-size", metavar="N", help="Block size of a new repository (e.g. 128K).")
+@click.option("--encryption", is_flag=True,
+              help="Encrypt a new repository: the passphrase from $LVBACKUP_PASSPHRASE, "
+                   "passphrase_file: or passphrase_command:, or key_file: (config).")
 @pass_app
-def init(app: App, block_size: str | None) -> None:
+def init(app: App, block_size: str | None, encryption: bool) -> None:
     """Create the repository and the catalog (idempotent).
 
     \b
     Example:
       lvbackup --config /etc/lvbackup/lvbackup.yaml init --block-size 128K
+      LVBACKUP_PASSPHRASE=... lvbackup init --encryption && lvbackup key export > key.txt
     """
-    result = init_repository(app.config, parse_size(block_size) if block_size else None)
+    result = init_repository(app.config, parse_size(block_size) if block_size else None,
+                             encryption)
 
     def human(r: dict) -> None:
         verb = "Created" if r["created"] else "Using existing"
         size = human_size(r["block_size"])
-        click.echo(f"{verb} repository {r['repository']} (block size {size}),"
+        kind = "encrypted" if r["encrypted"] else "unencrypted"
+        click.echo(f"{verb} {kind} repository {r['repository']} (block size {size}),"
                    f" catalog {r['catalog']}")
+        if r["created"] and r["encrypted"]:
+            click.echo("Back its key up now: 'lvbackup key export' (without the key and "
+                       "its passphrase, no backup can be read)")
 
     app.emit(result, human)
 
@@ -576,17 +601,7 @@ def import_record(app: App, source: str, wait: float) -> None:
     Example:
       lvbackup import-record 3f2a.record
     """
-    try:
-        if source == "-":
-            text = sys.stdin.read()
-        else:
-            with open(source) as f:
-                text = f.read()
-    except OSError as e:
-        raise UsageError(f"cannot read {source}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        text = "\x00"
-    rec = import_backup_record(app.session(wait), text)
+    rec = import_backup_record(app.session(wait), read_text_input(source))
     app.emit(rec, lambda r: click.echo(f"Imported backup {r['id']}"))
 
 
@@ -665,6 +680,110 @@ def snapshot_delete(app: App, snap: str) -> None:
       lvbackup snapshot delete vg0/data-0300
     """
     app.emit(delete_snapshot(snap), lambda r: click.echo(f"Deleted snapshot {r['full_name']}"))
+
+
+@cli.group()
+def key() -> None:
+    """An encrypted repository's keys: export them (keep that copy safe), import, add a
+    passphrase or key file, change a passphrase. Secrets never come from arguments.
+
+    \b
+    Example:
+      lvbackup key export --to /root/lvbackup-key.txt
+      LVBACKUP_NEW_PASSPHRASE=... lvbackup key change-passphrase
+    """
+
+
+@key.command("list")
+@pass_app
+def key_list(app: App) -> None:
+    """List the key slots (each a passphrase or key file that opens the repository).
+
+    \b
+    Example:
+      lvbackup key list
+    """
+    def human(rows: list[dict]) -> None:
+        for r in rows:
+            click.echo(f"{r['slot']}  {r['kind']}{'  (used now)' if r['used'] else ''}")
+
+    app.emit(list_keys(app.session()), human)
+
+
+@key.command("export")
+@click.option("--to", "to", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write it to this new file (0600) instead of standard output.")
+@pass_app
+def key_export(app: App, to: str | None) -> None:
+    """Print the key slots as text: with a passphrase (or key file), it opens the backups
+    even if the repository's own slots are lost. Keep it apart from the repository.
+
+    \b
+    Example:
+      lvbackup key export --to /root/lvbackup-key.txt
+    """
+    text = export_key(app.session(), Path(to) if to else None)
+    if to is None:
+        click.echo(text, nl=False)   # JSON already
+    else:
+        app.emit({"exported_to": to}, lambda r: click.echo(f"Key exported to {to}"))
+
+
+@key.command("import")
+@click.argument("source", metavar="FILE|-")
+@pass_app
+def key_import(app: App, source: str) -> None:
+    """Put the key slots of a key export back into the repository.
+
+    \b
+    Example:
+      LVBACKUP_PASSPHRASE=... lvbackup key import /root/lvbackup-key.txt
+    """
+    text = read_text_input(source)
+    app.emit(import_key(app.session(), text),
+             lambda r: click.echo(f"Imported {len(r['slots_added'])} key slots"))
+
+
+new_passphrase_option = click.option(
+    "--new-passphrase-file", type=click.Path(dir_okay=False), metavar="FILE",
+    help="Read the new passphrase from this file [default: $LVBACKUP_NEW_PASSPHRASE].")
+
+
+@key.command("add")
+@new_passphrase_option
+@click.option("--key-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Create a new key file here (0600) and add it, instead of a passphrase.")
+@pass_app
+def key_add(app: App, new_passphrase_file: str | None, key_file: str | None) -> None:
+    """Add another passphrase or key file that opens the repository.
+
+    \b
+    Example:
+      LVBACKUP_NEW_PASSPHRASE=... lvbackup key add
+      lvbackup key add --key-file /root/lvbackup.key
+    """
+    if new_passphrase_file and key_file:
+        raise UsageError("give --new-passphrase-file or --key-file, not both")
+    result = add_key(app.session(), Path(new_passphrase_file) if new_passphrase_file else None,
+                     Path(key_file) if key_file else None)
+    app.emit(result, lambda r: click.echo(f"Added {r['kind'].replace('_', ' ')} slot "
+                                          f"{r['slot']}"))
+
+
+@key.command("change-passphrase")
+@new_passphrase_option
+@pass_app
+def key_change_passphrase(app: App, new_passphrase_file: str | None) -> None:
+    """Replace the current passphrase (no data is rewritten).
+
+    \b
+    Example:
+      LVBACKUP_PASSPHRASE=old LVBACKUP_NEW_PASSPHRASE=new lvbackup key change-passphrase
+    """
+    result = change_passphrase(app.session(),
+                               Path(new_passphrase_file) if new_passphrase_file else None)
+    app.emit(result, lambda r: click.echo(f"Passphrase changed (slot {r['slot']} replaces "
+                                          f"{r['replaced']})"))
 
 
 @cli.command()
@@ -770,6 +889,9 @@ def exit_status(e: BaseException, verbose: bool = False) -> int:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
+    # What lvbackup creates is its owner's alone (docs/security.md), also files that other
+    # code creates for it (SQLite's, gc's scratch database); metrics set their own mode.
+    os.umask(0o077)
     tune_malloc()
     verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
     try:

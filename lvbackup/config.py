@@ -18,6 +18,7 @@ import yaml
 from .errors import UsageError
 from .events import DEFAULT_HOOK_TIMEOUT, Hook, matching_events
 from .labels import check_label
+from .permissions import refuse_writable_by_others
 from .retention import KINDS, Policy
 
 DEFAULT_CONFIG_PATH = Path("/etc/lvbackup/lvbackup.yaml")
@@ -66,6 +67,11 @@ class Config:
     metrics: Path | None = None
     hooks: tuple[Hook, ...] = ()
     jobs: dict[str, Job] = field(default_factory=dict)
+    # An encrypted repository's secret (credentials.py): never a command-line argument.
+    passphrase_file: Path | None = None
+    passphrase_command: tuple[str, ...] | None = None   # argv, run without a shell
+    key_file: Path | None = None
+    append_only: bool = False   # delete, prune and gc refuse; nothing stored is removed
     source: str = "defaults"
 
     @property
@@ -79,6 +85,10 @@ def _path(value: Any, key: str, base: Path) -> Path:
     return (base / os.path.expanduser(value)).resolve() if not os.path.isabs(value) else Path(value)
 
 
+def _optional_path(raw: dict, key: str, base: Path) -> Path | None:
+    return _path(raw[key], key, base) if raw.get(key) is not None else None
+
+
 def _int(value: Any, key: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"config key '{key}' must be a whole number from {low} to {high}")
@@ -87,7 +97,8 @@ def _int(value: Any, key: str, low: int, high: int) -> int:
 
 _KEYS = ("repository", "catalog", "cache_dir", "compression_level", "workers",
          "temp_snapshot_size", "keep_snapshot", "change_tracking", "change_sample",
-         "event_log", "metrics", "hooks", "jobs")
+         "event_log", "metrics", "hooks", "jobs", "passphrase_file", "passphrase_command",
+         "key_file", "append_only")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _JOB_KEYS = ("volume", "snapshot_of", "device", "force", "incremental", "full_every", "keep",
              "labels", "keep_snapshot")
@@ -257,6 +268,8 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     cfg_path = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
     raw: dict[str, Any] = {}
     if cfg_path.exists() or explicit:
+        refuse_writable_by_others(cfg_path.parent, "configuration directory")
+        refuse_writable_by_others(cfg_path, "configuration file")
         try:
             text = cfg_path.read_text()
         except FileNotFoundError:
@@ -287,6 +300,11 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     catalog = _path(raw.get("catalog", str(DEFAULT_STATE_DIR / "catalog.db")), "catalog", base)
     cache_dir = (_path(raw["cache_dir"], "cache_dir", base) if "cache_dir" in raw
                  else catalog.parent / "cache")
+    append_only = _bool(raw.get("append_only", False), "append_only")
+    jobs = _jobs(raw.get("jobs"), base)
+    if append_only and any(job.keep for job in jobs.values()):
+        raise ConfigError("config key 'append_only': no job may have 'keep:' (retention "
+                          "deletes backups); prune from a host allowed to delete")
     return Config(
         repository=repository,
         catalog=catalog,
@@ -301,7 +319,13 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
                    if raw.get("event_log") is not None else None),
         metrics=_path(raw["metrics"], "metrics", base) if raw.get("metrics") is not None else None,
         hooks=_hooks(raw.get("hooks")),
-        jobs=_jobs(raw.get("jobs"), base),
+        jobs=jobs,
+        passphrase_file=_optional_path(raw, "passphrase_file", base),
+        passphrase_command=(_strings(raw["passphrase_command"], "passphrase_command",
+                                     "arguments (argv, no shell)")
+                            if raw.get("passphrase_command") is not None else None),
+        key_file=_optional_path(raw, "key_file", base),
+        append_only=append_only,
         source=str(cfg_path) if raw or explicit else "defaults",
     )
 

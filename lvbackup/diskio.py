@@ -133,7 +133,8 @@ class AtomicFile:
         self.replace = replace
         where = Path(tmp_dir) if tmp_dir is not None else self.path.parent
         self.tmp = where / f"{self.path.name}.lvbackup-{uuid.uuid4().hex[:8]}.tmp"
-        self.fd = open_file(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode, direct=direct)
+        self.fd = open_file(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode,
+                            direct=direct)
         self._open = True
 
     def _close(self) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .permissions import FILE_MODE, make_private_dirs
 from .timeutil import now_iso
 
 CREATE_START = "backup.create.start"
@@ -111,9 +112,10 @@ class Events:
         assert self.event_log is not None
         data = (line + "\n").encode()
         try:
-            self.event_log.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(self.event_log.parent)
             # One write(2) with O_APPEND: lines of concurrent runs never interleave.
-            fd = os.open(self.event_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = os.open(self.event_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                         FILE_MODE)
             try:
                 os.write(fd, data)
             finally:

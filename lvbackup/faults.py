@@ -32,6 +32,8 @@ POINTS = (
     "gc-old-index-deleted",    # gc: only the new index exists, dead packs remain
     "gc-pack-deleted",         # gc: some dead packs are deleted
     "metadata-reserved",       # backup: a thin pool's metadata snapshot is reserved
+    "key-slot-stored",         # init --encryption / key change-passphrase: a new key slot
+                               # is stored; the config / the old slot's deletion is not
 )
 
 

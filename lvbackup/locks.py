@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .errors import LockedError, UsageError
+from .permissions import FILE_MODE, make_private_dirs
 
 
 class FileLock:
@@ -27,8 +28,8 @@ class FileLock:
     def acquire(self, wait: float = 0.0) -> FileLock:
         """Take the lock, waiting up to `wait` seconds; raise LockedError (exit 75) if held."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            make_private_dirs(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
         except OSError as e:
             raise UsageError(f"cannot create the lock file {self.path}: {e.strerror}; "
                              "set cache_dir in the configuration") from None

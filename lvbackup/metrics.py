@@ -105,7 +105,9 @@ def record_backup(path: Path, lock_dir: Path, volume: str, *, ok: bool, ended_at
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` atomically; readable by the node_exporter (0644)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o755)   # the node_exporter must reach it, whatever the umask
     # A temporary name the textfile collector ignores (it reads only *.prom).
     with AtomicFile(path, mode=0o644) as f:
         os.write(f.fd, text.encode())

@@ -11,6 +11,7 @@ from pathlib import Path
 from . import events as ev
 from .catalog import BackupRecord, Catalog, as_record
 from .config import Config
+from .credentials import configured_key, secrets
 from .errors import CorruptionError, UsageError
 from .lifecycle import Status
 from .locks import repository_lock, run_is_alive
@@ -46,7 +47,7 @@ class Session:
     @property
     def repo(self) -> Repository:
         if self._repo is None:
-            self._repo = Repository.open(self.config.repository, self.config.cache_dir)
+            self._repo = open_repository(self.config)
         return self._repo
 
     @property
@@ -59,6 +60,11 @@ class Session:
         if self._repo is not None:
             self._repo.close()
 
+    def refuse_if_append_only(self, what: str) -> None:
+        if self.config.append_only:
+            raise UsageError(f"{what} is refused: append_only: is set ({self.config.source}), "
+                             "so no backup may be deleted from this host")
+
     def shared_lock(self) -> AbstractContextManager:
         return repository_lock(self.lock_dir, exclusive=False).acquire(self.wait)
 
@@ -66,6 +72,21 @@ class Session:
         return repository_lock(self.lock_dir, exclusive=True).acquire(self.wait)
 
 
+
+
+def open_repository(config: Config) -> Repository:
+    """The configured repository, unlocked with the configured secrets if encrypted. A
+    configuration that names a key refuses an unencrypted repository: storage that swapped
+    in an unencrypted config would otherwise be sent the next backups in plaintext."""
+    repo = Repository.open(config.repository, config.cache_dir, lambda: secrets(config),
+                           append_only=config.append_only)
+    key = configured_key(config)
+    if key is not None and not repo.encrypted:
+        repo.close()
+        raise UsageError(f"repository {config.repository} is not encrypted, but the "
+                         f"configuration gives it a key ({key}:); remove {key}: or use an "
+                         "encrypted repository ('lvbackup init --encryption')")
+    return repo
 
 
 def recover_dead_runs(session: Session) -> list[BackupRecord]:
@@ -80,7 +101,12 @@ def recover_dead_runs(session: Session) -> list[BackupRecord]:
     for row in cat.in_states(Status.CREATING, Status.RESTORING, Status.DELETING):
         if run_is_alive(session.lock_dir, row["id"]):
             continue
-        manifest = _manifest_or_none(session, row["id"])
+        if row["status"] != Status.RESTORING and not _repository_opens(session):
+            # Absent, or encrypted and no key given: whether its manifest exists cannot be
+            # told, so the row is left for a run that can open the repository.
+            continue
+        manifest = (None if row["status"] == Status.RESTORING
+                    else _manifest_or_none(session, row["id"]))
         has_manifest = manifest is not None
         fields: dict[str, object]
         if row["status"] == Status.CREATING:
@@ -109,10 +135,17 @@ def recover_dead_runs(session: Session) -> list[BackupRecord]:
     return changed
 
 
+def _repository_opens(session: Session) -> bool:
+    try:
+        return session.repo is not None
+    except UsageError:
+        return False
+
+
 def _manifest_or_none(session: Session, backup_id: str) -> Manifest | None:
     try:
         return session.repo.manifest(backup_id)
-    except (CorruptionError, UsageError):
+    except CorruptionError:
         return None
 
 

@@ -61,13 +61,18 @@ def check_readable(path: str) -> os.stat_result:
     return st
 
 
+def device_volume_id(resolved: str) -> str:
+    """The volume id of a device or image, from its resolved path (no LVM lineage)."""
+    return str(uuid.uuid5(_DEVICE_NAMESPACE, resolved))
+
+
 def device_source(path: str) -> SourceFactory:
     """Any block device or image file; its volume id is derived from its resolved path."""
     @contextmanager
     def open_source(_run_id: str, begin: Begin) -> Iterator[Source]:
         resolved = os.path.realpath(path)
         check_readable(resolved)
-        source = Source(path=resolved, volume_id=str(uuid.uuid5(_DEVICE_NAMESPACE, resolved)),
+        source = Source(path=resolved, volume_id=device_volume_id(resolved),
                         volume_name=resolved)
         begin(source)
         yield source

@@ -44,16 +44,22 @@ def open_target(to: str | None, to_file: str | None, size: int, force: bool) -> 
     path = to if to is not None else to_file
     assert path is not None
     try:
-        st = os.stat(path)
+        # --to follows links (/dev/VG/LV is one); --to-file never writes through one.
+        st = os.stat(path) if to is not None else os.lstat(path)
     except FileNotFoundError:
         st = None
     except OSError as e:
         raise UsageError(f"cannot access {path}: {e.strerror}") from None
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{path} is a directory; give a file or device path")
+    if to_file is not None and st is not None and not stat.S_ISREG(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise UsageError(f"restore target {path} is {kind}; --to-file writes only a new or "
+                         "regular file (never through a link, never over a device node): "
+                         "give another path, or restore onto a device with --to")
     if to is not None and st is None:
         raise UsageError(f"restore target {path} does not exist; use --to-file to create a file")
-    existing = to is not None or (st is not None and stat.S_ISBLK(st.st_mode))
+    existing = to is not None
     # Not a character device or a FIFO: those take no O_DIRECT.
     direct = st is None or stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)
     try:
@@ -90,14 +96,15 @@ def is_lv_name(spec: str) -> bool:
     return not spec.startswith(("/", ".")) and spec.count("/") == 1
 
 
-def lv_target(spec: str, force: bool) -> str:
-    """The device path of an existing LV to restore onto (refused while open, unless forced)."""
+def lv_target(spec: str, force: bool) -> tuple[str, str]:
+    """(device path, LV uuid) of an existing LV to restore onto (refused while open, unless
+    forced)."""
     target = lvm.find_lv(spec)
     if target.is_open and not force:
         raise UsageError(f"volume {target.full_name} is in use; close it or pass --force")
     if not target.is_active:
         lvm.activate(target)
-    return target.path
+    return target.path, target.uuid
 
 
 def create_volume_target(spec: str, size: int, thin_pool: str | None) -> tuple[str, bool]:

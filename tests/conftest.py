@@ -65,6 +65,8 @@ def invoke(workdir: support.Workdir, monkeypatch):
     for key in ("LVBACKUP_CONFIG", "LVBACKUP_REPOSITORY", "LVBACKUP_CATALOG",
                 "LVBACKUP_CACHE_DIR"):
         monkeypatch.delenv(key, raising=False)
+    if support.ENCRYPTED:
+        monkeypatch.setenv("LVBACKUP_PASSPHRASE", support.clean_env()["LVBACKUP_PASSPHRASE"])
     runner = CliRunner()
 
     def _invoke(*args, config: Path | None = None):

@@ -122,9 +122,18 @@ def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
 
 # --- running the command ------------------------------------------------------------------
 
+# LVBACKUP_TEST_ENCRYPTED=1 runs the command-line suites on encrypted repositories: every
+# Workdir's `init` adds --encryption and every command gets the passphrase.
+ENCRYPTED = os.environ.get("LVBACKUP_TEST_ENCRYPTED") == "1"
+
+
 def clean_env() -> dict[str, str]:
-    """The environment without LVBACKUP_* overrides (config.py honours them)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("LVBACKUP_")}
+    """The environment without LVBACKUP_* overrides (config.py honours them), but with the
+    passphrase when the suites run encrypted."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LVBACKUP_")}
+    if ENCRYPTED:
+        env["LVBACKUP_PASSPHRASE"] = "encrypted test suite"
+    return env
 
 
 def write_config(path: Path, repository: Path, catalog: Path, **extra: Any) -> Path:
@@ -209,7 +218,8 @@ class Workdir:
                                 env=clean_env())
 
     def init(self, block_size: str | None = "64K") -> dict:
-        return self.run_json("init", *(["--block-size", block_size] if block_size else []))
+        return self.run_json("init", *(["--block-size", block_size] if block_size else []),
+                             *(["--encryption"] if ENCRYPTED else []))
 
     def create(self, device: Path, *args: Any, config: Path | None = None) -> dict:
         rec = self.run_json("create", "--device", device, *args, config=config)

@@ -18,8 +18,10 @@ from lvbackup.errors import CorruptionError
 from lvbackup.repository.codec import (
     FLAG_RAW,
     FLAG_ZSTD,
+    PLAIN,
     Buffer,
     CodecError,
+    SealingCodec,
     Verdict,
     block_digest,
     check_block,
@@ -28,6 +30,7 @@ from lvbackup.repository.codec import (
     decode_into,
     decompress_object,
     encode,
+    recode,
     seal,
     stored_is_plain,
     unseal,
@@ -285,7 +288,7 @@ def repo(tmp_path: Path) -> Iterator[Repository]:
 
 def _store(repo: Repository, chunks: list[tuple[bytes, Buffer, int, int]]) -> list[ChunkRef]:
     """Store (chunk id, blob, plaintext length, flags) in one pack; their refs."""
-    builder = PackBuilder()
+    builder = PackBuilder(1 << 20, PLAIN.trailer_digest)
     for cid, blob, length, flags in chunks:
         builder.add(cid, blob, length, flags)
     pack_id, data, refs = builder.finish()
@@ -316,3 +319,53 @@ def test_read_path_reports_what_the_codec_refuses_as_damage(repo: Repository,
     with pytest.raises(ChunkError) as e:
         repo.read_chunk(ref)
     assert e.value.damaged and ref.chunk_id.hex() in str(e.value)
+
+
+# --- encrypting codecs ------------------------------------------------------------------------
+
+def test_sealing_codec_round_trip_and_binding() -> None:
+    """Keyed ids; blobs open only under their own id and flags; sealed objects only under
+    their own name, in their own repository."""
+    a, b = SealingCodec(os.urandom(32), "repo-a"), SealingCodec(os.urandom(32), "repo-a")
+    for block in (text_block(), os.urandom(BLOCK)):
+        cid = a.chunk_id(block)
+        assert cid != chunk_id(block) and cid != b.chunk_id(block)
+        blob, flags = a.encode(cid, block, 3)
+        assert block[:64] not in bytes(blob) and not a.stored_is_plain(flags)
+        out = memoryview(bytearray(len(block)))
+        a.decode_into(cid, blob, flags, out)
+        assert bytes(out) == block and a.check_block(out, cid, None) is Verdict.SOUND
+        for bad_id, bad_blob, bad_flags in ((a.chunk_id(b"x"), blob, flags),
+                                            (cid, flip(bytes(blob), 200), flags),
+                                            (cid, blob, flags ^ 1), (cid, blob[:20], flags)):
+            with pytest.raises(CodecError):
+                a.decode_into(bad_id, bad_blob, bad_flags, memoryview(bytearray(len(block))))
+        with pytest.raises(CodecError):
+            b.decode_into(cid, blob, flags, memoryview(bytearray(len(block))))
+    sealed = a.seal(b"TESTMAG1", b"payload", "manifests/one")
+    assert a.unseal(b"TESTMAG1", sealed, "thing", "manifests/one") == b"payload"
+    for name, codec in (("manifests/two", a), ("manifests/one", b)):
+        with pytest.raises(CodecError, match="thing is corrupt"):
+            codec.unseal(b"TESTMAG1", sealed, "thing", name)
+    other_repo = SealingCodec(b"\x01" * 32, "repo-b")
+    same_key = SealingCodec(b"\x01" * 32, "repo-a")
+    with pytest.raises(CodecError):
+        other_repo.unseal(b"TESTMAG1", same_key.seal(b"TESTMAG1", b"p", "n"), "thing", "n")
+
+
+@pytest.mark.parametrize("direction", ["plain to sealed", "sealed to sealed", "sealed to plain"])
+def test_recode_moves_a_chunk_between_codecs(direction: str) -> None:
+    sealed = SealingCodec(os.urandom(32), "src")
+    src, dst = {"plain to sealed": (PLAIN, sealed),
+                "sealed to sealed": (sealed, SealingCodec(os.urandom(32), "dst")),
+                "sealed to plain": (sealed, PLAIN)}[direction]
+    block = text_block()
+    cid = src.chunk_id(block)
+    blob, flags = src.encode(cid, block, 3)
+    new_id, new_blob, new_flags = recode(src, dst, cid, blob, flags, len(block), 3)
+    assert new_id == dst.chunk_id(block)
+    out = memoryview(bytearray(len(block)))
+    dst.decode_into(new_id, new_blob, new_flags, out)
+    assert bytes(out) == block
+    with pytest.raises(CodecError):
+        recode(src, dst, src.chunk_id(b"other"), blob, flags, len(block), 3)

@@ -16,6 +16,7 @@ import blake3
 import pytest
 
 from lvbackup.repository.backends import LocalBackend
+from lvbackup.repository.codec import PLAIN
 from lvbackup.repository.index import decode_index
 from lvbackup.repository.pack import read_trailer
 
@@ -116,7 +117,7 @@ def restores(wd: Workdir, bid: str, data: bytes) -> None:
 def _pack_refs(wd: Workdir, pack: str):
     storage = LocalBackend(wd.repo)
     try:
-        return read_trailer(storage, bytes.fromhex(Path(pack).name))
+        return read_trailer(storage, bytes.fromhex(Path(pack).name), PLAIN)
     finally:
         storage.close()
 
@@ -177,7 +178,7 @@ def test_corrupt_index_is_reported_even_when_backups_are_fine(case):
     """An index file listing a pack no backup needs is still damage worth exit 1."""
     index = next(iter(case.indexes[1]))
     storage = LocalBackend(case.wd.repo)
-    groups = list(decode_index(index, storage.get(index)))
+    groups = list(decode_index(index, storage.get(index), PLAIN))
     storage.close()
     assert len(groups) == 1
     case.wd.run_json("delete", case.ids[1])

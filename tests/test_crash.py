@@ -22,7 +22,7 @@ import blake3
 import pytest
 
 from lvbackup.repository.backends import LocalBackend
-from lvbackup.repository.codec import FLAG_RAW
+from lvbackup.repository.codec import FLAG_RAW, PLAIN
 from lvbackup.repository.index import ChunkIndex, decode_index
 from lvbackup.repository.pack import ChunkRef
 from lvbackup.repository.repo import Repository
@@ -130,7 +130,7 @@ def indexed_packs(wd: Workdir) -> set[str]:
     storage = LocalBackend(wd.repo)
     try:
         return {pack_id.hex() for name in wd.files("index")
-                for pack_id, _ in decode_index(name, storage.get(name))}
+                for pack_id, _ in decode_index(name, storage.get(name), PLAIN)}
     finally:
         storage.close()
 

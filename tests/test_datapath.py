@@ -16,15 +16,20 @@ from lvbackup.datapath.blockmap import FileBlocks, Kind, Run
 from lvbackup.datapath.reader import BackupReader
 from lvbackup.datapath.restore import BlockError, restore_blocks
 from lvbackup.errors import LvbackupError, UsageError
+from lvbackup.repository.keys import PASSPHRASE, Secret
 from lvbackup.repository.manifest import PAGE_ENTRIES
 from lvbackup.repository.repo import Repository
 
 BS = 64 * 1024
 
 
-@pytest.fixture
-def repo(tmp_path) -> Iterator[Repository]:
-    r, _ = Repository.init(tmp_path / "repo", tmp_path / "cache", BS)
+@pytest.fixture(params=["plain", "encrypted"])
+def repo(tmp_path, request) -> Iterator[Repository]:
+    """Every data-path test runs on an unencrypted and on an encrypted repository."""
+    secret = [Secret(PASSPHRASE, b"datapath", "test")]
+    r, _ = Repository.init(tmp_path / "repo", tmp_path / "cache", BS, lambda: secret,
+                           encrypt=request.param == "encrypted")
+    assert r.encrypted == (request.param == "encrypted")
     yield r
     r.close()
 

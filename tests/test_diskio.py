@@ -16,7 +16,7 @@ import pytest
 from lvbackup import diskio
 from lvbackup.repository import repo as repo_mod
 from lvbackup.repository.backends import LocalBackend
-from lvbackup.repository.codec import FLAG_RAW
+from lvbackup.repository.codec import FLAG_RAW, PLAIN
 from lvbackup.repository.pack import PackBuilder, pack_name, read_trailer
 from lvbackup.repository.repo import Repository
 
@@ -97,7 +97,7 @@ def test_pwrite_all_writes_padding_only_to_be_truncated(tmp_path):
 
 
 def test_pack_buffer_refuses_what_does_not_fit():
-    b = PackBuilder(4096)
+    b = PackBuilder(4096, PLAIN.trailer_digest)
     b.add(b"\1" * 32, b"x" * 1000, 1000, FLAG_RAW)
     assert not b.room(4000)
     with pytest.raises(ValueError):
@@ -107,7 +107,7 @@ def test_pack_buffer_refuses_what_does_not_fit():
 
 
 def test_reused_pack_buffer_holds_only_the_new_pack():
-    b = PackBuilder(1 << 16)
+    b = PackBuilder(1 << 16, PLAIN.trailer_digest)
     b.add(b"\1" * 32, b"first" * 1000, 5000, FLAG_RAW)
     first_id, first, _ = b.finish()
     first = bytes(first)
@@ -135,7 +135,7 @@ def test_many_tiny_chunks_are_split_into_packs(tmp_path, monkeypatch):
         assert len(packer.pack_ids) == 5   # 7 + 7 + 7 + 7 + 2
         seen = {}
         for pack_id in packer.pack_ids:
-            refs = read_trailer(repo.storage, pack_id)
+            refs = read_trailer(repo.storage, pack_id, PLAIN)
             assert len(refs) <= 7
             assert _named((tmp_path / "repo" / pack_name(pack_id)).read_bytes()) == pack_id
             for r in refs:
@@ -148,7 +148,7 @@ def test_many_tiny_chunks_are_split_into_packs(tmp_path, monkeypatch):
 def test_pack_buffer_takes_every_kind_of_blob():
     """Blobs come as bytes (compressed), views of a segment buffer (raw blocks), or other
     buffers (gc); each is copied in exactly."""
-    b = PackBuilder(1 << 16)
+    b = PackBuilder(1 << 16, PLAIN.trailer_digest)
     seg = diskio.aligned_buffer(4096)
     seg[:4] = b"view"
     blobs = [b"bytes", bytearray(b"bytearray"), memoryview(b"read-only view"),

@@ -21,7 +21,7 @@ import zstandard
 
 from lvbackup.errors import CorruptionError
 from lvbackup.repository.backends import LocalBackend, MissingObject
-from lvbackup.repository.codec import FLAG_RAW, FLAG_ZSTD, seal, unseal
+from lvbackup.repository.codec import FLAG_RAW, FLAG_ZSTD, PLAIN, seal, unseal
 from lvbackup.repository.index import INDEX_MAGIC, decode_index, encode_index
 from lvbackup.repository.manifest import (
     ENTRY_SIZE,
@@ -134,7 +134,7 @@ class Pages:
 def write_manifest(storage, entries: bytes, pieces: list[int], size: int, rec: dict,
                    backup_id: str = BACKUP_ID, pages: Pages | None = None) -> Pages:
     pages = pages or Pages()
-    w = ManifestWriter(storage, backup_id, pages.store)
+    w = ManifestWriter(storage, backup_id, PLAIN, pages.store)
     pos = 0
     for n in pieces:
         w.append(entries[pos:pos + n * ENTRY_SIZE])
@@ -166,7 +166,7 @@ def test_manifest_round_trip(tmp_path):
     rec = record(size=size)
     pages = write_manifest(storage, entries, [1, 7, 300, 4096], size, rec)
     assert storage.exists(manifest_name(BACKUP_ID))
-    m = Manifest(LocalBackend(tmp_path), BACKUP_ID, pages.read)
+    m = Manifest(LocalBackend(tmp_path), BACKUP_ID, PLAIN, pages.read)
     assert (m.format, m.block_size, m.size, m.blocks) == (2, 65536, size, n)
     assert m.record == rec
     for per in (1, 7, 64, 4096, n, n + 5):
@@ -187,7 +187,7 @@ def test_old_format_1_manifests_stay_readable(tmp_path):
     n = 3000
     entries = entries_for(random.Random(11), n)
     write_v1_manifest(storage, entries, n * 65536, record())
-    m = Manifest(storage, BACKUP_ID)
+    m = Manifest(storage, BACKUP_ID, PLAIN)
     assert (m.format, m.blocks, m.page_ids()) == (1, n, [])
     assert _all(m, 100) == entries
     assert m.entries_at(1234, 99).raw == entries[1234 * 48:1333 * 48]
@@ -228,24 +228,24 @@ def test_an_incremental_stores_only_the_pages_that_changed(tmp_path):
     write_manifest(storage, bytes(changed), [], n * 65536, record(id=OTHER_ID),
                    backup_id=OTHER_ID, pages=pages)
     assert len(pages.stored) == 11
-    assert _all(Manifest(storage, OTHER_ID, pages.read), 999) == bytes(changed)
+    assert _all(Manifest(storage, OTHER_ID, PLAIN, pages.read), 999) == bytes(changed)
 
 
 def test_empty_manifest_round_trip(tmp_path):
     storage = LocalBackend(tmp_path)
     write_manifest(storage, b"", [], 0, record(size=0))
-    m = Manifest(storage, BACKUP_ID)
+    m = Manifest(storage, BACKUP_ID, PLAIN)
     assert (m.size, m.blocks) == (0, 0)
     assert _all(m, 10) == b""
 
 
 def test_manifest_appears_only_on_close(tmp_path):
     storage = LocalBackend(tmp_path)
-    w = ManifestWriter(storage, BACKUP_ID, Pages().store)
+    w = ManifestWriter(storage, BACKUP_ID, PLAIN, Pages().store)
     w.append(entries_for(random.Random(3), 50))
     assert not storage.exists(manifest_name(BACKUP_ID))
     with pytest.raises(CorruptionError, match="missing"):
-        Manifest(storage, BACKUP_ID)
+        Manifest(storage, BACKUP_ID, PLAIN)
 
 
 def _manifest_bytes(tmp_path: Path, n: int) -> tuple[bytes, Pages]:
@@ -255,7 +255,7 @@ def _manifest_bytes(tmp_path: Path, n: int) -> tuple[bytes, Pages]:
 
 
 def _read_all(storage, pages: Pages | None = None) -> None:
-    m = Manifest(storage, BACKUP_ID, pages.read if pages else None)
+    m = Manifest(storage, BACKUP_ID, PLAIN, pages.read if pages else None)
     for _ in m.entries(16):
         pass
 
@@ -318,14 +318,14 @@ def test_manifest_of_another_kind_is_refused(tmp_path):
 
 def test_missing_manifest(tmp_path):
     with pytest.raises(CorruptionError, match="missing"):
-        Manifest(LocalBackend(tmp_path), BACKUP_ID)
+        Manifest(LocalBackend(tmp_path), BACKUP_ID, PLAIN)
 
 
 # --- packs -------------------------------------------------------------------------------
 
 def build_pack(rng: random.Random, count: int = 20):
     """(pack id, bytes, refs, {chunk id: plaintext})."""
-    builder = PackBuilder()
+    builder = PackBuilder(1 << 20, PLAIN.trailer_digest)
     cctx = zstandard.ZstdCompressor(level=1, write_content_size=True)
     plain = {}
     for i in range(count):
@@ -359,7 +359,7 @@ def test_pack_round_trip(repo):
     assert data.startswith(PACK_MAGIC) and data.endswith(PACK_END)
     repo.storage.put(pack_name(pack_id), data)
     assert pack_name(pack_id) == f"packs/{pack_id.hex()[:2]}/{pack_id.hex()}"
-    assert read_trailer(repo.storage, pack_id) == refs
+    assert read_trailer(repo.storage, pack_id, PLAIN) == refs
     assert [r.chunk_id for r in refs] == list(plain)
     for ref in refs:
         assert ref.pack_id == pack_id
@@ -371,19 +371,19 @@ def test_pack_round_trip(repo):
 
 
 def test_empty_pack_trailer(repo):
-    pack_id, data, refs = PackBuilder().finish()
+    pack_id, data, refs = PackBuilder(1 << 20, PLAIN.trailer_digest).finish()
     repo.storage.put(pack_name(pack_id), bytes(data))
-    assert refs == [] and read_trailer(repo.storage, pack_id) == []
+    assert refs == [] and read_trailer(repo.storage, pack_id, PLAIN) == []
 
 
 def test_pack_trailer_any_flipped_bit_is_detected(repo):
     pack_id, data, refs, _ = build_pack(random.Random(6))
     name = pack_name(pack_id)
     trailer_start = len(data) - FOOTER.size - len(refs) * 49
-    assert read_trailer(BytesStorage({name: data}), pack_id) == refs
+    assert read_trailer(BytesStorage({name: data}), pack_id, PLAIN) == refs
     for pos in range(trailer_start, len(data)):
         with pytest.raises(CorruptionError):
-            read_trailer(BytesStorage({name: flipped(data, pos)}), pack_id)
+            read_trailer(BytesStorage({name: flipped(data, pos)}), pack_id, PLAIN)
 
 
 def test_truncated_pack_is_detected(repo):
@@ -391,12 +391,12 @@ def test_truncated_pack_is_detected(repo):
     name = pack_name(pack_id)
     for cut in (0, 7, 8, 51, len(data) // 2, len(data) - FOOTER.size, len(data) - 1):
         with pytest.raises(CorruptionError):
-            read_trailer(BytesStorage({name: data[:cut]}), pack_id)
+            read_trailer(BytesStorage({name: data[:cut]}), pack_id, PLAIN)
 
 
 def test_missing_pack_is_detected(repo):
     with pytest.raises(CorruptionError):
-        read_trailer(repo.storage, b"\x11" * 32)
+        read_trailer(repo.storage, b"\x11" * 32, PLAIN)
 
 
 def test_flipped_chunk_byte_fails_its_checksum(repo):
@@ -457,51 +457,51 @@ def index_groups(rng: random.Random, packs: int = 3, per: int = 7):
 
 def test_index_round_trip():
     groups = index_groups(random.Random(10))
-    name, data = encode_index(groups)
+    name, data = encode_index(groups, PLAIN)
     assert name == f"index/{blake3.blake3(data).hexdigest()}"
     assert data.startswith(INDEX_MAGIC)
-    assert list(decode_index(name, data)) == groups
+    assert list(decode_index(name, data, PLAIN)) == groups
 
 
 def test_index_round_trip_edge_cases():
     for groups in ([], [(b"\x01" * 32, [])], index_groups(random.Random(11), packs=1, per=1)):
-        name, data = encode_index(groups)
-        assert list(decode_index(name, data)) == groups
+        name, data = encode_index(groups, PLAIN)
+        assert list(decode_index(name, data, PLAIN)) == groups
 
 
 def test_index_is_named_by_content():
     g1, g2 = index_groups(random.Random(12)), index_groups(random.Random(13))
-    assert encode_index(g1)[0] == encode_index(g1)[0]
-    assert encode_index(g1)[0] != encode_index(g2)[0]
+    assert encode_index(g1, PLAIN)[0] == encode_index(g1, PLAIN)[0]
+    assert encode_index(g1, PLAIN)[0] != encode_index(g2, PLAIN)[0]
 
 
 def test_index_any_flipped_bit_is_detected():
-    name, data = encode_index(index_groups(random.Random(14), packs=2, per=5))
+    name, data = encode_index(index_groups(random.Random(14), packs=2, per=5), PLAIN)
     for pos in range(len(data)):
         with pytest.raises(CorruptionError):
-            list(decode_index(name, flipped(data, pos)))
+            list(decode_index(name, flipped(data, pos), PLAIN))
 
 
 def test_index_truncation_is_detected():
-    name, data = encode_index(index_groups(random.Random(15)))
+    name, data = encode_index(index_groups(random.Random(15)), PLAIN)
     for cut in (0, 8, 39, 40, len(data) // 2, len(data) - 32, len(data) - 1):
         with pytest.raises(CorruptionError):
-            list(decode_index(name, data[:cut]))
+            list(decode_index(name, data[:cut], PLAIN))
 
 
 def test_index_with_valid_seal_but_torn_group_is_refused():
-    name, data = encode_index(index_groups(random.Random(16)))
+    name, data = encode_index(index_groups(random.Random(16)), PLAIN)
     payload = unseal(INDEX_MAGIC, data, "index")
     for cut in (1, 35, 36 + 48, len(payload) - 1):
         bad = seal(INDEX_MAGIC, payload[:cut])
         with pytest.raises(CorruptionError):
-            list(decode_index(name, bad))
+            list(decode_index(name, bad, PLAIN))
 
 
 def test_a_manifest_is_not_an_index_file():
     body = seal(b"LVBMAN01", b"\0" * 36)
     with pytest.raises(CorruptionError):
-        list(decode_index("index/x", body))
+        list(decode_index("index/x", body, PLAIN))
 
 
 # --- the sealed envelope and the repository config ---------------------------------------
@@ -701,8 +701,8 @@ def test_appended_holes_make_the_same_manifest_as_hole_entries(tmp_path):
     a, b = Pages(), Pages()
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
-    wa = ManifestWriter(LocalBackend(tmp_path / "a"), BACKUP_ID, a.store)
-    wb = ManifestWriter(LocalBackend(tmp_path / "b"), BACKUP_ID, b.store)
+    wa = ManifestWriter(LocalBackend(tmp_path / "a"), BACKUP_ID, PLAIN, a.store)
+    wb = ManifestWriter(LocalBackend(tmp_path / "b"), BACKUP_ID, PLAIN, b.store)
     for p in pieces:
         wa.append(p)
         if p.count(0) == len(p):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from lvbackup.repository.codec import PLAIN
 from lvbackup.repository.manifest import PAGE_ENTRIES
 from lvbackup.repository.repo import PACK_TARGET
 
@@ -638,7 +639,7 @@ def _damage_a_chunk_of(wd: Workdir, data: bytes) -> None:
     storage = LocalBackend(wd.repo)
     try:
         pack, ref = next((pack, r) for pack in sorted(wd.files("packs"))
-                         for r in read_trailer(storage, bytes.fromhex(Path(pack).name))
+                         for r in read_trailer(storage, bytes.fromhex(Path(pack).name), PLAIN)
                          if r.chunk_id in ids)
     finally:
         storage.close()

@@ -133,7 +133,7 @@ def write_backup(repo: Repository, source: BlockSource, parent: Manifest | None,
     (it may raise to refuse the backup: nothing then names what was stored). Killed or
     failed at any point, what was stored is indexed for a rerun to reuse."""
     packer = repo.packer(backup_id)
-    writer = ManifestWriter(repo.storage, backup_id,
+    writer = ManifestWriter(repo.storage, backup_id, repo.codec,
                             lambda page_id, page: packer.add_if_missing(page_id, page, level))
     try:
         stats = backup_blocks(repo, packer, source, parent, writer, workers=workers,
@@ -194,7 +194,7 @@ def backup_blocks(repo: Repository, packer: Packer, source: BlockSource,
             for i, j in runs_of(seg.kinds, Kind.READ):
                 source.readinto(view[i * bs:min(j * bs, seg.length)], seg.offset + i * bs)
             crash_point("read-segment")
-            return _analyze(seg, bs, packer, level, damaged)
+            return _analyze(seg, bs, packer, level, damaged, repo.codec)
         except BaseException:
             buffers.put(seg.buf)
             raise
@@ -231,13 +231,14 @@ def backup_blocks(repo: Repository, packer: Packer, source: BlockSource,
 
 
 def _analyze(seg: _Segment, bs: int, packer: Packer, level: int,
-             damaged: set[bytes]) -> _Analyzed:
+             damaged: set[bytes], chunks: codec.Codec) -> _Analyzed:
     assert seg.buf is not None   # stretches of holes never come here
     view = memoryview(seg.buf)
     entries = bytearray()
     candidates: dict[bytes, memoryview] = {}
     stats = ScanStats()
     pe = seg.parent
+    name, encode = chunks.chunk_id, chunks.encode
     for i, off in enumerate(range(0, seg.length, bs)):
         kind = seg.kinds[i]
         n = min(bs, seg.length - off)
@@ -261,7 +262,7 @@ def _analyze(seg: _Segment, bs: int, packer: Packer, level: int,
             entries += same
             stats.unchanged_bytes += n
             continue
-        cid = codec.chunk_id(block)
+        cid = name(block)
         entries += entry(digest, cid)
         if cid in candidates:
             stats.reused_bytes += n
@@ -273,7 +274,7 @@ def _analyze(seg: _Segment, bs: int, packer: Packer, level: int,
         if cid not in missing:
             stats.reused_bytes += len(block)
             continue
-        blob, flags = codec.encode(block, level)
+        blob, flags = encode(cid, block, level)
         new.append((cid, blob, len(block), flags))
         stats.new_bytes += len(block)
     return _Analyzed(bytes(entries), new, stats, seg.length, seg.buf, 0)

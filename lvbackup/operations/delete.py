@@ -21,6 +21,7 @@ def delete_backup(session: Session, backup_id: str, *, force: bool = False) -> B
     """Remove a backup's manifest and mark it deleted (its chunks go at the next gc)."""
     # The lock before the catalog, in every operation: a run that holds the repository
     # exclusively may be in the middle of rewriting the catalog.
+    session.refuse_if_append_only("delete")
     with session.shared_lock():
         cat = session.catalog
         row = cat.resolve(backup_id)

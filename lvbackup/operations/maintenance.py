@@ -10,7 +10,8 @@ from ..catalog import (
     as_record,
 )
 from ..config import Config
-from ..errors import CorruptionError, LvbackupError
+from ..credentials import configured_key, create_key_file, secrets
+from ..errors import CorruptionError, LvbackupError, UsageError
 from ..lifecycle import Status
 from ..repository import gc
 from ..repository.repo import Repository
@@ -18,15 +19,29 @@ from ..session import Session, recover_dead_runs
 from ..timeutil import now_iso
 
 
-def init_repository(config: Config, block_size: int | None) -> dict:
-    """Create the repository and the catalog if they do not exist (idempotent)."""
-    repo, created = Repository.init(config.repository, config.cache_dir, block_size)
+def init_repository(config: Config, block_size: int | None, encryption: bool = False
+                    ) -> dict:
+    """Create the repository and the catalog if they do not exist (idempotent). With
+    `encryption`, a new repository is encrypted under the configured passphrase or key
+    file (a configured key file that does not exist yet is created)."""
+    key = configured_key(config)
+    if key is not None and not encryption and not Repository.exists(config.repository):
+        raise UsageError(f"the configuration gives a key ({key}:): create the repository "
+                         "with 'lvbackup init --encryption', or remove the key")
+    if encryption and config.key_file is not None and not config.key_file.exists():
+        create_key_file(config.key_file)
+    repo, created = Repository.init(config.repository, config.cache_dir, block_size,
+                                    lambda: secrets(config), encrypt=encryption)
     try:
+        if not repo.encrypted and key is not None:
+            raise UsageError(f"repository {config.repository} is not encrypted, but the "
+                             f"configuration gives it a key ({key}:)")
         Catalog(config.catalog).close()
     finally:
         repo.close()
     return {"repository": str(config.repository), "catalog": str(config.catalog),
-            "repository_id": repo.id, "block_size": repo.block_size, "created": created}
+            "repository_id": repo.id, "block_size": repo.block_size, "created": created,
+            "encrypted": repo.encrypted}
 
 
 def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
@@ -99,6 +114,7 @@ def _orphans_become_full(cat: Catalog) -> None:
 def collect_garbage(session: Session, progress: Callable[[int, int], None] | None = None
                     ) -> dict:
     """`gc`, with the repository locked exclusively (no backup is writing meanwhile)."""
+    session.refuse_if_append_only("gc")
     with session.exclusive_lock():
         recover_dead_runs(session)
         return gc.collect_garbage(session.repo, session.config.cache_dir, session.lock_dir,

@@ -20,6 +20,7 @@ def prune(session: Session, policy: Policy, *, volumes: list[str] | None = None,
     Like gc, prune holds the repository lock exclusively: nothing else that writes runs
     meanwhile (a running incremental reads its parent's manifest). Returns a report.
     """
+    session.refuse_if_append_only("prune")
     report: dict = {"dry_run": dry_run, "policy": policy.as_dict(), "labels": labels or {},
                     "keep": [], "remove": [], "reparented": []}
     with session.exclusive_lock():

@@ -29,8 +29,8 @@ def export_record(session: Session, backup_id: str) -> str:
     return base64.b64encode(json.dumps(rec, sort_keys=True).encode()).decode()
 
 
-def import_record(session: Session, text: str) -> BackupRecord:
-    """Re-create a catalog row from export_record's output (rule 20)."""
+def parse_record(text: str) -> dict:
+    """The record in export_record's output; UsageError if it is not one."""
     try:
         raw = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
@@ -42,8 +42,22 @@ def import_record(session: Session, text: str) -> BackupRecord:
         uuid.UUID(rec["id"])
         if not rec.get("volume_id") or not isinstance(rec.get("size"), int):
             raise ValueError
-    except (ValueError, UnicodeDecodeError):
+        for key in COLUMNS:
+            if key in rec and key != "labels" and not isinstance(
+                    rec[key], (str, int, float, bool, type(None))):
+                raise ValueError
+        labels = rec.get("labels") or {}
+        if not isinstance(labels, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise UsageError("Can't parse backup record.") from None
+    return rec
+
+
+def import_record(session: Session, text: str) -> BackupRecord:
+    """Re-create a catalog row from export_record's output (rule 20)."""
+    rec = parse_record(text)
     with session.shared_lock():
         cat = session.catalog
         existing = cat.find(rec["id"])

@@ -18,10 +18,11 @@ from ..diskio import ALIGN, pwrite_all
 from ..errors import CorruptionError, LvbackupError, UsageError
 from ..faults import crash_point
 from ..lifecycle import Status
-from ..locks import RunLock
+from ..locks import RunLock, volume_lock
 from ..repository.manifest import Manifest
 from ..repository.repo import Repository
 from ..session import Session, reason, recover_dead_runs
+from ..sources import device_volume_id
 from ..targets import Target, create_volume_target, is_lv_name, lv_target, open_target
 
 
@@ -44,8 +45,19 @@ def restore_backup(session: Session, backup_id: str, *, to: str | None = None,
                 raise UsageError(f"backup {row['id']} is not of an LVM volume; "
                                  "give --to or --to-file")
             new_volume = f"{volume_name.split('/')[0]}/restore_backup_{row['id']}"
+        # Never onto a volume a backup is reading (directly, or the origin of its snapshot):
+        # its volume lock, which every backup holds, is taken for the restore.
+        locks = []
         if to is not None and is_lv_name(to):
-            to = lv_target(to, force)
+            to, lv_uuid = lv_target(to, force)
+            locks.append((lv_uuid, to))
+        for path in (to, to_file):
+            if path is not None and path != "-":
+                resolved = os.path.realpath(path)
+                locks.append((device_volume_id(resolved), resolved))
+        for volume_id, name in locks:
+            stack.enter_context(volume_lock(session.lock_dir, volume_id, name)
+                                .acquire(session.wait))
         recover_dead_runs(session)
         row = cat.get(row["id"])
         if row["status"] != Status.AVAILABLE:

@@ -66,7 +66,7 @@ def _verify_one(repo: Repository, backup_id: str, deep: bool) -> None:
             size = pack_sizes.get(ref.pack_id)
             if size is None:
                 try:
-                    read_trailer(repo.storage, ref.pack_id)
+                    read_trailer(repo.storage, ref.pack_id, repo.codec)
                 except CorruptionError as e:
                     raise CorruptionError(f"block {block}: {e}") from None
                 size = pack_sizes[ref.pack_id] = repo.storage.size(pack_name(ref.pack_id))

@@ -12,17 +12,27 @@ The on-disk encodings (docs/format.md):
   smaller (FLAG_RAW);
 - sealed object: 8-byte magic | payload | BLAKE3-256 of both;
 - compressed object payload: one zstd frame.
+
+The module functions are those unencrypted primitives. A repository reads and writes
+through its `Codec`: `Codec` itself is the unencrypted repository's, `SealingCodec` an
+encrypted one's (keyed BLAKE3 chunk ids; every blob and sealed object AES-256-GCM under a
+random 96-bit nonce, with associated data that binds it to its name and repository; pack
+trailers authenticated by a keyed BLAKE3). `recode()` moves a chunk between two codecs.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import threading
+from collections.abc import Callable
 from typing import TypeAlias
 
 import blake3
 import xxhash
 import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import CorruptionError
 
@@ -132,14 +142,15 @@ def verify(plain: Buffer, cid: bytes) -> bool:
     return chunk_id(plain) == cid
 
 
-def check_block(plain: Buffer, cid: bytes, digest: bytes | None) -> Verdict:
+def check_block(plain: Buffer, cid: bytes, digest: bytes | None,
+                verify_id: Callable[[Buffer, bytes], bool] = verify) -> Verdict:
     """Check a chunk's decoded plaintext against the block digest given with it (from a
-    manifest) or, given None, against its id. A digest that disagrees does not by itself
-    make the chunk damaged: only failing its id does, so the id is consulted before the
-    chunk is called damaged."""
+    manifest) or, given None, against its id (with `verify_id`). A digest that disagrees
+    does not by itself make the chunk damaged: only failing its id does, so the id is
+    consulted before the chunk is called damaged."""
     if digest is not None and block_digest(plain) == digest:
         return Verdict.SOUND
-    if not verify(plain, cid):
+    if not verify_id(plain, cid):
         return Verdict.DAMAGED
     return Verdict.SOUND if digest is None else Verdict.DIGEST_MISMATCH
 
@@ -184,3 +195,148 @@ def decompress_object(data: Buffer, what: str) -> bytes:
     if dobj.unused_data:
         raise CodecError(f"{what} is corrupt (bytes after its zstd frame)")
     return payload
+
+
+# --- a repository's codec ------------------------------------------------------------------
+
+NONCE_LEN = 12
+TAG_LEN = 16
+SEAL_OVERHEAD = NONCE_LEN + TAG_LEN
+# Subkeys of the repository's master key (BLAKE3 derive_key contexts: docs/format.md).
+DATA_KEY_CONTEXT = "lvbackup 2026-12 AES-256-GCM data key"
+ID_KEY_CONTEXT = "lvbackup 2026-12 BLAKE3 chunk id key"
+MAC_KEY_CONTEXT = "lvbackup 2026-12 BLAKE3 pack trailer key"
+CHECK_CONTEXT = "lvbackup 2026-12 master key check"
+
+
+class Codec:
+    """An unencrypted repository's codec: BLAKE3 ids, blobs as encode() makes them, the
+    BLAKE3 envelope for sealed objects and pack trailers. Names given to seal/unseal and
+    chunk ids given to encode/decode are what an encrypting codec binds the bytes to."""
+
+    encrypted = False
+
+    def chunk_id(self, block: Buffer) -> bytes:
+        return chunk_id(block)
+
+    def encode(self, cid: bytes, block: Buffer, level: int) -> tuple[Buffer, int]:
+        return encode(block, level)
+
+    def stored_is_plain(self, flags: int) -> bool:
+        return stored_is_plain(flags)
+
+    def decode_into(self, cid: bytes, blob: Buffer, flags: int, out: memoryview) -> None:
+        decode_into(blob, flags, out)
+
+    def verify(self, plain: Buffer, cid: bytes) -> bool:
+        return self.chunk_id(plain) == cid
+
+    def check_block(self, plain: Buffer, cid: bytes, digest: bytes | None) -> Verdict:
+        return check_block(plain, cid, digest, self.verify)
+
+    def seal(self, magic: bytes, payload: Buffer, name: str) -> bytes:
+        return seal(magic, payload)
+
+    def unseal(self, magic: bytes, data: bytes, what: str, name: str) -> bytes:
+        return unseal(magic, data, what)
+
+    def trailer_digest(self, trailer: Buffer) -> bytes:
+        """The digest that names a pack and checks its trailer."""
+        return blake3.blake3(trailer).digest()
+
+
+PLAIN = Codec()
+
+
+def derive(master: bytes, context: str) -> bytes:
+    return blake3.blake3(master, derive_key_context=context).digest()
+
+
+class SealingCodec(Codec):
+    """An encrypted repository's codec, from its 32-byte master key.
+
+    Every blob is nonce | AES-256-GCM(plaintext-or-zstd-frame) with the chunk id and flags
+    as associated data, so a blob moved under another id fails. Sealed objects are
+    magic | nonce | AES-256-GCM(payload), associated data magic | repository id | object
+    name, so an object of another repository or under another name fails."""
+
+    encrypted = True
+
+    def __init__(self, master: bytes, repo_id: str):
+        self._aead = AESGCM(derive(master, DATA_KEY_CONTEXT))
+        self._id_key = derive(master, ID_KEY_CONTEXT)
+        self._mac_key = derive(master, MAC_KEY_CONTEXT)
+        self._repo = repo_id.encode()
+
+    def chunk_id(self, block: Buffer) -> bytes:
+        return blake3.blake3(block, key=self._id_key).digest()
+
+    def encode(self, cid: bytes, block: Buffer, level: int) -> tuple[Buffer, int]:
+        inner, flags = encode(block, level)
+        nonce = os.urandom(NONCE_LEN)
+        blob = bytearray(len(inner) + SEAL_OVERHEAD)
+        blob[:NONCE_LEN] = nonce
+        self._aead.encrypt_into(nonce, inner, cid + bytes((flags,)), memoryview(blob)[NONCE_LEN:])
+        return blob, flags
+
+    def stored_is_plain(self, flags: int) -> bool:
+        return False
+
+    def decode_into(self, cid: bytes, blob: Buffer, flags: int, out: memoryview) -> None:
+        if len(blob) < SEAL_OVERHEAD:
+            raise CodecError(f"is truncated ({len(blob)} bytes)")
+        view = memoryview(blob)
+        nonce, aad = bytes(view[:NONCE_LEN]), cid + bytes((flags,))
+        try:
+            if flags == FLAG_RAW:
+                if len(blob) - SEAL_OVERHEAD != len(out):
+                    raise CodecError(f"is stored raw in {len(blob) - SEAL_OVERHEAD} bytes, "
+                                     f"not {len(out)}")
+                self._aead.decrypt_into(nonce, view[NONCE_LEN:], aad, out)
+                return
+            inner = self._aead.decrypt(nonce, view[NONCE_LEN:], aad)
+        except InvalidTag:
+            raise CodecError("fails authentication (damaged, or not this chunk)") from None
+        decode_into(inner, flags, out)
+
+    def seal(self, magic: bytes, payload: Buffer, name: str) -> bytes:
+        assert len(magic) == 8
+        nonce = os.urandom(NONCE_LEN)
+        return magic + nonce + self._aead.encrypt(nonce, payload, self._aad(magic, name))
+
+    def unseal(self, magic: bytes, data: bytes, what: str, name: str) -> bytes:
+        if len(data) < len(magic) + SEAL_OVERHEAD or not data.startswith(magic):
+            raise CodecError(f"{what} is corrupt (bad header or truncated)")
+        nonce = data[len(magic):len(magic) + NONCE_LEN]
+        try:
+            return self._aead.decrypt(nonce, data[len(magic) + NONCE_LEN:],
+                                      self._aad(magic, name))
+        except InvalidTag:
+            raise CodecError(f"{what} is corrupt (fails authentication: damaged, or not "
+                             "written under this name in this repository)") from None
+
+    def _aad(self, magic: bytes, name: str) -> bytes:
+        return magic + self._repo + b"\0" + name.encode()
+
+    def trailer_digest(self, trailer: Buffer) -> bytes:
+        return blake3.blake3(trailer, key=self._mac_key).digest()
+
+
+def key_check(master: bytes) -> str:
+    """A value stored in the repository's config that tells whether an unwrapped master
+    key is this repository's (hex)."""
+    return derive(master, CHECK_CONTEXT).hex()
+
+
+def recode(src: Codec, dst: Codec, cid: bytes, blob: Buffer, flags: int, raw_length: int,
+           level: int) -> tuple[bytes, Buffer, int]:
+    """A chunk stored by `src` made ready for `dst` (copying between repositories with
+    different keys): (its id in dst, blob, flags). The plaintext is checked against its id
+    on the way; CodecError if it fails."""
+    plain = bytearray(raw_length)
+    src.decode_into(cid, blob, flags, memoryview(plain))
+    if not src.verify(plain, cid):
+        raise CodecError("fails its checksum")
+    new_id = dst.chunk_id(plain)
+    new_blob, new_flags = dst.encode(new_id, plain, level)
+    return new_id, new_blob, new_flags

@@ -38,7 +38,7 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
     # No grace period: under the exclusive lock no other run is writing, so every
     # unfinished put was left by a run that is gone.
     storage.remove_incomplete(older_than=0)
-    repo.index.sync(storage)  # the fallback for packs whose trailer is unreadable
+    repo.index.sync(storage, repo.codec)  # the fallback for packs whose trailer is unreadable
     work = Path(cache_dir) / f"gc-{uuid.uuid4().hex}.sqlite"
     db = sqlite3.connect(work, isolation_level=None)
     try:
@@ -81,7 +81,7 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
             if mark is None or mark[1] in gone_ids:
                 storage.delete(name)
         repo.index.reset()
-        repo.index.sync(storage)
+        repo.index.sync(storage, repo.codec)
         fates = dict(db.execute("SELECT fate, count(*) FROM pack GROUP BY fate").fetchall())
         return {"packs_deleted": fates.get("delete", 0), "packs_repacked": fates.get("repack", 0),
                 "packs_kept": fates.get("keep", 0) + fates.get("new", 0),
@@ -106,7 +106,7 @@ def _mark(repo: Repository, db: sqlite3.Connection) -> None:
 
     for name, _ in repo.storage.list("manifests/"):
         try:
-            manifest = Manifest(repo.storage, name.rsplit("/", 1)[1], read_pages)
+            manifest = Manifest(repo.storage, name.rsplit("/", 1)[1], repo.codec, read_pages)
             db.executemany("INSERT OR IGNORE INTO live VALUES (?)",
                            [(pid,) for pid in manifest.page_ids()])
             for entries in manifest.entries(4096):
@@ -127,7 +127,7 @@ def _load_packs(repo: Repository, db: sqlite3.Connection,
         pack_id = bytes.fromhex(name.rsplit("/", 1)[1])
         readable = 1
         try:
-            refs = read_trailer(repo.storage, pack_id)
+            refs = read_trailer(repo.storage, pack_id, repo.codec)
         except CorruptionError:
             unreadable.append(name)
             refs, readable = repo.index.refs_in_pack(pack_id), 0
@@ -161,7 +161,7 @@ def _repack(repo: Repository, db: sqlite3.Connection, lock_dir: Path) -> int:
             packer.add(ref.chunk_id, blob, ref.raw_length, ref.flags)
         packer.commit()
         for pack_id in packer.pack_ids:
-            refs = read_trailer(repo.storage, pack_id)
+            refs = read_trailer(repo.storage, pack_id, repo.codec)
             db.executemany("INSERT INTO chunk VALUES (?, ?, ?, ?, ?, ?)",
                            [(r.chunk_id, pack_id, r.offset, r.length, r.raw_length, r.flags)
                             for r in refs])

@@ -26,9 +26,10 @@ from pathlib import Path
 import blake3
 
 from ..errors import CorruptionError, UsageError
+from ..permissions import create_private_file, make_private_dirs
 from ..sqlitefile import open_error
 from .backends import Backend
-from .codec import seal, unseal
+from .codec import Codec
 from .pack import ENTRY, ChunkRef
 
 INDEX_MAGIC = b"LVBIDX01"
@@ -69,19 +70,25 @@ def parse_damaged_name(name: str) -> tuple[bytes, bytes] | None:
         return None
 
 
-def encode_index(groups: Iterable[tuple[bytes, list[ChunkRef]]]) -> tuple[str, bytes]:
+# What an index file is sealed under: its name is its hash, known only once it is sealed.
+INDEX_SEAL_NAME = "index/"
+
+
+def encode_index(groups: Iterable[tuple[bytes, list[ChunkRef]]], codec: Codec
+                 ) -> tuple[str, bytes]:
     """(object name, sealed bytes) of an index file listing `groups` of (pack id, refs)."""
     parts = []
     for pack_id, refs in groups:
         parts.append(_GROUP.pack(pack_id, len(refs)))
         parts.extend(ENTRY.pack(r.chunk_id, r.offset, r.length, r.raw_length, r.flags)
                      for r in refs)
-    data = seal(INDEX_MAGIC, b"".join(parts))
+    data = codec.seal(INDEX_MAGIC, b"".join(parts), INDEX_SEAL_NAME)
     return f"index/{blake3.blake3(data).hexdigest()}", data
 
 
-def decode_index(name: str, data: bytes) -> Iterator[tuple[bytes, list[ChunkRef]]]:
-    payload = unseal(INDEX_MAGIC, data, f"index file {name}")
+def decode_index(name: str, data: bytes, codec: Codec
+                 ) -> Iterator[tuple[bytes, list[ChunkRef]]]:
+    payload = codec.unseal(INDEX_MAGIC, data, f"index file {name}", INDEX_SEAL_NAME)
     pos = 0
     while pos < len(payload):
         if pos + _GROUP.size > len(payload):
@@ -116,7 +123,8 @@ class ChunkIndex:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(self.path.parent)
+            create_private_file(self.path)
         except OSError as e:
             raise UsageError(f"cannot create the cache directory {self.path.parent}: "
                              f"{e.strerror}; set cache_dir in the configuration") from None
@@ -142,7 +150,7 @@ class ChunkIndex:
 
     # --- keeping the cache in step with the repository's index files -----------------
 
-    def sync(self, storage: Backend) -> list[str]:
+    def sync(self, storage: Backend, codec: Codec) -> list[str]:
         """Merge new index files; start over if one changed or vanished (gc ran).
 
         Returns the names of index files that failed their checksum: their entries are
@@ -164,7 +172,7 @@ class ChunkIndex:
         bad = [n for n, ok in db.execute("SELECT name, ok FROM index_files") if not ok]
         for name in sorted(set(remote) - set(known)):
             try:
-                groups = list(decode_index(name, storage.get(name)))
+                groups = list(decode_index(name, storage.get(name), codec))
             except CorruptionError:
                 db.execute("INSERT OR REPLACE INTO index_files VALUES (?, ?, 0)",
                            (name, remote[name]))

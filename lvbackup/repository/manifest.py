@@ -17,8 +17,14 @@ same way). An all-hole page is not stored: its id is 32 zero bytes. So a manifes
 bytes per 256 blocks, an incremental stores only the pages whose entries changed (the
 others have the parent's ids, already stored), and any block's entry is one page read away.
 
-Format 1 (read only), "LVBMAN01": the entries as one zstd frame right after the magic,
-then the JSON header, H (u32), and the BLAKE3-256 of everything before.
+In an encrypted repository the manifest is sealed by the codec under its object name (so a
+manifest replayed under another backup's name, or taken from another repository, fails),
+and pages are chunks like any other (keyed ids, sealed blobs). Either way the record's id
+must be the backup id the manifest is named for.
+
+Format 1 (read only, never in an encrypted repository), "LVBMAN01": the entries as one zstd
+frame right after the magic, then the JSON header, H (u32), and the BLAKE3-256 of
+everything before.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import zstandard
 
 from ..errors import CorruptionError
 from .backends import Backend, MissingObject
-from .codec import chunk_id, seal, unseal
+from .codec import Codec
 
 MAGIC = b"LVBMAN02"
 MAGIC_V1 = b"LVBMAN01"
@@ -106,8 +112,9 @@ class ManifestWriter:
     """Collects a backup's entries into pages, has each new page stored as it fills, and
     writes the manifest (the page table and the record) at close()."""
 
-    def __init__(self, storage: Backend, backup_id: str, store_page: StorePage):
+    def __init__(self, storage: Backend, backup_id: str, codec: Codec, store_page: StorePage):
         self.storage = storage
+        self.codec = codec
         self.name = manifest_name(backup_id)
         self.store_page = store_page
         self.blocks = 0
@@ -140,7 +147,7 @@ class ManifestWriter:
         if page.count(0) == len(page):
             self._ids += NO_PAGE
             return
-        page_id = chunk_id(page)
+        page_id = self.codec.chunk_id(page)
         self._ids += page_id
         # Stored a batch at a time, so that they lie together in the packs and a reader
         # fetches many with one read.
@@ -165,15 +172,18 @@ class ManifestWriter:
         self.flush()
         head = json.dumps({"format": FORMAT, "blocks": self.blocks,
                            "page_entries": PAGE_ENTRIES, **header}, sort_keys=True).encode()
-        self.storage.put(self.name, seal(MAGIC, _LEN.pack(len(head)) + head + bytes(self._ids)))
+        self.storage.put(self.name, self.codec.seal(
+            MAGIC, _LEN.pack(len(head)) + head + bytes(self._ids), self.name))
 
 
 class Manifest:
     """A stored manifest, checked whole (format 1) or its page table checked (format 2)
     before any entry is used; pages are checked against their ids as they are read."""
 
-    def __init__(self, storage: Backend, backup_id: str, read_pages: ReadPages | None = None):
+    def __init__(self, storage: Backend, backup_id: str, codec: Codec,
+                 read_pages: ReadPages | None = None):
         self.storage = storage
+        self.codec = codec
         self.name = manifest_name(backup_id)
         self.what = f"manifest of backup {backup_id}"
         self._read_pages = read_pages
@@ -185,7 +195,7 @@ class Manifest:
         if magic == MAGIC:
             self.format = 2
             header = self._open_v2()
-        elif magic == MAGIC_V1:
+        elif magic == MAGIC_V1 and not codec.encrypted:
             self.format = 1
             header = self._open_v1()
         else:
@@ -197,8 +207,14 @@ class Manifest:
             self.blocks: int = header["blocks"]
             self.record: dict = header["backup"]
             self.page_entries: int = header.get("page_entries", 0)
+            ok = (isinstance(self.record, dict) and self.record.get("id") == backup_id
+                  and all(type(v) is int and v >= 0 for v in (self.block_size, self.size,
+                                                              self.blocks, self.page_entries)))
         except (KeyError, TypeError):
-            raise CorruptionError(f"{self.what} is corrupt (bad header)") from None
+            ok = False
+        if not ok:
+            raise CorruptionError(f"{self.what} is corrupt (bad header, or the manifest of "
+                                  "another backup)")
         if self.format == 2:
             pages = -(-self.blocks // self.page_entries) if self.page_entries > 0 else -1
             if pages * 32 != len(self._page_table):
@@ -213,7 +229,7 @@ class Manifest:
     def _open_v2(self) -> dict:
         if self.total > 1 << 31:
             raise CorruptionError(f"{self.what} is corrupt (implausibly large)")
-        body = unseal(MAGIC, self.storage.get(self.name), self.what)
+        body = self.codec.unseal(MAGIC, self.storage.get(self.name), self.what, self.name)
         if len(body) < _LEN.size:
             raise CorruptionError(f"{self.what} is corrupt (bad header)")
         (hlen,) = _LEN.unpack_from(body)

@@ -11,6 +11,10 @@ ENTRY = chunk id (32 bytes, BLAKE3-256 of the plaintext) | offset (u64, from the
 the file) | stored length (u32) | plaintext length (u32) | flags (u8: 0 raw, 1 zstd;
 see codec.py).
 
+In an encrypted repository every blob is sealed (codec.SealingCodec) and the digest is a
+keyed BLAKE3 (the codec's trailer_digest), so that no one without the key can make a
+trailer that passes.
+
 A pack is named by the BLAKE3-256 of its trailer entries (the digest its footer holds): the
 entries name every chunk by its hash and place it, so they identify the content, and naming
 a pack costs no second pass over its bytes. Its trailer can be read on its own (last 44
@@ -21,14 +25,13 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
-
-import blake3
 
 from ..diskio import aligned_buffer
 from ..errors import CorruptionError
 from .backends import Backend
-from .codec import Buffer
+from .codec import Buffer, Codec
 
 PACK_MAGIC = b"LVBPACK1"
 PACK_END = b"LVBPEND1"
@@ -59,8 +62,9 @@ class PackBuilder:
     alignment lets the local backend write the pack with O_DIRECT (see backends/local.py).
     """
 
-    def __init__(self, capacity: int = 1 << 20):
+    def __init__(self, capacity: int, digest: Callable[[Buffer], bytes]):
         self.capacity = capacity
+        self.digest = digest      # names the pack: its codec's trailer_digest
         self._mem = aligned_buffer(capacity)
         self.view = memoryview(self._mem)
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._mem))
@@ -107,7 +111,7 @@ class PackBuilder:
         """(pack id, the pack's bytes, refs of its chunks); the bytes are a view of the
         buffer, valid until reset()."""
         trailer = b"".join(ENTRY.pack(*e) for e in self.entries)
-        pack_id = blake3.blake3(trailer).digest()
+        pack_id = self.digest(trailer)
         footer = FOOTER.pack(len(self.entries), pack_id, PACK_END)
         end = self.size + len(trailer) + len(footer)
         self.view[self.size:end] = trailer + footer
@@ -116,8 +120,9 @@ class PackBuilder:
         return pack_id, data, refs
 
 
-def read_trailer(storage: Backend, pack_id: bytes) -> list[ChunkRef]:
-    """The refs listed in a stored pack's trailer (two ranged reads, not the whole pack)."""
+def read_trailer(storage: Backend, pack_id: bytes, codec: Codec) -> list[ChunkRef]:
+    """The refs listed in a stored pack's trailer (two ranged reads, not the whole pack),
+    checked against the pack's name."""
     name = pack_name(pack_id)
     what = f"pack {pack_id.hex()}"
     size = storage.size(name)
@@ -128,7 +133,7 @@ def read_trailer(storage: Backend, pack_id: bytes) -> list[ChunkRef]:
     if end != PACK_END or trailer_len > size - len(PACK_MAGIC) - FOOTER.size:
         raise CorruptionError(f"{what} is truncated or its footer is damaged")
     trailer = storage.get_range(name, size - FOOTER.size - trailer_len, trailer_len)
-    if blake3.blake3(trailer).digest() != digest:
+    if digest != pack_id or codec.trailer_digest(trailer) != digest:
         raise CorruptionError(f"{what} has a corrupt trailer")
     return [ChunkRef(cid, pack_id, off, ln, raw, fl)
             for cid, off, ln, raw, fl in ENTRY.iter_unpack(trailer)]

@@ -2,7 +2,9 @@
 
 Objects in a repository (all names relative to its root):
 
-    config                  sealed "LVBREPO1", JSON {version, id, block_size, created_at}
+    config                  sealed "LVBREPO1", JSON {version, id, block_size, created_at,
+                            and for an encrypted repository (version 2) encryption}
+    keys/<slot id>          an encrypted repository's key slots (keys.py)
     packs/<xx>/<pack id>    pack files (pack.py)
     index/<hash>            index files (index.py)
     manifests/<backup id>   one per available backup (manifest.py)
@@ -16,6 +18,7 @@ import json
 import queue
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from ..diskio import ALIGN
@@ -25,17 +28,25 @@ from ..locks import run_is_alive
 from ..timeutil import now_iso
 from . import codec
 from .backends import Backend, MissingObject, ObjectExists, open_backend
-from .codec import CodecError, Verdict, check_block, decode_into, seal, stored_is_plain, unseal
+from .backends.appendonly import AppendOnlyBackend
+from .codec import PLAIN, Codec, CodecError, SealingCodec, Verdict, key_check, seal, unseal
 from .index import ChunkIndex, damaged_name, encode_index
-from .manifest import Manifest
+from .keys import Secret, make_slot, new_master, read_slots, unlock
+from .manifest import ENTRY_SIZE, PAGE_ENTRIES, Manifest
 from .pack import ENTRY, ChunkRef, PackBuilder, pack_name, read_trailer
 
 REPO_MAGIC = b"LVBREPO1"
 DAMAGED_MAGIC = b"LVBDMG01"
 FORMAT_VERSION = 1
+ENCRYPTED_VERSION = 2     # older versions, which would write plaintext into it, refuse it
+CIPHER = "aes-256-gcm"
+# The secrets (passphrases, key files) to try on an encrypted repository, asked for only
+# when the repository turns out to be encrypted.
+Secrets = Callable[[], list[Secret]]
 DEFAULT_BLOCK_SIZE = 128 * 1024
 PACK_TARGET = 16 * 1024 * 1024
 PACK_MAX_CHUNKS = 16384  # bounds a pack's trailer when blocks compress to almost nothing
+PAGE_BYTES = PAGE_ENTRIES * ENTRY_SIZE   # a manifest page: a chunk too
 INDEX_EVERY = 16  # packs per index file while a run is writing
 _MAX_IOV = 512    # buffers per vectored read (the kernel takes up to 1024)
 
@@ -57,52 +68,105 @@ def validate_block_size(block_size: int) -> int:
 
 
 class Repository:
-    def __init__(self, storage: Backend, meta: dict, cache_dir: Path):
+    def __init__(self, storage: Backend, meta: dict, cache_dir: Path, codec: Codec = PLAIN):
         self.storage = storage
         self.meta = meta
         self.id: str = meta["id"]
         self.block_size: int = meta["block_size"]
+        self.codec = codec
+        # An encrypted repository's master key and the key slot that opened it.
+        self.unlocked: tuple[bytes, str] | None = None
         self.index = ChunkIndex(Path(cache_dir) / f"index-{self.id}.sqlite")
+
+    @property
+    def encrypted(self) -> bool:
+        return self.codec.encrypted
 
     # --- opening ------------------------------------------------------------------
 
     @classmethod
-    def init(cls, location: str | Path, cache_dir: Path, block_size: int | None
+    def init(cls, location: str | Path, cache_dir: Path, block_size: int | None,
+             secrets: Secrets | None = None, encrypt: bool = False
              ) -> tuple[Repository, bool]:
-        """Create the repository if it does not exist; (repository, created)."""
+        """Create the repository if it does not exist; (repository, created). With
+        `encrypt`, it is encrypted, its master key wrapped by the first of `secrets`."""
         storage = open_backend(location, create=True)
         if not storage.exists("config"):
-            meta = {"version": FORMAT_VERSION, "id": str(uuid.uuid4()),
-                    "block_size": validate_block_size(DEFAULT_BLOCK_SIZE if block_size is None
-                                                      else block_size),
-                    "created_at": now_iso()}
+            repo_id = str(uuid.uuid4())
+            meta: dict = {"version": FORMAT_VERSION, "id": repo_id,
+                          "block_size": validate_block_size(
+                              DEFAULT_BLOCK_SIZE if block_size is None else block_size),
+                          "created_at": now_iso()}
+            chosen: Codec = PLAIN
+            if encrypt:
+                master = new_master()
+                meta.update(version=ENCRYPTED_VERSION, encryption={
+                    "cipher": CIPHER, "chunk_ids": "blake3-keyed", "key_check": key_check(master)})
+                try:
+                    # The slot first: a config is what makes a repository, and one must
+                    # never exist that no key opens.
+                    slot, data = make_slot(master, _all(secrets, location)[0], repo_id)
+                    storage.put(slot, data)
+                except BaseException:
+                    storage.close()
+                    raise
+                crash_point("key-slot-stored")
+                chosen = SealingCodec(master, repo_id)
             try:
                 storage.put("config", seal(REPO_MAGIC, json.dumps(meta).encode()))
-                return cls(storage, meta, cache_dir), True
+                repo = cls(storage, meta, cache_dir, chosen)
+                if encrypt:
+                    repo.unlocked = (master, slot)
+                return repo, True
             except ObjectExists:
                 pass  # a concurrent init won: its repository is the one
         storage.close()
-        repo = cls.open(location, cache_dir)
+        repo = cls.open(location, cache_dir, secrets)
         if block_size is not None and block_size != repo.block_size:
+            repo.close()
             raise UsageError(f"repository {location} already exists with block size "
                              f"{repo.block_size}; a block size is chosen once, at init")
+        if encrypt and not repo.encrypted:
+            repo.close()
+            raise UsageError(f"repository {location} already exists and is not encrypted; "
+                             "encryption is chosen once, at init (copy the backups into a "
+                             "new encrypted repository)")
         return repo, False
 
-    @classmethod
-    def open(cls, location: str | Path, cache_dir: Path) -> Repository:
-        storage = open_backend(location)
+    @staticmethod
+    def exists(location: str | Path) -> bool:
+        """Whether a repository (its config) exists at `location`."""
         try:
-            raw = storage.get("config")
-        except MissingObject:
-            raise UsageError(f"no repository at {location}; "
-                             "create it with 'lvbackup init'") from None
-        except OSError as e:
-            raise UsageError(f"cannot read repository {location}: {e.strerror}") from None
-        meta = json.loads(unseal(REPO_MAGIC, raw, f"repository config {location}/config"))
-        if meta.get("version") != FORMAT_VERSION:
-            raise UsageError(f"repository {location} has format version {meta.get('version')}; "
-                             f"this lvbackup reads version {FORMAT_VERSION}")
-        return cls(storage, meta, cache_dir)
+            storage = open_backend(location)
+        except (UsageError, OSError):
+            return False
+        try:
+            return storage.exists("config")
+        finally:
+            storage.close()
+
+    @classmethod
+    def open(cls, location: str | Path, cache_dir: Path, secrets: Secrets | None = None,
+             slots: dict[str, bytes] | None = None, append_only: bool = False) -> Repository:
+        """The repository at `location`; an encrypted one unlocked with `secrets` through
+        its key slots (or through `slots`, stored bytes by name: a key import's). With
+        `append_only`, its storage refuses to delete or replace anything."""
+        storage = open_backend(location)
+        if append_only:
+            storage = AppendOnlyBackend(storage)
+        try:
+            meta = _read_meta(storage, location)
+            if meta["version"] == FORMAT_VERSION:
+                return cls(storage, meta, cache_dir)
+            master, slot = unlock(read_slots(storage) if slots is None else slots, meta["id"],
+                                  meta["encryption"]["key_check"], _all(secrets, location),
+                                  str(location))
+        except BaseException:
+            storage.close()
+            raise
+        repo = cls(storage, meta, cache_dir, SealingCodec(master, meta["id"]))
+        repo.unlocked = (master, slot)
+        return repo
 
     def close(self) -> None:
         self.index.close()
@@ -115,7 +179,7 @@ class Repository:
 
         Returns the names of corrupt index files.
         """
-        bad = self.index.sync(self.storage)
+        bad = self.index.sync(self.storage, self.codec)
         for run in self.index.pending_runs():
             if not run_is_alive(lock_dir, run):
                 # On failure (e.g. a full disk) the packs stay pending: a later run indexes them.
@@ -127,7 +191,7 @@ class Repository:
         groups = []
         for pack_id in self.index.pending_packs(run):
             try:
-                refs = read_trailer(self.storage, pack_id)
+                refs = read_trailer(self.storage, pack_id, self.codec)
             except CorruptionError:  # missing or torn: the dead run never finished it
                 self.index.forget_pack(pack_id)
                 continue
@@ -137,7 +201,7 @@ class Repository:
 
     def write_index(self, groups: list[tuple[bytes, list[ChunkRef]]]) -> str:
         """Store an index file listing `groups` (and cache it); returns its name."""
-        name, data = encode_index(groups)
+        name, data = encode_index(groups, self.codec)
         self.storage.put_content_addressed(name, data)
         self.index.add_indexed(name, self.storage.token(name), groups)
         return name
@@ -145,10 +209,19 @@ class Repository:
     # --- chunks ---------------------------------------------------------------------
 
     def read_chunk(self, ref: ChunkRef) -> bytes:
-        """The plaintext of a chunk, checked against its BLAKE3 id."""
+        """The plaintext of a chunk, checked against its id."""
+        self._check_lengths([ref])
         out = bytearray(ref.raw_length)
         self.read_chunks_into([(ref, memoryview(out), None)])
         return bytes(out)
+
+    def _check_lengths(self, refs: list[ChunkRef]) -> None:
+        """Refuse a length no chunk can have (from a forged or damaged index or trailer)
+        before anything is allocated for it."""
+        biggest = max(self.block_size, PAGE_BYTES)
+        for r in refs:
+            if r.raw_length > biggest:
+                raise ChunkError(r, f"claims an implausible length {r.raw_length}")
 
     def read_chunks_into(self, wanted: list[tuple[ChunkRef, memoryview, bytes | None]]
                          ) -> None:
@@ -172,16 +245,19 @@ class Repository:
 
     def _read_run(self, run: list[tuple[ChunkRef, memoryview, bytes | None]]) -> None:
         """Chunks that lie back to back in one pack."""
+        plain = self.codec.stored_is_plain
         for ref, out, _ in run:
-            if len(out) != ref.raw_length or (stored_is_plain(ref.flags) and
+            if len(out) != ref.raw_length or (plain(ref.flags) and
                                               ref.length != ref.raw_length):
                 raise ChunkError(ref, "fails its checksum")
+            if ref.length > _stored_bound(ref.raw_length):
+                raise ChunkError(ref, f"claims an implausible stored length {ref.length}")
         scratch = memoryview(bytearray(sum(r.length for r, _, _ in run
-                                           if not stored_is_plain(r.flags))))
+                                           if not plain(r.flags))))
         targets = []
         pos = 0
         for ref, out, _ in run:
-            if stored_is_plain(ref.flags):
+            if plain(ref.flags):
                 targets.append(out)
             else:
                 targets.append(scratch[pos:pos + ref.length])
@@ -191,12 +267,12 @@ class Repository:
         except CorruptionError as e:
             raise ChunkError(run[0][0], str(e)) from None
         for (ref, out, digest), blob in zip(run, targets, strict=True):
-            if not stored_is_plain(ref.flags):
+            if not plain(ref.flags):
                 try:
-                    decode_into(blob, ref.flags, out)
+                    self.codec.decode_into(ref.chunk_id, blob, ref.flags, out)
                 except CodecError as e:
                     raise ChunkError(ref, str(e)) from None
-            verdict = check_block(out, ref.chunk_id, digest)
+            verdict = self.codec.check_block(out, ref.chunk_id, digest)
             if verdict is Verdict.DAMAGED:
                 raise ChunkError(ref, "fails its checksum")
             if verdict is Verdict.DIGEST_MISMATCH:
@@ -209,9 +285,10 @@ class Repository:
         and that copy then serves every backup that names the chunk. Best effort: a
         repository that cannot be written to (full, read-only) just keeps the damage."""
         self.index.mark_damaged(ref.chunk_id, ref.pack_id)
+        name = damaged_name(ref.chunk_id, ref.pack_id)
         try:
-            self.storage.put(damaged_name(ref.chunk_id, ref.pack_id),
-                             seal(DAMAGED_MAGIC, json.dumps({"found_at": now_iso()}).encode()))
+            self.storage.put(name, self.codec.seal(
+                DAMAGED_MAGIC, json.dumps({"found_at": now_iso()}).encode(), name))
         except ObjectExists:
             pass  # found damaged before: the first mark stands
         except OSError:
@@ -224,7 +301,7 @@ class Repository:
 
     def manifest(self, backup_id: str) -> Manifest:
         """A backup's stored manifest (CorruptionError if missing or damaged)."""
-        return Manifest(self.storage, backup_id, self.read_pages)
+        return Manifest(self.storage, backup_id, self.codec, self.read_pages)
 
     def read_pages(self, ids: list[bytes]) -> dict[bytes, bytes]:
         """Chunks by id (a manifest's pages), found through the index, checked against
@@ -238,6 +315,7 @@ class Repository:
     def read_checked(self, refs: list[ChunkRef]) -> dict[bytes, bytes]:
         """The plaintexts of these chunks by id, checked against their ids; a damaged copy
         is quarantined (and ChunkError raised)."""
+        self._check_lengths(refs)
         out = {r.chunk_id: (r, bytearray(r.raw_length)) for r in refs}
         try:
             self.read_chunks_into([(r, memoryview(b), None) for r, b in out.values()])
@@ -262,7 +340,7 @@ class Packer:
         self.run_id = run_id
         capacity = (PACK_TARGET + repo.block_size + PACK_MAX_CHUNKS * ENTRY.size
                     + 2 * ALIGN)  # the footer, and padding for O_DIRECT
-        self.builder = PackBuilder(capacity)
+        self.builder = PackBuilder(capacity, repo.codec.trailer_digest)
         self._spare: PackBuilder | None = None   # the other buffer, once the writer is done
         self.unindexed: list[tuple[bytes, list[ChunkRef]]] = []
         # The one count of what a run adds to the repository: stored bytes, and the
@@ -301,7 +379,7 @@ class Packer:
     def add_if_missing(self, chunk_id: bytes, plain: bytes, level: int) -> None:
         """Store `plain` under `chunk_id` unless the repository has it already."""
         if self.missing([chunk_id]):
-            blob, flags = codec.encode(plain, level)
+            blob, flags = self.repo.codec.encode(chunk_id, plain, level)
             self.add(chunk_id, blob, len(plain), flags)
 
     def flush(self) -> None:
@@ -318,7 +396,7 @@ class Packer:
         with self._lock:
             self._storing = full.ids
         if self._spare is None:
-            self._spare = PackBuilder(full.capacity)
+            self._spare = PackBuilder(full.capacity, full.digest)
         self.builder, self._spare = self._spare, None
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_packs, name="lvbackup-packer",
@@ -384,3 +462,49 @@ class Packer:
                 self._writer.join()
                 self._writer = None
         self._write_index()
+
+
+def _stored_bound(raw_length: int) -> int:
+    """The most bytes a chunk of `raw_length` bytes can take stored: zstd's worst case
+    (its compressBound), plus a sealed blob's nonce and tag."""
+    return raw_length + (raw_length >> 7) + 1024
+
+
+def _read_meta(storage: Backend, location: str | Path) -> dict:
+    """The repository's config, checked: its version known, its fields of the right types."""
+    try:
+        raw = storage.get("config")
+    except MissingObject:
+        raise UsageError(f"no repository at {location}; "
+                         "create it with 'lvbackup init'") from None
+    except OSError as e:
+        raise UsageError(f"cannot read repository {location}: {e.strerror}") from None
+    what = f"repository config {location}/config"
+    try:
+        meta = json.loads(unseal(REPO_MAGIC, raw, what))
+        version = meta.get("version")
+        ok = isinstance(meta["id"], str) and type(meta["block_size"]) is int
+    except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        raise CorruptionError(f"{what} is corrupt (bad JSON)") from None
+    if version not in (FORMAT_VERSION, ENCRYPTED_VERSION):
+        raise UsageError(f"repository {location} has format version {version}; "
+                         f"this lvbackup reads versions {FORMAT_VERSION} and "
+                         f"{ENCRYPTED_VERSION}")
+    if version == ENCRYPTED_VERSION:
+        enc = meta.get("encryption")
+        if not isinstance(enc, dict) or enc.get("cipher") != CIPHER:
+            raise UsageError(f"repository {location} is encrypted with {enc!r}, which this "
+                             "lvbackup does not know")
+        ok = ok and isinstance(enc.get("key_check"), str)
+    if not ok:
+        raise CorruptionError(f"{what} is corrupt (bad fields)")
+    return meta
+
+
+def _all(secrets: Secrets | None, location: str | Path) -> list[Secret]:
+    got = secrets() if secrets is not None else []
+    if not got:
+        raise UsageError(f"repository {location} is encrypted: give its passphrase "
+                         "($LVBACKUP_PASSPHRASE, or passphrase_file: or passphrase_command: in "
+                         "the configuration) or its key_file:")
+    return got

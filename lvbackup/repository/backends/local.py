@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ...diskio import ALIGN, AtomicFile, aligned_buffer, fsync_dir, pwrite_all
 from ...errors import UsageError
+from ...permissions import DIR_MODE, FILE_MODE, make_private_dirs, refuse_writable_by_others
 from .base import (
     Backend,
     Capabilities,
@@ -76,13 +77,14 @@ class LocalBackend(Backend):
     def open(cls, root: Path, create: bool) -> LocalBackend:
         if create:
             try:
-                root.mkdir(parents=True, exist_ok=True)
+                make_private_dirs(root)
                 probe = root / f".probe-{uuid.uuid4().hex}"
                 probe.write_bytes(b"")
                 probe.unlink()
             except OSError as e:
                 raise UsageError(f"repository {root} is not writable: {e.strerror}; "
                                  "check the path and its permissions") from None
+        refuse_writable_by_others(root, "repository directory")
         return cls(root)
 
     def _path(self, name: str) -> Path:
@@ -95,8 +97,8 @@ class LocalBackend(Backend):
         view = memoryview(data).cast("B")
         direct = _page_aligned(view)
         tmp_dir = self.root / _INCOMPLETE
-        tmp_dir.mkdir(exist_ok=True)
-        f = AtomicFile(final, mode=0o644, direct=direct, replace=False, tmp_dir=tmp_dir)
+        tmp_dir.mkdir(DIR_MODE, exist_ok=True)
+        f = AtomicFile(final, mode=FILE_MODE, direct=direct, replace=False, tmp_dir=tmp_dir)
         try:
             _write(f.fd, view, direct)
             # token() reads the mtime: a fine-grained one tells apart an object deleted
@@ -105,7 +107,7 @@ class LocalBackend(Backend):
             os.utime(f.fd, ns=(now, now))
             os.fsync(f.fd)
             if not final.parent.is_dir():
-                final.parent.mkdir(parents=True, exist_ok=True)
+                make_private_dirs(final.parent)
                 fsync_dir(final.parent.parent)
             f.commit(fsync=False)
         except FileExistsError:

@@ -1,0 +1,131 @@
+"""Where an encrypted repository's secrets come from, and key files.
+
+A passphrase comes from $LVBACKUP_PASSPHRASE, else `passphrase_file:`, else
+`passphrase_command:` (an argv list run without a shell, for a secret store: its standard
+output is the passphrase). A key file (`key_file:`) holds 32 random bytes as 64 hex digits.
+None of them is ever a command-line argument (other users can read those in /proc), and a
+secret's value never appears in a message, event or log: only where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from .config import Config
+from .diskio import open_file
+from .errors import UsageError
+from .repository.keys import KEY_FILE, PASSPHRASE, Secret
+
+PASSPHRASE_ENV = "LVBACKUP_PASSPHRASE"
+NEW_PASSPHRASE_ENV = "LVBACKUP_NEW_PASSPHRASE"
+_COMMAND_TIMEOUT = 60
+_MAX_SECRET = 64 * 1024
+
+
+def configured_key(config: Config) -> str | None:
+    """The configuration key that names a secret, if any (it asks for encryption)."""
+    for key in ("key_file", "passphrase_file", "passphrase_command"):
+        if getattr(config, key) is not None:
+            return key
+    return None
+
+
+def secrets(config: Config) -> list[Secret]:
+    """Every secret the configuration and environment give (key file first)."""
+    found = []
+    if config.key_file is not None:
+        found.append(read_key_file(config.key_file))
+    passphrase = _passphrase(config)
+    if passphrase is not None:
+        found.append(passphrase)
+    return found
+
+
+def _passphrase(config: Config) -> Secret | None:
+    if os.environ.get(PASSPHRASE_ENV):
+        return Secret(PASSPHRASE, os.environ[PASSPHRASE_ENV].encode(), f"${PASSPHRASE_ENV}")
+    if config.passphrase_file is not None:
+        return passphrase_from_file(config.passphrase_file)
+    if config.passphrase_command is not None:
+        return _from_command(config.passphrase_command)
+    return None
+
+
+def new_passphrase(path: Path | None) -> Secret:
+    """The new passphrase for `key change-passphrase` or `key add`: from `path`, else
+    $LVBACKUP_NEW_PASSPHRASE."""
+    if path is not None:
+        return passphrase_from_file(path)
+    value = os.environ.get(NEW_PASSPHRASE_ENV)
+    if not value:
+        raise UsageError(f"give the new passphrase in ${NEW_PASSPHRASE_ENV} or with "
+                         "--new-passphrase-file FILE")
+    return Secret(PASSPHRASE, value.encode(), f"${NEW_PASSPHRASE_ENV}")
+
+
+def passphrase_from_file(path: Path) -> Secret:
+    """A passphrase file's first line."""
+    value = _read(path, "passphrase file").split(b"\n", 1)[0].removesuffix(b"\r")
+    if not value:
+        raise UsageError(f"passphrase file {path} is empty")
+    return Secret(PASSPHRASE, value, f"passphrase file {path}")
+
+
+def _from_command(argv: tuple[str, ...]) -> Secret:
+    what = f"passphrase_command {argv[0]}"
+    try:
+        done = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=_COMMAND_TIMEOUT, check=False)
+    except OSError as e:
+        raise UsageError(f"cannot run {what}: {e.strerror}") from None
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"{what} did not finish within {_COMMAND_TIMEOUT} s") from None
+    if done.returncode != 0:
+        raise UsageError(f"{what} failed with exit status {done.returncode}")
+    value = done.stdout[:_MAX_SECRET].split(b"\n", 1)[0].removesuffix(b"\r")
+    if not value:
+        raise UsageError(f"{what} printed no passphrase")
+    return Secret(PASSPHRASE, value, what)
+
+
+def read_key_file(path: Path) -> Secret:
+    text = _read(path, "key file").strip()
+    try:
+        key = bytes.fromhex(text.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        key = b""
+    if len(key) != 32:
+        raise UsageError(f"key file {path} is not an lvbackup key file (64 hex digits)")
+    return Secret(KEY_FILE, key, f"key file {path}")
+
+
+def create_key_file(path: Path) -> Secret:
+    """A new key file at `path`."""
+    key = os.urandom(32)
+    write_private_file(path, key.hex() + "\n", "key file")
+    return Secret(KEY_FILE, key, f"key file {path}")
+
+
+def write_private_file(path: Path, text: str, what: str) -> None:
+    """A new file only its owner can read (0600), never over an existing file or through a
+    symbolic link; written and fsynced."""
+    try:
+        fd = open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{what} {path} exists already; give another path") from None
+    except OSError as e:
+        raise UsageError(f"cannot create {what} {path}: {e.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(_MAX_SECRET)
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None

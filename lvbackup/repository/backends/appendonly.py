@@ -1,0 +1,72 @@
+"""A backend that can only add: `append_only: true` wraps the configured backend in it.
+
+Every delete is refused, and so is replacing an object (put_content_addressed replaces a
+damaged copy of a pack or index file elsewhere): a host whose credentials could be used to
+destroy its past backups is thus kept from doing so by lvbackup itself, and, with storage
+that grants no delete (docs/security.md), by the storage too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ...errors import UsageError
+from .base import Backend, Capabilities, Data, ObjectExists
+
+
+class AppendOnlyError(UsageError):
+    """A delete or a replacement that append_only forbids."""
+
+
+class AppendOnlyBackend(Backend):
+    def __init__(self, inner: Backend):
+        self.inner = inner
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]  # the inner one's
+        return self.inner.capabilities
+
+    def put(self, name: str, data: Data) -> None:
+        self.inner.put(name, data)
+
+    def put_content_addressed(self, name: str, data: Data) -> None:
+        try:
+            self.inner.put(name, data)
+        except ObjectExists:
+            if memoryview(data).cast("B") != self.inner.get(name):
+                raise AppendOnlyError(f"repository object {name} exists with other bytes "
+                                      "(damaged?), and append_only: forbids replacing it; "
+                                      "run 'lvbackup verify' from a host allowed to repair "
+                                      "the repository") from None
+
+    def get(self, name: str) -> bytes:
+        return self.inner.get(name)
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        return self.inner.get_range(name, offset, length)
+
+    def get_range_into(self, name: str, offset: int, outs: list[memoryview]) -> None:
+        self.inner.get_range_into(name, offset, outs)
+
+    def size(self, name: str) -> int:
+        return self.inner.size(name)
+
+    def exists(self, name: str) -> bool:
+        return self.inner.exists(name)
+
+    def list(self, prefix: str) -> Iterator[tuple[str, str]]:
+        return self.inner.list(prefix)
+
+    def token(self, name: str) -> str:
+        return self.inner.token(name)
+
+    def delete(self, name: str) -> None:
+        raise AppendOnlyError(f"append_only: is set: repository object {name} cannot be "
+                              "deleted")
+
+    def remove_incomplete(self, older_than: float) -> int:
+        # Unfinished puts are not objects: removing them destroys nothing stored.
+        return self.inner.remove_incomplete(older_than)
+
+    def close(self) -> None:
+        self.inner.close()
