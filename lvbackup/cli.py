@@ -15,7 +15,7 @@ import click
 
 from . import __version__
 from .catalog import STATUSES
-from .config import Config, as_dict, load_config
+from .config import Config, load_config
 from .datapath.pipeline import tune_malloc
 from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
 from .labels import parse_labels
@@ -25,7 +25,12 @@ from .operations.diff import diff_backups
 from .operations.inventory import create_snapshot, delete_snapshot, list_snapshots
 from .operations.inventory import volumes as list_volumes
 from .operations.jobs import run_jobs
-from .operations.maintenance import collect_garbage, init_repository, rebuild_catalog
+from .operations.maintenance import (
+    collect_garbage,
+    effective_config,
+    init_repository,
+    rebuild_catalog,
+)
 from .operations.prune import prune as prune_backups
 from .operations.records import export_record as export_backup_record
 from .operations.records import import_record as import_backup_record
@@ -715,7 +720,7 @@ def config_check(app: App) -> None:
         found = (os.access(exe, os.X_OK) if "/" in exe else shutil.which(exe) is not None)
         if not found:
             app.warn(f"hooks[{n}].command: {exe} is not an executable (the hook will fail)")
-    app.emit(as_dict(config),
+    app.emit(effective_config(config),
              lambda d: click.echo(yaml.safe_dump(d, sort_keys=False, default_flow_style=False),
                                   nl=False))
 

@@ -46,7 +46,8 @@ class Session:
     @property
     def repo(self) -> Repository:
         if self._repo is None:
-            self._repo = Repository.open(self.config.repository, self.config.cache_dir)
+            self._repo = Repository.open(self.config.repository, self.config.cache_dir,
+                                         self.config.s3)
         return self._repo
 
     @property

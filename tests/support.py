@@ -118,6 +118,23 @@ def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
         f.write(bytes([b[0] ^ mask]))
 
 
+# --- an S3 repository on the test server (tests/s3server.py) ---------------------------------
+
+def s3_section(server: Any, secret: str | None = None) -> dict[str, str]:
+    """The `s3:` section of a configuration for the test server."""
+    from s3server import ACCESS_KEY, SECRET_KEY
+
+    return {"endpoint_url": server.endpoint, "region": "us-east-1",
+            "addressing_style": "path", "access_key_id": ACCESS_KEY,
+            "secret_access_key": secret or SECRET_KEY}
+
+
+def s3_settings(server: Any) -> Any:
+    from lvbackup.config import S3Settings
+
+    return S3Settings(**s3_section(server))
+
+
 # --- running the command ------------------------------------------------------------------
 
 def clean_env() -> dict[str, str]:
@@ -169,10 +186,11 @@ class Workdir:
     """A directory with a config file (repository and catalog inside it) and helpers that
     run `lvbackup --config <it> ...`. The cache (index cache, locks) is <dir>/cache."""
 
-    def __init__(self, path: Path, **extra: Any):
+    def __init__(self, path: Path, repository: str | None = None, **extra: Any):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.repo = self.path / "repo"
+        # A URL (s3://...) in place of the local directory: files() then sees nothing.
+        self.repo: Any = repository or self.path / "repo"
         self.catalog = self.path / "catalog.db"
         self.cache = self.path / "cache"
         self.extra = extra

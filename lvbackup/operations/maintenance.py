@@ -9,10 +9,11 @@ from ..catalog import (
     Catalog,
     as_record,
 )
-from ..config import Config
+from ..config import Config, as_dict
 from ..errors import CorruptionError, LvbackupError
 from ..lifecycle import Status
 from ..repository import gc
+from ..repository.backends import credential_source
 from ..repository.repo import Repository
 from ..session import Session, recover_dead_runs
 from ..timeutil import now_iso
@@ -20,13 +21,19 @@ from ..timeutil import now_iso
 
 def init_repository(config: Config, block_size: int | None) -> dict:
     """Create the repository and the catalog if they do not exist (idempotent)."""
-    repo, created = Repository.init(config.repository, config.cache_dir, block_size)
+    repo, created = Repository.init(config.repository, config.cache_dir, block_size,
+                                    config.s3)
     try:
         Catalog(config.catalog).close()
     finally:
         repo.close()
     return {"repository": str(config.repository), "catalog": str(config.catalog),
             "repository_id": repo.id, "block_size": repo.block_size, "created": created}
+
+
+def effective_config(config: Config) -> dict:
+    """`config check`: every key, and where the repository's credentials come from."""
+    return as_dict(config, credential_source(config.repository, config.s3))
 
 
 def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:

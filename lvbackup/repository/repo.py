@@ -18,6 +18,7 @@ import threading
 import uuid
 from pathlib import Path
 
+from ..config import S3Settings
 from ..diskio import ALIGN
 from ..errors import CorruptionError, UsageError
 from ..faults import crash_point
@@ -67,10 +68,10 @@ class Repository:
     # --- opening ------------------------------------------------------------------
 
     @classmethod
-    def init(cls, location: str | Path, cache_dir: Path, block_size: int | None
-             ) -> tuple[Repository, bool]:
+    def init(cls, location: str | Path, cache_dir: Path, block_size: int | None,
+             s3: S3Settings | None = None) -> tuple[Repository, bool]:
         """Create the repository if it does not exist; (repository, created)."""
-        storage = open_backend(location, create=True)
+        storage = open_backend(location, create=True, s3=s3)
         if not storage.exists("config"):
             meta = {"version": FORMAT_VERSION, "id": str(uuid.uuid4()),
                     "block_size": validate_block_size(DEFAULT_BLOCK_SIZE if block_size is None
@@ -82,15 +83,16 @@ class Repository:
             except ObjectExists:
                 pass  # a concurrent init won: its repository is the one
         storage.close()
-        repo = cls.open(location, cache_dir)
+        repo = cls.open(location, cache_dir, s3)
         if block_size is not None and block_size != repo.block_size:
             raise UsageError(f"repository {location} already exists with block size "
                              f"{repo.block_size}; a block size is chosen once, at init")
         return repo, False
 
     @classmethod
-    def open(cls, location: str | Path, cache_dir: Path) -> Repository:
-        storage = open_backend(location)
+    def open(cls, location: str | Path, cache_dir: Path, s3: S3Settings | None = None
+             ) -> Repository:
+        storage = open_backend(location, s3=s3)
         try:
             raw = storage.get("config")
         except MissingObject:
