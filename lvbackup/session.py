@@ -4,8 +4,8 @@ does first: settle the rows of runs that died.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import events as ev
@@ -14,6 +14,7 @@ from .config import Config
 from .errors import CorruptionError, UsageError
 from .lifecycle import Status
 from .locks import repository_lock, run_is_alive
+from .repository import lease
 from .repository.manifest import Manifest
 from .repository.repo import Repository
 
@@ -60,11 +61,34 @@ class Session:
         if self._repo is not None:
             self._repo.close()
 
-    def shared_lock(self) -> AbstractContextManager:
-        return repository_lock(self.lock_dir, exclusive=False).acquire(self.wait)
+    @property
+    def shared_store(self) -> bool:
+        """Whether the repository is in a store other hosts may use at once (object
+        storage): then its lock is leases in the store (repository/lease.py) as well."""
+        return (isinstance(self.config.repository, str)
+                and not self.repo.storage.capabilities.local_files)
 
-    def exclusive_lock(self) -> AbstractContextManager:
-        return repository_lock(self.lock_dir, exclusive=True).acquire(self.wait)
+    @contextmanager
+    def shared_lock(self) -> Iterator[None]:
+        """Held by every run that reads or writes backups: any number at once."""
+        with repository_lock(self.lock_dir, exclusive=False).acquire(self.wait):
+            if not self.shared_store:
+                yield
+                return
+            with lease.shared(self.repo.storage, "a backup, restore, verify or delete",
+                              self.wait):
+                yield
+
+    @contextmanager
+    def exclusive_lock(self, what: str | None = None) -> Iterator[lease.Lease | None]:
+        """Held alone on this host; with `what` (gc, prune), on every host: the Lease on a
+        shared store, whose check() a long run calls before deleting anything, else None."""
+        with repository_lock(self.lock_dir, exclusive=True).acquire(self.wait):
+            if what is None or not self.shared_store:
+                yield None
+                return
+            with lease.exclusive(self.repo.storage, what, self.wait) as held:
+                yield held
 
 
 

@@ -186,19 +186,22 @@ class Workdir:
     """A directory with a config file (repository and catalog inside it) and helpers that
     run `lvbackup --config <it> ...`. The cache (index cache, locks) is <dir>/cache."""
 
-    def __init__(self, path: Path, repository: str | None = None, **extra: Any):
+    def __init__(self, path: Path, repository: str | None = None,
+                 s3: dict[str, str] | None = None, **extra: Any):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        # A URL (s3://...) in place of the local directory: files() then sees nothing.
+        # A URL (s3://...) in place of the local directory (files() then sees nothing),
+        # and the `s3:` section every config file of this workdir carries.
         self.repo: Any = repository or self.path / "repo"
+        self.place: dict[str, Any] = {"s3": s3} if s3 else {}
         self.catalog = self.path / "catalog.db"
         self.cache = self.path / "cache"
         self.extra = extra
-        self.config = write_config(self.path / "lvbackup.yaml", self.repo, self.catalog, **extra)
+        self.config = self.config_with("lvbackup.yaml", **extra)
 
     def config_with(self, name: str, **extra: Any) -> Path:
         """Another config file for the same repository and catalog, with other settings."""
-        return write_config(self.path / name, self.repo, self.catalog, **extra)
+        return write_config(self.path / name, self.repo, self.catalog, **self.place, **extra)
 
     # running
 
@@ -286,7 +289,8 @@ class Workdir:
     def clone(self, dest: Path) -> Workdir:
         """A copy of this workdir (repository, catalog, cache) with its own config file."""
         shutil.copytree(self.path, dest)
-        return Workdir(dest, **self.extra)
+        return Workdir(dest, repository=None if isinstance(self.repo, Path) else self.repo,
+                       **self.place, **self.extra)
 
 
 def first_diff(a: bytes, b: bytes) -> int | None:

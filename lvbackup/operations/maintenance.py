@@ -106,7 +106,11 @@ def _orphans_become_full(cat: Catalog) -> None:
 def collect_garbage(session: Session, progress: Callable[[int, int], None] | None = None
                     ) -> dict:
     """`gc`, with the repository locked exclusively (no backup is writing meanwhile)."""
-    with session.exclusive_lock():
+    with session.exclusive_lock("gc") as held:
         recover_dead_runs(session)
+        # On a shared store, another host's run may have put packs and not yet referenced
+        # them, or be uploading one, should its lease have lapsed: young ones are spared.
+        grace = session.config.gc_grace_period if held is not None else 0
         return gc.collect_garbage(session.repo, session.config.cache_dir, session.lock_dir,
-                                  progress)
+                                  progress, grace=grace,
+                                  guard=held.check if held is not None else None)
