@@ -9,6 +9,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -19,6 +20,7 @@ from .config import Config, load_config
 from .datapath.pipeline import tune_malloc
 from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
 from .labels import parse_labels
+from .operations.copy import copy_backups
 from .operations.create import create_backup, select_source
 from .operations.delete import delete_backup
 from .operations.diff import diff_backups
@@ -545,6 +547,42 @@ def gc(app: App, wait: float) -> None:
                    f"freed {human_size(s['bytes_freed'])}")
 
     app.emit(stats, human)
+
+
+@cli.command()
+@click.argument("backup_ids", metavar="[ID]...", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every available backup.")
+@click.option("--volume", metavar="VG/LV|UUID|PATH", help="Every available backup of a volume.")
+@click.option("--to-config", "to_config", required=True, metavar="FILE",
+              type=click.Path(dir_okay=False),
+              help="The configuration whose repository and catalog receive the copies.")
+@wait_option
+@pass_app
+def copy(app: App, backup_ids: tuple[str, ...], every: bool, volume: str | None,
+         to_config: str, wait: float) -> None:
+    """Copy backups into another configuration's repository and catalog (off-site), keeping
+    their ids, lineage, timestamps and labels. Only chunks the target lacks are sent;
+    parents go first; a rerun resumes an interrupted copy and copies nothing twice.
+
+    \b
+    Examples:
+      lvbackup copy --all --to-config /etc/lvbackup/offsite.yaml
+      lvbackup copy 3f2a --to-config offsite.yaml
+    """
+    with app.progress("copy") as progress:
+        report = copy_backups(app.session(wait), Path(to_config), list(backup_ids), every,
+                              volume, progress).as_dict()
+
+    def human(r: dict) -> None:
+        if not r["copied"]:
+            click.echo(f"Nothing new to copy: {len(r['already_present'])} backups already "
+                       f"in {r['target']}")
+            return
+        click.echo(f"Copied {len(r['copied'])} backups to {r['target']} "
+                   f"({r['chunks_sent']} chunks, {human_size(r['bytes_sent'])} stored); "
+                   f"{len(r['already_present'])} were there already")
+
+    app.emit(report, human)
 
 
 @cli.command("export-record")
