@@ -44,6 +44,7 @@ class Job:
     full_every_days: int | None = None   # ... or when the last full is this many days old
     keep: Policy | None = None       # retention applied after a successful backup
     labels: dict[str, str] = field(default_factory=dict)
+    copy_to: Path | None = None      # another configuration: the backup is copied there
 
     @property
     def source(self) -> str:
@@ -138,7 +139,7 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _S3_KEYS = ("endpoint_url", "region", "addressing_style", "access_key_id", "secret_access_key")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _JOB_KEYS = ("volume", "snapshot_of", "device", "force", "incremental", "full_every", "keep",
-             "labels")
+             "labels", "copy_to")
 _HOOK_KEYS = ("on", "command", "timeout")
 # The label every backup made by `lvbackup run` carries: the name of its job.
 JOB_LABEL = "job"
@@ -266,8 +267,11 @@ def _job(name: Any, raw: Any, base: Path) -> Job:
             raise ConfigError(f"config key '{key}.labels': the label '{JOB_LABEL}' is set by "
                               "lvbackup run (to the job's name)")
         labels[k] = v
+    copy_to = (_path(raw["copy_to"], f"{key}.copy_to", base)
+               if raw.get("copy_to") is not None else None)
     return Job(name=name, **{src: spec}, force=force, incremental=incremental,
-               full_every=every, full_every_days=every_days, keep=keep, labels=labels)
+               full_every=every, full_every_days=every_days, keep=keep, labels=labels,
+               copy_to=copy_to)
 
 
 def _jobs(value: Any, base: Path) -> dict[str, Job]:

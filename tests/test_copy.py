@@ -3,6 +3,7 @@ S3 (the real SeaweedFS server of tests/s3server.py), as the nightly off-site job
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 
@@ -112,3 +113,37 @@ def test_copy_refuses_bad_requests_in_one_line(chain, tmp_path):
     assert_one_line_error(wd.run("copy", "--all", "--to-config", target.config), 2,
                           "block size")
     assert_one_line_error(wd.run("copy", "nope", "--to-config", target.config), 2, "nope")
+
+
+def test_a_job_copies_each_new_backup_offsite_and_the_metrics_say_so(tmp_path, offsite):
+    image = tmp_path / "vm.img"
+    make_image(image, 4, seed=50)
+    prom = tmp_path / "metrics" / "lvbackup.prom"
+    wd = Workdir(tmp_path / "home", metrics=str(prom), jobs={"nightly": {
+        "device": str(image), "incremental": True, "copy_to": str(offsite.config)}})
+    wd.init("64K")
+    first = wd.run_json("run")
+    (job,) = first["jobs"]
+    assert job["status"] == "ok" and job["copied"] == [job["backup"]["id"]]
+    apply_change(image, seed=51)
+    (job2,) = wd.run_json("run")["jobs"]
+    assert job2["copied"] == [job2["backup"]["id"]]
+    assert offsite.show(job2["backup"]["id"])["parent_id"] == job["backup"]["id"]
+    offsite.assert_restores(job2["backup"]["id"], image.read_bytes())
+    text = prom.read_text()
+    volume = str(image.resolve())
+    assert f'lvbackup_last_copy_status{{volume="{volume}"}} 1' in text
+    assert f'lvbackup_last_copy_success_timestamp_seconds{{volume="{volume}"}}' in text
+
+    # The off-site store unreachable: the backup stands, the job says the copy failed.
+    broken = Workdir(tmp_path / "broken", repository="s3://lvb-missing-bucket/x",
+                     s3=offsite.place["s3"])
+    wd2 = Workdir(tmp_path / "home2", metrics=str(prom), jobs={"nightly": {
+        "device": str(image), "copy_to": str(broken.config)}})
+    wd2.init("64K")
+    p = wd2.run("--json", "run")
+    assert p.returncode == 2, describe(p)
+    (failed,) = json.loads(p.stdout)["jobs"]
+    assert failed["backup"]["status"] == "available"
+    assert "the backup succeeded, but the copy to" in failed["error"]
+    assert f'lvbackup_last_copy_status{{volume="{volume}"}} 0' in prom.read_text()

@@ -12,8 +12,9 @@ its ancestors the target lacks.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..catalog import BackupRecord, as_record
@@ -22,6 +23,7 @@ from ..datapath.pipeline import ordered_map
 from ..errors import UsageError
 from ..lifecycle import Status
 from ..locks import RunLock
+from ..metrics import best_effort, record_copy
 from ..repository import codec
 from ..repository.manifest import Manifest, manifest_name
 from ..repository.repo import Repository
@@ -39,6 +41,7 @@ class CopyReport:
     present: list[str]
     chunks_sent: int = 0
     bytes_sent: int = 0      # stored (compressed) bytes added to the target
+    by_volume: dict[str, int] = field(default_factory=dict)   # bytes_sent per volume
 
     def as_dict(self) -> dict:
         return {"target": self.target, "copied": self.copied, "already_present": self.present,
@@ -56,17 +59,42 @@ def copy_backups(session: Session, to_config: Path, ids: list[str], every: bool,
         with session.shared_lock():
             recover_dead_runs(session)
             chosen = _with_ancestors(session, _selected(session, ids, every, volume))
-            init_repository(target.config, session.repo.block_size)
-            if (target.repo.id == session.repo.id
-                    and target.config.catalog == session.config.catalog):
-                raise UsageError(f"{to_config} names this configuration's own repository "
-                                 "and catalog: nothing to copy to")
-            with target.shared_lock():
-                target.repo.sync_index(target.lock_dir)
-                recover_dead_runs(target)
-                return _copy(session, target, chosen, progress)
+            volumes = sorted({_volume(r) for r in chosen})
+            try:
+                report = _into(session, target, to_config, chosen, progress)
+            except BaseException:
+                _record_metrics(session, volumes, ok=False)
+                raise
+            _record_metrics(session, volumes, ok=True, report=report)
+            return report
     finally:
         target.close()
+
+
+def _into(session: Session, target: Session, to_config: Path, chosen: list[BackupRecord],
+          progress: Callable[[int, int], None] | None) -> CopyReport:
+    init_repository(target.config, session.repo.block_size)
+    if target.repo.id == session.repo.id and target.config.catalog == session.config.catalog:
+        raise UsageError(f"{to_config} names this configuration's own repository and "
+                         "catalog: nothing to copy to")
+    with target.shared_lock():
+        target.repo.sync_index(target.lock_dir)
+        recover_dead_runs(target)
+        return _copy(session, target, chosen, progress)
+
+
+def _volume(row: BackupRecord) -> str:
+    return row["volume_name"] or row["volume_id"]
+
+
+def _record_metrics(session: Session, volumes: list[str], *, ok: bool,
+                    report: CopyReport | None = None) -> None:
+    if not volumes:
+        return
+    ended = time.time()
+    best_effort(session.config.metrics, session.warn, lambda path: record_copy(
+        path, session.lock_dir, volumes, ok=ok, ended_at=ended,
+        bytes_sent=report.by_volume if report else {}))
 
 
 def _selected(session: Session, ids: list[str], every: bool, volume: str | None
@@ -126,6 +154,7 @@ def _copy(session: Session, target: Session, chosen: list[BackupRecord],
             chunks, stored = _copy_one(session, target, row["id"])
             report.chunks_sent += chunks
             report.bytes_sent += stored
+            report.by_volume[_volume(row)] = report.by_volume.get(_volume(row), 0) + stored
             record = as_record(row, fail_reason=None, updated_at=now_iso())
             with target.catalog.write():
                 target.catalog.put(record, Status.AVAILABLE)
