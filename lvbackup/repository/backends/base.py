@@ -44,6 +44,8 @@ class Capabilities:
     one name exactly one succeeds; without it two writers may both believe they won."""
     ranged_get: bool
     """A ranged read fetches only the bytes asked for, not the whole object."""
+    concurrent_puts: int = 1
+    """How many puts a writer keeps in flight at once: more where each waits on a network."""
     token_resolution: float = 0.0
     """Seconds within which an object deleted and put again with the same bytes may keep
     its token (stores that date objects to the second)."""
