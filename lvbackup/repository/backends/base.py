@@ -46,6 +46,8 @@ class Capabilities:
     """A ranged read fetches only the bytes asked for, not the whole object."""
     concurrent_puts: int = 1
     """How many puts a writer keeps in flight at once: more where each waits on a network."""
+    concurrent_gets: int = 1
+    """How many reads a restore keeps in flight at least (it runs as many workers)."""
     token_resolution: float = 0.0
     """Seconds within which an object deleted and put again with the same bytes may keep
     its token (stores that date objects to the second)."""

@@ -122,7 +122,8 @@ def _token(etag: str, modified: Any) -> str:
 
 class S3Backend(Backend):
     capabilities = Capabilities(local_files=False, conditional_put=True, ranged_get=True,
-                                concurrent_puts=2, token_resolution=1.0)
+                                concurrent_puts=2, concurrent_gets=4,
+                                token_resolution=1.0)
 
     def __init__(self, bucket: str, prefix: str, settings: S3Settings):
         self.bucket = bucket
