@@ -380,3 +380,25 @@ def test_a_lease_holder_that_loses_its_lease_notices(s3server, s3_bucket):
     held.release()
     assert storage.get(lease.EXCLUSIVE) == b"{}", "the other run's lease is left alone"
     storage.close()
+
+
+def test_runs_with_wait_go_ahead_once_the_other_hosts_lease_is_released(tmp_path, s3server,
+                                                                        s3_bucket, wd):
+    wd.init("64K")
+    image = tmp_path / "x.img"
+    make_image(image, 1, seed=8)
+    storage = open_backend(str(wd.repo), s3=s3_settings(s3server))
+    with lease.exclusive(storage, "gc"):
+        backup = wd.popen("--json", "create", "--device", image, "--wait", "120")
+        time.sleep(1.0)
+        assert backup.poll() is None, "the backup waits while the exclusive lease is held"
+    out, err = backup.communicate(timeout=120)
+    assert backup.returncode == 0, err
+    assert json.loads(out)["status"] == "available"
+    with lease.shared(storage, "a restore"):
+        gc = wd.popen("--json", "gc", "--wait", "120")
+        time.sleep(1.0)
+        assert gc.poll() is None, "gc waits while a run lease is live"
+    out, err = gc.communicate(timeout=120)
+    assert gc.returncode == 0, err
+    storage.close()

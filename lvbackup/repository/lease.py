@@ -11,11 +11,13 @@ Each holds {host, pid, what, expires}; its holder rewrites it every third of its
 write conditional on the object being the one it wrote) and deletes it at the end. The
 exclusive lease is created with a conditional write, so of two hosts only one gets it. A
 run first writes its own lease, then looks at the other kind: a run that finds a live
-exclusive lease withdraws, and so does a gc that finds a live run lease; whichever wrote
-second sees the first, the store being strongly consistent. A host that died leaves leases
-that expire: an expired exclusive lease is taken over (again conditionally, so only one
-run wins), expired run leases are deleted by the next gc. Nobody ever removes a stale lock
-by hand; a lease of a process of this host that is gone counts as expired at once.
+exclusive lease withdraws its own (and waits, with --wait, or exits 75); a gc that finds a
+live run lease keeps its exclusive one while it waits, so that new runs hold back and it
+gets its turn. Whichever wrote second sees the first, the store being strongly consistent.
+A host that died leaves leases that expire: an expired exclusive lease is taken over
+(again conditionally, so only one run wins), expired run leases are deleted by the next
+gc. Nobody ever removes a stale lock by hand; a lease of a process of this host that is
+gone counts as expired at once.
 Hosts' clocks are assumed to agree to well within the term (NTP).
 """
 
@@ -212,15 +214,18 @@ def shared(storage: Backend, what: str, wait: float = 0.0, term: float = TERM
     """Hold a run lease while no exclusive lease is live (backups, restores, deletes)."""
     more = _waiting(wait)
     lease = Lease(storage, f"{RUN_PREFIX}{uuid.uuid4().hex}", what, term)
-    storage.put(lease.name, lease.body())
+    while True:
+        storage.put(lease.name, lease.body())
+        found = _read(storage, EXCLUSIVE)
+        if found is None or not _live(found[1]):
+            break
+        # Withdrawn while waiting: a gc that holds the exclusive lease waits for run
+        # leases to go, so both waiting on each other would only time out.
+        storage.delete(lease.name)
+        if not more():
+            raise _refusal(found[1], "the repository is locked by another host's run")
     lease.held()
     try:
-        while True:
-            found = _read(storage, EXCLUSIVE)
-            if found is None or not _live(found[1]):
-                break
-            if not more():
-                raise _refusal(found[1], "the repository is locked by another host's run")
         yield lease
     finally:
         lease.release()
