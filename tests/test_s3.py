@@ -85,6 +85,10 @@ def test_every_command_against_s3(wd, tmp_path, s3server):
     wd.assert_restores(full["id"], v1)
     wd.assert_restores(inc["id"], v2)
     assert wd.run_json("verify", "--deep")
+    changed = wd.run_json("diff", inc["id"])
+    assert changed["other_id"] == full["id"] and 0 < changed["differing_bytes"] < len(v2)
+    record = wd.run("export-record", full["id"])
+    assert record.returncode == 0 and record.stdout.strip(), describe(record)
 
     # The catalog is rebuilt from the bucket alone.
     wd.catalog.unlink()
