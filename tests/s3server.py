@@ -63,6 +63,10 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+class _ExitedEarly(Exception):
+    pass
+
+
 class SeaweedServer:
     def __init__(self, root: Path):
         self.root = root
@@ -85,6 +89,20 @@ class SeaweedServer:
                                               connect_timeout=2, read_timeout=10))
 
     def start(self) -> SeaweedServer:
+        """Start the server (again after stop(): the same ports and data). A server that
+        exits at once, as when another process took one of its ports between the check and
+        its bind, is retried on new ports (unless it has data to keep); then it fails."""
+        for attempt in range(3):
+            try:
+                return self._start()
+            except _ExitedEarly:
+                if attempt == 2 or any((self.root / "data").glob("*.dat")):
+                    raise RuntimeError(f"the SeaweedFS test server kept exiting at start; "
+                                       f"its log ends:\n{self._log_tail()}") from None
+                self.ports = dict(zip(_SERVICES, free_ports(len(_SERVICES)), strict=True))
+        raise AssertionError("unreachable")
+
+    def _start(self) -> SeaweedServer:
         data = self.root / "data"
         (data / "logs").mkdir(parents=True, exist_ok=True)
         identities = self.root / "identities.json"
@@ -113,7 +131,8 @@ class SeaweedServer:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                self._fail(f"exited with status {self.proc.returncode}")
+                self.proc = None
+                raise _ExitedEarly()
             try:
                 client.create_bucket(Bucket=probe)
                 client.put_object(Bucket=probe, Key="x", Body=b"x")
@@ -125,8 +144,11 @@ class SeaweedServer:
                 time.sleep(0.2)
         self._fail(f"did not answer within {_START_TIMEOUT:.0f} s (last error: {last})")
 
+    def _log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
     def _fail(self, why: str) -> None:
-        tail = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+        tail = self._log_tail()
         self.stop()
         raise RuntimeError(f"the SeaweedFS test server {why}; its log ends:\n{tail}")
 
