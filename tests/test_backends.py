@@ -23,6 +23,7 @@ from lvbackup import diskio
 from lvbackup.errors import CorruptionError, UsageError
 from lvbackup.repository.backends import (
     Backend,
+    Conflict,
     LocalBackend,
     MemoryBackend,
     MissingObject,
@@ -272,6 +273,32 @@ def test_delete(backend: Backend) -> None:
     backend.delete("manifests/m")   # idempotent: a killed deletion is simply repeated
     backend.put("manifests/m", b"again")
     assert backend.get("manifests/m") == b"again"
+
+
+def test_modified_is_when_the_object_was_put(backend: Backend) -> None:
+    before = time.time()
+    backend.put("packs/aa/when", b"x")
+    # Within a second either way: object stores date objects to the whole second.
+    assert before - 1 <= backend.modified("packs/aa/when") <= time.time() + 1
+    with pytest.raises(MissingObject):
+        backend.modified("packs/aa/none")
+
+
+def test_conditional_replace_and_delete(backend: Backend) -> None:
+    if backend.capabilities.local_files:
+        pytest.skip("a local directory is locked by the kernel, not by leases in it")
+    backend.put("locks/l", b"mine")
+    mine = backend.token("locks/l")
+    backend.replace("locks/l", b"renewed", mine)
+    renewed = backend.token("locks/l")
+    assert backend.get("locks/l") == b"renewed" and renewed != mine
+    with pytest.raises(Conflict):
+        backend.replace("locks/l", b"stale", mine)   # another run renewed it meanwhile
+    with pytest.raises(Conflict):
+        backend.delete_if("locks/l", mine)
+    assert backend.get("locks/l") == b"renewed"
+    backend.delete_if("locks/l", renewed)
+    assert not backend.exists("locks/l")
 
 
 def test_nothing_incomplete_after_puts_that_finished(backend: Backend) -> None:
