@@ -31,7 +31,9 @@ from ..session import Session, recover_dead_runs
 from ..timeutil import now_iso
 from .maintenance import init_repository
 
-_BATCH = 256   # entries per step: at most 256 blocks in memory per worker
+# Entries per step: a step holds at most this many blocks (8 MiB of 128 KiB blocks), and
+# workers + `depth` steps are under way at once, which bounds the memory of a copy.
+_BATCH = 64
 
 
 @dataclass
@@ -191,7 +193,7 @@ def _copy_one(session: Session, target: Session, backup_id: str) -> tuple[int, i
 
         try:
             for new in ordered_map(fetch, _id_batches(manifest), session.config.workers,
-                                   session.config.workers * 2):
+                                   session.config.workers):
                 for cid, blob, raw_length, flags in new:
                     # Again: a chunk twice in flight (two batches) is stored once.
                     if packer.missing([cid]):
