@@ -16,10 +16,11 @@ import click
 
 from . import __version__
 from .catalog import STATUSES
-from .config import Config, as_dict, load_config
+from .config import Config, load_config
 from .datapath.pipeline import tune_malloc
 from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
 from .labels import parse_labels
+from .operations.copy import copy_backups
 from .operations.create import create_backup, select_source
 from .operations.delete import delete_backup
 from .operations.diff import diff_backups
@@ -27,7 +28,12 @@ from .operations.inventory import create_snapshot, delete_snapshot, list_snapsho
 from .operations.inventory import volumes as list_volumes
 from .operations.jobs import run_jobs
 from .operations.key import add_key, change_passphrase, export_key, import_key, list_keys
-from .operations.maintenance import collect_garbage, init_repository, rebuild_catalog
+from .operations.maintenance import (
+    collect_garbage,
+    effective_config,
+    init_repository,
+    rebuild_catalog,
+)
 from .operations.prune import prune as prune_backups
 from .operations.records import export_record as export_backup_record
 from .operations.records import import_record as import_backup_record
@@ -577,6 +583,42 @@ def gc(app: App, wait: float) -> None:
     app.emit(stats, human)
 
 
+@cli.command()
+@click.argument("backup_ids", metavar="[ID]...", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every available backup.")
+@click.option("--volume", metavar="VG/LV|UUID|PATH", help="Every available backup of a volume.")
+@click.option("--to-config", "to_config", required=True, metavar="FILE",
+              type=click.Path(dir_okay=False),
+              help="The configuration whose repository and catalog receive the copies.")
+@wait_option
+@pass_app
+def copy(app: App, backup_ids: tuple[str, ...], every: bool, volume: str | None,
+         to_config: str, wait: float) -> None:
+    """Copy backups into another configuration's repository and catalog (off-site), keeping
+    their ids, lineage, timestamps and labels. Only chunks the target lacks are sent;
+    parents go first; a rerun resumes an interrupted copy and copies nothing twice.
+
+    \b
+    Examples:
+      lvbackup copy --all --to-config /etc/lvbackup/offsite.yaml
+      lvbackup copy 3f2a --to-config offsite.yaml
+    """
+    with app.progress("copy") as progress:
+        report = copy_backups(app.session(wait), Path(to_config), list(backup_ids), every,
+                              volume, progress).as_dict()
+
+    def human(r: dict) -> None:
+        if not r["copied"]:
+            click.echo(f"Nothing new to copy: {len(r['already_present'])} backups already "
+                       f"in {r['target']}")
+            return
+        click.echo(f"Copied {len(r['copied'])} backups to {r['target']} "
+                   f"({r['chunks_sent']} chunks, {human_size(r['bytes_sent'])} stored); "
+                   f"{len(r['already_present'])} were there already")
+
+    app.emit(report, human)
+
+
 @cli.command("export-record")
 @click.argument("backup_id")
 @pass_app
@@ -845,7 +887,7 @@ def config_check(app: App) -> None:
         found = (os.access(exe, os.X_OK) if "/" in exe else shutil.which(exe) is not None)
         if not found:
             app.warn(f"hooks[{n}].command: {exe} is not an executable (the hook will fail)")
-    app.emit(as_dict(config),
+    app.emit(effective_config(config),
              lambda d: click.echo(yaml.safe_dump(d, sort_keys=False, default_flow_style=False),
                                   nl=False))
 

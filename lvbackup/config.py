@@ -3,6 +3,9 @@
 The file is `--config`, else `$LVBACKUP_CONFIG`, else /etc/lvbackup/lvbackup.yaml (which may
 be absent: then the defaults apply). Relative paths in a file are relative to that file.
 `$LVBACKUP_REPOSITORY`, `$LVBACKUP_CATALOG` and `$LVBACKUP_CACHE_DIR` override the file.
+
+`repository:` is a path, or a URL (`s3://BUCKET/PREFIX`, `file://PATH`) kept as a string;
+the `s3:` section says how to reach an S3 store. Its credentials are never printed.
 """
 
 from __future__ import annotations
@@ -46,15 +49,36 @@ class Job:
     keep: Policy | None = None       # retention applied after a successful backup
     labels: dict[str, str] = field(default_factory=dict)
     keep_snapshot: bool | None = None   # None: the configuration's keep_snapshot
+    copy_to: Path | None = None      # another configuration: the backup is copied there
 
     @property
     def source(self) -> str:
         return self.volume or self.snapshot_of or self.device or ""
 
 
+S3_ADDRESSING = ("auto", "path", "virtual")
+DEFAULT_GC_GRACE = 6 * 3600
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """The `s3:` section. Credentials missing here come from the environment or the AWS
+    credential chain (boto3's); they are kept out of repr() and `config check`."""
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: str = "auto"
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+
+    def public(self, source: str) -> dict[str, Any]:
+        """What `config check` shows: everything but the secrets, and where they come from."""
+        return {"endpoint_url": self.endpoint_url, "region": self.region,
+                "addressing_style": self.addressing_style, "credentials": source}
+
+
 @dataclass(frozen=True)
 class Config:
-    repository: Path
+    repository: Path | str   # a path, or a URL such as s3://BUCKET/PREFIX
     catalog: Path
     cache_dir: Path
     compression_level: int = 1
@@ -72,6 +96,10 @@ class Config:
     passphrase_command: tuple[str, ...] | None = None   # argv, run without a shell
     key_file: Path | None = None
     append_only: bool = False   # delete, prune and gc refuse; nothing stored is removed
+    s3: S3Settings = field(default_factory=S3Settings)
+    # gc spares unreferenced packs and unfinished uploads younger than this in a store
+    # shared with other hosts (object storage), whose backups may be about to use them.
+    gc_grace_period: int = DEFAULT_GC_GRACE
     source: str = "defaults"
 
     @property
@@ -89,6 +117,33 @@ def _optional_path(raw: dict, key: str, base: Path) -> Path | None:
     return _path(raw[key], key, base) if raw.get(key) is not None else None
 
 
+def _location(value: Any, base: Path) -> Path | str:
+    """A repository: a URL as it is (its backend checks it), else a path."""
+    if isinstance(value, str) and _URL.match(value.strip()):
+        return value.strip()
+    return _path(value, "repository", base)
+
+
+def _s3(value: Any) -> S3Settings:
+    raw = _mapping(value if value is not None else {}, "s3")
+    for k, v in raw.items():
+        if k not in _S3_KEYS:
+            raise ConfigError(f"config key 's3': unknown key '{k}' (expected "
+                              f"{', '.join(_S3_KEYS)})")
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise ConfigError(f"config key 's3.{k}' must be a non-empty string")
+    style = raw.get("addressing_style") or "auto"
+    if style not in S3_ADDRESSING:
+        raise ConfigError(f"config key 's3.addressing_style' must be one of "
+                          f"{', '.join(S3_ADDRESSING)}")
+    if bool(raw.get("access_key_id")) != bool(raw.get("secret_access_key")):
+        raise ConfigError("config keys 's3.access_key_id' and 's3.secret_access_key' go "
+                          "together: give both or neither")
+    return S3Settings(endpoint_url=raw.get("endpoint_url"), region=raw.get("region"),
+                      addressing_style=style, access_key_id=raw.get("access_key_id"),
+                      secret_access_key=raw.get("secret_access_key"))
+
+
 def _int(value: Any, key: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"config key '{key}' must be a whole number from {low} to {high}")
@@ -98,10 +153,12 @@ def _int(value: Any, key: str, low: int, high: int) -> int:
 _KEYS = ("repository", "catalog", "cache_dir", "compression_level", "workers",
          "temp_snapshot_size", "keep_snapshot", "change_tracking", "change_sample",
          "event_log", "metrics", "hooks", "jobs", "passphrase_file", "passphrase_command",
-         "key_file", "append_only")
+         "key_file", "append_only", "s3", "gc_grace_period")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_S3_KEYS = ("endpoint_url", "region", "addressing_style", "access_key_id", "secret_access_key")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _JOB_KEYS = ("volume", "snapshot_of", "device", "force", "incremental", "full_every", "keep",
-             "labels", "keep_snapshot")
+             "labels", "keep_snapshot", "copy_to")
 _HOOK_KEYS = ("on", "command", "timeout")
 # The label every backup made by `lvbackup run` carries: the name of its job.
 JOB_LABEL = "job"
@@ -235,9 +292,11 @@ def _job(name: Any, raw: Any, base: Path) -> Job:
             raise ConfigError(f"config key '{key}.labels': the label '{JOB_LABEL}' is set by "
                               "lvbackup run (to the job's name)")
         labels[k] = v
+    copy_to = (_path(raw["copy_to"], f"{key}.copy_to", base)
+               if raw.get("copy_to") is not None else None)
     return Job(name=name, **{src: spec}, force=force, incremental=incremental,
                full_every=every, full_every_days=every_days, keep=keep, labels=labels,
-               keep_snapshot=keep_snapshot)
+               keep_snapshot=keep_snapshot, copy_to=copy_to)
 
 
 def _jobs(value: Any, base: Path) -> dict[str, Job]:
@@ -295,8 +354,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
                      ("cache_dir", "LVBACKUP_CACHE_DIR")):
         if os.environ.get(env):
             raw[key] = os.environ[env]
-    repository = _path(raw.get("repository", str(DEFAULT_STATE_DIR / "repository")),
-                       "repository", base)
+    repository = _location(raw.get("repository", str(DEFAULT_STATE_DIR / "repository")), base)
     catalog = _path(raw.get("catalog", str(DEFAULT_STATE_DIR / "catalog.db")), "catalog", base)
     cache_dir = (_path(raw["cache_dir"], "cache_dir", base) if "cache_dir" in raw
                  else catalog.parent / "cache")
@@ -326,6 +384,9 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
                             if raw.get("passphrase_command") is not None else None),
         key_file=_optional_path(raw, "key_file", base),
         append_only=append_only,
+        s3=_s3(raw.get("s3")),
+        gc_grace_period=_int(raw.get("gc_grace_period", DEFAULT_GC_GRACE), "gc_grace_period",
+                             0, 10 * 365 * 86400),
         source=str(cfg_path) if raw or explicit else "defaults",
     )
 
@@ -342,9 +403,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def as_dict(config: Config) -> dict[str, Any]:
-    """The effective configuration, for `config check` and --verbose (plain JSON types)."""
+def as_dict(config: Config, credentials: str) -> dict[str, Any]:
+    """The effective configuration, for `config check` and --verbose (plain JSON types),
+    with `credentials` saying where the S3 credentials come from (never what they are)."""
     out = {f.name: _plain(getattr(config, f.name)) for f in fields(config)}
+    out["s3"] = config.s3.public(credentials)
     for job in out["jobs"].values():
         job.pop("name", None)
         days = job.pop("full_every_days")

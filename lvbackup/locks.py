@@ -101,7 +101,7 @@ def holders(fd: int) -> list[int]:
         if found:
             return sorted(found)
     text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    if text.isdigit() and int(text) != me and _alive(int(text)):
+    if text.isdigit() and int(text) != me and pid_alive(int(text)):
         return [int(text)]
     return []
 
@@ -124,7 +124,7 @@ def _has_open(pid: int, st: os.stat_result) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

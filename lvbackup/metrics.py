@@ -12,12 +12,19 @@ a lock file in lvbackup's lock directory, so concurrent runs never lose each oth
     lvbackup_last_duration_seconds{volume=...}                  of the last backup
     lvbackup_last_bytes_read{volume=...}                        of the last successful one
     lvbackup_last_bytes_stored{volume=...}                      of the last successful one
+
+and after every `copy` (the command, or a job's `copy_to`), for each volume copied:
+
+    lvbackup_last_copy_success_timestamp_seconds{volume=...}    last successful copy
+    lvbackup_last_copy_status{volume=...}                       1 ok, 0 failed
+    lvbackup_last_copy_bytes_sent{volume=...}                   of the last successful one
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from .diskio import AtomicFile
@@ -36,6 +43,13 @@ METRICS: dict[str, tuple[str, str]] = {
         ("gauge", "Bytes read from the volume by its last successful backup."),
     "lvbackup_last_bytes_stored":
         ("gauge", "Bytes the volume's last successful backup added to the repository."),
+    "lvbackup_last_copy_success_timestamp_seconds":
+        ("gauge", "Unix time of the last successful copy of the volume's backups."),
+    "lvbackup_last_copy_status":
+        ("gauge", "1 if the last copy of the volume's backups succeeded, 0 if it failed."),
+    "lvbackup_last_copy_bytes_sent":
+        ("gauge", "Bytes the last successful copy of the volume's backups stored in the "
+                  "target repository."),
 }
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)\{volume="((?:[^"\\]|\\.)*)"\}\s+(\S+)')
@@ -84,22 +98,50 @@ def record_backup(path: Path, lock_dir: Path, volume: str, *, ok: bool, ended_at
                   duration: float, bytes_read: int | None = None,
                   bytes_stored: int | None = None) -> None:
     """Update `volume`'s series in the textfile at `path` (raises OSError on failure)."""
+    values: dict[str, float] = {"lvbackup_last_run_timestamp_seconds": ended_at,
+                                "lvbackup_last_status": 1 if ok else 0,
+                                "lvbackup_last_duration_seconds": round(duration, 3)}
+    if ok:
+        values["lvbackup_last_success_timestamp_seconds"] = ended_at
+        if bytes_read is not None:
+            values["lvbackup_last_bytes_read"] = bytes_read
+        if bytes_stored is not None:
+            values["lvbackup_last_bytes_stored"] = bytes_stored
+    _update(path, lock_dir, {volume: values})
+
+
+def record_copy(path: Path, lock_dir: Path, volumes: list[str], *, ok: bool, ended_at: float,
+                bytes_sent: dict[str, int]) -> None:
+    """Update the copy series of `volumes` (raises OSError on failure)."""
+    values: dict[str, dict[str, float]] = {}
+    for volume in volumes:
+        values[volume] = {"lvbackup_last_copy_status": 1 if ok else 0}
+        if ok:
+            values[volume].update({"lvbackup_last_copy_success_timestamp_seconds": ended_at,
+                                   "lvbackup_last_copy_bytes_sent": bytes_sent.get(volume, 0)})
+    _update(path, lock_dir, values)
+
+
+def best_effort(path: Path | None, warn: Callable[[str], None],
+                write: Callable[[Path], None]) -> None:
+    """write(path) if metrics are configured; a failure is a warning: metrics never fail
+    the backup or copy they describe."""
+    if path is None:
+        return
+    try:
+        write(path)
+    except Exception as e:  # noqa: BLE001 - reported, never raised
+        warn(f"cannot write the metrics file {path}: {getattr(e, 'strerror', None) or e}")
+
+
+def _update(path: Path, lock_dir: Path, values: dict[str, dict[str, float]]) -> None:
+    """Set {volume: {metric: value}} in the file, keeping every other series."""
     path = Path(path)
     with FileLock(Path(lock_dir) / "metrics.lock", "the metrics file").acquire(30):
         samples = read_samples(path)
-
-        def put(metric: str, value: float) -> None:
-            samples.setdefault(metric, {})[volume] = _number(value)
-
-        put("lvbackup_last_run_timestamp_seconds", ended_at)
-        put("lvbackup_last_status", 1 if ok else 0)
-        put("lvbackup_last_duration_seconds", round(duration, 3))
-        if ok:
-            put("lvbackup_last_success_timestamp_seconds", ended_at)
-            if bytes_read is not None:
-                put("lvbackup_last_bytes_read", bytes_read)
-            if bytes_stored is not None:
-                put("lvbackup_last_bytes_stored", bytes_stored)
+        for volume, metrics in values.items():
+            for metric, value in metrics.items():
+                samples.setdefault(metric, {})[volume] = _number(value)
         write_atomic(path, render(samples))
 
 

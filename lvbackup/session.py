@@ -4,8 +4,8 @@ does first: settle the rows of runs that died.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import events as ev
@@ -15,6 +15,7 @@ from .credentials import configured_key, secrets
 from .errors import CorruptionError, UsageError
 from .lifecycle import Status
 from .locks import repository_lock, run_is_alive
+from .repository import lease
 from .repository.manifest import Manifest
 from .repository.repo import Repository
 
@@ -65,11 +66,34 @@ class Session:
             raise UsageError(f"{what} is refused: append_only: is set ({self.config.source}), "
                              "so no backup may be deleted from this host")
 
-    def shared_lock(self) -> AbstractContextManager:
-        return repository_lock(self.lock_dir, exclusive=False).acquire(self.wait)
+    @property
+    def shared_store(self) -> bool:
+        """Whether the repository is in a store other hosts may use at once (object
+        storage): then its lock is leases in the store (repository/lease.py) as well."""
+        return (isinstance(self.config.repository, str)
+                and not self.repo.storage.capabilities.local_files)
 
-    def exclusive_lock(self) -> AbstractContextManager:
-        return repository_lock(self.lock_dir, exclusive=True).acquire(self.wait)
+    @contextmanager
+    def shared_lock(self) -> Iterator[None]:
+        """Held by every run that reads or writes backups: any number at once."""
+        with repository_lock(self.lock_dir, exclusive=False).acquire(self.wait):
+            if not self.shared_store:
+                yield
+                return
+            with lease.shared(self.repo.storage, "a backup, restore, verify or delete",
+                              self.wait):
+                yield
+
+    @contextmanager
+    def exclusive_lock(self, what: str | None = None) -> Iterator[lease.Lease | None]:
+        """Held alone on this host; with `what` (gc, prune), on every host: the Lease on a
+        shared store, whose check() a long run calls before deleting anything, else None."""
+        with repository_lock(self.lock_dir, exclusive=True).acquire(self.wait):
+            if what is None or not self.shared_store:
+                yield None
+                return
+            with lease.exclusive(self.repo.storage, what, self.wait) as held:
+                yield held
 
 
 
@@ -79,7 +103,7 @@ def open_repository(config: Config) -> Repository:
     configuration that names a key refuses an unencrypted repository: storage that swapped
     in an unencrypted config would otherwise be sent the next backups in plaintext."""
     repo = Repository.open(config.repository, config.cache_dir, lambda: secrets(config),
-                           append_only=config.append_only)
+                           append_only=config.append_only, s3=config.s3)
     key = configured_key(config)
     if key is not None and not repo.encrypted:
         repo.close()

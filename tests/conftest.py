@@ -6,7 +6,9 @@
   CompletedProcess (text, captured); `run_json(*args)` adds --json, asserts exit 0 and
   returns the parsed document;
 - `make_image(path, mib, seed)` and `change(path, seed)` build and modify images;
-- `invoke(*args)` runs the click group in-process (click.testing.CliRunner) for fast tests.
+- `invoke(*args)` runs the click group in-process (click.testing.CliRunner) for fast tests;
+- `s3server`: one real SeaweedFS server (tests/s3server.py) for the whole session, and
+  `s3_bucket`: a bucket in it shared by the session (tests use their own prefixes).
 
 Helpers live in tests/support.py.
 """
@@ -28,6 +30,24 @@ def _installed_command():
     if not support.LVBACKUP.exists():
         pytest.fail(f"{support.LVBACKUP} not found: install the project into the venv "
                     "(scripts/setup.sh)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def s3server(tmp_path_factory: pytest.TempPathFactory):
+    from s3server import SeaweedServer
+
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3server) -> str:
+    return s3server.new_bucket()
 
 
 @pytest.fixture

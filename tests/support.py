@@ -120,6 +120,23 @@ def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
         f.write(bytes([b[0] ^ mask]))
 
 
+# --- an S3 repository on the test server (tests/s3server.py) ---------------------------------
+
+def s3_section(server: Any, secret: str | None = None) -> dict[str, str]:
+    """The `s3:` section of a configuration for the test server."""
+    from s3server import ACCESS_KEY, SECRET_KEY
+
+    return {"endpoint_url": server.endpoint, "region": "us-east-1",
+            "addressing_style": "path", "access_key_id": ACCESS_KEY,
+            "secret_access_key": secret or SECRET_KEY}
+
+
+def s3_settings(server: Any) -> Any:
+    from lvbackup.config import S3Settings
+
+    return S3Settings(**s3_section(server))
+
+
 # --- running the command ------------------------------------------------------------------
 
 # LVBACKUP_TEST_ENCRYPTED=1 runs the command-line suites on encrypted repositories: every
@@ -180,18 +197,22 @@ class Workdir:
     """A directory with a config file (repository and catalog inside it) and helpers that
     run `lvbackup --config <it> ...`. The cache (index cache, locks) is <dir>/cache."""
 
-    def __init__(self, path: Path, **extra: Any):
+    def __init__(self, path: Path, repository: str | None = None,
+                 s3: dict[str, str] | None = None, **extra: Any):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.repo = self.path / "repo"
+        # A URL (s3://...) in place of the local directory (files() then sees nothing),
+        # and the `s3:` section every config file of this workdir carries.
+        self.repo: Any = repository or self.path / "repo"
+        self.place: dict[str, Any] = {"s3": s3} if s3 else {}
         self.catalog = self.path / "catalog.db"
         self.cache = self.path / "cache"
         self.extra = extra
-        self.config = write_config(self.path / "lvbackup.yaml", self.repo, self.catalog, **extra)
+        self.config = self.config_with("lvbackup.yaml", **extra)
 
     def config_with(self, name: str, **extra: Any) -> Path:
         """Another config file for the same repository and catalog, with other settings."""
-        return write_config(self.path / name, self.repo, self.catalog, **extra)
+        return write_config(self.path / name, self.repo, self.catalog, **self.place, **extra)
 
     # running
 
@@ -280,7 +301,8 @@ class Workdir:
     def clone(self, dest: Path) -> Workdir:
         """A copy of this workdir (repository, catalog, cache) with its own config file."""
         shutil.copytree(self.path, dest)
-        return Workdir(dest, **self.extra)
+        return Workdir(dest, repository=None if isinstance(self.repo, Path) else self.repo,
+                       **self.place, **self.extra)
 
 
 def first_diff(a: bytes, b: bytes) -> int | None:

@@ -1,5 +1,6 @@
 """The storage backend contract: one suite that every backend runs (local on disk, local on
-tmpfs, memory), and the registry that picks a backend from a repository location."""
+tmpfs, memory, S3 on a real SeaweedFS server), and the registry that picks a backend from a
+repository location."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from lvbackup import diskio
 from lvbackup.errors import CorruptionError, UsageError
 from lvbackup.repository.backends import (
     Backend,
+    Conflict,
     LocalBackend,
     MemoryBackend,
     MissingObject,
@@ -32,11 +34,13 @@ from lvbackup.repository.backends import local as local_backend
 from lvbackup.repository.codec import FLAG_RAW
 from lvbackup.repository.repo import Repository
 
+import support
+
 SHM = Path("/dev/shm")
 BIG = 64 * 1024 * 1024
 
 
-@pytest.fixture(params=["local", "local-tmpfs", "memory"])
+@pytest.fixture(params=["local", "local-tmpfs", "memory", "s3"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "local":
         b: Backend = LocalBackend.open(tmp_path / "repo", create=True)
@@ -46,6 +50,10 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         root = SHM / f"lvbackup-test-{uuid.uuid4().hex}"
         request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
         b = LocalBackend.open(root, create=True)
+    elif request.param == "s3":
+        server, bucket = request.getfixturevalue("s3server"), request.getfixturevalue("s3_bucket")
+        b = open_backend(f"s3://{bucket}/contract-{uuid.uuid4().hex}", create=True,
+                         s3=support.s3_settings(server))
     else:
         b = MemoryBackend(f"contract-{uuid.uuid4().hex}")
     yield b
@@ -248,6 +256,7 @@ def test_listing_by_prefix_and_tokens(backend: Backend) -> None:
     assert first == dict(backend.list("index/"))
     assert first["index/a"] == backend.token("index/a")
     backend.delete("index/a")
+    time.sleep(backend.capabilities.token_resolution)   # a store that dates to the second
     backend.put("index/a", b"index/a")   # the same bytes: only the token tells it apart
     again = dict(backend.list("index/"))
     assert again["index/a"] != first["index/a"] and again["index/b"] == first["index/b"]
@@ -264,6 +273,32 @@ def test_delete(backend: Backend) -> None:
     backend.delete("manifests/m")   # idempotent: a killed deletion is simply repeated
     backend.put("manifests/m", b"again")
     assert backend.get("manifests/m") == b"again"
+
+
+def test_modified_is_when_the_object_was_put(backend: Backend) -> None:
+    before = time.time()
+    backend.put("packs/aa/when", b"x")
+    # Within a second either way: object stores date objects to the whole second.
+    assert before - 1 <= backend.modified("packs/aa/when") <= time.time() + 1
+    with pytest.raises(MissingObject):
+        backend.modified("packs/aa/none")
+
+
+def test_conditional_replace_and_delete(backend: Backend) -> None:
+    if backend.capabilities.local_files:
+        pytest.skip("a local directory is locked by the kernel, not by leases in it")
+    backend.put("locks/l", b"mine")
+    mine = backend.token("locks/l")
+    backend.replace("locks/l", b"renewed", mine)
+    renewed = backend.token("locks/l")
+    assert backend.get("locks/l") == b"renewed" and renewed != mine
+    with pytest.raises(Conflict):
+        backend.replace("locks/l", b"stale", mine)   # another run renewed it meanwhile
+    with pytest.raises(Conflict):
+        backend.delete_if("locks/l", mine)
+    assert backend.get("locks/l") == b"renewed"
+    backend.delete_if("locks/l", renewed)
+    assert not backend.exists("locks/l")
 
 
 def test_nothing_incomplete_after_puts_that_finished(backend: Backend) -> None:

@@ -24,7 +24,7 @@ from ..errors import CorruptionError, LvbackupError, UsageError
 from ..lifecycle import Status
 from ..lineage import choose_parent
 from ..locks import RunLock, volume_lock
-from ..metrics import record_backup
+from ..metrics import best_effort, record_backup
 from ..repository.repo import Packer
 from ..session import Session, reason, recover_dead_runs
 from ..sources import (
@@ -85,16 +85,14 @@ def _failed_payload(session: Session, run: dict, e: BaseException) -> dict:
 
 def _record_metrics(session: Session, volume: str | None, started: float, *, ok: bool,
                     stats: ScanStats | None = None) -> None:
-    path = session.config.metrics
-    if path is None or not volume:
+    if not volume:
         return
-    try:
-        record_backup(path, session.lock_dir, volume, ok=ok, ended_at=time.time(),
-                      duration=time.monotonic() - started,
-                      bytes_read=stats.bytes_read if stats else None,
-                      bytes_stored=stats.stored_bytes if stats else None)
-    except Exception as e:  # noqa: BLE001 - metrics never fail a backup
-        session.warn(f"cannot write the metrics file {path}: {getattr(e, 'strerror', None) or e}")
+    ended = time.time()
+    best_effort(session.config.metrics, session.warn, lambda path: record_backup(
+        path, session.lock_dir, volume, ok=ok, ended_at=ended,
+        duration=time.monotonic() - started,
+        bytes_read=stats.bytes_read if stats else None,
+        bytes_stored=stats.stored_bytes if stats else None))
 
 
 def _create_backup(session: Session, open_source: SourceFactory, run: dict, *, incremental: bool,

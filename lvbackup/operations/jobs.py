@@ -4,7 +4,8 @@ One cron line or systemd timer runs every job in turn. Per job: find its source 
 read directly or, with `force`, through a temporary snapshot when it is in use; the newest
 snapshot of a volume; or a device), decide full or incremental (`full_every`), back it up
 with the job's labels plus `job: <name>`, then apply its retention policy (`keep`) to the
-backups of that volume made by that job. A failing job never stops the others; the run's
+backups of that volume made by that job, then copy the new backup to the job's `copy_to`
+configuration (the off-site repository). A failing job never stops the others; the run's
 exit status is the worst of the jobs' (see `worst_exit`).
 """
 
@@ -31,6 +32,7 @@ from ..lifecycle import Status
 from ..session import Session
 from ..sources import SourceFactory
 from ..timeutil import parse_iso, utcnow
+from .copy import copy_backups
 from .create import create_backup, newest_snapshot, select_source
 from .prune import prune
 
@@ -111,7 +113,8 @@ def run_job(session: Session, job: Job, *, progress: ProgressFactory | None = No
     started = time.monotonic()
     result: dict = {"job": job.name, "source": job.source, "status": "failed",
                     "exit_code": EXIT_FAILED, "error": None, "kind": None, "why": None,
-                    "backup": None, "pruned": [], "reparented": [], "duration_seconds": None}
+                    "backup": None, "pruned": [], "reparented": [], "copied": [],
+                    "duration_seconds": None}
     stage = "backup"
     try:
         factory, volume_key, volume_name, skip = _source(session, job)
@@ -134,9 +137,14 @@ def run_job(session: Session, job: Job, *, progress: ProgressFactory | None = No
                                      labels={JOB_LABEL: job.name})
             result["pruned"] = report["deleted"]
             result["reparented"] = report["reparented"]
+        if job.copy_to is not None:
+            stage = f"the copy to {job.copy_to}"
+            copied = copy_backups(session, job.copy_to, [created.record["id"]], False, None)
+            result["copied"] = copied.copied
         result.update(status="ok", exit_code=EXIT_OK)
     except LvbackupError as e:
-        msg = str(e) if stage == "backup" else f"the backup succeeded, but retention failed: {e}"
+        msg = (str(e) if stage == "backup" else
+               f"the backup succeeded, but {stage} failed: {e}")
         result.update(error=msg, exit_code=e.exit_code)
     except Exception as e:  # noqa: BLE001 - one job's bug must not stop the others
         result.update(error=f"internal error: {type(e).__name__}: {e}", exit_code=EXIT_FAILED)

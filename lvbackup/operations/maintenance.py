@@ -9,11 +9,12 @@ from ..catalog import (
     Catalog,
     as_record,
 )
-from ..config import Config
+from ..config import Config, as_dict
 from ..credentials import configured_key, create_key_file, secrets
 from ..errors import CorruptionError, LvbackupError, UsageError
 from ..lifecycle import Status
 from ..repository import gc
+from ..repository.backends import credential_source
 from ..repository.repo import Repository
 from ..session import Session, recover_dead_runs
 from ..timeutil import now_iso
@@ -25,13 +26,14 @@ def init_repository(config: Config, block_size: int | None, encryption: bool = F
     `encryption`, a new repository is encrypted under the configured passphrase or key
     file (a configured key file that does not exist yet is created)."""
     key = configured_key(config)
-    if key is not None and not encryption and not Repository.exists(config.repository):
+    if key is not None and not encryption and not Repository.exists(config.repository, config.s3):
         raise UsageError(f"the configuration gives a key ({key}:): create the repository "
                          "with 'lvbackup init --encryption', or remove the key")
     if encryption and config.key_file is not None and not config.key_file.exists():
         create_key_file(config.key_file)
     repo, created = Repository.init(config.repository, config.cache_dir, block_size,
-                                    lambda: secrets(config), encrypt=encryption)
+                                    lambda: secrets(config), encrypt=encryption,
+                                    s3=config.s3)
     try:
         if not repo.encrypted and key is not None:
             raise UsageError(f"repository {config.repository} is not encrypted, but the "
@@ -42,6 +44,11 @@ def init_repository(config: Config, block_size: int | None, encryption: bool = F
     return {"repository": str(config.repository), "catalog": str(config.catalog),
             "repository_id": repo.id, "block_size": repo.block_size, "created": created,
             "encrypted": repo.encrypted}
+
+
+def effective_config(config: Config) -> dict:
+    """`config check`: every key, and where the repository's credentials come from."""
+    return as_dict(config, credential_source(config.repository, config.s3))
 
 
 def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
@@ -115,7 +122,11 @@ def collect_garbage(session: Session, progress: Callable[[int, int], None] | Non
                     ) -> dict:
     """`gc`, with the repository locked exclusively (no backup is writing meanwhile)."""
     session.refuse_if_append_only("gc")
-    with session.exclusive_lock():
+    with session.exclusive_lock("gc") as held:
         recover_dead_runs(session)
+        # On a shared store, another host's run may have put packs and not yet referenced
+        # them, or be uploading one, should its lease have lapsed: young ones are spared.
+        grace = session.config.gc_grace_period if held is not None else 0
         return gc.collect_garbage(session.repo, session.config.cache_dir, session.lock_dir,
-                                  progress)
+                                  progress, grace=grace,
+                                  guard=held.check if held is not None else None)

@@ -23,7 +23,7 @@ def prune(session: Session, policy: Policy, *, volumes: list[str] | None = None,
     session.refuse_if_append_only("prune")
     report: dict = {"dry_run": dry_run, "policy": policy.as_dict(), "labels": labels or {},
                     "keep": [], "remove": [], "reparented": []}
-    with session.exclusive_lock():
+    with session.exclusive_lock("prune") as held:
         cat = session.catalog
         recover_dead_runs(session)
         rows = cat.list(volumes=volumes or [], status=Status.AVAILABLE, labels=labels)
@@ -51,6 +51,8 @@ def prune(session: Session, policy: Policy, *, volumes: list[str] | None = None,
                 lock = volume_lock(session.lock_dir, volume_id, name or volume_id)
                 stack.enter_context(lock.acquire(session.wait))
             for bid in order:
+                if held is not None:
+                    held.check()
                 _, moved = delete_row(session, cat.get(bid), reparent=True)
                 for m in moved:  # a child may move more than once: first old, last new
                     moves[m["id"]] = {**m, "old_parent_id": moves.get(m["id"], m)["old_parent_id"]}

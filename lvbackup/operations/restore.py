@@ -81,7 +81,10 @@ def restore_backup(session: Session, backup_id: str, *, to: str | None = None,
                             {**to_record(cat.get(row["id"])), "target": target.name})
         try:
             try:
-                _write_image(repo, manifest, target, session.config.workers, progress)
+                # A remote store answers each read after a round trip: more in flight.
+                workers = max(session.config.workers,
+                              repo.storage.capabilities.concurrent_gets)
+                _write_image(repo, manifest, target, workers, progress)
                 target.publish()
             except CorruptionError as e:
                 raise CorruptionError(f"backup {row['id']}: {e}") from None

@@ -13,6 +13,7 @@ backup restorable at every instant:
 from __future__ import annotations
 
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -30,14 +31,17 @@ _INDEX_GROUPS = 256      # packs per rewritten index file
 
 
 def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
-                    progress: Callable[[int, int], None] | None = None) -> dict:
+                    progress: Callable[[int, int], None] | None = None, *, grace: float = 0,
+                    guard: Callable[[], None] | None = None) -> dict:
     """Delete packs no manifest uses and repack mostly-dead ones. Caller holds the lock.
 
-    `progress(done, total)` follows the bytes of packs examined."""
+    `progress(done, total)` follows the bytes of packs examined. Packs and unfinished
+    uploads younger than `grace` seconds are left alone (0 under a local lock, which no
+    other run can be writing under). `guard()` is called before each deletion: it raises
+    if the lock was lost meanwhile."""
     storage = repo.storage
-    # No grace period: under the exclusive lock no other run is writing, so every
-    # unfinished put was left by a run that is gone.
-    storage.remove_incomplete(older_than=0)
+    check = guard or (lambda: None)
+    storage.remove_incomplete(older_than=grace)
     repo.index.sync(storage, repo.codec)  # the fallback for packs whose trailer is unreadable
     work = Path(cache_dir) / f"gc-{uuid.uuid4().hex}.sqlite"
     db = sqlite3.connect(work, isolation_level=None)
@@ -58,12 +62,14 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
         db.execute("UPDATE pack SET fate = CASE WHEN NOT readable THEN 'keep' "
                    "WHEN live_bytes = 0 THEN 'delete' "
                    f"WHEN live_bytes < bytes * {REPACK_BELOW} THEN 'repack' ELSE 'keep' END")
+        young = _spare_young(repo, db, grace)
         old_index = [name for name, _ in storage.list("index/")]
         repacked_bytes = _repack(repo, db, lock_dir)
         crash_point("gc-repacked")
         # An old index file may have the same content, hence name, as a rewritten one.
         new_index = _rewrite_index(repo, db)
         crash_point("gc-index-rewritten")
+        check()
         for name in old_index:
             if name not in new_index:
                 storage.delete(name)
@@ -72,6 +78,7 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
         gone = db.execute("SELECT id, bytes FROM pack "
                           "WHERE fate IN ('delete', 'repack')").fetchall()
         for pack_id, size in gone:
+            check()
             storage.delete(pack_name(pack_id))
             crash_point("gc-pack-deleted")
             freed += size
@@ -85,10 +92,23 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
         fates = dict(db.execute("SELECT fate, count(*) FROM pack GROUP BY fate").fetchall())
         return {"packs_deleted": fates.get("delete", 0), "packs_repacked": fates.get("repack", 0),
                 "packs_kept": fates.get("keep", 0) + fates.get("new", 0),
+                "packs_spared_young": young,
                 "bytes_freed": freed - repacked_bytes, "unreadable_packs": unreadable}
     finally:
         db.close()
         work.unlink(missing_ok=True)
+
+
+def _spare_young(repo: Repository, db: sqlite3.Connection, grace: float) -> int:
+    """Keep the packs gc would remove that were put less than `grace` seconds ago."""
+    if grace <= 0:
+        return 0
+    cutoff = time.time() - grace
+    candidates = db.execute("SELECT id FROM pack WHERE fate IN ('delete', 'repack')").fetchall()
+    young = [(pid,) for (pid,) in candidates
+             if repo.storage.modified(pack_name(pid)) > cutoff]
+    db.executemany("UPDATE pack SET fate = 'keep' WHERE id = ?", young)
+    return len(young)
 
 
 def _mark(repo: Repository, db: sqlite3.Connection) -> None:

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from ..config import S3Settings
 from ..diskio import ALIGN
 from ..errors import CorruptionError, UsageError
 from ..faults import crash_point
@@ -86,11 +87,11 @@ class Repository:
 
     @classmethod
     def init(cls, location: str | Path, cache_dir: Path, block_size: int | None,
-             secrets: Secrets | None = None, encrypt: bool = False
-             ) -> tuple[Repository, bool]:
+             secrets: Secrets | None = None, encrypt: bool = False,
+             s3: S3Settings | None = None) -> tuple[Repository, bool]:
         """Create the repository if it does not exist; (repository, created). With
         `encrypt`, it is encrypted, its master key wrapped by the first of `secrets`."""
-        storage = open_backend(location, create=True)
+        storage = open_backend(location, create=True, s3=s3)
         if not storage.exists("config"):
             repo_id = str(uuid.uuid4())
             meta: dict = {"version": FORMAT_VERSION, "id": repo_id,
@@ -121,7 +122,7 @@ class Repository:
             except ObjectExists:
                 pass  # a concurrent init won: its repository is the one
         storage.close()
-        repo = cls.open(location, cache_dir, secrets)
+        repo = cls.open(location, cache_dir, secrets, s3=s3)
         if block_size is not None and block_size != repo.block_size:
             repo.close()
             raise UsageError(f"repository {location} already exists with block size "
@@ -134,10 +135,10 @@ class Repository:
         return repo, False
 
     @staticmethod
-    def exists(location: str | Path) -> bool:
+    def exists(location: str | Path, s3: S3Settings | None = None) -> bool:
         """Whether a repository (its config) exists at `location`."""
         try:
-            storage = open_backend(location)
+            storage = open_backend(location, s3=s3)
         except (UsageError, OSError):
             return False
         try:
@@ -147,11 +148,12 @@ class Repository:
 
     @classmethod
     def open(cls, location: str | Path, cache_dir: Path, secrets: Secrets | None = None,
-             slots: dict[str, bytes] | None = None, append_only: bool = False) -> Repository:
+             slots: dict[str, bytes] | None = None, append_only: bool = False,
+             s3: S3Settings | None = None) -> Repository:
         """The repository at `location`; an encrypted one unlocked with `secrets` through
         its key slots (or through `slots`, stored bytes by name: a key import's). With
         `append_only`, its storage refuses to delete or replace anything."""
-        storage = open_backend(location)
+        storage = open_backend(location, s3=s3)
         if append_only:
             storage = AppendOnlyBackend(storage)
         try:
@@ -329,19 +331,23 @@ class Repository:
 class Packer:
     """Collects a run's new chunks into packs, stores them, and indexes them.
 
-    Order on disk: a pack is stored (fsynced, published), then recorded as pending in the
-    cache, then listed in an index file every INDEX_EVERY packs and at commit(). Packs are
-    finished (hashed) and stored by a writer thread, so that filling the next pack overlaps
-    storing the last one. Two fixed pack buffers take turns, which bounds memory to them.
+    Order in the repository: a pack is stored (published whole), then recorded as pending
+    in the cache, then listed in an index file every INDEX_EVERY packs and at commit().
+    Packs are finished (hashed) and stored by writer threads, so that filling the next pack
+    overlaps storing the last ones: one writer for a local directory, several for an object
+    store (its Capabilities.concurrent_puts), where each put waits on the network. A fixed
+    set of pack buffers (one more than the writers) takes turns, which bounds memory.
     """
 
     def __init__(self, repo: Repository, run_id: str):
         self.repo = repo
         self.run_id = run_id
-        capacity = (PACK_TARGET + repo.block_size + PACK_MAX_CHUNKS * ENTRY.size
-                    + 2 * ALIGN)  # the footer, and padding for O_DIRECT
-        self.builder = PackBuilder(capacity, repo.codec.trailer_digest)
-        self._spare: PackBuilder | None = None   # the other buffer, once the writer is done
+        self.capacity = (PACK_TARGET + repo.block_size + PACK_MAX_CHUNKS * ENTRY.size
+                         + 2 * ALIGN)  # the footer, and padding for O_DIRECT
+        self.builder = PackBuilder(self.capacity, repo.codec.trailer_digest)
+        self._writers_wanted = max(1, repo.storage.capabilities.concurrent_puts)
+        self._buffers = 1
+        self._free: queue.Queue[PackBuilder] = queue.Queue()   # stored, ready to refill
         self.unindexed: list[tuple[bytes, list[ChunkRef]]] = []
         # The one count of what a run adds to the repository: stored bytes, and the
         # plaintext they hold.
@@ -350,12 +356,13 @@ class Packer:
         self.pack_ids: list[bytes] = []
         # Chunk ids this run stored that the index cache does not list yet. Replaced, never
         # changed in place, so that workers can read them without holding the lock.
-        self._storing: set[bytes] = set()     # the pack being stored
-        self._unindexed_ids: set[bytes] = set()   # stored packs not yet in an index file
+        self._storing: frozenset[bytes] = frozenset()   # the packs being stored
+        self._unindexed_ids: frozenset[bytes] = frozenset()   # stored, not in an index file
         self._lock = threading.Lock()
+        self._index_lock = threading.Lock()   # one index file written at a time
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
-        self._writer: threading.Thread | None = None
+        self._writers: list[threading.Thread] = []
 
     def missing(self, ids: list[bytes]) -> set[bytes]:
         """Which of `ids` the repository does not have yet (counting this run's own chunks)."""
@@ -388,21 +395,28 @@ class Packer:
         self._wait()
 
     def _hand_off(self) -> None:
-        """Give the current pack to the writer (once the previous one is stored)."""
+        """Give the current pack to the writers, and take a free buffer to fill next
+        (waiting for a writer to finish one when every buffer is in use)."""
         if not self.builder.entries:
             return
-        self._wait()
+        if self._error is not None:
+            raise self._error
         full = self.builder
         with self._lock:
-            self._storing = full.ids
-        if self._spare is None:
-            self._spare = PackBuilder(full.capacity, full.digest)
-        self.builder, self._spare = self._spare, None
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_packs, name="lvbackup-packer",
-                                            daemon=True)
-            self._writer.start()
+            self._storing = self._storing | full.ids
+        if len(self._writers) < self._writers_wanted:
+            writer = threading.Thread(target=self._write_packs, name="lvbackup-packer",
+                                      daemon=True)
+            writer.start()
+            self._writers.append(writer)
         self._queue.put(full)
+        if self._buffers <= self._writers_wanted:
+            self._buffers += 1
+            self.builder = PackBuilder(self.capacity, self.repo.codec.trailer_digest)
+        else:
+            self.builder = self._free.get()
+        if self._error is not None:
+            raise self._error
 
     def _write_packs(self) -> None:
         while True:
@@ -416,10 +430,10 @@ class Packer:
                 self._error = e
             finally:
                 if full is not None:
+                    with self._lock:
+                        self._storing = self._storing - full.ids
                     full.reset()
-                    self._spare = full
-                with self._lock:
-                    self._storing = set()
+                    self._free.put(full)
                 self._queue.task_done()
 
     def _store(self, full: PackBuilder) -> None:
@@ -429,27 +443,36 @@ class Packer:
         crash_point("pack-stored")
         self.repo.index.add_pending(pack_id, self.run_id)
         crash_point("pack-pending")
-        self.unindexed.append((pack_id, refs))
-        self.pack_ids.append(pack_id)
         with self._lock:
+            self.unindexed.append((pack_id, refs))
+            self.pack_ids.append(pack_id)
             self._unindexed_ids = self._unindexed_ids | full.ids
-            self._storing = set()
-        if len(self.unindexed) >= INDEX_EVERY:
+            due = len(self.unindexed) >= INDEX_EVERY
+        if due:
             self._write_index()
 
     def _wait(self) -> None:
-        """Until the writer is idle; re-raise what it failed with."""
-        if self._writer is not None:
+        """Until the writers are idle; re-raise what one failed with."""
+        if self._writers:
             self._queue.join()
         if self._error is not None:
             raise self._error
 
     def _write_index(self) -> None:
-        if self.unindexed:
-            self.repo.write_index(self.unindexed)
-            self.unindexed = []
+        with self._index_lock:
             with self._lock:
-                self._unindexed_ids = set()
+                groups, self.unindexed = self.unindexed, []
+                listed = frozenset(i for _, refs in groups for i in (r.chunk_id for r in refs))
+            if not groups:
+                return
+            try:
+                self.repo.write_index(groups)
+            except BaseException:
+                with self._lock:   # still unindexed: commit() tries again, or a later run
+                    self.unindexed[:0] = groups
+                raise
+            with self._lock:
+                self._unindexed_ids = self._unindexed_ids - listed
             crash_point("index-written")
 
     def commit(self) -> None:
@@ -457,10 +480,11 @@ class Packer:
         try:
             self.flush()
         finally:
-            if self._writer is not None:
+            for _ in self._writers:
                 self._queue.put(None)
-                self._writer.join()
-                self._writer = None
+            for writer in self._writers:
+                writer.join()
+            self._writers = []
         self._write_index()
 
 

@@ -1,5 +1,6 @@
 """Storage backends, chosen by the repository location: a path or `file://PATH` is a local
-directory, `mem://NAME` a store in memory (tests). Another backend (say `s3://`) is one
+directory, `mem://NAME` a store in memory (tests), `s3://BUCKET/PREFIX` an S3-compatible
+object store (reached as the configuration's `s3:` section says). Another backend is one
 more entry in _SCHEMES."""
 
 from __future__ import annotations
@@ -8,31 +9,56 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from ...config import S3Settings
 from ...errors import UsageError
-from .base import Backend, Capabilities, MissingObject, ObjectExists
+from .base import Backend, Capabilities, Conflict, MissingObject, ObjectExists
 from .local import LocalBackend
 from .memory import MemoryBackend
 
-__all__ = ["Backend", "Capabilities", "LocalBackend", "MemoryBackend", "MissingObject",
-           "ObjectExists", "open_backend"]
+__all__ = ["Backend", "Capabilities", "Conflict", "LocalBackend", "MemoryBackend",
+           "MissingObject", "ObjectExists", "credential_source", "open_backend"]
 
-# scheme -> opener(the location without "scheme://", create)
-_SCHEMES: dict[str, Callable[[str, bool], Backend]] = {
-    "file": lambda rest, create: LocalBackend.open(Path(rest), create),
-    "mem": lambda rest, create: MemoryBackend(rest),
+
+def _s3(rest: str, create: bool, s3: S3Settings) -> Backend:
+    from .s3 import S3Backend  # boto3 takes a while to import: only when it is used
+
+    return S3Backend.open(rest, create, s3)
+
+
+# scheme -> opener(the location without "scheme://", create, the s3: settings)
+_SCHEMES: dict[str, Callable[[str, bool, S3Settings], Backend]] = {
+    "file": lambda rest, create, s3: LocalBackend.open(Path(rest), create),
+    "mem": lambda rest, create, s3: MemoryBackend(rest),
+    "s3": _s3,
 }
 _SCHEME = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)", re.DOTALL)
 
 
-def open_backend(location: str | Path, create: bool = False) -> Backend:
+def _scheme(location: str | Path) -> tuple[str, str] | None:
+    match = None if isinstance(location, Path) else _SCHEME.fullmatch(location)
+    return None if match is None else (match[1].lower(), match[2])
+
+
+def open_backend(location: str | Path, create: bool = False,
+                 s3: S3Settings | None = None) -> Backend:
     """The backend for `location`; with `create`, make it (a local directory) and check
     that it can be written to."""
-    match = None if isinstance(location, Path) else _SCHEME.fullmatch(location)
-    if match is None:
+    found = _scheme(location)
+    if found is None:
         return LocalBackend.open(Path(location), create)
-    scheme, rest = match[1].lower(), match[2]
+    scheme, rest = found
     opener = _SCHEMES.get(scheme)
     if opener is None:
         raise UsageError(f"repository location {location}: unknown scheme {scheme!r}; "
                          f"known: {', '.join(sorted(_SCHEMES))}, or a plain path")
-    return opener(rest, create)
+    return opener(rest, create, s3 or S3Settings())
+
+
+def credential_source(location: str | Path, s3: S3Settings) -> str:
+    """Where the repository's credentials come from, for `config check`."""
+    found = _scheme(location)
+    if found is None or found[0] != "s3":
+        return "none needed (the repository is not in object storage)"
+    from .s3 import credential_source as s3_source
+
+    return s3_source(s3)

@@ -57,6 +57,9 @@ class AppendOnlyBackend(Backend):
     def list(self, prefix: str) -> Iterator[tuple[str, str]]:
         return self.inner.list(prefix)
 
+    def modified(self, name: str) -> float:
+        return self.inner.modified(name)
+
     def token(self, name: str) -> str:
         return self.inner.token(name)
 

@@ -31,6 +31,10 @@ class ObjectExists(LvbackupError):
     """A put refused because the name is taken: a put never replaces an object."""
 
 
+class Conflict(LvbackupError):
+    """A conditional replace or delete found the object changed since its token was read."""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     local_files: bool
@@ -40,6 +44,13 @@ class Capabilities:
     one name exactly one succeeds; without it two writers may both believe they won."""
     ranged_get: bool
     """A ranged read fetches only the bytes asked for, not the whole object."""
+    concurrent_puts: int = 1
+    """How many puts a writer keeps in flight at once: more where each waits on a network."""
+    concurrent_gets: int = 1
+    """How many reads a restore keeps in flight at least (it runs as many workers)."""
+    token_resolution: float = 0.0
+    """Seconds within which an object deleted and put again with the same bytes may keep
+    its token (stores that date objects to the second)."""
 
 
 def check_name(name: str) -> str:
@@ -123,6 +134,19 @@ class Backend(ABC):
     def delete(self, name: str) -> None:
         """Remove the object. Deleting a missing object is not an error: a run that was
         killed while deleting (gc, delete) repeats its deletions."""
+
+    @abstractmethod
+    def modified(self, name: str) -> float:
+        """When the object was put (seconds since the epoch): gc spares young packs."""
+
+    def replace(self, name: str, data: Data, token: str) -> None:
+        """Put `data` over the object only if its token is still `token` (Conflict if not),
+        atomically: what a lease on a store shared between hosts is renewed with."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional replace")
+
+    def delete_if(self, name: str, token: str) -> None:
+        """Delete the object only if its token is still `token` (Conflict if not)."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional delete")
 
     @abstractmethod
     def remove_incomplete(self, older_than: float) -> int:

@@ -167,6 +167,9 @@ class LocalBackend(Backend):
         st = self._stat(name)
         return f"{st.st_size}:{st.st_mtime_ns}"
 
+    def modified(self, name: str) -> float:
+        return self._stat(name).st_mtime
+
     def list(self, prefix: str) -> Iterator[tuple[str, str]]:
         base = self.root / check_prefix(prefix)
         if not base.is_dir():

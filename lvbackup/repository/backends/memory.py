@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Iterator
 
 from .base import (
     Backend,
     Capabilities,
+    Conflict,
     Data,
     ObjectExists,
     check_name,
@@ -23,7 +25,7 @@ from .base import (
 class _Store:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.objects: dict[str, tuple[bytes, str]] = {}
+        self.objects: dict[str, tuple[bytes, str, float]] = {}
         # Tokens come from one counter, so that a name deleted and put again gets a new one.
         self.serial = itertools.count()
 
@@ -40,18 +42,29 @@ class MemoryBackend(Backend):
             self._store = _stores.setdefault(store_name, _Store())
 
     def _get(self, name: str) -> bytes:
-        with self._store.lock:
-            found = self._store.objects.get(check_name(name))
-        if found is None:
-            raise missing(name)
-        return found[0]
+        return self._entry(name)[0]
 
     def put(self, name: str, data: Data) -> None:
         copy = bytes(data)
         with self._store.lock:
             if check_name(name) in self._store.objects:
                 raise ObjectExists(f"repository object {name} exists already")
-            self._store.objects[name] = (copy, str(next(self._store.serial)))
+            self._store.objects[name] = (copy, str(next(self._store.serial)), time.time())
+
+    def replace(self, name: str, data: Data, token: str) -> None:
+        copy = bytes(data)
+        with self._store.lock:
+            found = self._store.objects.get(check_name(name))
+            if found is None or found[1] != token:
+                raise Conflict(f"repository object {name} changed since it was read")
+            self._store.objects[name] = (copy, str(next(self._store.serial)), time.time())
+
+    def delete_if(self, name: str, token: str) -> None:
+        with self._store.lock:
+            found = self._store.objects.get(check_name(name))
+            if found is not None and found[1] != token:
+                raise Conflict(f"repository object {name} changed since it was read")
+            self._store.objects.pop(name, None)
 
     def get(self, name: str) -> bytes:
         return self._get(name)
@@ -84,15 +97,22 @@ class MemoryBackend(Backend):
     def list(self, prefix: str) -> Iterator[tuple[str, str]]:
         check_prefix(prefix)
         with self._store.lock:
-            found = [(n, t) for n, (_, t) in self._store.objects.items() if n.startswith(prefix)]
+            found = [(n, t) for n, (_, t, _) in self._store.objects.items()
+                     if n.startswith(prefix)]
         yield from found
 
-    def token(self, name: str) -> str:
+    def _entry(self, name: str) -> tuple[bytes, str, float]:
         with self._store.lock:
             found = self._store.objects.get(check_name(name))
         if found is None:
             raise missing(name)
-        return found[1]
+        return found
+
+    def token(self, name: str) -> str:
+        return self._entry(name)[1]
+
+    def modified(self, name: str) -> float:
+        return self._entry(name)[2]
 
     def delete(self, name: str) -> None:
         with self._store.lock:

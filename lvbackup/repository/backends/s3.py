@@ -1,0 +1,335 @@
+"""A backend in an S3-compatible object store (AWS S3, MinIO, Ceph RGW, SeaweedFS, Garage),
+through boto3: `s3://BUCKET/PREFIX`, object NAME stored under the key PREFIX/NAME.
+
+Every object appears whole or not at all: a single PUT, or for a large object a multipart
+upload that is visible only once completed. Both are write-once: `If-None-Match: *` makes
+the store itself refuse a name that exists. An upload a killed run never completed stays
+invisible (it is not an object) until remove_incomplete() aborts it.
+
+Errors are translated once, in _call(): a missing key is MissingObject, refused credentials
+or a missing bucket a UsageError (exit 2), an unreachable endpoint an Unreachable (exit 1)
+naming it. Throttling and transient errors are retried with backoff by botocore itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any, NoReturn, TypeVar
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from ...config import S3Settings
+from ...errors import LvbackupError, UsageError
+from .base import (
+    Backend,
+    Capabilities,
+    Conflict,
+    Data,
+    MissingObject,
+    ObjectExists,
+    check_name,
+    check_prefix,
+    check_span,
+    missing,
+    short_read,
+)
+
+MULTIPART_OVER = 32 * 1024 * 1024   # a pack (16 MiB) is one PUT; larger objects go in parts
+PART_SIZE = 16 * 1024 * 1024
+MAX_CONNECTIONS = 32                # the data path's worker threads share one client
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
+                "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed", "403"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+_REFUSED = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+T = TypeVar("T")
+
+
+class Unreachable(LvbackupError):
+    """The S3 endpoint did not answer (or kept failing) after botocore's retries."""
+
+
+def parse_location(rest: str) -> tuple[str, str]:
+    """(bucket, key prefix ending with '/' or '') of `s3://` + `rest`."""
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET.match(bucket):
+        raise UsageError(f"repository s3://{rest}: {bucket!r} is not a bucket name "
+                         "(s3://BUCKET/PREFIX)")
+    prefix = prefix.strip("/")
+    if prefix:
+        check_name(prefix)
+    return bucket, prefix + "/" if prefix else ""
+
+
+def credential_source(settings: S3Settings) -> str:
+    """Where the credentials come from (never what they are)."""
+    if settings.access_key_id:
+        return "the configuration file (s3.access_key_id, s3.secret_access_key)"
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        return "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+    found = boto3.session.Session().get_credentials()
+    if found is None:
+        return "none found (set s3.access_key_id, the AWS_* environment or an AWS profile)"
+    return f"the AWS credential chain ({found.method})"
+
+
+class _Body(io.RawIOBase):
+    """A read-only, seekable file over a buffer: botocore sends it (and rewinds it for a
+    retry) without the copy that bytes() of a 16 MiB pack would cost."""
+
+    def __init__(self, view: memoryview):
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        n = max(0, min(len(buf), len(self._view) - self._pos))
+        memoryview(buf).cast("B")[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+
+def _token(etag: str, modified: Any) -> str:
+    # The ETag changes with the content; the time (whole seconds on many stores) tells
+    # apart an object deleted and put again with the same bytes.
+    return f"{etag.strip(chr(34))}@{modified.timestamp():.0f}"
+
+
+class S3Backend(Backend):
+    capabilities = Capabilities(local_files=False, conditional_put=True, ranged_get=True,
+                                concurrent_puts=2, concurrent_gets=4,
+                                token_resolution=1.0)
+
+    def __init__(self, bucket: str, prefix: str, settings: S3Settings):
+        self.bucket = bucket
+        self.prefix = prefix
+        self.endpoint = settings.endpoint_url or "AWS S3"
+        session = boto3.session.Session(aws_access_key_id=settings.access_key_id,
+                                        aws_secret_access_key=settings.secret_access_key,
+                                        region_name=settings.region)
+        self._client = session.client(
+            "s3", endpoint_url=settings.endpoint_url,
+            config=BotoConfig(s3={"addressing_style": settings.addressing_style},
+                              retries={"mode": "standard", "max_attempts": 5},
+                              max_pool_connections=MAX_CONNECTIONS,
+                              connect_timeout=10, read_timeout=120,
+                              # A store that is not AWS may not know the newer checksums.
+                              request_checksum_calculation="when_required",
+                              response_checksum_validation="when_required"))
+
+    @classmethod
+    def open(cls, rest: str, create: bool, settings: S3Settings) -> S3Backend:
+        bucket, prefix = parse_location(rest)
+        backend = cls(bucket, prefix, settings)
+        # Fails early, in one line, on a missing bucket or refused credentials.
+        backend._call("", lambda: backend._client.head_bucket(Bucket=bucket))
+        return backend
+
+    # --- errors ----------------------------------------------------------------------------
+
+    def _call(self, name: str, request: Callable[[], T]) -> T:
+        try:
+            return request()
+        except ClientError as e:
+            self._raise(name, e)
+        except NoCredentialsError:
+            raise UsageError(f"no S3 credentials for s3://{self.bucket}: set "
+                             "s3.access_key_id and s3.secret_access_key, or the "
+                             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY environment") from None
+        except BotoCoreError as e:
+            raise Unreachable(f"S3 endpoint {self.endpoint} failed: {e}") from None
+
+    def _raise(self, name: str, e: ClientError) -> NoReturn:
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _MISSING and name:
+            raise missing(name) from None
+        if code in ("NoSuchBucket",) or (code in _MISSING and not name):
+            raise UsageError(f"S3 bucket {self.bucket} does not exist at {self.endpoint}; "
+                             "create it first") from None
+        if code in _AUTH_ERRORS:
+            raise UsageError(f"S3 endpoint {self.endpoint} refused the credentials for "
+                             f"bucket {self.bucket} ({code})") from None
+        if code in _REFUSED:
+            raise Conflict(f"repository object {name} exists already or changed") from None
+        raise Unreachable(f"S3 endpoint {self.endpoint} failed on {name or self.bucket}: "
+                          f"{code or status} {err.get('Message', '')}".rstrip()) from None
+
+    def _key(self, name: str) -> str:
+        return self.prefix + check_name(name)
+
+    # --- writing --------------------------------------------------------------------------
+
+    def put(self, name: str, data: Data, *, if_match: str | None = None) -> None:
+        key = self._key(name)
+        view = memoryview(data).cast("B")
+        cond = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+        try:
+            if len(view) <= MULTIPART_OVER:
+                self._call(name, lambda: self._client.put_object(
+                    Bucket=self.bucket, Key=key, Body=_Body(view), ContentLength=len(view),
+                    **cond))
+            else:
+                self._put_parts(name, key, view, cond)
+        except Conflict:
+            if if_match:
+                raise
+            raise ObjectExists(f"repository object {name} exists already") from None
+
+    def _put_parts(self, name: str, key: str, view: memoryview, cond: dict[str, str]) -> None:
+        upload = self._call(name, lambda: self._client.create_multipart_upload(
+            Bucket=self.bucket, Key=key))["UploadId"]
+        try:
+            parts = []
+            for number, start in enumerate(range(0, len(view), PART_SIZE), 1):
+                body = view[start:start + PART_SIZE]
+                etag = self._call(name, partial(self._client.upload_part, Bucket=self.bucket,
+                                                Key=key, UploadId=upload, PartNumber=number,
+                                                Body=_Body(body), ContentLength=len(body)
+                                                ))["ETag"]
+                parts.append({"ETag": etag, "PartNumber": number})
+            self._call(name, lambda: self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload,
+                MultipartUpload={"Parts": parts}, **cond))
+        except BaseException:
+            # Best effort: what is left is aborted by remove_incomplete() later.
+            with contextlib.suppress(BotoCoreError, ClientError):
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key,
+                                                    UploadId=upload)
+            raise
+
+    def replace(self, name: str, data: Data, token: str) -> None:
+        self.put(name, data, if_match=_etag(token))
+
+    def delete(self, name: str) -> None:
+        key = self._key(name)
+        self._call(name, lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+
+    def delete_if(self, name: str, token: str) -> None:
+        key = self._key(name)
+        try:
+            self._call(name, lambda: self._client.delete_object(
+                Bucket=self.bucket, Key=key, IfMatch=_etag(token)))
+        except Conflict:
+            raise Conflict(f"repository object {name} changed since it was read") from None
+
+    def remove_incomplete(self, older_than: float) -> int:
+        cutoff = time.time() - older_than
+        removed = 0
+        pages = self._call("", lambda: list(self._client.get_paginator(
+            "list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix)))
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"].timestamp() > cutoff:
+                    continue
+                try:
+                    self._call(upload["Key"], partial(self._client.abort_multipart_upload,
+                                                      Bucket=self.bucket, Key=upload["Key"],
+                                                      UploadId=upload["UploadId"]))
+                except LvbackupError:
+                    continue   # completed or aborted meanwhile
+                removed += 1
+        return removed
+
+    # --- reading --------------------------------------------------------------------------
+
+    def get(self, name: str) -> bytes:
+        key = self._key(name)
+        return self._call(name, lambda: self._client.get_object(
+            Bucket=self.bucket, Key=key)["Body"].read())
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        check_span(name, offset, length)
+        key = self._key(name)
+        if not length:
+            size = self.size(name)
+            if offset > size:
+                raise short_read(name, offset, length, size)
+            return b""
+        try:
+            reply = self._client.get_object(Bucket=self.bucket, Key=key,
+                                            Range=f"bytes={offset}-{offset + length - 1}")
+            data = self._call(name, reply["Body"].read)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "InvalidRange":
+                raise short_read(name, offset, length, self.size(name)) from None
+            self._raise(name, e)
+        except BotoCoreError as e:
+            raise Unreachable(f"S3 endpoint {self.endpoint} failed: {e}") from None
+        if len(data) != length:
+            total = int(str(reply.get("ContentRange", "/0")).rsplit("/", 1)[1])
+            raise short_read(name, offset, length, total)
+        return data
+
+    def get_range_into(self, name: str, offset: int, outs: list[memoryview]) -> None:
+        data = memoryview(self.get_range(name, offset, sum(len(o) for o in outs)))
+        pos = 0
+        for out in outs:
+            out[:] = data[pos:pos + len(out)]
+            pos += len(out)
+
+    def _head(self, name: str) -> dict[str, Any]:
+        key = self._key(name)
+        return self._call(name, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+
+    def size(self, name: str) -> int:
+        return int(self._head(name)["ContentLength"])
+
+    def exists(self, name: str) -> bool:
+        try:
+            self._head(name)
+        except MissingObject:
+            return False
+        return True
+
+    def token(self, name: str) -> str:
+        head = self._head(name)
+        return _token(head["ETag"], head["LastModified"])
+
+    def modified(self, name: str) -> float:
+        return float(self._head(name)["LastModified"].timestamp())
+
+    def list(self, prefix: str) -> Iterator[tuple[str, str]]:
+        full = self.prefix + check_prefix(prefix)
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=full)
+        it = iter(pages)
+        while True:
+            page = self._call("", lambda: next(it, None))
+            if page is None:
+                return
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(self.prefix):], _token(obj["ETag"], obj["LastModified"])
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _etag(token: str) -> str:
+    return '"' + token.rsplit("@", 1)[0] + '"'
