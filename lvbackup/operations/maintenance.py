@@ -12,6 +12,7 @@ from ..catalog import (
 from ..config import Config
 from ..errors import CorruptionError, LvbackupError
 from ..lifecycle import Status
+from ..mapping.registry import refuse_if_mapped, registry
 from ..repository import gc
 from ..repository.repo import Repository
 from ..session import Session, recover_dead_runs
@@ -100,6 +101,10 @@ def collect_garbage(session: Session, progress: Callable[[int, int], None] | Non
                     ) -> dict:
     """`gc`, with the repository locked exclusively (no backup is writing meanwhile)."""
     with session.exclusive_lock():
+        # A map starts under the shared lock, so none can start until gc ends; one already
+        # running reads chunks that gc might move or delete.
+        with registry(session.lock_dir):
+            refuse_if_mapped(session.lock_dir, None, "collect garbage")
         recover_dead_runs(session)
         return gc.collect_garbage(session.repo, session.config.cache_dir, session.lock_dir,
                                   progress)
