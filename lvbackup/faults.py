@@ -29,6 +29,8 @@ POINTS = (
     "gc-index-rewritten",      # gc: old and new index files both exist
     "gc-old-index-deleted",    # gc: only the new index exists, dead packs remain
     "gc-pack-deleted",         # gc: some dead packs are deleted
+    "map-server-started",      # map: nbdkit serves the backup, no device is attached
+    "map-attached",            # map: the device is attached, the map not recorded ready
 )
 
 

@@ -28,8 +28,10 @@ from lvbackup.timeutil import now_iso
 from support import BLOCK_SIZE, MiB, Workdir, assert_one_line_error, make_image
 
 
-def _start(wd: Workdir, backup_id: str, writable: bool = False) -> reg.MapRecord:
-    """What `map` does before it attaches a kernel device: record the map, start nbdkit."""
+def _start(wd: Workdir, backup_id: str, writable: bool = False, ready: bool = True
+           ) -> reg.MapRecord:
+    """What `map` does but attach a kernel device: record the map, start nbdkit (and,
+    `ready`, record it complete)."""
     map_id = uuid.uuid4().hex[:12]
     run_dir = wd.path / f"run-{map_id}"
     run_dir.mkdir()
@@ -39,12 +41,13 @@ def _start(wd: Workdir, backup_id: str, writable: bool = False) -> reg.MapRecord
     lock_dir = wd.cache / "locks"
     record: reg.MapRecord = {
         "map_id": map_id, "backup_id": backup_id, "device": None, "writable": writable,
-        "pid": None, "run_dir": str(run_dir), "overlay_dir": str(overlay) if overlay else None,
-        "started_at": now_iso()}
+        "ready": False, "pid": None, "run_dir": str(run_dir),
+        "overlay_dir": str(overlay) if overlay else None, "started_at": now_iso()}
     reg.save(lock_dir, record)
     record["pid"] = devices.start_server(run_dir, {
         "repository": str(wd.repo), "cache_dir": str(wd.cache), "backup": backup_id,
         "lock": str(reg.lock_path(lock_dir, map_id))}, overlay)
+    record["ready"] = ready
     reg.save(lock_dir, record)
     return record
 
@@ -70,8 +73,8 @@ def mapped(tmp_path):
     backup_id = wd.create(image)["id"]
     records = []
 
-    def start(writable: bool = False) -> reg.MapRecord:
-        records.append(_start(wd, backup_id, writable))
+    def start(writable: bool = False, ready: bool = True) -> reg.MapRecord:
+        records.append(_start(wd, backup_id, writable, ready))
         return records[-1]
 
     yield wd, backup_id, data, start
@@ -171,6 +174,18 @@ def test_unmap_stops_a_live_server(mapped):
     assert not Path(f"/proc/{record['pid']}/fd").exists() or \
         Path(f"/proc/{record['pid']}/stat").read_text().split()[2] == "Z"
     assert not overlay.exists() and not Path(record["run_dir"]).exists()
+    assert wd.run("delete", backup_id).returncode == 0
+
+
+def test_a_map_whose_setup_died_is_undone_by_the_next_command(mapped):
+    """Maps are set up under the registry lock: one found unfinished there was being set up
+    by a process that died (kill -9 of `lvbackup map`); the next command undoes it."""
+    wd, backup_id, _, start = mapped
+    record = start(ready=False)
+    assert reg.is_alive(wd.cache / "locks", record["map_id"])
+    assert wd.run_json("list", "--mapped") == []
+    assert not reg.is_alive(wd.cache / "locks", record["map_id"])
+    assert not Path(record["run_dir"]).exists()
     assert wd.run("delete", backup_id).returncode == 0
 
 

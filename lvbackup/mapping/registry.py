@@ -14,13 +14,15 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypedDict
 
 from ..diskio import AtomicFile
-from ..errors import UsageError
+from ..errors import LvbackupError, UsageError
 from ..locks import FileLock, has_open, holders, is_held
+from . import devices
 
 REGISTRY_WAIT = 60.0   # seconds: the registry lock is only held while a map starts or ends
 
@@ -30,6 +32,7 @@ class MapRecord(TypedDict):
     backup_id: str
     device: str | None        # /dev/nbdN once attached
     writable: bool
+    ready: bool               # set up completely (else its setup died: undone)
     pid: int | None           # the server's (nbdkit)
     run_dir: str              # the server's socket, pid file and log
     overlay_dir: str | None   # --writable: where the copy-on-write overlay lives
@@ -46,7 +49,14 @@ def lock_path(lock_dir: Path, map_id: str) -> Path:
 
 @contextlib.contextmanager
 def registry(lock_dir: Path) -> Iterator[None]:
+    """The registry, locked. A map is set up under this lock from its first record to its
+    last, so a map found unfinished here was being set up by a process that died: it is
+    undone first (its server stopped, its device detached)."""
     with FileLock(lock_dir / "maps.lock", "the map registry").acquire(REGISTRY_WAIT):
+        for record in records(lock_dir):
+            if not record["ready"]:
+                with contextlib.suppress(LvbackupError):   # then it stays listed, for unmap
+                    teardown(lock_dir, record)
         yield
 
 
@@ -93,8 +103,12 @@ def server_pids(lock_dir: Path, record: MapRecord) -> list[int]:
     try:
         st = os.fstat(fd)
         found = set(holders(fd))
-        if record["pid"] and has_open(record["pid"], st):
-            found.add(record["pid"])
+        pid = record["pid"]
+        if pid is None:   # its setup died before recording it: nbdkit's pid file
+            with contextlib.suppress(OSError, ValueError):
+                pid = int((Path(record["run_dir"]) / "pid").read_text())
+        if pid and has_open(pid, st):
+            found.add(pid)
         return sorted(found)
     finally:
         os.close(fd)
@@ -126,3 +140,26 @@ def refuse_if_mapped(lock_dir: Path, backup_id: str | None, doing: str) -> None:
         backup, device = next(iter(held.items()))
         raise UsageError(f"cannot {doing}: backup {backup} is mapped on {device}; "
                          f"run 'lvbackup unmap {device}' first")
+
+
+def teardown(lock_dir: Path, record: MapRecord) -> None:
+    """Detach the device, stop the server, remove what the map left (its overlay too).
+    Works on a crashed map as on a live one. Call under registry()."""
+    device = record["device"]
+    alive = is_alive(lock_dir, record["map_id"])
+    # A dead map's device may have been detached and attached again by a later map.
+    reused = not alive and any(r["device"] == device and r["map_id"] != record["map_id"]
+                               and is_alive(lock_dir, r["map_id"])
+                               for r in records(lock_dir))
+    if device and devices.is_attached(device) and not reused:
+        devices.detach(device)
+    if alive:
+        pids = server_pids(lock_dir, record)
+        if not pids:
+            raise LvbackupError(f"cannot tell which process serves {device}; "
+                                "stop its nbdkit process, then unmap again")
+        devices.stop_server(pids, lambda: is_alive(lock_dir, record["map_id"]))
+    for directory in (record["run_dir"], record["overlay_dir"]):
+        if directory:
+            shutil.rmtree(directory, ignore_errors=True)
+    remove(lock_dir, record["map_id"])

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 import uuid
 from pathlib import Path
 from typing import TypedDict
 
 from ..errors import CorruptionError, LvbackupError, NotFoundError, UsageError
+from ..faults import crash_point
 from ..lifecycle import Status
 from ..mapping import devices
 from ..mapping import registry as reg
@@ -64,7 +64,7 @@ def map_backup(session: Session, backup_id: str, *, writable: bool = False) -> M
             try:
                 _start(session, record)
             except BaseException:
-                _teardown(lock_dir, record)
+                reg.teardown(lock_dir, record)
                 raise
             return _info(session, record)
 
@@ -83,8 +83,8 @@ def _new_record(session: Session, backup_id: str, writable: bool) -> MapRecord:
     base.mkdir(mode=0o700, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix=f"map-{map_id}-", dir=base))
     return {"map_id": map_id, "backup_id": backup_id, "device": None, "writable": writable,
-            "pid": None, "run_dir": str(run_dir), "overlay_dir": str(overlay) if overlay else None,
-            "started_at": now_iso()}
+            "ready": False, "pid": None, "run_dir": str(run_dir),
+            "overlay_dir": str(overlay) if overlay else None, "started_at": now_iso()}
 
 
 def _start(session: Session, record: MapRecord) -> None:
@@ -99,12 +99,17 @@ def _start(session: Session, record: MapRecord) -> None:
         "backup": record["backup_id"],
         "lock": str(reg.lock_path(lock_dir, record["map_id"]))}, overlay)
     reg.save(lock_dir, record)
-    candidates = devices.free_devices()
+    candidates = [d for d in devices.free_devices()
+                  if d not in {r["device"] for r in reg.records(lock_dir)}]
     if not candidates:
         raise UsageError("every NBD device is in use (/dev/nbd*); unmap one, or load the "
                          "nbd module with a larger nbds_max")
+    crash_point("map-server-started")
     failure: LvbackupError | None = None
     for device in candidates[:ATTACH_TRIES]:
+        # Recorded first: a map killed while attaching leaves the device to detach.
+        record["device"] = device
+        reg.save(lock_dir, record)
         try:
             devices.attach(device, run_dir / "socket", record["writable"])
         except UsageError:
@@ -112,34 +117,12 @@ def _start(session: Session, record: MapRecord) -> None:
         except LvbackupError as e:
             failure = e   # taken by another tool meanwhile: try the next one
             continue
-        record["device"] = device
+        crash_point("map-attached")
+        record["ready"] = True
         reg.save(lock_dir, record)
         return
     assert failure is not None
     raise failure
-
-
-def _teardown(lock_dir: Path, record: MapRecord) -> None:
-    """Detach the device, stop the server, remove what the map left (its overlay too).
-    Works on a crashed map as on a live one."""
-    device = record["device"]
-    alive = reg.is_alive(lock_dir, record["map_id"])
-    # A dead map's device may have been detached and attached again by a later map.
-    reused = not alive and any(r["device"] == device and r["map_id"] != record["map_id"]
-                               and reg.is_alive(lock_dir, r["map_id"])
-                               for r in reg.records(lock_dir))
-    if device and devices.is_attached(device) and not reused:
-        devices.detach(device)
-    if alive:
-        pids = reg.server_pids(lock_dir, record)
-        if not pids:
-            raise LvbackupError(f"cannot tell which process serves {device}; "
-                                "stop its nbdkit process, then unmap again")
-        devices.stop_server(pids, lambda: reg.is_alive(lock_dir, record["map_id"]))
-    for directory in (record["run_dir"], record["overlay_dir"]):
-        if directory:
-            shutil.rmtree(directory, ignore_errors=True)
-    reg.remove(lock_dir, record["map_id"])
 
 
 def _info(session: Session, record: MapRecord) -> MapInfo:
@@ -176,7 +159,7 @@ def unmap(session: Session, target: str) -> list[MapInfo]:
                                  f"'lvbackup unmount {points[0]}' first")
         infos = [_info(session, r) for r in chosen]
         for record in chosen:
-            _teardown(lock_dir, record)
+            reg.teardown(lock_dir, record)
     return infos
 
 

@@ -11,6 +11,7 @@ import hashlib
 import mmap
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -199,5 +200,27 @@ def test_a_damaged_chunk_is_an_io_error_on_its_range(tmp_path):
                     assert bytes(buf) == data[other * BLOCK:(other + 1) * BLOCK], other
         finally:
             os.close(fd)
+    finally:
+        lvb("unmap", device)
+
+
+@pytest.mark.parametrize("point", ["map-server-started", "map-attached"])
+def test_a_killed_map_command_leaves_nothing_behind(ext4, point):
+    """`lvbackup map` killed while it sets up: the next command undoes the half-made map
+    (server stopped, device detached), and the backup maps again."""
+    lvb, backup_id, image, _ = ext4
+    attached = {d for d in os.listdir("/sys/block") if d.startswith("nbd")
+                and _device_size(f"/dev/{d}")}
+    p = subprocess.run(lvb.argv("map", backup_id), capture_output=True,
+                       env={**{k: v for k, v in os.environ.items()
+                               if not k.startswith("LVBACKUP_")}, "LVBACKUP_FAULT": point})
+    assert p.returncode == -signal.SIGKILL, p
+    assert lvb.json("list", "--mapped") == []
+    assert {d for d in os.listdir("/sys/block") if d.startswith("nbd")
+            and _device_size(f"/dev/{d}")} == attached
+    device = lvb.json("map", backup_id)["device"]
+    try:
+        with open(device, "rb") as f:
+            assert f.read(MiB) == image.read_bytes()[:MiB]
     finally:
         lvb("unmap", device)
