@@ -26,7 +26,8 @@ LOGICAL_BLOCK = 512     # any filesystem's sector size fits
 # Python call in the server, and sequential reads (file copies, dd) come in fewer of them.
 QUEUE_SETTINGS = {"max_sectors_kb": 1024, "read_ahead_kb": 2048}
 _PACKAGES = {"nbdkit": "nbdkit and nbdkit-plugin-python", "nbd-client": "nbd-client",
-             "modprobe": "kmod", "blkid": "util-linux", "mount": "mount", "umount": "mount"}
+             "modprobe": "kmod", "blkid": "util-linux", "blockdev": "util-linux",
+             "mount": "mount", "umount": "mount"}
 _NBD = re.compile(r"^nbd(\d+)$")
 
 
@@ -113,10 +114,11 @@ def stop_server(pids: list[int], alive) -> None:
 # --- the kernel's NBD client -----------------------------------------------------------
 
 def load_module() -> None:
-    if Path("/sys/module/nbd").exists():
-        return
+    """Root, and the kernel's NBD client loaded (modprobe nbd if it is not)."""
     if os.geteuid() != 0:
         raise UsageError("mapping a backup needs root: run lvbackup as root")
+    if Path("/sys/module/nbd").exists():
+        return
     try:
         run(["modprobe", "nbd"], "loading the kernel's NBD client (modprobe nbd)")
     except LvbackupError as e:
@@ -159,6 +161,13 @@ def detach(device: str) -> None:
 
 
 # --- filesystems -----------------------------------------------------------------------
+
+def rescan_partitions(device: str) -> None:
+    """Ask the kernel to read the partition table again (BLKRRPART): nbd-client's own
+    rescan may still be on its way, or not have happened."""
+    with contextlib.suppress(LvbackupError):
+        run(["blockdev", "--rereadpt", device], f"reading the partition table of {device}")
+
 
 def wait_for(path: str, seconds: float) -> bool:
     """Whether `path` exists within `seconds` (partition nodes appear after a rescan)."""

@@ -200,6 +200,8 @@ def mount_backup(session: Session, backup_id: str, mountpoint: str, *,
     assert info["device"] is not None
     try:
         device = info["device"] + (f"p{partition}" if partition else "")
+        if partition and not os.path.exists(device):
+            devices.rescan_partitions(info["device"])
         if partition and not devices.wait_for(device, PARTITION_WAIT):
             raise UsageError(f"backup {info['backup_id']} has no partition {partition}")
         fstype = devices.filesystem_type(device)

@@ -11,6 +11,7 @@ import hashlib
 import mmap
 import os
 import signal
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -224,3 +225,37 @@ def test_a_killed_map_command_leaves_nothing_behind(ext4, point):
             assert f.read(MiB) == image.read_bytes()[:MiB]
     finally:
         lvb("unmap", device)
+
+
+def test_mount_a_partition_of_a_disk_image(tmp_path):
+    image = tmp_path / "disk.img"
+    sectors = 20 * MiB // 512
+    # An MBR with one Linux partition from sector 2048 to the end.
+    entry = struct.pack("<B3sB3sII", 0, b"\0\0\0", 0x83, b"\0\0\0", 2048, sectors - 2048)
+    with open(image, "wb") as f:
+        f.truncate(sectors * 512)
+        f.seek(446)
+        f.write(entry + bytes(48) + b"\x55\xaa")
+    loop = run(["losetup", "--find", "--show", "--partscan", image]).strip()
+    point = tmp_path / "mnt"
+    point.mkdir()
+    try:
+        run(["mkfs.ext4", "-q", "-F", f"{loop}p1"])
+        run(["mount", f"{loop}p1", point])
+        (point / "hello.txt").write_bytes(b"from partition 1\n")
+        run(["umount", point])
+    finally:
+        run(["losetup", "-d", loop])
+    lvb = Lvb(tmp_path / "state", cache_dir=str(tmp_path / "state" / "cache"))
+    lvb("init", "--block-size", "64K")
+    backup_id = lvb.json("create", "--device", image)["id"]
+    assert_refused(lvb("mount", backup_id, point, "--partition", "2", check=False),
+                   "has no partition 2")
+    assert lvb.json("list", "--mapped") == []
+    mounted = lvb.json("mount", backup_id, point, "--partition", "1")
+    try:
+        assert mounted["mounted"] == mounted["device"] + "p1", mounted
+        assert (point / "hello.txt").read_bytes() == b"from partition 1\n"
+    finally:
+        lvb("unmount", point)
+    assert lvb.json("list", "--mapped") == []
