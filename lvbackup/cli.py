@@ -34,6 +34,9 @@ from .operations.maintenance import (
     init_repository,
     rebuild_catalog,
 )
+from .operations.mapping import map_backup, mapped_backups, mount_backup
+from .operations.mapping import unmap as unmap_backup
+from .operations.mapping import unmount as unmount_backup
 from .operations.prune import prune as prune_backups
 from .operations.records import export_record as export_backup_record
 from .operations.records import import_record as import_backup_record
@@ -46,6 +49,7 @@ from .render import (
     out_console,
     print_lineage,
     print_lvs,
+    print_maps,
     print_record,
     print_records,
     when,
@@ -272,16 +276,25 @@ def create(app: App, volume: str | None, snapshot: str | None, device: str | Non
 @cli.command("list")
 @click.option("--volume", metavar="VG/LV|UUID|PATH", help="Only backups of this volume.")
 @click.option("--status", type=click.Choice(STATUSES), help="Only backups in this status.")
+@click.option("--mapped", is_flag=True,
+              help="List mapped backups instead (lvbackup map): device, backup, mount points.")
 @label_option
 @pass_app
-def list_(app: App, volume: str | None, status: str | None, labels: tuple[str, ...]) -> None:
+def list_(app: App, volume: str | None, status: str | None, mapped: bool,
+          labels: tuple[str, ...]) -> None:
     """List backups (deleted ones only with --status deleted), with their lineage.
 
     \b
     Examples:
       lvbackup list --volume vg0/data --status available
       lvbackup list --label job=nightly-data
+      lvbackup list --mapped
     """
+    if mapped:
+        if volume or status or labels:
+            raise click.UsageError("--mapped takes no other option")
+        app.emit(mapped_backups(app.session()), print_maps)
+        return
     rows = list_backups(app.session(), volume, status, parse_labels(labels))
     app.emit(rows, print_records)
 
@@ -346,6 +359,92 @@ def restore(app: App, backup_id: str, to: str | None, new_volume: str | None,
         return
     where = to or to_file or new_volume or "a new volume"
     app.emit(rec, lambda r: click.echo(f"Restored backup {r['id']} to {where}"))
+
+
+@cli.command("map")
+@click.argument("backup_id")
+@click.option("--writable", is_flag=True,
+              help="Accept writes, kept in an overlay in cache_dir (never in the repository) "
+                   "and discarded at unmap.")
+@wait_option
+@pass_app
+def map_(app: App, backup_id: str, writable: bool, wait: float) -> None:
+    """Expose a backup as a block device (/dev/nbdN, read-only) and print its path.
+
+    Reads fetch and check blocks on demand; a damaged block is an I/O error, never wrong
+    data. The backup cannot be deleted or garbage-collected while it is mapped. Needs root,
+    nbdkit, nbdkit-plugin-python, nbd-client and the nbd kernel module.
+
+    \b
+    Examples:
+      lvbackup map 3f2a
+      lvbackup map 3f2a --writable && fsck -n /dev/nbd0
+      lvbackup unmap /dev/nbd0
+    """
+    info = map_backup(app.session(wait), backup_id, writable=writable)
+    app.emit(info, lambda r: click.echo(r["device"]))
+
+
+@cli.command()
+@click.argument("target", metavar="DEVICE|ID")
+@pass_app
+def unmap(app: App, target: str) -> None:
+    """Remove a mapped backup's device (or every map of backup ID); also clears what a
+    crashed map left.
+
+    \b
+    Examples:
+      lvbackup unmap /dev/nbd0
+      lvbackup unmap 3f2a
+    """
+    infos = unmap_backup(app.session(), target)
+
+    def human(rows: list[dict]) -> None:
+        for r in rows:
+            click.echo(f"Unmapped backup {r['backup_id']} from {r['device'] or 'no device'}")
+
+    app.emit(infos, human)
+
+
+@cli.command("mount")
+@click.argument("backup_id")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--partition", type=click.IntRange(min=1), metavar="N",
+              help="Mount partition N of a backed-up disk image.")
+@click.option("--writable", is_flag=True,
+              help="Mount read-write; writes go to an overlay discarded at unmount.")
+@wait_option
+@pass_app
+def mount_(app: App, backup_id: str, mountpoint: str, partition: int | None, writable: bool,
+           wait: float) -> None:
+    """Map a backup and mount its filesystem read-only (journals are not replayed), to
+    copy single files out.
+
+    \b
+    Examples:
+      lvbackup mount 3f2a /mnt/restore && cp /mnt/restore/etc/fstab /tmp/
+      lvbackup mount 9c41 /mnt/disk --partition 2
+      lvbackup unmount /mnt/restore
+    """
+    info = mount_backup(app.session(wait), backup_id, mountpoint, partition=partition,
+                        writable=writable)
+    app.emit(info, lambda r: click.echo(f"Mounted backup {r['backup_id']} ({r['mounted']}, "
+                                        f"{r['filesystem']}) on {r['mountpoint']}"))
+
+
+@cli.command()
+@click.argument("mountpoint")
+@pass_app
+def unmount(app: App, mountpoint: str) -> None:
+    """Unmount a mounted backup and unmap it.
+
+    \b
+    Example:
+      lvbackup unmount /mnt/restore
+    """
+    info = unmount_backup(app.session(), mountpoint)
+    app.emit(info, lambda r: click.echo(f"Unmounted {mountpoint} and unmapped backup "
+                                        f"{r['backup_id']} from {r['device']}"))
 
 
 @cli.command()

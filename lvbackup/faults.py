@@ -34,6 +34,8 @@ POINTS = (
     "metadata-reserved",       # backup: a thin pool's metadata snapshot is reserved
     "key-slot-stored",         # init --encryption / key change-passphrase: a new key slot
                                # is stored; the config / the old slot's deletion is not
+    "map-server-started",      # map: nbdkit serves the backup, no device is attached
+    "map-attached",            # map: the device is attached, the map not recorded ready
 )
 
 

@@ -96,7 +96,7 @@ def holders(fd: int) -> list[int]:
                 pid, ino = int(parts[4]), int(parts[5].rsplit(":", 1)[1])
             except (ValueError, IndexError):
                 continue
-            if pid > 0 and pid != me and ino == st.st_ino and _has_open(pid, st):
+            if pid > 0 and pid != me and ino == st.st_ino and has_open(pid, st):
                 found.add(pid)
         if found:
             return sorted(found)
@@ -106,7 +106,7 @@ def holders(fd: int) -> list[int]:
     return []
 
 
-def _has_open(pid: int, st: os.stat_result) -> bool:
+def has_open(pid: int, st: os.stat_result) -> bool:
     """Whether `pid` has the file `st` open (True when /proc does not let us look)."""
     try:
         names = os.listdir(f"/proc/{pid}/fd")
@@ -154,11 +154,10 @@ class RunLock(FileLock):
         super().release()
 
 
-def run_is_alive(lock_dir: Path, run_id: str) -> bool:
-    """True while some process holds the run lock of `run_id`."""
-    path = lock_dir / f"run-{run_id}.lock"
+def is_held(path: Path) -> bool:
+    """True while some process holds a lock on the file at `path`."""
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return False
     try:
@@ -167,5 +166,13 @@ def run_is_alive(lock_dir: Path, run_id: str) -> bool:
         return True
     finally:
         os.close(fd)
+    return False
+
+
+def run_is_alive(lock_dir: Path, run_id: str) -> bool:
+    """True while some process holds the run lock of `run_id`."""
+    path = lock_dir / f"run-{run_id}.lock"
+    if is_held(path):
+        return True
     path.unlink(missing_ok=True)
     return False

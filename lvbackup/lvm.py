@@ -128,9 +128,14 @@ def _parse_time(text: str) -> str:
     return iso(datetime.strptime(text.strip(), "%Y-%m-%d %H:%M:%S %z").astimezone(UTC))
 
 
-def _tool(name: str) -> str:
+def find_tool(name: str) -> str | None:
+    """A system command's path, looked up in PATH and the sbin directories."""
     path = os.environ.get("PATH", os.defpath) + os.pathsep + os.pathsep.join(_SBIN_DIRS)
-    found = shutil.which(name, path=path)
+    return shutil.which(name, path=path)
+
+
+def _tool(name: str) -> str:
+    found = find_tool(name)
     if found is None:
         raise UsageError(f"lvm2 is not installed ({name} not found); install the lvm2 package")
     return found

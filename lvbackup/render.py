@@ -104,6 +104,19 @@ def print_records(recs: list[dict]) -> None:
     out_console().print(table)
 
 
+def print_maps(rows: list[dict]) -> None:
+    """`list --mapped`: one row per map; a dead one (its server killed) awaits `unmap`."""
+    table = new_table()
+    for col in ("device", "backup", "volume", "mode", "state", "mounted on", "since (UTC)"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["device"] or "-", r["backup_id"], r["volume_name"] or "-",
+                      "writable" if r["writable"] else "read-only",
+                      "serving" if r["alive"] else "dead: unmap it",
+                      ", ".join(r["mountpoints"]) or "-", when(r["started_at"]))
+    out_console().print(table)
+
+
 def print_lvs(rows: list[dict], title: str) -> None:
     table = new_table(title=title)
     for col in ("name", "uuid", "size", "origin", "created (UTC)", "state", "open"):

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(python3 python3-venv lvm2 thin-provisioning-tools qemu-system-x86 busybox-static zstd xfsprogs)
+pkgs=(python3 python3-venv lvm2 thin-provisioning-tools qemu-system-x86 busybox-static zstd xfsprogs nbdkit nbdkit-plugin-python nbd-client)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -13,6 +13,7 @@ from ..errors import LvbackupError, UsageError
 from ..faults import crash_point
 from ..lifecycle import Status
 from ..locks import RunLock
+from ..mapping.registry import refuse_if_mapped, registry
 from ..repository.manifest import manifest_name
 from ..session import Session, reason, recover_dead_runs
 
@@ -58,16 +59,19 @@ def delete_row(session: Session, row: BackupRecord, *, force: bool = False,
                          f"(backup {row['id']} has dependents: {ids}; delete them first)")
     moved: list[Reparented] = []
     with RunLock(session.lock_dir, row["id"]).acquire():
-        session.events.emit(ev.DELETE_START, to_record(row))
-        with cat.write():
-            cat.transition(row["id"], Status.DELETING)
-            for child in children:
-                cat.update(child["id"], parent_id=row["parent_id"],
-                           is_incremental=row["parent_id"] is not None)
-                moved.append({"id": child["id"], "old_parent_id": row["id"],
-                              "new_parent_id": row["parent_id"]})
-            cat.refresh_dependents(row["id"])
-            cat.refresh_dependents(row["parent_id"])
+        # Under the map registry's lock: a map starting now sees `deleting` and refuses.
+        with registry(session.lock_dir):
+            refuse_if_mapped(session.lock_dir, row["id"], f"delete backup {row['id']}")
+            session.events.emit(ev.DELETE_START, to_record(row))
+            with cat.write():
+                cat.transition(row["id"], Status.DELETING)
+                for child in children:
+                    cat.update(child["id"], parent_id=row["parent_id"],
+                               is_incremental=row["parent_id"] is not None)
+                    moved.append({"id": child["id"], "old_parent_id": row["id"],
+                                  "new_parent_id": row["parent_id"]})
+                cat.refresh_dependents(row["id"])
+                cat.refresh_dependents(row["parent_id"])
         crash_point("delete-marked")
         try:
             session.repo.storage.delete(manifest_name(row["id"]))

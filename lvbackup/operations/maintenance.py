@@ -13,6 +13,7 @@ from ..config import Config, as_dict
 from ..credentials import configured_key, create_key_file, secrets
 from ..errors import CorruptionError, LvbackupError, UsageError
 from ..lifecycle import Status
+from ..mapping.registry import refuse_if_mapped, registry
 from ..repository import gc
 from ..repository.backends import credential_source
 from ..repository.repo import Repository
@@ -123,6 +124,10 @@ def collect_garbage(session: Session, progress: Callable[[int, int], None] | Non
     """`gc`, with the repository locked exclusively (no backup is writing meanwhile)."""
     session.refuse_if_append_only("gc")
     with session.exclusive_lock("gc") as held:
+        # A map starts under the shared lock, so none can start until gc ends; one already
+        # running reads chunks that gc might move or delete.
+        with registry(session.lock_dir):
+            refuse_if_mapped(session.lock_dir, None, "collect garbage")
         recover_dead_runs(session)
         # On a shared store, another host's run may have put packs and not yet referenced
         # them, or be uploading one, should its lease have lapsed: young ones are spared.

@@ -39,7 +39,7 @@ CACHE = Path(os.environ.get("LVBACKUP_VM_CACHE") or Path.home() / ".cache" / "lv
 MODULES = [
     "virtio_pci", "virtio_blk", "9pnet_virtio", "9p", "overlay", "loop", "ext4",
     "crc32c_generic", "xfs", "dm_mod", "dm_bufio", "dm_bio_prison", "dm_persistent_data",
-    "dm_snapshot", "dm_thin_pool",
+    "dm_snapshot", "dm_thin_pool", "nbd",
 ]
 
 # Stage 1, the initramfs /init (busybox sh). It only loads modules and assembles the root:

@@ -1,0 +1,77 @@
+"""The script nbdkit's Python plugin runs to serve a mapped backup:
+
+    nbdkit python .../nbdkit_plugin.py python=3.11 path=DIRS repository=... \
+        cache_dir=DIR backup=ID lock=FILE
+
+nbdkit embeds its own Python, so this file is loaded as a script, not as part of the
+lvbackup package: `python=` must match the version it runs under (the interpreter lvbackup
+and its compiled dependencies were installed for) and `path=` (first) puts lvbackup's
+environment on sys.path. Everything else is `lvbackup.mapping.server.Export`.
+"""
+
+import site
+import sys
+from typing import Any
+
+import nbdkit  # type: ignore[import-not-found]  # nbdkit's Python plugin provides it
+
+API_VERSION = 2
+
+_export: Any = None   # lvbackup.mapping.server.Export, once lvbackup can be imported
+
+
+def config(key, value):
+    global _export
+    if key == "python":
+        here = f"{sys.version_info.major}.{sys.version_info.minor}"
+        if value != here:
+            raise RuntimeError(f"nbdkit's Python is {here} but lvbackup runs under Python "
+                               f"{value}: install nbdkit-plugin-python built for {value}")
+    elif key == "path":
+        before = list(sys.path)
+        for directory in value.split(":"):
+            site.addsitedir(directory)
+        sys.path[:] = [p for p in sys.path if p not in before] + before
+    else:
+        if _export is None:
+            from lvbackup.mapping.server import Export
+            _export = Export()
+        _export.config(key, value)
+
+
+def config_complete():
+    if _export is None:
+        raise RuntimeError("no backup to serve: give repository=, cache_dir=, backup= and lock=")
+    _export.config_complete()
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def get_ready():
+    _export.get_ready()
+
+
+def open(readonly):
+    return 1
+
+
+def get_size(h):
+    return _export.size
+
+
+def can_write(h):
+    return False
+
+
+def can_multi_conn(h):
+    return True
+
+
+def pread(h, buf, offset, flags):
+    try:
+        _export.pread(buf, offset)
+    except OSError as e:
+        nbdkit.set_error(e.errno)
+        raise

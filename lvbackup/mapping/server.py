@@ -1,0 +1,66 @@
+"""The NBD export of one backup, as nbdkit's Python plugin runs it (`nbdkit_plugin.py`
+hands every callback to an `Export`).
+
+Every read goes through `BackupReader`: each block is checked against its manifest digest,
+and a block that is missing or damaged fails the request with EIO, never with other data.
+The export itself is read-only; `--writable` adds nbdkit's cow filter in front of it.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+from ..datapath.reader import BackupReader
+from ..errors import LvbackupError
+from ..repository.repo import Repository
+from .registry import hold
+
+CACHE_BYTES = 64 * 1024 * 1024
+PARAMETERS = ("repository", "cache_dir", "backup", "lock")
+
+
+class Export:
+    """One map's server state: its parameters, then the open repository and reader."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, str] = {}
+        self.reader: BackupReader | None = None
+        self._repo: Repository | None = None
+        self._lock_fd: int | None = None
+
+    def config(self, key: str, value: str) -> None:
+        if key not in PARAMETERS:
+            raise ValueError(f"unknown parameter {key}= (expected {', '.join(PARAMETERS)})")
+        self.params[key] = value
+
+    def config_complete(self) -> None:
+        missing = [k for k in PARAMETERS if k not in self.params]
+        if missing:
+            raise ValueError(f"missing parameters: {', '.join(missing)}")
+
+    def get_ready(self) -> None:
+        """Take the map's lock (it marks the backup held while this process lives), then
+        open the repository and the backup's manifest."""
+        self._lock_fd = hold(Path(self.params["lock"]))
+        self._repo = Repository.open(self.params["repository"], Path(self.params["cache_dir"]))
+        manifest = self._repo.manifest(self.params["backup"])
+        self.reader = BackupReader(self._repo, manifest, CACHE_BYTES)
+
+    @property
+    def size(self) -> int:
+        assert self.reader is not None
+        return self.reader.size
+
+    def pread(self, buf: memoryview | bytearray, offset: int) -> None:
+        """Fill `buf` with the image at `offset`; an unreadable block raises
+        ReadFailed(EIO) for the whole request."""
+        assert self.reader is not None
+        try:
+            buf[:] = self.reader.read(offset, len(buf))
+        except LvbackupError as e:
+            raise ReadFailed(errno.EIO, str(e)) from None
+
+
+class ReadFailed(OSError):
+    """A read the client must see fail, with this errno."""

@@ -1,0 +1,232 @@
+"""Map a backup as a block device: `map`, `unmap`, `mount`, `unmount`, `list --mapped`.
+
+A map is an nbdkit process serving the backup (lvbackup/mapping/server.py) and a kernel NBD
+device attached to it. lvbackup itself does not stay running: the registry
+(lvbackup/mapping/registry.py) records each map, and the server's lock on its record holds
+the backup against delete and gc for as long as the server lives.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import uuid
+from pathlib import Path
+from typing import TypedDict
+
+from ..errors import CorruptionError, LvbackupError, NotFoundError, UsageError
+from ..faults import crash_point
+from ..lifecycle import Status
+from ..mapping import devices
+from ..mapping import registry as reg
+from ..mapping.registry import MapRecord
+from ..session import Session, recover_dead_runs
+from ..timeutil import now_iso
+
+ATTACH_TRIES = 3        # free devices tried, in case another tool takes one meanwhile
+PARTITION_WAIT = 10.0   # seconds for a partition's device node to appear
+
+
+class MapInfo(TypedDict):
+    device: str | None
+    backup_id: str
+    volume_name: str | None
+    writable: bool
+    alive: bool
+    pids: list[int]
+    mountpoints: list[str]
+    started_at: str
+    map_id: str
+
+
+def map_backup(session: Session, backup_id: str, *, writable: bool = False) -> MapInfo:
+    """Serve a backup as /dev/nbdN, read-only or with writes kept in an overlay outside
+    the repository (in cache_dir, discarded at unmap)."""
+    devices.load_module()
+    lock_dir = session.lock_dir
+    with session.shared_lock():   # no gc while the map starts
+        cat = session.catalog
+        row = cat.resolve(backup_id)
+        recover_dead_runs(session)
+        repo = session.repo
+        repo.sync_index(lock_dir)
+        with reg.registry(lock_dir):   # a delete sees this map, or the map sees the delete
+            row = cat.get(row["id"])
+            if row["status"] != Status.AVAILABLE:
+                raise UsageError(f"Backup status must be available (backup {row['id']} is "
+                                 f"{row['status']})")
+            try:
+                repo.manifest(row["id"])
+            except CorruptionError as e:
+                raise CorruptionError(f"backup {row['id']}: {e}") from None
+            record = _new_record(session, row["id"], writable)
+            try:
+                _start(session, record)
+            except BaseException:
+                reg.teardown(lock_dir, record)
+                raise
+            return _info(session, record)
+
+
+def _new_record(session: Session, backup_id: str, writable: bool) -> MapRecord:
+    map_id = uuid.uuid4().hex[:12]
+    overlay = None
+    if writable:
+        overlay = session.config.cache_dir / "overlays" / map_id
+        repository = Path(session.config.repository).resolve()
+        if overlay.resolve().is_relative_to(repository):
+            raise UsageError(f"cache_dir {session.config.cache_dir} is inside the repository; "
+                             "--writable keeps its overlay in cache_dir: move cache_dir")
+    # The server's Unix socket needs a short path.
+    base = Path("/run/lvbackup") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
+    base.mkdir(mode=0o700, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"map-{map_id}-", dir=base))
+    return {"map_id": map_id, "backup_id": backup_id, "device": None, "writable": writable,
+            "ready": False, "pid": None, "run_dir": str(run_dir),
+            "overlay_dir": str(overlay) if overlay else None, "started_at": now_iso()}
+
+
+def _start(session: Session, record: MapRecord) -> None:
+    lock_dir, config = session.lock_dir, session.config
+    reg.save(lock_dir, record)
+    overlay = Path(record["overlay_dir"]) if record["overlay_dir"] else None
+    if overlay is not None:
+        overlay.mkdir(mode=0o700, parents=True)
+    run_dir = Path(record["run_dir"])
+    record["pid"] = devices.start_server(run_dir, {
+        "repository": str(config.repository), "cache_dir": str(config.cache_dir),
+        "backup": record["backup_id"],
+        "lock": str(reg.lock_path(lock_dir, record["map_id"]))}, overlay)
+    reg.save(lock_dir, record)
+    candidates = [d for d in devices.free_devices()
+                  if d not in {r["device"] for r in reg.records(lock_dir)}]
+    if not candidates:
+        raise UsageError("every NBD device is in use (/dev/nbd*); unmap one, or load the "
+                         "nbd module with a larger nbds_max")
+    crash_point("map-server-started")
+    failure: LvbackupError | None = None
+    for device in candidates[:ATTACH_TRIES]:
+        # Recorded first: a map killed while attaching leaves the device to detach.
+        record["device"] = device
+        reg.save(lock_dir, record)
+        try:
+            devices.attach(device, run_dir / "socket", record["writable"])
+        except UsageError:
+            raise
+        except LvbackupError as e:
+            failure = e   # taken by another tool meanwhile: try the next one
+            continue
+        crash_point("map-attached")
+        record["ready"] = True
+        reg.save(lock_dir, record)
+        return
+    assert failure is not None
+    raise failure
+
+
+def _info(session: Session, record: MapRecord) -> MapInfo:
+    lock_dir = session.lock_dir
+    found = session.catalog.find(record["backup_id"])
+    device = record["device"]
+    alive = reg.is_alive(lock_dir, record["map_id"])
+    return {"device": device, "backup_id": record["backup_id"],
+            "volume_name": found["volume_name"] if found else None,
+            "writable": record["writable"], "alive": alive,
+            "pids": reg.server_pids(lock_dir, record) if alive else [],
+            "mountpoints": devices.mountpoints_of(device) if device else [],
+            "started_at": record["started_at"], "map_id": record["map_id"]}
+
+
+def mapped_backups(session: Session) -> list[MapInfo]:
+    """Every map: live ones, and dead ones (their server killed) until `unmap`."""
+    with reg.registry(session.lock_dir):
+        return [_info(session, r) for r in reg.records(session.lock_dir)]
+
+
+_DEVICE = re.compile(r"^(/dev/)?(nbd\d+)$")
+
+
+def unmap(session: Session, target: str) -> list[MapInfo]:
+    """Remove the map on a device (/dev/nbdN), or every map of a backup (ID or prefix)."""
+    lock_dir = session.lock_dir
+    with reg.registry(lock_dir):
+        chosen = _select(reg.records(lock_dir), target)
+        for record in chosen:
+            points = devices.mountpoints_of(record["device"]) if record["device"] else []
+            if points:
+                raise UsageError(f"{record['device']} is mounted on {points[0]}; run "
+                                 f"'lvbackup unmount {points[0]}' first")
+        infos = [_info(session, r) for r in chosen]
+        for record in chosen:
+            reg.teardown(lock_dir, record)
+    return infos
+
+
+def _select(records: list[MapRecord], target: str) -> list[MapRecord]:
+    m = _DEVICE.match(target)
+    if m:
+        device = f"/dev/{m.group(2)}"
+        chosen = [r for r in records if r["device"] == device]
+        if not chosen:
+            raise NotFoundError(f"no backup is mapped on {device}")
+        return chosen
+    ids = {r["backup_id"] for r in records if r["backup_id"].startswith(target)}
+    if not ids:
+        raise NotFoundError(f"no mapped backup matches {target!r} (see 'lvbackup list "
+                            "--mapped')")
+    if len(ids) > 1:
+        raise NotFoundError(f"{target!r} matches several mapped backups: "
+                            f"{', '.join(sorted(ids))}")
+    return [r for r in records if r["backup_id"] in ids]
+
+
+class MountInfo(MapInfo):
+    mountpoint: str
+    mounted: str          # the device mounted: the map's, or its partition
+    filesystem: str
+
+
+def mount_backup(session: Session, backup_id: str, mountpoint: str, *,
+                 partition: int | None = None, writable: bool = False) -> MountInfo:
+    """Map a backup and mount the filesystem on it (or on its partition N), read-only
+    unless `writable`."""
+    point = os.path.realpath(mountpoint)
+    if not os.path.isdir(point):
+        raise UsageError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(point):
+        raise UsageError(f"something is already mounted on {point}")
+    info = map_backup(session, backup_id, writable=writable)
+    assert info["device"] is not None
+    try:
+        device = info["device"] + (f"p{partition}" if partition else "")
+        if partition and not os.path.exists(device):
+            devices.rescan_partitions(info["device"])
+        if partition and not devices.wait_for(device, PARTITION_WAIT):
+            raise UsageError(f"backup {info['backup_id']} has no partition {partition}")
+        fstype = devices.filesystem_type(device)
+        if fstype is None:
+            raise UsageError(f"no filesystem found on {device} (backup {info['backup_id']})"
+                             + ("" if partition else "; a disk image? give --partition N"))
+        devices.mount(device, point, fstype, writable)
+    except BaseException:
+        unmap(session, info["device"])
+        raise
+    return {**info, "mountpoints": [point], "mountpoint": point, "mounted": device,
+            "filesystem": fstype}
+
+
+def unmount(session: Session, mountpoint: str) -> MapInfo:
+    """Unmount a mapped backup's filesystem and unmap the backup."""
+    point = os.path.realpath(mountpoint)
+    sources = [source for source, where in devices.mounts() if where == point]
+    if not sources:
+        raise UsageError(f"nothing is mounted on {point}")
+    with reg.registry(session.lock_dir):
+        records = reg.records(session.lock_dir)
+    owner = [r for r in records if r["device"]
+             and re.fullmatch(re.escape(r["device"]) + r"(p\d+)?", sources[-1])]
+    if not owner:
+        raise UsageError(f"{point} is not a mapped backup ({sources[-1]} is mounted there)")
+    devices.umount(point)
+    return unmap(session, owner[0]["device"] or "")[0]
