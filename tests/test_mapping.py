@@ -22,6 +22,7 @@ from nbdclient import NbdClient
 from lvbackup.mapping import devices
 from lvbackup.mapping import registry as reg
 from lvbackup.repository.backends.local import LocalBackend
+from lvbackup.repository.codec import PLAIN
 from lvbackup.repository.pack import read_trailer
 from lvbackup.timeutil import now_iso
 
@@ -104,7 +105,7 @@ def test_a_damaged_chunk_fails_its_range_with_eio(mapped):
     pack = next(p for p in (wd.repo / "packs").rglob("*") if p.is_file())
     storage = LocalBackend(wd.repo)
     try:
-        refs = read_trailer(storage, bytes.fromhex(pack.name))
+        refs = read_trailer(storage, bytes.fromhex(pack.name), PLAIN)
     finally:
         storage.close()
     ref = refs[len(refs) // 2]

@@ -20,6 +20,7 @@ import blake3
 import pytest
 
 from lvbackup.repository.backends.local import LocalBackend
+from lvbackup.repository.codec import PLAIN
 from lvbackup.repository.pack import read_trailer
 
 from lvbhelpers import Lvb, assert_refused, ct, mixed
@@ -175,7 +176,7 @@ def test_a_damaged_chunk_is_an_io_error_on_its_range(tmp_path):
         pack = next(pack.iterdir())
     storage = LocalBackend(repo)
     try:
-        refs = read_trailer(storage, bytes.fromhex(pack.name))
+        refs = read_trailer(storage, bytes.fromhex(pack.name), PLAIN)
     finally:
         storage.close()
     ref = refs[len(refs) // 2]
