@@ -141,10 +141,8 @@ def _create_backup(session: Session, open_source: SourceFactory, run: dict, *, i
             blocks = FileBlocks(fd)
             stack.callback(blocks.close)
             # With a temporary snapshot, the data is as of the snapshot (rule 9).
-            fields = {"size": blocks.size, "data_timestamp": (source.snapshot_time or
-                      source.data_timestamp or record["data_timestamp"])}
-            record.update(fields)
-            cat.update(backup_id, **fields)
+            record.update({"size": blocks.size, "data_timestamp": (
+                source.snapshot_time or source.data_timestamp or record["data_timestamp"])})
             stats = _write_backup(session, source, blocks, record, parent, progress)
         except BaseException as e:
             if run["record"] is not None:
@@ -170,8 +168,11 @@ def _write_backup(session: Session, source: Source, file: FileBlocks, record: Ba
     plan = tracker.plan(file, source.lv, dict(parent) if parent else None, parent_manifest,
                         repo.block_size, track=session.config.change_tracking,
                         sample_percent=session.config.change_sample, warn=session.warn)
+    # One write with the size: from the moment a row shows its size, this run writes the
+    # catalog again only at its end.
     fields = {**plan.identity, "change_source": plan.change_source,
-              "change_fallback": plan.fallback}
+              "change_fallback": plan.fallback, "size": size,
+              "data_timestamp": record["data_timestamp"]}
     record.update(fields)  # type: ignore[typeddict-item]
     cat.update(record["id"], **fields)
     sent = [0]  # the last multiple of PROGRESS_STEP percent announced
