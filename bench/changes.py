@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Change-tracked incrementals against full-scan ones, on real LVM (run inside the test VM):
 
-    tests/vm/run -- .venv/bin/python bench/changes.py [--sizes 1,8] [--json out.json]
+    tests/vm/run -- .venv/bin/python bench/changes.py [--sizes 1,8] [--kinds thin,classic]
+        [--json out.json]
 
 For each kind (thin: thin snapshots and thin_delta; classic: classic snapshots and the
 COW store) and each volume size: a volume filled with data (a 4 MiB random buffer,
@@ -134,16 +135,18 @@ def measure(vg, kind: str, size: int, work: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,8", help="volume sizes in GiB (first: the small)")
+    ap.add_argument("--kinds", default="thin,classic", help="thin, classic or both")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")))
     args = ap.parse_args(argv)
     sizes = [int(s) * GiB for s in args.sizes.split(",")]
+    kinds = [k for k in ("thin", "classic") if k in args.kinds.split(",")]
     rows = []
     need = 2 * sum(sizes) + 4 * GiB
     with tempfile.TemporaryDirectory(dir=args.work) as tmp, \
             lvmtest.throwaway_vg(Path(tmp), "lvbbench", need) as vg:
         vg.create_thin_pool("pool", sum(sizes) + GiB)
-        for kind in ("thin", "classic"):
+        for kind in kinds:
             for size in sizes:
                 rows.append(measure(vg, kind, size, Path(tmp)))
                 r = rows[-1]
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
                       f"{r['growth'] / MiB:5.1f} MiB of {r['changed'] / MiB:.0f} MiB changed",
                       flush=True)
     ok = True
-    for kind in ("thin", "classic"):
+    for kind in kinds:
         small, large = (r for r in rows if r["kind"] == kind and r["size"] in
                         (sizes[0], sizes[-1]))
         checks = [

@@ -239,3 +239,39 @@ def test_long_holes_are_stretches_and_restore_bit_exact(repo):
     incr_runs[0:3] = [Run(Kind.INHERIT, 0, per_seg * 20 + 5)]
     incr = backup(repo, MemorySource(bytes(data), incr_runs), full)
     assert restored(repo, incr) == bytes(data)
+
+
+def test_inherited_stretches_take_the_parents_pages_unread(repo, monkeypatch):
+    """An incremental that inherits whole manifest pages names them by the parent's page ids
+    without reading them; its entries equal those of an incremental that reads every block."""
+    n = PAGE_ENTRIES * 3 + 10
+    old = image(n, 7)
+    full = backup(repo, MemorySource(bytes(old), [Run(Kind.READ, 0, n)]))
+    new = bytearray(old)
+    changed = PAGE_ENTRIES + 44
+    new[changed * BS:changed * BS + 10] = os.urandom(10)
+    scan = backup(repo, MemorySource(bytes(new), [Run(Kind.READ, 0, n)]), full)
+    asked: list[bytes] = []
+    read_pages = Repository.read_pages
+
+    def counting(self, ids):
+        asked.extend(ids)
+        return read_pages(self, ids)
+
+    monkeypatch.setattr(Repository, "read_pages", counting)
+    runs = [Run(Kind.INHERIT, 0, changed), Run(Kind.READ, changed, 1),
+            Run(Kind.INHERIT, changed + 1, n - changed - 1)]
+    src = MemorySource(bytes(new), runs)
+    incr = backup(repo, src, full)
+    assert src.read_blocks == {changed}
+    parent_pages = repo.manifest(full).page_table(0, 4)
+    pages = repo.manifest(incr).page_table(0, 4)
+    whole = [0, 2]       # pages 0 and 2 inherited whole; 1 changed; 3 is the short last one
+    for p in whole:
+        assert pages[p * 32:(p + 1) * 32] == parent_pages[p * 32:(p + 1) * 32]
+        assert parent_pages[p * 32:(p + 1) * 32] not in asked
+    assert pages[32:64] != parent_pages[32:64]
+    monkeypatch.undo()
+    m_incr, m_scan = repo.manifest(incr), repo.manifest(scan)
+    assert m_incr.entries_at(0, n).raw == m_scan.entries_at(0, n).raw
+    assert restored(repo, incr) == bytes(new)

@@ -5,8 +5,10 @@ out with reused buffers; worker threads each read their segment's READ blocks, h
 (xxh3-128), skip all-zero blocks (holes) and blocks whose hash equals the parent manifest's
 entry at the same index, name the rest (codec), look them up in the index in one batch, and
 encode only those the repository lacks. HOLE and INHERIT blocks are never read: a hole's
-entry is the hole entry, an inherited block's is the parent's. The coordinator appends the
-results, in order, to the manifest and the packer.
+entry is the hole entry, an inherited block's is the parent's. Runs of either kind that
+cover whole segments pass as one stretch, without a buffer or a worker's per-block loop;
+a stretch of inherited blocks takes the parent's manifest pages it covers whole by id. The
+coordinator appends the results, in order, to the manifest and the packer.
 """
 
 from __future__ import annotations
@@ -55,10 +57,11 @@ class _Segment(NamedTuple):
     first_block: int
     offset: int                # in bytes
     length: int
-    kinds: bytearray           # per block: a Kind; empty for a stretch of holes
-    buf: mmap.mmap | None      # None for a stretch of holes: nothing to read
+    kinds: bytearray           # per block: a Kind; empty for a stretch
+    buf: mmap.mmap | None      # None for a stretch: nothing to read
     parent: Entries            # the parent's entries for these blocks (may be short or empty)
     blocks: int
+    stretch: Kind | None       # HOLE or INHERIT for whole segments of one kind
 
 
 class _Analyzed(NamedTuple):
@@ -67,7 +70,9 @@ class _Analyzed(NamedTuple):
     stats: ScanStats                                        #  length, flags)
     length: int
     buf: mmap.mmap | None      # the segment's buffer, which raw blobs are views of
-    holes: int                 # blocks of a stretch of holes (then `entries` is empty)
+    stretch: Kind | None       # a stretch of holes or inherited blocks (`entries` empty)
+    first_block: int
+    blocks: int
 
 
 _zeros: dict[int, tuple[bytes, bytes]] = {}   # block length -> (zero block, its xxh3-128)
@@ -92,21 +97,22 @@ def runs_of(kinds: bytearray, kind: Kind) -> Iterator[tuple[int, int]]:
 _MASKS = {k: bytes(int(i == k) for i in range(256)) for k in Kind}
 
 
-def _cut(runs: Iterator[Run], per_seg: int, nblocks: int
-         ) -> Iterator[tuple[int, int, bytearray | None]]:
+def _cut(runs: Iterator[Run], per_seg: int, nblocks: int, stretches: frozenset[Kind]
+         ) -> Iterator[tuple[int, int, bytearray | Kind]]:
     """The block map cut into segments: (first block, blocks, kinds per block), or, where
-    holes cover whole segments, one (first block, blocks, None) for all of them, so that a
-    long hole costs a few steps whatever its length."""
+    a run of one of the `stretches` kinds covers whole segments, one (first block, blocks,
+    kind) for all of them, so that a long hole or unchanged stretch costs a few steps
+    whatever its length."""
     run: Run | None = None
     pos = 0
     while pos < nblocks:
         if run is None or run.blocks == 0:
             run = next(runs)
-        if run.kind == Kind.HOLE:
+        if run.kind in stretches:
             span = min(run.blocks, nblocks - pos)
             take = span if pos + span == nblocks else span - span % per_seg
             if take:
-                yield pos, take, None
+                yield pos, take, Kind(run.kind)
                 pos += take
                 run = Run(run.kind, run.first + take, run.blocks - take)
                 continue
@@ -165,15 +171,18 @@ def backup_blocks(repo: Repository, packer: Packer, source: BlockSource,
     stop = threading.Event()
     buffers = BufferPool(DEPTH + 2, seg_bytes, stop)
     runs = checked(source.block_map(bs), size, bs, parent.size if parent else None)
-    # Unchanged blocks whose chunk was found damaged are stored again, not inherited.
+    # Unchanged blocks whose chunk was found damaged are stored again, not inherited: then
+    # each inherited entry is looked at, else whole stretches take the parent's entries.
     damaged = repo.index.damaged_ids() if parent is not None else set()
+    stretches = frozenset({Kind.HOLE} if damaged else {Kind.HOLE, Kind.INHERIT})
 
     def segments() -> Iterator[_Segment]:
-        for first, count, kinds in _cut(runs, per_seg, nblocks):
+        for first, count, kinds in _cut(runs, per_seg, nblocks, stretches):
             offset = first * bs
             length = min(count * bs, size - offset)
-            if kinds is None:
-                yield _Segment(first, offset, length, bytearray(), None, Entries(b""), count)
+            if isinstance(kinds, Kind):
+                yield _Segment(first, offset, length, bytearray(), None, Entries(b""), count,
+                               kinds)
                 continue
             pe = parent.entries_at(first, count) if parent is not None else Entries(b"")
             if damaged:
@@ -181,13 +190,15 @@ def backup_blocks(repo: Repository, packer: Packer, source: BlockSource,
                     for k in range(i, j):
                         if k >= len(pe) or pe.chunk_id(k) in damaged:
                             kinds[k] = Kind.READ
-            yield _Segment(first, offset, length, kinds, buffers.get(), pe, count)
+            yield _Segment(first, offset, length, kinds, buffers.get(), pe, count, None)
 
     def analyze(seg: _Segment) -> _Analyzed:
         # Workers read their own segments: reads from several threads keep up with the
         # hashing where one reader thread could not.
-        if seg.buf is None:
-            return _Analyzed(b"", [], ScanStats(hole_bytes=seg.length), seg.length, None,
+        if seg.buf is None:      # a stretch
+            stats = (ScanStats(hole_bytes=seg.length) if seg.stretch == Kind.HOLE
+                     else ScanStats(unchanged_bytes=seg.length))
+            return _Analyzed(b"", [], stats, seg.length, None, seg.stretch, seg.first_block,
                              seg.blocks)
         try:
             view = memoryview(seg.buf)
@@ -204,8 +215,11 @@ def backup_blocks(repo: Repository, packer: Packer, source: BlockSource,
     done = 0
     try:
         for result in ordered_map(analyze, segments(), workers, DEPTH, stop):
-            if result.holes:
-                out.append_holes(result.holes)
+            if result.stretch == Kind.HOLE:
+                out.append_holes(result.blocks)
+            elif result.stretch == Kind.INHERIT:
+                assert parent is not None   # checked(): no inheriting without a parent
+                out.inherit(parent, result.first_block, result.blocks)
             else:
                 out.append(result.entries)
             added: set[bytes] = set()
@@ -232,7 +246,7 @@ def backup_blocks(repo: Repository, packer: Packer, source: BlockSource,
 
 def _analyze(seg: _Segment, bs: int, packer: Packer, level: int,
              damaged: set[bytes], chunks: codec.Codec) -> _Analyzed:
-    assert seg.buf is not None   # stretches of holes never come here
+    assert seg.buf is not None   # stretches never come here
     view = memoryview(seg.buf)
     entries = bytearray()
     candidates: dict[bytes, memoryview] = {}
@@ -277,4 +291,5 @@ def _analyze(seg: _Segment, bs: int, packer: Packer, level: int,
         blob, flags = encode(cid, block, level)
         new.append((cid, blob, len(block), flags))
         stats.new_bytes += len(block)
-    return _Analyzed(bytes(entries), new, stats, seg.length, seg.buf, 0)
+    return _Analyzed(bytes(entries), new, stats, seg.length, seg.buf, None, seg.first_block,
+                     seg.blocks)

@@ -143,6 +143,23 @@ class ManifestWriter:
         if rest:
             self.append(HOLE * rest)
 
+    def inherit(self, parent: Manifest, first: int, count: int) -> None:
+        """The parent's entries of blocks first .. first+count-1, which come next: its pages
+        that these cover whole are taken by id, without being read, hashed or stored."""
+        assert first == self.blocks, "entries are appended in block order"
+        pe = PAGE_ENTRIES
+        whole_pages = parent.format == 2 and parent.page_entries == pe
+        while count:
+            if whole_pages and not self._page and count >= pe and first + pe <= parent.blocks:
+                pages = min(count, parent.blocks - first) // pe
+                self._ids += parent.page_table(first // pe, pages)
+                self.blocks += pages * pe
+                first, count = first + pages * pe, count - pages * pe
+                continue
+            take = min(count, pe - len(self._page) // ENTRY_SIZE)
+            self.append(parent.entries_at(first, take).raw)
+            first, count = first + take, count - take
+
     def _finish_page(self, page: bytes) -> None:
         if page.count(0) == len(page):
             self._ids += NO_PAGE
@@ -266,6 +283,10 @@ class Manifest:
         """The ids of the stored pages (format 2), in order, without the all-hole ones."""
         t = self._page_table
         return [pid for pid in (t[o:o + 32] for o in range(0, len(t), 32)) if pid != NO_PAGE]
+
+    def page_table(self, first: int, count: int) -> bytes:
+        """The ids of pages first .. first+count-1 as stored (32 zero bytes: all holes)."""
+        return self._page_table[first * 32:(first + count) * 32]
 
     def _page_len(self, p: int) -> int:
         return min(self.page_entries, self.blocks - p * self.page_entries) * ENTRY_SIZE
