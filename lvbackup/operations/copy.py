@@ -19,6 +19,7 @@ The target's secret is its own (credentials.target_secrets), never this configur
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -189,14 +190,14 @@ def _copy_one(session: Session, target: Session, row: BackupRecord) -> tuple[int
     """One backup's missing chunks, then its manifest; (chunks, stored bytes) sent."""
     source, dest = session.repo, target.repo
     backup_id = row["id"]
-    if dest.storage.exists(manifest_name(backup_id)):
-        # A copy stopped after the manifest: its chunks went before it, only the row is
-        # missing. Opening it checks that it is whole and this backup's.
-        dest.manifest(backup_id).close()
-        return 0, 0
-    manifest = source.manifest(backup_id)
     run_id = f"copy-{backup_id}"
     with RunLock(target.lock_dir, run_id).acquire():
+        if dest.storage.exists(manifest_name(backup_id)):
+            # A copy stopped after the manifest: its chunks went before it, only the row
+            # is missing. Opening it checks that it is whole and this backup's.
+            dest.manifest(backup_id).close()
+            return 0, 0
+        manifest = source.manifest(backup_id)
         packer = dest.packer(run_id)
         try:
             if dest.codec.same_ids(source.codec):
@@ -207,6 +208,12 @@ def _copy_one(session: Session, target: Session, row: BackupRecord) -> tuple[int
             else:
                 sent = _rename_chunks(session, target, manifest, packer, row["parent_id"])
             crash_point("copy-manifest-written")
+        except BaseException:
+            # Index what was stored, so that a rerun reuses it (and the packer's writers
+            # end); the original failure is the one to report.
+            with contextlib.suppress(Exception):
+                packer.commit()
+            raise
         finally:
             manifest.close()
         dest.manifest(backup_id).close()   # it opens there: whole, checked
