@@ -11,8 +11,11 @@ import uuid
 
 import pytest
 
+from lvbackup.config import load_config
 from lvbackup.credentials import passphrase_from_file
+from lvbackup.operations.copy import copy_backups
 from lvbackup.repository.repo import Repository
+from lvbackup.session import Session
 
 from support import (
     MiB,
@@ -388,3 +391,32 @@ def test_a_job_copies_into_an_encrypted_target(tmp_path):
     assert second["copied"] == [second["backup"]["id"]]
     assert target.show(second["backup"]["id"])["parent_id"] == first["backup"]["id"]
     restores_exactly(target, second["backup"]["id"], changed, tmp_path)
+
+
+def test_a_renamed_incremental_reads_only_its_changed_blocks(tmp_path, monkeypatch):
+    """Its parent already copied, an incremental takes the names of its unchanged blocks
+    from the parent's manifests here and there: only changed blocks are read and named."""
+    wd, image, recs, versions = home_chain(tmp_path, "encrypted")
+    target = repository("encrypted", tmp_path / "offsite", "offsite")
+    wd.run_json("copy", recs[0]["id"], "--to-config", target.config)
+    read: list[bytes] = []
+    real = Repository.read_pages
+
+    def counting(repo, ids):
+        if repo.storage.root == wd.repo:    # the source's reads only
+            read.extend(ids)
+        return real(repo, ids)
+
+    monkeypatch.setattr(Repository, "read_pages", counting)
+    monkeypatch.delenv("LVBACKUP_PASSPHRASE", raising=False)
+    session = Session(load_config(wd.config))
+    try:
+        report = copy_backups(session, target.config, [recs[1]["id"]], False, None)
+    finally:
+        session.close()
+    assert report.copied == [recs[1]["id"]]
+    mine, parents = entries_of(wd, recs[1]["id"]), entries_of(wd, recs[0]["id"])
+    changed = sum(a != b for a, b in zip(mine, parents, strict=True))
+    blocks = {e[16:] for e in mine if e != bytes(48)}
+    assert 0 < len([cid for cid in read if cid in blocks]) <= changed < len(blocks) // 4
+    restores_exactly(target, recs[1]["id"], versions[1], tmp_path)
