@@ -696,6 +696,9 @@ def copy(app: App, backup_ids: tuple[str, ...], every: bool, volume: str | None,
     """Copy backups into another configuration's repository and catalog (off-site), keeping
     their ids, lineage, timestamps and labels. Only chunks the target lacks are sent;
     parents go first; a rerun resumes an interrupted copy and copies nothing twice.
+    Either repository may be encrypted, each under its own key: the copies are
+    re-encrypted for the target, whose passphrase comes from $LVBACKUP_TARGET_PASSPHRASE
+    or its own configuration ($LVBACKUP_PASSPHRASE is only this configuration's).
 
     \b
     Examples:

@@ -5,12 +5,18 @@ A passphrase comes from $LVBACKUP_PASSPHRASE, else `passphrase_file:`, else
 output is the passphrase). A key file (`key_file:`) holds 32 random bytes as 64 hex digits.
 None of them is ever a command-line argument (other users can read those in /proc), and a
 secret's value never appears in a message, event or log: only where it came from.
+
+$LVBACKUP_PASSPHRASE is the secret of the configuration a command runs with. The target of
+`copy` (--to-config, a job's copy_to) is another repository, usually under another
+passphrase: it takes its own, $LVBACKUP_TARGET_PASSPHRASE, else its configuration's
+`passphrase_file:` or `passphrase_command:` (and its `key_file:`), never the source's.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config
@@ -20,6 +26,7 @@ from .repository.keys import KEY_FILE, PASSPHRASE, Secret
 
 PASSPHRASE_ENV = "LVBACKUP_PASSPHRASE"
 NEW_PASSPHRASE_ENV = "LVBACKUP_NEW_PASSPHRASE"
+TARGET_PASSPHRASE_ENV = "LVBACKUP_TARGET_PASSPHRASE"
 _COMMAND_TIMEOUT = 60
 _MAX_SECRET = 64 * 1024
 
@@ -32,20 +39,40 @@ def configured_key(config: Config) -> str | None:
     return None
 
 
+# Where a repository's secrets are found: `secrets` for the configuration a command runs
+# with, `target_secrets` for a copy's target.
+FindSecrets = Callable[[Config], list[Secret]]
+
+
 def secrets(config: Config) -> list[Secret]:
     """Every secret the configuration and environment give (key file first)."""
+    return _secrets(config, PASSPHRASE_ENV)
+
+
+def target_secrets(config: Config) -> list[Secret]:
+    """The secrets of a copy's target: its own environment variable or configuration,
+    never the source's passphrase; UsageError naming them if there are none."""
+    found = _secrets(config, TARGET_PASSPHRASE_ENV)
+    if not found:
+        raise UsageError(f"copy target {config.repository} is encrypted: give its passphrase "
+                         f"(${TARGET_PASSPHRASE_ENV}, or passphrase_file: or "
+                         f"passphrase_command: in {config.source}) or its key_file:")
+    return found
+
+
+def _secrets(config: Config, env: str) -> list[Secret]:
     found = []
     if config.key_file is not None:
         found.append(read_key_file(config.key_file))
-    passphrase = _passphrase(config)
+    passphrase = _passphrase(config, env)
     if passphrase is not None:
         found.append(passphrase)
     return found
 
 
-def _passphrase(config: Config) -> Secret | None:
-    if os.environ.get(PASSPHRASE_ENV):
-        return Secret(PASSPHRASE, os.environ[PASSPHRASE_ENV].encode(), f"${PASSPHRASE_ENV}")
+def _passphrase(config: Config, env: str) -> Secret | None:
+    if os.environ.get(env):
+        return Secret(PASSPHRASE, os.environ[env].encode(), f"${env}")
     if config.passphrase_file is not None:
         return passphrase_from_file(config.passphrase_file)
     if config.passphrase_command is not None:

@@ -24,6 +24,7 @@ POINTS = (
     "pack-pending",            # backup: a pack is recorded as pending, not yet indexed
     "index-written",           # backup: an index file is stored, the manifest is not
     "manifest-written",        # backup: the manifest is stored, the catalog not updated
+    "copy-manifest-written",   # copy: the target's manifest is stored, its catalog row not
     "restore-segment",         # restore: a segment was written to the target
     "delete-marked",           # delete: the row says deleting, the manifest still exists
     "delete-manifest-removed", # delete: the manifest is gone, the row says deleting

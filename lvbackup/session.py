@@ -11,7 +11,7 @@ from pathlib import Path
 from . import events as ev
 from .catalog import BackupRecord, Catalog, as_record
 from .config import Config
-from .credentials import configured_key, secrets
+from .credentials import FindSecrets, configured_key, secrets
 from .errors import CorruptionError, UsageError
 from .lifecycle import Status
 from .locks import repository_lock, run_is_alive
@@ -23,9 +23,10 @@ from .repository.repo import Repository
 class Session:
     """An open configuration: the catalog and repository it names, opened on first use."""
 
-    def __init__(self, config: Config, wait: float = 0.0):
+    def __init__(self, config: Config, wait: float = 0.0, find_secrets: FindSecrets = secrets):
         self.config = config
         self.wait = wait
+        self.find_secrets = find_secrets   # credentials.target_secrets for a copy's target
         self._catalog: Catalog | None = None
         self._repo: Repository | None = None
         # Where warnings go (failed hooks, an unwritable event log or metrics file).
@@ -48,7 +49,7 @@ class Session:
     @property
     def repo(self) -> Repository:
         if self._repo is None:
-            self._repo = open_repository(self.config)
+            self._repo = open_repository(self.config, self.find_secrets)
         return self._repo
 
     @property
@@ -98,11 +99,11 @@ class Session:
 
 
 
-def open_repository(config: Config) -> Repository:
+def open_repository(config: Config, find_secrets: FindSecrets = secrets) -> Repository:
     """The configured repository, unlocked with the configured secrets if encrypted. A
     configuration that names a key refuses an unencrypted repository: storage that swapped
     in an unencrypted config would otherwise be sent the next backups in plaintext."""
-    repo = Repository.open(config.repository, config.cache_dir, lambda: secrets(config),
+    repo = Repository.open(config.repository, config.cache_dir, lambda: find_secrets(config),
                            append_only=config.append_only, s3=config.s3)
     key = configured_key(config)
     if key is not None and not repo.encrypted:

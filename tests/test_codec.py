@@ -20,6 +20,7 @@ from lvbackup.repository.codec import (
     FLAG_ZSTD,
     PLAIN,
     Buffer,
+    Codec,
     CodecError,
     SealingCodec,
     Verdict,
@@ -30,7 +31,6 @@ from lvbackup.repository.codec import (
     decode_into,
     decompress_object,
     encode,
-    recode,
     seal,
     stored_is_plain,
     unseal,
@@ -353,19 +353,13 @@ def test_sealing_codec_round_trip_and_binding() -> None:
         other_repo.unseal(b"TESTMAG1", same_key.seal(b"TESTMAG1", b"p", "n"), "thing", "n")
 
 
-@pytest.mark.parametrize("direction", ["plain to sealed", "sealed to sealed", "sealed to plain"])
-def test_recode_moves_a_chunk_between_codecs(direction: str) -> None:
-    sealed = SealingCodec(os.urandom(32), "src")
-    src, dst = {"plain to sealed": (PLAIN, sealed),
-                "sealed to sealed": (sealed, SealingCodec(os.urandom(32), "dst")),
-                "sealed to plain": (sealed, PLAIN)}[direction]
+def test_same_ids_only_between_codecs_that_name_chunks_alike() -> None:
+    """copy keeps ids only where same_ids() says so; everywhere else it renames chunks."""
+    master = os.urandom(32)
+    a, twin, other = (SealingCodec(master, "a"), SealingCodec(master, "b"),
+                      SealingCodec(os.urandom(32), "a"))
+    assert PLAIN.same_ids(Codec()) and a.same_ids(twin) and twin.same_ids(a)
+    assert not PLAIN.same_ids(a) and not a.same_ids(PLAIN) and not a.same_ids(other)
     block = text_block()
-    cid = src.chunk_id(block)
-    blob, flags = src.encode(cid, block, 3)
-    new_id, new_blob, new_flags = recode(src, dst, cid, blob, flags, len(block), 3)
-    assert new_id == dst.chunk_id(block)
-    out = memoryview(bytearray(len(block)))
-    dst.decode_into(new_id, new_blob, new_flags, out)
-    assert bytes(out) == block
-    with pytest.raises(CodecError):
-        recode(src, dst, src.chunk_id(b"other"), blob, flags, len(block), 3)
+    assert a.chunk_id(block) == twin.chunk_id(block) != other.chunk_id(block)
+    assert PLAIN.chunk_id(block) not in (a.chunk_id(block), other.chunk_id(block))

@@ -3,11 +3,19 @@ S3 (the real SeaweedFS server of tests/s3server.py), as the nightly off-site job
 
 from __future__ import annotations
 
+import filecmp
 import json
 import random
+import shutil
 import uuid
 
 import pytest
+
+from lvbackup.config import load_config
+from lvbackup.credentials import passphrase_from_file
+from lvbackup.operations.copy import copy_backups
+from lvbackup.repository.repo import Repository
+from lvbackup.session import Session
 
 from support import (
     MiB,
@@ -147,3 +155,268 @@ def test_a_job_copies_each_new_backup_offsite_and_the_metrics_say_so(tmp_path, o
     assert failed["backup"]["status"] == "available"
     assert "the backup succeeded, but the copy to" in failed["error"]
     assert f'lvbackup_last_copy_status{{volume="{volume}"}} 0' in prom.read_text()
+
+
+# --- copies between repositories with other keys ------------------------------------------
+
+PASSPHRASES = {"home": "home passphrase", "offsite": "offsite passphrase"}
+
+
+def repository(kind: str, path, name: str, **place) -> Workdir:
+    """An initialized repository: unencrypted, or encrypted under `name`'s passphrase,
+    which its config file reads from a passphrase file."""
+    if kind == "plain":
+        wd = Workdir(path, **place)
+        wd.init("64K")
+        return wd
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "passphrase").write_text(PASSPHRASES[name] + "\n")
+    wd = Workdir(path, passphrase_file=str(path / "passphrase"), **place)
+    assert wd.run_json("init", "--block-size", "64K", "--encryption")["encrypted"] is True
+    return wd
+
+
+def restores_exactly(wd: Workdir, backup_id: str, expected: bytes, tmp_path,
+                     env: dict[str, str] | None = None) -> None:
+    """verify --deep of the backup passes, and restore --to-file writes exactly `expected`."""
+    p = wd.run("verify", backup_id, "--deep", env=env)
+    assert p.returncode == 0, describe(p)
+    out = tmp_path / f"restored-{uuid.uuid4().hex[:8]}.img"
+    p = wd.run("restore", backup_id, "--to-file", out, env=env)
+    assert p.returncode == 0, describe(p)
+    assert filecmp.cmp(out, write_expected(tmp_path, expected), shallow=False)
+    out.unlink()
+
+
+def write_expected(tmp_path, data: bytes):
+    path = tmp_path / "expected.img"
+    path.write_bytes(data)
+    return path
+
+
+def entries_of(wd: Workdir, backup_id: str) -> list[bytes]:
+    """A backup's manifest entries, read with the library from a local repository."""
+    secrets = ([passphrase_from_file(wd.path / "passphrase")]
+               if (wd.path / "passphrase").exists() else [])
+    repo = Repository.open(wd.repo, wd.path / "probe-cache", lambda: secrets)
+    try:
+        repo.sync_index(wd.path / "probe-cache" / "locks")
+        manifest = repo.manifest(backup_id)
+        try:
+            return [e.entry(i) for e in manifest.entries(256) for i in range(len(e))]
+        finally:
+            manifest.close()
+    finally:
+        repo.close()
+
+
+def home_chain(tmp_path, kind: str, **place) -> tuple[Workdir, object, list[dict], list[bytes]]:
+    """A repository of `kind` with a full backup and two incrementals of one image."""
+    wd = repository(kind, tmp_path / "home", "home", **place)
+    image = tmp_path / "disk.img"
+    versions = [make_image(image, 8, seed=61)]
+    recs = [wd.create(image, "--name", "full", "--label", "tier=gold")]
+    for seed in (62, 63):
+        versions.append(apply_change(image, seed=seed))
+        recs.append(wd.create(image, "--incremental", "--label", "tier=gold"))
+    return wd, image, recs, versions
+
+
+@pytest.mark.parametrize(("source_kind", "target_kind", "where"), [
+    ("plain", "encrypted", "local"),
+    ("encrypted", "plain", "local"),
+    ("encrypted", "encrypted", "local"),
+    ("plain", "encrypted", "s3"),
+    ("encrypted", "encrypted", "s3"),
+])
+def test_copy_between_repositories_that_name_chunks_differently(
+        source_kind, target_kind, where, tmp_path, request):
+    """Other keys, or one side encrypted: every block is renamed by the target's codec and
+    the manifests written anew; restores are bit-exact, verify --deep passes, a rerun
+    copies nothing, and an incremental sends only its new chunks."""
+    place = {}
+    if where == "s3":
+        server, bucket = request.getfixturevalue("s3server"), request.getfixturevalue("s3_bucket")
+        place = {"repository": f"s3://{bucket}/enc-{uuid.uuid4().hex[:8]}",
+                 "s3": s3_section(server), "gc_grace_period": 0}
+    wd, image, recs, versions = home_chain(tmp_path, source_kind)
+    target = repository(target_kind, tmp_path / "offsite", "offsite", **place)
+    report = wd.run_json("copy", "--all", "--to-config", target.config)
+    assert report["copied"] == [r["id"] for r in recs] and report["already_present"] == []
+    assert report["chunks_sent"] > 0 and report["bytes_sent"] > 0
+    theirs = {b["id"]: b for b in target.list()}
+    for rec, data in zip(recs, versions, strict=True):
+        mine = wd.show(rec["id"])
+        assert {k: theirs[rec["id"]][k] for k in KEPT} == {k: mine[k] for k in KEPT}
+        restores_exactly(target, rec["id"], data, tmp_path)
+    assert [b["parent_id"] for b in target.list()] == [None, recs[0]["id"], recs[1]["id"]]
+    if where == "local":
+        # Same blocks, same digests, other names: the manifests were rewritten.
+        here, there = entries_of(wd, recs[2]["id"]), entries_of(target, recs[2]["id"])
+        assert len(here) == len(there) == 128
+        assert [e[:16] for e in here] == [e[:16] for e in there]
+        assert sum(a == b for a, b in zip(here, there, strict=True)) == here.count(bytes(48))
+        if target_kind == "encrypted":
+            stored = b"".join(p.read_bytes() for p in sorted(target.repo.rglob("*"))
+                              if p.is_file())
+            for off in (0, 100_000, 3 * MiB + 12345):   # random stretches: stored raw if plain
+                assert versions[0][off:off + 64] not in stored
+
+    p = wd.run("copy", "--all", "--to-config", target.config)
+    assert p.returncode == 0, describe(p)
+    assert "Nothing new to copy: 3 backups already in" in p.stdout
+    assert wd.run_json("copy", "--all", "--to-config", target.config)["chunks_sent"] == 0
+
+    apply_change(image, seed=64)
+    new = wd.create(image, "--incremental")
+    more = wd.run_json("copy", "--volume", str(image), "--to-config", target.config)
+    assert more["copied"] == [new["id"]]
+    assert 0 < more["bytes_sent"] < report["bytes_sent"] / 5
+    restores_exactly(target, new["id"], image.read_bytes(), tmp_path)
+
+
+def test_copy_between_repositories_under_one_master_key_keeps_every_id(tmp_path):
+    """Two repositories under one master key (one a file copy of the other, made before
+    any backup): chunks keep their ids and the manifests are copied, not rewritten."""
+    wd = repository("encrypted", tmp_path / "home", "home")
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    shutil.copytree(wd.repo, twin / "repo")
+    (twin / "passphrase").write_text(PASSPHRASES["home"] + "\n")
+    target = Workdir(twin, passphrase_file=str(twin / "passphrase"))
+    image = tmp_path / "disk.img"
+    full = make_image(image, 6, seed=71)
+    recs = [wd.create(image)]
+    incremental = apply_change(image, seed=72)
+    recs.append(wd.create(image, "--incremental"))
+    report = wd.run_json("copy", "--all", "--to-config", target.config)
+    assert report["copied"] == [r["id"] for r in recs] and report["chunks_sent"] > 0
+    for rec, data in zip(recs, (full, incremental), strict=True):
+        assert entries_of(target, rec["id"]) == entries_of(wd, rec["id"])
+        restores_exactly(target, rec["id"], data, tmp_path)
+    assert wd.run_json("copy", "--all", "--to-config", target.config)["chunks_sent"] == 0
+
+
+def tree(path) -> dict[str, tuple[int, int]]:
+    """Every file under `path`: (size, mtime): to show nothing was written."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_each_side_takes_its_own_secret_and_a_wrong_or_missing_one_writes_nothing(tmp_path):
+    wd, _, recs, versions = home_chain(tmp_path, "encrypted")
+    # The target's config names no secret: $LVBACKUP_TARGET_PASSPHRASE gives it.
+    target = Workdir(tmp_path / "offsite")
+    p = target.run("init", "--block-size", "64K", "--encryption",
+                   env={"LVBACKUP_PASSPHRASE": PASSPHRASES["offsite"]})
+    assert p.returncode == 0, describe(p)
+    before = tree(target.path)
+    no_key = wd.config_with("no-key.yaml")
+    for env, config, fragments in [
+        ({}, wd.config, ("copy target", "is encrypted", "LVBACKUP_TARGET_PASSPHRASE")),
+        ({"LVBACKUP_TARGET_PASSPHRASE": "not it"}, wd.config,
+         ("wrong passphrase", "$LVBACKUP_TARGET_PASSPHRASE")),
+        # $LVBACKUP_PASSPHRASE is the source's, never the target's.
+        ({"LVBACKUP_PASSPHRASE": PASSPHRASES["offsite"]}, wd.config,
+         ("wrong passphrase", str(wd.repo), "$LVBACKUP_PASSPHRASE")),
+        ({"LVBACKUP_TARGET_PASSPHRASE": PASSPHRASES["offsite"]}, no_key,
+         ("is encrypted", str(wd.repo))),
+    ]:
+        p = wd.run("copy", "--all", "--to-config", target.config, config=config, env=env)
+        assert_one_line_error(p, 2, *fragments)
+        assert PASSPHRASES["offsite"] not in p.stderr and PASSPHRASES["home"] not in p.stderr
+        assert tree(target.path) == before, env
+    env = {"LVBACKUP_TARGET_PASSPHRASE": PASSPHRASES["offsite"]}
+    report = wd.run_json("copy", "--all", "--to-config", target.config, env=env)
+    assert report["copied"] == [r["id"] for r in recs]
+    restores_exactly(target, recs[2]["id"], versions[2], tmp_path,
+                     env={"LVBACKUP_PASSPHRASE": PASSPHRASES["offsite"]})
+
+    # The source's passphrase from the environment, the target's from its own file.
+    (target.path / "passphrase").write_text(PASSPHRASES["offsite"] + "\n")
+    keyed = target.config_with("keyed.yaml", passphrase_file=str(target.path / "passphrase"))
+    again = wd.run_json("copy", "--all", "--to-config", keyed, config=no_key,
+                        env={"LVBACKUP_PASSPHRASE": PASSPHRASES["home"]})
+    assert again["already_present"] == [r["id"] for r in recs]
+
+
+def test_an_interrupted_copy_into_an_encrypted_repository_resumes(tmp_path):
+    wd = repository("plain", tmp_path / "home", "home")
+    image = tmp_path / "big.img"
+    data = random.Random(80).randbytes(40 * MiB)
+    image.write_bytes(data)
+    rec = wd.create(image)
+    target = repository("encrypted", tmp_path / "offsite", "offsite")
+    p = wd.run("copy", "--all", "--to-config", target.config,
+               env={"LVBACKUP_FAULT": "pack-pending:2"})
+    assert p.returncode == -9, describe(p)
+    assert target.list() == []          # the catalog row comes last
+    stored = target.pack_bytes()
+    assert stored > 16 * MiB            # two packs made it
+    report = wd.run_json("copy", "--all", "--to-config", target.config)
+    assert report["copied"] == [rec["id"]]
+    assert report["bytes_sent"] < len(data) - stored + 4 * MiB, "the packs already sent count"
+    restores_exactly(target, rec["id"], data, tmp_path)
+
+    # Killed after the manifest is stored, before the row: the rerun only adds the row.
+    changed = apply_change(image, seed=81)
+    new = wd.create(image, "--incremental")
+    p = wd.run("copy", "--all", "--to-config", target.config,
+               env={"LVBACKUP_FAULT": "copy-manifest-written"})
+    assert p.returncode == -9, describe(p)
+    assert [b["id"] for b in target.list()] == [rec["id"]]
+    assert f"manifests/{new['id']}" in target.files("manifests")
+    packs = target.pack_bytes()
+    report = wd.run_json("copy", "--all", "--to-config", target.config)
+    assert report["copied"] == [new["id"]] and report["chunks_sent"] == 0
+    assert target.pack_bytes() == packs
+    assert target.show(new["id"])["parent_id"] == rec["id"]
+    restores_exactly(target, new["id"], changed, tmp_path)
+
+
+def test_a_job_copies_into_an_encrypted_target(tmp_path):
+    target = repository("encrypted", tmp_path / "offsite", "offsite")
+    image = tmp_path / "vm.img"
+    make_image(image, 4, seed=90)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "passphrase").write_text(PASSPHRASES["home"] + "\n")
+    wd = Workdir(home, passphrase_file=str(home / "passphrase"), jobs={"nightly": {
+        "device": str(image), "incremental": True, "copy_to": str(target.config)}})
+    assert wd.run_json("init", "--block-size", "64K", "--encryption")["encrypted"]
+    (first,) = wd.run_json("run")["jobs"]
+    assert first["status"] == "ok" and first["copied"] == [first["backup"]["id"]]
+    changed = apply_change(image, seed=91)
+    (second,) = wd.run_json("run")["jobs"]
+    assert second["copied"] == [second["backup"]["id"]]
+    assert target.show(second["backup"]["id"])["parent_id"] == first["backup"]["id"]
+    restores_exactly(target, second["backup"]["id"], changed, tmp_path)
+
+
+def test_a_renamed_incremental_reads_only_its_changed_blocks(tmp_path, monkeypatch):
+    """Its parent already copied, an incremental takes the names of its unchanged blocks
+    from the parent's manifests here and there: only changed blocks are read and named."""
+    wd, image, recs, versions = home_chain(tmp_path, "encrypted")
+    target = repository("encrypted", tmp_path / "offsite", "offsite")
+    wd.run_json("copy", recs[0]["id"], "--to-config", target.config)
+    read: list[bytes] = []
+    real = Repository.read_pages
+
+    def counting(repo, ids):
+        if repo.storage.root == wd.repo:    # the source's reads only
+            read.extend(ids)
+        return real(repo, ids)
+
+    monkeypatch.setattr(Repository, "read_pages", counting)
+    monkeypatch.delenv("LVBACKUP_PASSPHRASE", raising=False)
+    session = Session(load_config(wd.config))
+    try:
+        report = copy_backups(session, target.config, [recs[1]["id"]], False, None)
+    finally:
+        session.close()
+    assert report.copied == [recs[1]["id"]]
+    mine, parents = entries_of(wd, recs[1]["id"]), entries_of(wd, recs[0]["id"])
+    changed = sum(a != b for a, b in zip(mine, parents, strict=True))
+    blocks = {e[16:] for e in mine if e != bytes(48)}
+    assert 0 < len([cid for cid in read if cid in blocks]) <= changed < len(blocks) // 4
+    restores_exactly(target, recs[1]["id"], versions[1], tmp_path)

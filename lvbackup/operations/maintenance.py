@@ -10,7 +10,7 @@ from ..catalog import (
     as_record,
 )
 from ..config import Config, as_dict
-from ..credentials import configured_key, create_key_file, secrets
+from ..credentials import FindSecrets, configured_key, create_key_file, secrets
 from ..errors import CorruptionError, LvbackupError, UsageError
 from ..lifecycle import Status
 from ..mapping.registry import refuse_if_mapped, registry
@@ -21,11 +21,12 @@ from ..session import Session, recover_dead_runs
 from ..timeutil import now_iso
 
 
-def init_repository(config: Config, block_size: int | None, encryption: bool = False
-                    ) -> dict:
+def init_repository(config: Config, block_size: int | None, encryption: bool = False,
+                    find_secrets: FindSecrets = secrets) -> dict:
     """Create the repository and the catalog if they do not exist (idempotent). With
     `encryption`, a new repository is encrypted under the configured passphrase or key
-    file (a configured key file that does not exist yet is created)."""
+    file (a configured key file that does not exist yet is created). An existing encrypted
+    one is opened with `find_secrets` (a copy's target: credentials.target_secrets)."""
     key = configured_key(config)
     if key is not None and not encryption and not Repository.exists(config.repository, config.s3):
         raise UsageError(f"the configuration gives a key ({key}:): create the repository "
@@ -33,7 +34,7 @@ def init_repository(config: Config, block_size: int | None, encryption: bool = F
     if encryption and config.key_file is not None and not config.key_file.exists():
         create_key_file(config.key_file)
     repo, created = Repository.init(config.repository, config.cache_dir, block_size,
-                                    lambda: secrets(config), encrypt=encryption,
+                                    lambda: find_secrets(config), encrypt=encryption,
                                     s3=config.s3)
     try:
         if not repo.encrypted and key is not None:

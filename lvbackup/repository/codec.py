@@ -17,12 +17,14 @@ The module functions are those unencrypted primitives. A repository reads and wr
 through its `Codec`: `Codec` itself is the unencrypted repository's, `SealingCodec` an
 encrypted one's (keyed BLAKE3 chunk ids; every blob and sealed object AES-256-GCM under a
 random 96-bit nonce, with associated data that binds it to its name and repository; pack
-trailers authenticated by a keyed BLAKE3). `recode()` moves a chunk between two codecs.
+trailers authenticated by a keyed BLAKE3). `same_ids()` tells whether two repositories name
+chunks alike, so that `copy` between them keeps every id.
 """
 
 from __future__ import annotations
 
 import enum
+import hmac
 import os
 import threading
 from collections.abc import Callable
@@ -244,6 +246,12 @@ class Codec:
         """The digest that names a pack and checks its trailer."""
         return blake3.blake3(trailer).digest()
 
+    def same_ids(self, other: Codec) -> bool:
+        """Whether `other` names every chunk as this codec does (both unencrypted, or both
+        keyed by the same master key): then a copy between their repositories keeps every
+        chunk and page id, and no manifest's entries need rewriting."""
+        return not other.encrypted
+
 
 PLAIN = Codec()
 
@@ -321,22 +329,12 @@ class SealingCodec(Codec):
     def trailer_digest(self, trailer: Buffer) -> bytes:
         return blake3.blake3(trailer, key=self._mac_key).digest()
 
+    def same_ids(self, other: Codec) -> bool:
+        return isinstance(other, SealingCodec) and hmac.compare_digest(self._id_key,
+                                                                        other._id_key)
+
 
 def key_check(master: bytes) -> str:
     """A value stored in the repository's config that tells whether an unwrapped master
     key is this repository's (hex)."""
     return derive(master, CHECK_CONTEXT).hex()
-
-
-def recode(src: Codec, dst: Codec, cid: bytes, blob: Buffer, flags: int, raw_length: int,
-           level: int) -> tuple[bytes, Buffer, int]:
-    """A chunk stored by `src` made ready for `dst` (copying between repositories with
-    different keys): (its id in dst, blob, flags). The plaintext is checked against its id
-    on the way; CodecError if it fails."""
-    plain = bytearray(raw_length)
-    src.decode_into(cid, blob, flags, memoryview(plain))
-    if not src.verify(plain, cid):
-        raise CodecError("fails its checksum")
-    new_id = dst.chunk_id(plain)
-    new_blob, new_flags = dst.encode(new_id, plain, level)
-    return new_id, new_blob, new_flags

@@ -34,7 +34,7 @@ import struct
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, cast
 
 import blake3
@@ -96,6 +96,14 @@ class Entries:
 
     def chunk_ids(self) -> set[bytes]:
         return {cid for _, _, cid in self.chunks()}
+
+    def renamed(self, new_ids: Mapping[bytes, bytes]) -> bytes:
+        """These entries with every chunk id replaced by its new name, digests and holes
+        kept: a manifest rewritten for a repository with other chunk ids (copy)."""
+        out = bytearray(self.raw)
+        for i, _, cid in self.chunks():
+            out[i * ENTRY_SIZE + 16:(i + 1) * ENTRY_SIZE] = new_ids[cid]
+        return bytes(out)
 
 
 def entry(digest: bytes, chunk_id: bytes) -> bytes:
@@ -191,6 +199,20 @@ class ManifestWriter:
                            "page_entries": PAGE_ENTRIES, **header}, sort_keys=True).encode()
         self.storage.put(self.name, self.codec.seal(
             MAGIC, _LEN.pack(len(head)) + head + bytes(self._ids), self.name))
+
+
+def copy_manifest(source: Backend, src_codec: Codec, dest: Backend, dst_codec: Codec,
+                  backup_id: str) -> None:
+    """Store a backup's manifest in another repository whose chunk ids are this one's (so
+    its entries and pages stand as they are): byte for byte between unencrypted ones; an
+    encrypted one is unsealed and sealed anew, bound to the target repository."""
+    name = manifest_name(backup_id)
+    data = source.get(name)
+    if not src_codec.encrypted and not dst_codec.encrypted:
+        dest.put_content_addressed(name, data)
+        return
+    body = src_codec.unseal(MAGIC, data, f"manifest of backup {backup_id}", name)
+    dest.put(name, dst_codec.seal(MAGIC, body, name))
 
 
 class Manifest:
