@@ -129,7 +129,7 @@ def instant_restore(session: Session, backup_id: str, *, to: str | None = None,
 
 
 def _instant_record(session: Session, state: InstantState, state_file: Path) -> MapRecord:
-    record = new_record(session, state["backup_id"], writable=True)
+    record = new_record(session, state["backup_id"], writable=True, overlay_writes=False)
     record["instant"] = {"state": str(state_file), "volume": state["volume"]}
     return record
 

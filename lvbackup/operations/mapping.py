@@ -72,11 +72,13 @@ def map_backup(session: Session, backup_id: str, *, writable: bool = False) -> M
             return _info(session, record)
 
 
-def new_record(session: Session, backup_id: str, writable: bool) -> MapRecord:
-    """A map's record, not yet saved, with its run directory made."""
+def new_record(session: Session, backup_id: str, writable: bool, *,
+               overlay_writes: bool = True) -> MapRecord:
+    """A map's record, not yet saved, with its run directory made. A writable map keeps
+    its writes in an overlay unless `overlay_writes` is False (its export writes them)."""
     map_id = uuid.uuid4().hex[:12]
     overlay = None
-    if writable:
+    if writable and overlay_writes:
         overlay = session.config.cache_dir / "overlays" / map_id
         repository = Path(session.config.repository).resolve()
         if overlay.resolve().is_relative_to(repository):
