@@ -7,8 +7,10 @@ SIGKILL mid-hydration then taken up again by `restore --resume` with no write lo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -188,3 +190,33 @@ def test_killed_helper_resumes_with_no_write_lost(setup):
     assert _read(lv, size) == expected
     assert _read(device, size) == expected
     assert lvb.json("list", "--mapped") == []
+
+
+def test_helper_killed_with_the_device_suspended_for_the_switch(setup):
+    """The helper dies between the suspend and the new table (crash point
+    `instant-suspended`): the device stays suspended; --resume swaps a new helper in,
+    which resumes the device and finishes the switch."""
+    vg, lvb, base, dm_names, pids = setup
+    size = 8 * MiB
+    data = mixed(size, b"suspended")
+    image = base / "suspended.img"
+    image.write_bytes(data)
+    backup_id = lvb.json("create", "--device", image)["id"]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LVBACKUP_")},
+           "LVBACKUP_FAULT": "instant-suspended"}
+    p = subprocess.run(lvb.argv("--json", "restore", backup_id, "--new-volume",
+                                f"{vg.name}/susp", "--instant"), capture_output=True, env=env)
+    assert p.returncode == 0, p
+    info = json.loads(p.stdout)
+    name = Path(info["device"]).name
+    dm_names.append(name)
+    _wait(lambda: _gone(info["pid"]), 120, "the helper to die at its crash point")
+    assert "SUSPENDED" in run(["dmsetup", "info", name])
+    assert lvb.json("restore", "--status", f"{vg.name}/susp")[0]["done"] is False
+    resumed = lvb.json("restore", "--resume", f"{vg.name}/susp")
+    pids.append(resumed["pid"])
+    lv = vg.path("susp")
+    _wait(lambda: _dm_table(name) == _linear_onto(lv, size), 120, "the switch onto the LV")
+    _wait(lambda: _gone(resumed["pid"]), 30, "the helper to exit")
+    assert "ACTIVE" in run(["dmsetup", "info", name])
+    assert _read(lv, size) == data and _read(info["device"], size) == data
