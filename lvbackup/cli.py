@@ -361,7 +361,7 @@ def restore(app: App, backup_id: str | None, to: str | None, new_volume: str | N
       lvbackup restore 3f2a --new-volume vg0/data-copy --thin-pool pool0
       lvbackup restore 3f2a --to-file /srv/restored.img
       lvbackup restore 3f2a --to-file - | ssh host 'dd of=/dev/vg0/data bs=1M'
-      lvbackup restore 3f2a --new-volume vg0/data --instant && mount /dev/mapper/... /srv
+      mount "$(lvbackup restore 3f2a --new-volume vg0/data --instant)" /srv/data
       lvbackup restore --status vg0/data
       lvbackup restore --resume vg0/data
     """

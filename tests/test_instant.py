@@ -250,7 +250,8 @@ def served(tmp_path):
     """A backup of a 3 MiB image restored "instantly" onto a plain file by a real nbdkit
     running the instant export (no kernel device, no device-mapper): (wd, data, target,
     state file, record)."""
-    wd = Workdir(tmp_path / "wd", event_log=str(tmp_path / "events.jsonl"))
+    wd = Workdir(tmp_path / "wd", event_log=str(tmp_path / "events.jsonl"),
+                 metrics=str(tmp_path / "metrics" / "lvbackup.prom"))
     wd.init()
     image = tmp_path / "disk.img"
     data = make_image(image, 3, seed=11, tail=4096)
@@ -324,11 +325,21 @@ def test_the_export_serves_writes_and_hydrates_in_the_background(served):
     progress = [e["payload"] for e in events if e["event"] == "backup.restoreprogress"]
     assert progress and progress[-1]["percent"] == 100, events
     assert {p["id"] for p in progress} == {backup_id} and progress[0]["target"] == "vg/lv"
+    prom = (wd.path.parent / "metrics" / "lvbackup.prom").read_text()
+    assert f'lvbackup_restore_hydrated_bytes{{volume="vg/lv"}} {len(data)}' in prom, prom
+    assert f'lvbackup_restore_total_bytes{{volume="vg/lv"}} {len(data)}' in prom, prom
+    human = wd.run("restore", "--status")
+    assert human.returncode == 0 and "vg/lv" in human.stdout and "copying (100%)" in \
+        human.stdout, human.stdout
     os.kill(record["pid"], signal.SIGKILL)
     _wait(lambda: not reg.is_alive(wd.cache / "locks", record["map_id"]))
     assert_one_line_error(wd.run("delete", backup_id), 2, "being restored onto vg/lv")
     status = wd.run_json("restore", "--status", "vg/lv")
     assert [(s["running"], s["pid"], s["done"]) for s in status] == [(False, None, False)]
+    assert "stopped (100%): restore --resume vg/lv" in wd.run("restore", "--status").stdout
+    # Its NBD side is listed with the maps, and unmap leaves it to --resume.
+    assert [m["instant_volume"] for m in wd.run_json("list", "--mapped")] == ["vg/lv"]
+    assert_one_line_error(wd.run("unmap", backup_id), 2, "instant restore onto vg/lv")
 
 
 def test_instant_restore_usage_errors(tmp_path):
