@@ -24,6 +24,9 @@ from .operations.copy import copy_backups
 from .operations.create import create_backup, select_source
 from .operations.delete import delete_backup
 from .operations.diff import diff_backups
+from .operations.instant import instant_restore
+from .operations.instant import resume as resume_instant
+from .operations.instant import status as instant_status
 from .operations.inventory import create_snapshot, delete_snapshot, list_snapshots
 from .operations.inventory import volumes as list_volumes
 from .operations.jobs import run_jobs
@@ -47,6 +50,7 @@ from .render import (
     err_console,
     new_table,
     out_console,
+    print_instant,
     print_lineage,
     print_lvs,
     print_maps,
@@ -322,20 +326,34 @@ def show(app: App, backup_id: str, chain: bool) -> None:
 
 
 @cli.command()
-@click.argument("backup_id")
+@click.argument("backup_id", required=False)
 @click.option("--to", metavar="VG/LV|DEVICE",
               help="An existing LV, device or file, at least as large.")
 @click.option("--new-volume", metavar="VG/NAME", help="Create this LV and restore into it.")
 @click.option("--thin-pool", metavar="POOL", help="With --new-volume: a thin LV in this pool.")
 @click.option("--to-file", metavar="PATH|-", help="A new image file, or - for standard output.")
 @click.option("--force", is_flag=True, help="Write to a target that is in use.")
+@click.option("--instant", is_flag=True,
+              help="With --new-volume or --to VG/LV: return at once with a device that reads "
+                   "and writes as the restored volume while a background copy fills the LV; "
+                   "at the end the device maps the LV itself.")
+@click.option("--rate", metavar="SIZE",
+              help="With --instant or --resume: copy at most SIZE bytes a second (e.g. 50M).")
+@click.option("--status", "status_of", is_flag=False, flag_value="", default=None,
+              metavar="[VG/NAME]", help="Show the instant restores (or the one onto VG/NAME).")
+@click.option("--resume", "resume_of", metavar="VG/NAME",
+              help="Take up the instant restore onto VG/NAME after its helper died "
+                   "(killed, or the host rebooted).")
 @wait_option
 @pass_app
-def restore(app: App, backup_id: str, to: str | None, new_volume: str | None,
-            thin_pool: str | None, to_file: str | None, force: bool, wait: float) -> None:
+def restore(app: App, backup_id: str | None, to: str | None, new_volume: str | None,
+            thin_pool: str | None, to_file: str | None, force: bool, instant: bool,
+            rate: str | None, status_of: str | None, resume_of: str | None,
+            wait: float) -> None:
     """Restore a backup to an LV, a device, a file, or standard output.
 
-    With no target, a new LV restore_backup_<id> is created in the volume's VG.
+    With no target, a new LV restore_backup_<id> is created in the volume's VG. With
+    --instant, the restored volume is usable at once (see the user guide's limits).
 
     \b
     Examples:
@@ -343,7 +361,38 @@ def restore(app: App, backup_id: str, to: str | None, new_volume: str | None,
       lvbackup restore 3f2a --new-volume vg0/data-copy --thin-pool pool0
       lvbackup restore 3f2a --to-file /srv/restored.img
       lvbackup restore 3f2a --to-file - | ssh host 'dd of=/dev/vg0/data bs=1M'
+      mount "$(lvbackup restore 3f2a --new-volume vg0/data --instant)" /srv/data
+      lvbackup restore --status vg0/data
+      lvbackup restore --resume vg0/data
     """
+    if status_of is not None or resume_of is not None:
+        if backup_id or to or new_volume or thin_pool or to_file or force or instant \
+                or (status_of is not None and (resume_of or rate)):
+            raise click.UsageError("--status and --resume take no backup and no other option "
+                                   "(--resume takes --rate)")
+        session = app.session(wait)
+        if status_of is not None:
+            app.emit(instant_status(session, status_of or None), print_instant)
+            return
+        assert resume_of is not None
+        info = resume_instant(session, resume_of, parse_size(rate) if rate else None)
+        app.emit(info, lambda r: click.echo(r["device"]))
+        return
+    if backup_id is None:
+        raise click.UsageError("give the backup to restore (or --status, --resume)")
+    if instant:
+        if to_file is not None:
+            raise click.UsageError("--instant restores onto an LV: --new-volume or --to")
+        info = instant_restore(app.session(wait), backup_id, to=to, new_volume=new_volume,
+                               thin_pool=thin_pool, force=force,
+                               rate=parse_size(rate) if rate else None)
+        app.log(f"Restoring backup {info['backup_id']} onto {info['volume']} in the "
+                f"background; the volume is {info['device']} now (progress: lvbackup "
+                f"restore --status {info['volume']})")
+        app.emit(info, lambda r: click.echo(r["device"]))
+        return
+    if rate is not None:
+        raise click.UsageError("--rate goes with --instant or --resume")
     if sum(x is not None for x in (to, to_file, new_volume)) > 1:
         raise click.UsageError("give one target: --to, --new-volume or --to-file")
     if thin_pool and not new_volume:

@@ -2,8 +2,9 @@
 
 Each event is one JSON object `{"event": NAME, "timestamp": UTC ISO 8601, "payload": {...}}`
 whose payload is the backup's record (error events add `reason`; `backup.createprogress`
-adds `percent`). It is appended as one line to the `event_log` file, and handed on stdin to
-every configured hook whose `on:` patterns match its name.
+and an instant restore's `backup.restoreprogress` add `percent`). It is appended as one
+line to the `event_log` file, and handed on stdin to every configured hook whose `on:`
+patterns match its name.
 
 Nothing here ever fails the operation that emits the event: a log that cannot be written, a
 hook that cannot start, exits non-zero or outlives its timeout (it is killed, with
@@ -33,6 +34,7 @@ CREATE_PROGRESS = "backup.createprogress"
 CREATE_END = "backup.create.end"
 CREATE_ERROR = "backup.create.error"
 RESTORE_START = "backup.restore.start"
+RESTORE_PROGRESS = "backup.restoreprogress"   # an instant restore's background copy
 RESTORE_END = "backup.restore.end"
 RESTORE_ERROR = "backup.restore.error"
 DELETE_START = "backup.delete.start"
@@ -40,7 +42,7 @@ DELETE_END = "backup.delete.end"
 DELETE_ERROR = "backup.delete.error"
 
 EVENTS = (CREATE_START, CREATE_PROGRESS, CREATE_END, CREATE_ERROR, RESTORE_START,
-          RESTORE_END, RESTORE_ERROR, DELETE_START, DELETE_END, DELETE_ERROR)
+          RESTORE_PROGRESS, RESTORE_END, RESTORE_ERROR, DELETE_START, DELETE_END, DELETE_ERROR)
 
 DEFAULT_HOOK_TIMEOUT = 30.0
 # backup.createprogress is sent each time the backup passes another multiple of this.

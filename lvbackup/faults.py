@@ -37,6 +37,11 @@ POINTS = (
                                # is stored; the config / the old slot's deletion is not
     "map-server-started",      # map: nbdkit serves the backup, no device is attached
     "map-attached",            # map: the device is attached, the map not recorded ready
+    "hydrate-copied",          # instant restore: a region is in the LV, not yet marked
+    "hydrate-marked",          # instant restore: a region is marked (durably), a write
+                               # into it not yet made
+    "instant-suspended",       # instant restore: its device is suspended, the table of
+                               # the LV not yet loaded
 )
 
 

@@ -12,11 +12,13 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .changes import ChangeTrackingError
 from .errors import LvbackupError, NotFoundError, UsageError
+from .faults import crash_point
 from .timeutil import iso
 
 # What lvbackup tags its temporary snapshots with, so a later run can find leftovers.
@@ -431,3 +433,54 @@ def chunk_size(lv: str) -> int:
     return _parse_chunk_size(_run(["lvs", "--reportformat", "json", "--units", "b",
                                    "--nosuffix", "-o", "lv_name,chunk_size", name], "lvs"),
                              name)
+
+
+# device-mapper devices of our own (instant restore): dmsetup, by name.
+
+def linear_table(device: str, size: int) -> str:
+    """A table mapping `size` bytes (a multiple of 512) linearly onto `device`."""
+    rdev = os.stat(device).st_rdev
+    return f"0 {size // 512} linear {os.major(rdev)}:{os.minor(rdev)} 0"
+
+
+def _dm_checked(name: str) -> str:
+    if not re.match(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,127}$", name):
+        raise UsageError(f"invalid device-mapper name {name!r}")
+    return name
+
+
+def dm_create(name: str, table: str) -> str:
+    """Create device-mapper device `name` with `table`; its path."""
+    _run(["dmsetup", "create", _dm_checked(name), "--table", table], f"creating /dev/mapper/{name}")
+    path = f"/dev/mapper/{name}"
+    if not os.path.exists(path):   # no udev to make the node: device-mapper's own way
+        _run(["dmsetup", "mknodes", name], f"making the node of {path}")
+    return path
+
+
+def dm_table(name: str) -> str | None:
+    """The live table of device-mapper device `name`, or None if there is none."""
+    # Every device's table ("NAME: TABLE" per line): no failure to tell from "no device".
+    prefix = _dm_checked(name) + ": "
+    for line in _run(["dmsetup", "table"], "listing device-mapper tables").splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix):].strip()
+    return None
+
+
+def dm_swap(name: str, table: str, while_suspended: Callable[[], None] | None = None) -> None:
+    """Replace the table under a live device: suspend it (the I/O in flight completes
+    first; a filesystem on it is not frozen, it stays mounted), load `table`, call
+    `while_suspended`, resume. A failure after the suspend resumes the device anyway."""
+    _run(["dmsetup", "suspend", "--nolockfs", _dm_checked(name)], f"suspending {name}")
+    try:
+        crash_point("instant-suspended")
+        _run(["dmsetup", "load", name, "--table", table], f"loading a table into {name}")
+        if while_suspended is not None:
+            while_suspended()
+    finally:
+        _run(["dmsetup", "resume", name], f"resuming {name}")
+
+
+def dm_remove(name: str) -> None:
+    _run(["dmsetup", "remove", _dm_checked(name)], f"removing /dev/mapper/{name}")

@@ -18,6 +18,11 @@ and after every `copy` (the command, or a job's `copy_to`), for each volume copi
     lvbackup_last_copy_success_timestamp_seconds{volume=...}    last successful copy
     lvbackup_last_copy_status{volume=...}                       1 ok, 0 failed
     lvbackup_last_copy_bytes_sent{volume=...}                   of the last successful one
+
+and while an instant restore copies a backup into an LV (`volume` is the LV restored onto):
+
+    lvbackup_restore_hydrated_bytes{volume="vg0/data"}          bytes copied into the LV
+    lvbackup_restore_total_bytes{volume=...}                    bytes to copy in all
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "lvbackup_last_copy_bytes_sent":
         ("gauge", "Bytes the last successful copy of the volume's backups stored in the "
                   "target repository."),
+    "lvbackup_restore_hydrated_bytes":
+        ("gauge", "Bytes an instant restore onto the volume has copied into it so far."),
+    "lvbackup_restore_total_bytes":
+        ("gauge", "Bytes an instant restore onto the volume copies in all."),
 }
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)\{volume="((?:[^"\\]|\\.)*)"\}\s+(\S+)')
@@ -120,6 +129,13 @@ def record_copy(path: Path, lock_dir: Path, volumes: list[str], *, ok: bool, end
             values[volume].update({"lvbackup_last_copy_success_timestamp_seconds": ended_at,
                                    "lvbackup_last_copy_bytes_sent": bytes_sent.get(volume, 0)})
     _update(path, lock_dir, values)
+
+
+def record_hydration(path: Path, lock_dir: Path, volume: str, *, hydrated: int,
+                     total: int) -> None:
+    """Update an instant restore's progress series (raises OSError on failure)."""
+    _update(path, lock_dir, {volume: {"lvbackup_restore_hydrated_bytes": hydrated,
+                                      "lvbackup_restore_total_bytes": total}})
 
 
 def best_effort(path: Path | None, warn: Callable[[str], None],

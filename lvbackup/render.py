@@ -110,10 +110,30 @@ def print_maps(rows: list[dict]) -> None:
     for col in ("device", "backup", "volume", "mode", "state", "mounted on", "since (UTC)"):
         table.add_column(col, overflow="fold")
     for r in rows:
+        instant = r.get("instant_volume")
         table.add_row(r["device"] or "-", r["backup_id"], r["volume_name"] or "-",
-                      "writable" if r["writable"] else "read-only",
-                      "serving" if r["alive"] else "dead: unmap it",
+                      f"instant restore onto {instant}" if instant
+                      else "writable" if r["writable"] else "read-only",
+                      "serving" if r["alive"] else "stopped: restore --resume" if instant
+                      else "dead: unmap it",
                       ", ".join(r["mountpoints"]) or "-", when(r["started_at"]))
+    out_console().print(table)
+
+
+def print_instant(rows: list[dict]) -> None:
+    """`restore --status`: one row per instant restore."""
+    table = new_table()
+    for col in ("volume", "device", "backup", "hydrated", "of", "state"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        total = r["total_bytes"]
+        percent = r["hydrated_bytes"] * 100 // total if total else 100
+        state = ("done" if r["done"] else f"copying ({percent}%)" if r["running"]
+                 else f"stopped ({percent}%): restore --resume {r['volume']}")
+        if r["error"] and not r["done"]:
+            state += f"; {r['error']}"
+        table.add_row(r["volume"], r["device"], r["backup_id"], human_size(r["hydrated_bytes"]),
+                      human_size(total), state)
     out_console().print(table)
 
 

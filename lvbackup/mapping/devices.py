@@ -50,10 +50,12 @@ def _last_line(output: bytes, status: int) -> str:
 
 # --- the server ------------------------------------------------------------------------
 
-def start_server(run_dir: Path, params: dict[str, str], overlay_dir: Path | None) -> int:
+def start_server(run_dir: Path, params: dict[str, str], overlay_dir: Path | None,
+                 writable: bool = False) -> int:
     """Start nbdkit serving a backup on run_dir/socket (through a copy-on-write overlay in
-    `overlay_dir` if given, else read-only); its pid once it accepts connections. It runs
-    on after lvbackup exits; its messages go to run_dir/log."""
+    `overlay_dir` if given, else read-only unless the export itself is `writable`); its
+    pid once it accepts connections. It runs on after lvbackup exits; its messages go to
+    run_dir/log."""
     exe = find_tool("nbdkit")
     if exe is None:
         raise UsageError(f"nbdkit is not installed; install {_PACKAGES['nbdkit']}")
@@ -64,7 +66,8 @@ def start_server(run_dir: Path, params: dict[str, str], overlay_dir: Path | None
     # has opened the backup (get_ready) and listens; its pid file follows.
     argv = [exe, "--log=stderr", f"--pidfile={run_dir / 'pid'}",
             f"--unix={run_dir / 'socket'}",
-            "--filter=cow" if overlay_dir is not None else "--readonly",
+            *(["--filter=cow"] if overlay_dir is not None else [] if writable
+              else ["--readonly"]),
             "python", str(plugin), f"python={sys.version_info.major}.{sys.version_info.minor}",
             f"path={':'.join(path)}", *(f"{k}={v}" for k, v in params.items())]
     env = dict(os.environ)

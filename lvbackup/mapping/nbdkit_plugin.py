@@ -6,7 +6,9 @@
 nbdkit embeds its own Python, so this file is loaded as a script, not as part of the
 lvbackup package: `python=` must match the version it runs under (the interpreter lvbackup
 and its compiled dependencies were installed for) and `path=` (first) puts lvbackup's
-environment on sys.path. Everything else is `lvbackup.mapping.server.Export`.
+environment on sys.path. Everything else is an export object: `export=instant` (first)
+chooses `lvbackup.mapping.instant_export.InstantExport` (an instant restore's volume, read
+and written), else `lvbackup.mapping.server.Export` (a backup, read-only).
 """
 
 import site
@@ -17,7 +19,7 @@ import nbdkit  # type: ignore[import-not-found]  # nbdkit's Python plugin provid
 
 API_VERSION = 2
 
-_export: Any = None   # lvbackup.mapping.server.Export, once lvbackup can be imported
+_export: Any = None   # the export object, once lvbackup can be imported
 
 
 def config(key, value):
@@ -32,6 +34,9 @@ def config(key, value):
         for directory in value.split(":"):
             site.addsitedir(directory)
         sys.path[:] = [p for p in sys.path if p not in before] + before
+    elif key == "export" and _export is None and value == "instant":
+        from lvbackup.mapping.instant_export import InstantExport
+        _export = InstantExport()
     else:
         if _export is None:
             from lvbackup.mapping.server import Export
@@ -53,6 +58,10 @@ def get_ready():
     _export.get_ready()
 
 
+def after_fork():
+    _export.after_fork(nbdkit.shutdown)
+
+
 def open(readonly):
     return 1
 
@@ -62,7 +71,15 @@ def get_size(h):
 
 
 def can_write(h):
-    return False
+    return _export.writable
+
+
+def can_flush(h):
+    return _export.writable
+
+
+def can_fua(h):
+    return nbdkit.FUA_EMULATE if _export.writable else nbdkit.FUA_NONE
 
 
 def can_multi_conn(h):
@@ -72,6 +89,22 @@ def can_multi_conn(h):
 def pread(h, buf, offset, flags):
     try:
         _export.pread(buf, offset)
+    except OSError as e:
+        nbdkit.set_error(e.errno)
+        raise
+
+
+def pwrite(h, buf, offset, flags):
+    try:
+        _export.pwrite(buf, offset)
+    except OSError as e:
+        nbdkit.set_error(e.errno)
+        raise
+
+
+def flush(h, flags):
+    try:
+        _export.flush()
     except OSError as e:
         nbdkit.set_error(e.errno)
         raise

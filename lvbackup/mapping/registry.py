@@ -17,7 +17,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from ..diskio import AtomicFile
 from ..errors import LvbackupError, UsageError
@@ -25,6 +25,11 @@ from ..locks import FileLock, has_open, holders, is_held
 from . import devices
 
 REGISTRY_WAIT = 60.0   # seconds: the registry lock is only held while a map starts or ends
+
+
+class InstantRef(TypedDict):
+    state: str                # the restore's state file (mapping/hydrate.py)
+    volume: str               # VG/NAME restored onto
 
 
 class MapRecord(TypedDict):
@@ -37,6 +42,7 @@ class MapRecord(TypedDict):
     run_dir: str              # the server's socket, pid file and log
     overlay_dir: str | None   # --writable: where the copy-on-write overlay lives
     started_at: str
+    instant: NotRequired[InstantRef]   # an instant restore's server, not a `map`
 
 
 def maps_dir(lock_dir: Path) -> Path:
@@ -51,10 +57,11 @@ def lock_path(lock_dir: Path, map_id: str) -> Path:
 def registry(lock_dir: Path) -> Iterator[None]:
     """The registry, locked. A map is set up under this lock from its first record to its
     last, so a map found unfinished here was being set up by a process that died: it is
-    undone first (its server stopped, its device detached)."""
+    undone first (its server stopped, its device detached). An instant restore's is left
+    to `restore --resume`, which takes over its devices."""
     with FileLock(lock_dir / "maps.lock", "the map registry").acquire(REGISTRY_WAIT):
         for record in records(lock_dir):
-            if not record["ready"]:
+            if not record["ready"] and "instant" not in record:
                 with contextlib.suppress(LvbackupError):   # then it stays listed, for unmap
                     teardown(lock_dir, record)
         yield
@@ -126,20 +133,30 @@ def hold(path: Path) -> int:
 
 
 def held_backups(lock_dir: Path) -> dict[str, str]:
-    """Backups held by a live map: backup id -> its device. Call under registry()."""
-    return {r["backup_id"]: r["device"] or "a device being attached"
-            for r in records(lock_dir) if is_alive(lock_dir, r["map_id"])}
+    """Backups held, by a live map or by an unfinished instant restore (live or not: its
+    --resume needs the backup): backup id -> why, and what to do. Call under registry()."""
+    held = {}
+    for r in records(lock_dir):
+        if "instant" in r:
+            volume = r["instant"]["volume"]
+            held[r["backup_id"]] = (f"being restored onto {volume} (instant restore); wait "
+                                    f"for it to end: 'lvbackup restore --status {volume}'")
+        elif is_alive(lock_dir, r["map_id"]):
+            device = r["device"] or "a device being attached"
+            held[r["backup_id"]] = (f"mapped on {device}; run 'lvbackup unmap {device}' "
+                                    "first")
+    return held
 
 
 def refuse_if_mapped(lock_dir: Path, backup_id: str | None, doing: str) -> None:
-    """UsageError if `backup_id` (None: any backup) is mapped by a live process."""
+    """UsageError if `backup_id` (None: any backup) is mapped by a live process or being
+    restored instantly."""
     held = held_backups(lock_dir)
     if backup_id is not None:
         held = {b: d for b, d in held.items() if b == backup_id}
     if held:
-        backup, device = next(iter(held.items()))
-        raise UsageError(f"cannot {doing}: backup {backup} is mapped on {device}; "
-                         f"run 'lvbackup unmap {device}' first")
+        backup, why = next(iter(held.items()))
+        raise UsageError(f"cannot {doing}: backup {backup} is {why}")
 
 
 def teardown(lock_dir: Path, record: MapRecord) -> None:

@@ -17,11 +17,13 @@ from ..repository.repo import Repository
 from .registry import hold
 
 CACHE_BYTES = 64 * 1024 * 1024
-PARAMETERS = ("repository", "cache_dir", "backup", "lock")
 
 
 class Export:
     """One map's server state: its parameters, then the open repository and reader."""
+
+    PARAMETERS: tuple[str, ...] = ("repository", "cache_dir", "backup", "lock")
+    writable = False
 
     def __init__(self) -> None:
         self.params: dict[str, str] = {}
@@ -30,12 +32,13 @@ class Export:
         self._lock_fd: int | None = None
 
     def config(self, key: str, value: str) -> None:
-        if key not in PARAMETERS:
-            raise ValueError(f"unknown parameter {key}= (expected {', '.join(PARAMETERS)})")
+        if key not in self.PARAMETERS:
+            raise ValueError(f"unknown parameter {key}= (expected "
+                             f"{', '.join(self.PARAMETERS)})")
         self.params[key] = value
 
     def config_complete(self) -> None:
-        missing = [k for k in PARAMETERS if k not in self.params]
+        missing = [k for k in self.PARAMETERS if k not in self.params]
         if missing:
             raise ValueError(f"missing parameters: {', '.join(missing)}")
 
@@ -54,13 +57,22 @@ class Export:
 
     def pread(self, buf: memoryview | bytearray, offset: int) -> None:
         """Fill `buf` with the image at `offset`; an unreadable block raises
-        ReadFailed(EIO) for the whole request."""
+        RequestFailed(EIO) for the whole request."""
         assert self.reader is not None
         try:
             buf[:] = self.reader.read(offset, len(buf))
         except LvbackupError as e:
-            raise ReadFailed(errno.EIO, str(e)) from None
+            raise RequestFailed(errno.EIO, str(e)) from None
+
+    def pwrite(self, buf: memoryview | bytes, offset: int) -> None:
+        raise RequestFailed(errno.EROFS, "this export is read-only")
+
+    def flush(self) -> None:
+        pass
+
+    def after_fork(self, shutdown) -> None:
+        """nbdkit runs in the background now (threads may start); `shutdown()` stops it."""
 
 
-class ReadFailed(OSError):
-    """A read the client must see fail, with this errno."""
+class RequestFailed(OSError):
+    """A request the client must see fail, with this errno."""

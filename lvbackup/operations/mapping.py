@@ -38,6 +38,7 @@ class MapInfo(TypedDict):
     mountpoints: list[str]
     started_at: str
     map_id: str
+    instant_volume: str | None   # the LV an instant restore fills, if the map is one
 
 
 def map_backup(session: Session, backup_id: str, *, writable: bool = False) -> MapInfo:
@@ -60,19 +61,24 @@ def map_backup(session: Session, backup_id: str, *, writable: bool = False) -> M
                 repo.manifest(row["id"])
             except CorruptionError as e:
                 raise CorruptionError(f"backup {row['id']}: {e}") from None
-            record = _new_record(session, row["id"], writable)
+            record = new_record(session, row["id"], writable)
             try:
-                _start(session, record)
+                start(session, record)
+                record["ready"] = True
+                reg.save(lock_dir, record)
             except BaseException:
                 reg.teardown(lock_dir, record)
                 raise
             return _info(session, record)
 
 
-def _new_record(session: Session, backup_id: str, writable: bool) -> MapRecord:
+def new_record(session: Session, backup_id: str, writable: bool, *,
+               overlay_writes: bool = True) -> MapRecord:
+    """A map's record, not yet saved, with its run directory made. A writable map keeps
+    its writes in an overlay unless `overlay_writes` is False (its export writes them)."""
     map_id = uuid.uuid4().hex[:12]
     overlay = None
-    if writable:
+    if writable and overlay_writes:
         overlay = session.config.cache_dir / "overlays" / map_id
         repository = Path(session.config.repository).resolve()
         if overlay.resolve().is_relative_to(repository):
@@ -87,7 +93,10 @@ def _new_record(session: Session, backup_id: str, writable: bool) -> MapRecord:
             "overlay_dir": str(overlay) if overlay else None, "started_at": now_iso()}
 
 
-def _start(session: Session, record: MapRecord) -> None:
+def start(session: Session, record: MapRecord, export: dict[str, str] | None = None) -> None:
+    """Record the map, start its server (with `export`'s parameters: another export than
+    the backup's, see mapping/nbdkit_plugin.py) and attach a free NBD device to it. The
+    caller marks it ready."""
     lock_dir, config = session.lock_dir, session.config
     reg.save(lock_dir, record)
     overlay = Path(record["overlay_dir"]) if record["overlay_dir"] else None
@@ -95,9 +104,10 @@ def _start(session: Session, record: MapRecord) -> None:
         overlay.mkdir(mode=0o700, parents=True)
     run_dir = Path(record["run_dir"])
     record["pid"] = devices.start_server(run_dir, {
-        "repository": str(config.repository), "cache_dir": str(config.cache_dir),
-        "backup": record["backup_id"],
-        "lock": str(reg.lock_path(lock_dir, record["map_id"]))}, overlay)
+        **(export or {}), "repository": str(config.repository),
+        "cache_dir": str(config.cache_dir), "backup": record["backup_id"],
+        "lock": str(reg.lock_path(lock_dir, record["map_id"]))}, overlay,
+        writable=export is not None and record["writable"])
     reg.save(lock_dir, record)
     candidates = [d for d in devices.free_devices()
                   if d not in {r["device"] for r in reg.records(lock_dir)}]
@@ -118,8 +128,6 @@ def _start(session: Session, record: MapRecord) -> None:
             failure = e   # taken by another tool meanwhile: try the next one
             continue
         crash_point("map-attached")
-        record["ready"] = True
-        reg.save(lock_dir, record)
         return
     assert failure is not None
     raise failure
@@ -135,7 +143,8 @@ def _info(session: Session, record: MapRecord) -> MapInfo:
             "writable": record["writable"], "alive": alive,
             "pids": reg.server_pids(lock_dir, record) if alive else [],
             "mountpoints": devices.mountpoints_of(device) if device else [],
-            "started_at": record["started_at"], "map_id": record["map_id"]}
+            "started_at": record["started_at"], "map_id": record["map_id"],
+            "instant_volume": record["instant"]["volume"] if "instant" in record else None}
 
 
 def mapped_backups(session: Session) -> list[MapInfo]:
@@ -153,6 +162,11 @@ def unmap(session: Session, target: str) -> list[MapInfo]:
     with reg.registry(lock_dir):
         chosen = _select(reg.records(lock_dir), target)
         for record in chosen:
+            if "instant" in record:
+                volume = record["instant"]["volume"]
+                raise UsageError(f"{record['device']} serves the instant restore onto "
+                                 f"{volume}, which ends by itself: see 'lvbackup restore "
+                                 f"--status {volume}'")
             points = devices.mountpoints_of(record["device"]) if record["device"] else []
             if points:
                 raise UsageError(f"{record['device']} is mounted on {points[0]}; run "

@@ -1,0 +1,243 @@
+"""Instant restore onto an LV: `restore --instant`, `restore --resume`, `restore --status`.
+
+The device the user gets is a device-mapper device, /dev/mapper/lvbackup-restore-VG-NAME,
+mapped linearly onto /dev/nbdN, which nbdkit serves with `mapping/instant_export.py`: reads
+of regions not yet copied come from the backup, the rest and every write go to the LV,
+and a background thread copies (hydrates) the regions in order. Once all are in the LV,
+that process swaps the device's table to the LV itself, detaches /dev/nbdN and exits.
+What is done is in a state file and a region map under cache_dir/instant/ (hydrate.py); a
+killed helper or a reboot is taken up again by `--resume`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import TypedDict
+
+from .. import events as ev
+from .. import lvm
+from ..catalog import to_record
+from ..errors import CorruptionError, LvbackupError, NotFoundError, UsageError
+from ..lifecycle import Status
+from ..mapping import devices
+from ..mapping import registry as reg
+from ..mapping.hydrate import (
+    REGION,
+    STATE_FORMAT,
+    InstantState,
+    RegionMap,
+    hydrated_bytes,
+    load_state,
+    regions_of,
+    regions_path,
+    save_state,
+    state_path,
+)
+from ..mapping.registry import MapRecord
+from ..session import Session, recover_dead_runs
+from ..targets import create_volume_target, is_lv_name, lv_target
+from ..timeutil import now_iso
+from .mapping import new_record, start
+
+SECTOR = 512
+
+
+class InstantInfo(TypedDict):
+    volume: str
+    device: str
+    backup_id: str
+    hydrated_bytes: int
+    total_bytes: int
+    done: bool
+    running: bool           # its helper (nbdkit) is alive
+    pid: int | None
+    error: str | None
+
+
+def dm_name_of(volume: str) -> str:
+    vg, name = lvm.split_name(volume)
+    return f"lvbackup-restore-{vg.replace('-', '--')}-{name.replace('-', '--')}"
+
+
+def instant_restore(session: Session, backup_id: str, *, to: str | None = None,
+                    new_volume: str | None = None, thin_pool: str | None = None,
+                    force: bool = False, rate: int | None = None) -> InstantInfo:
+    """Make a backup usable at once as a device over the LV `to` (existing) or
+    `new_volume` (created), which it fills in the background."""
+    if (to is None) == (new_volume is None):
+        raise UsageError("--instant restores onto an LV: give --new-volume VG/NAME or "
+                         "--to VG/LV")
+    if to is not None and not is_lv_name(to):
+        raise UsageError(f"--instant restores onto an LV (VG/LV), not onto {to}")
+    devices.load_module()
+    volume = "/".join(lvm.split_name(to or new_volume or ""))
+    dm_name = dm_name_of(volume)
+    state_file = state_path(session.config.cache_dir, dm_name)
+    lock_dir = session.lock_dir
+    with session.shared_lock():   # no gc while the restore starts; then it holds the backup
+        cat = session.catalog
+        row = cat.resolve(backup_id)
+        recover_dead_runs(session)
+        repo = session.repo
+        repo.sync_index(lock_dir)
+        with reg.registry(lock_dir):
+            row = cat.get(row["id"])
+            if row["status"] != Status.AVAILABLE:
+                raise UsageError(f"Backup status must be available (backup {row['id']} is "
+                                 f"{row['status']})")
+            try:
+                size = repo.manifest(row["id"]).size
+            except CorruptionError as e:
+                raise CorruptionError(f"backup {row['id']}: {e}") from None
+            if size % SECTOR:
+                raise UsageError(f"backup {row['id']} is {size} bytes, not a whole number "
+                                 "of 512-byte sectors: restore it without --instant")
+            if state_file.exists() and not load_state(state_file)["done_at"]:
+                raise UsageError(f"an instant restore onto {volume} is unfinished; "
+                                 f"continue it with 'lvbackup restore --resume {volume}'")
+            if lvm.dm_table(dm_name) is not None:
+                raise UsageError(f"/dev/mapper/{dm_name} exists (an earlier instant restore "
+                                 f"onto {volume}); remove it first: dmsetup remove {dm_name}")
+            if to is not None:
+                target, _ = lv_target(to, force)
+                if lvm.find_lv(volume).size < size:
+                    raise UsageError(f"volume {volume} is smaller than backup {row['id']} "
+                                     f"({size} bytes)")
+                fresh = False
+            else:
+                target, fresh = create_volume_target(volume, size, thin_pool)
+            state: InstantState = {
+                "format": STATE_FORMAT, "volume": volume, "target": target,
+                "backup_id": row["id"], "backup": dict(to_record(row)), "size": size,
+                "region_size": REGION, "fresh": fresh, "rate": rate, "dm_name": dm_name,
+                "device": f"/dev/mapper/{dm_name}", "started_at": now_iso(),
+                "done_at": None, "error": None}
+            state_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            RegionMap.create(regions_path(state_file), regions_of(size, REGION))
+            save_state(state_file, state)
+            record = _instant_record(session, state, state_file)
+            try:
+                _serve(session, record, state, state_file)
+            except BaseException:
+                _undo(lock_dir, record, state, state_file)
+                raise
+    session.events.emit(ev.RESTORE_START, {**state["backup"], "target": volume,
+                                           "device": state["device"], "instant": True})
+    return _info(session, state, state_file)
+
+
+def _instant_record(session: Session, state: InstantState, state_file: Path) -> MapRecord:
+    record = new_record(session, state["backup_id"], writable=True, overlay_writes=False)
+    record["instant"] = {"state": str(state_file), "volume": state["volume"]}
+    return record
+
+
+def _serve(session: Session, record: MapRecord, state: InstantState, state_file: Path
+           ) -> None:
+    """Start the helper, attach its NBD device, and point the user's device at it (create
+    it, or swap its table: a resumed restore's device may be mounted). Then the record is
+    ready, and the helper may switch the device to the LV once it has copied everything."""
+    start(session, record, {"export": "instant", "state": str(state_file),
+                            "config": "" if session.config.source == "defaults"
+                            else session.config.source})
+    assert record["device"] is not None
+    table = lvm.linear_table(record["device"], state["size"])
+    if lvm.dm_table(state["dm_name"]) is None:
+        lvm.dm_create(state["dm_name"], table)
+    else:
+        lvm.dm_swap(state["dm_name"], table)
+    record["ready"] = True
+    reg.save(session.lock_dir, record)
+
+
+def _undo(lock_dir: Path, record: MapRecord, state: InstantState, state_file: Path) -> None:
+    """A new instant restore failed to start: remove all of it (not the LV)."""
+    with contextlib.suppress(LvbackupError):
+        if lvm.dm_table(state["dm_name"]) is not None:
+            lvm.dm_remove(state["dm_name"])
+    with contextlib.suppress(LvbackupError):
+        reg.teardown(lock_dir, record)
+    state_file.unlink(missing_ok=True)
+    regions_path(state_file).unlink(missing_ok=True)
+
+
+def resume(session: Session, volume: str, rate: int | None = None) -> InstantInfo:
+    """Take up an instant restore whose helper died (killed, or the host rebooted): a new
+    helper, a new NBD device under the same device-mapper device."""
+    state_file, state = _load(session, volume)
+    if state["done_at"]:
+        return _info(session, state, state_file)
+    devices.load_module()
+    if rate is not None:
+        state["rate"] = rate
+        save_state(state_file, state)
+    lock_dir = session.lock_dir
+    with session.shared_lock(), reg.registry(lock_dir):
+        old = _records_of(lock_dir, state_file)
+        for r in old:
+            if reg.is_alive(lock_dir, r["map_id"]):
+                if r["ready"]:
+                    raise UsageError(f"the instant restore onto {state['volume']} is running "
+                                     f"(pid {', '.join(map(str, reg.server_pids(lock_dir, r)))})")
+                # A --resume or restore killed while it set this helper up: replace it.
+                devices.stop_server(reg.server_pids(lock_dir, r),
+                                    lambda r=r: reg.is_alive(lock_dir, r["map_id"]))
+        record = _instant_record(session, state, state_file)
+        _serve(session, record, state, state_file)
+        in_use = {r["device"] for r in reg.records(lock_dir)
+                  if r not in old and reg.is_alive(lock_dir, r["map_id"])}
+        for r in old:   # the old NBD devices: nothing maps them any more
+            if r["device"] and r["device"] not in in_use and devices.is_attached(r["device"]):
+                with contextlib.suppress(LvbackupError):
+                    devices.detach(r["device"])
+            shutil.rmtree(r["run_dir"], ignore_errors=True)
+            reg.remove(lock_dir, r["map_id"])
+    return _info(session, state, state_file)
+
+
+def status(session: Session, volume: str | None = None) -> list[InstantInfo]:
+    """Every instant restore (or the one onto `volume`): finished ones too."""
+    if volume is not None:
+        state_file, state = _load(session, volume)
+        return [_info(session, state, state_file)]
+    found = []
+    for path in sorted((session.config.cache_dir / "instant").glob("*.json")):
+        with contextlib.suppress(OSError, CorruptionError):
+            found.append(_info(session, load_state(path), path))
+    return found
+
+
+def _load(session: Session, volume: str) -> tuple[Path, InstantState]:
+    name = "/".join(lvm.split_name(volume))
+    path = state_path(session.config.cache_dir, dm_name_of(name))
+    try:
+        return path, load_state(path)
+    except FileNotFoundError:
+        raise NotFoundError(f"no instant restore onto {name} (see 'lvbackup restore "
+                            "--status')") from None
+
+
+def _records_of(lock_dir: Path, state_file: Path) -> list[MapRecord]:
+    return [r for r in reg.records(lock_dir)
+            if "instant" in r and r["instant"]["state"] == str(state_file)]
+
+
+def _info(session: Session, state: InstantState, state_file: Path) -> InstantInfo:
+    lock_dir = session.lock_dir
+    live = [r for r in _records_of(lock_dir, state_file) if reg.is_alive(lock_dir, r["map_id"])]
+    pids = reg.server_pids(lock_dir, live[0]) if live else []
+    size, region = state["size"], state["region_size"]
+    if state["done_at"]:
+        done = size
+    else:
+        regions = RegionMap(regions_path(state_file), regions_of(size, region), writable=False)
+        try:
+            done = hydrated_bytes(regions, size, region)
+        finally:
+            regions.close()
+    return {"volume": state["volume"], "device": state["device"],
+            "backup_id": state["backup_id"], "hydrated_bytes": done, "total_bytes": size,
+            "done": bool(state["done_at"]), "running": bool(live),
+            "pid": pids[0] if pids else None, "error": state["error"]}
