@@ -53,8 +53,8 @@ PAGE_ENTRIES = 256
 FORMAT = 2
 _LEN = struct.Struct("<I")
 _READ = 4 * 1024 * 1024
-_PAGE_CACHE = 64     # pages a reader keeps (12 KiB each)
-_READ_AHEAD = 32     # pages read at once by a reader going through them in order
+_PAGE_CACHE = 128    # pages a reader keeps (12 KiB each)
+_READ_AHEAD = 64     # pages read at once by a reader going through them in order
 _PAGE_BATCH = 64     # pages a writer stores together
 
 
