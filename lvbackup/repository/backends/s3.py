@@ -240,8 +240,11 @@ class S3Backend(Backend):
     def open(cls, rest: str, create: bool, settings: S3Settings) -> S3Backend:
         bucket, prefix = parse_location(rest)
         backend = cls(bucket, prefix, settings)
-        # Fails early, in one line, on a missing bucket or refused credentials.
-        backend._call("", lambda: backend._client.head_bucket(Bucket=bucket))
+        if create:
+            # Fails early, in one line, on a missing bucket or refused credentials, before
+            # a put that some stores answer by creating the bucket. A repository that is
+            # opened is read first (its config), which fails the same way: no request more.
+            backend._call("", lambda: backend._client.head_bucket(Bucket=bucket))
         return backend
 
     # --- errors ----------------------------------------------------------------------------
