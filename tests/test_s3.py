@@ -439,6 +439,19 @@ def test_a_scan_is_served_by_few_large_gets_and_random_reads_by_exact_ones(s3ser
     storage.get_range_into("packs/aa/big", READ_AHEAD - 100, out)   # across two windows
     assert bytes(out[0]) + bytes(out[1]) == data[READ_AHEAD - 100:2 * READ_AHEAD]
 
+    # Past the middle of a window, the next one is fetched before a read asks for it.
+    storage.put("packs/cc/ahead", data)
+    gets.clear()
+    assert storage.get_range("packs/cc/ahead", 8, 2 * MiB) == data[8:8 + 2 * MiB]
+    assert storage.get_range("packs/cc/ahead", 6 * MiB, 2 * MiB) == data[6 * MiB:8 * MiB]
+    second = f"bytes={READ_AHEAD}-{2 * READ_AHEAD - 1}"
+    deadline = time.monotonic() + 30
+    while second not in gets and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gets == [f"bytes=0-{READ_AHEAD - 1}", second]
+    assert storage.get_range("packs/cc/ahead", READ_AHEAD + 5, MiB) == data[READ_AHEAD + 5:][:MiB]
+    assert len(gets) == 2, gets
+
     # Small reads far apart (a mapped backup's) fetch exactly what they ask for.
     other = random.Random(4).randbytes(5 * READ_AHEAD)
     storage.put("packs/bb/other", other)

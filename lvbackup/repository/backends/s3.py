@@ -48,10 +48,10 @@ MULTIPART_OVER = 32 * 1024 * 1024   # a pack (16 MiB) is one PUT; larger objects
 PART_SIZE = 16 * 1024 * 1024
 MAX_CONNECTIONS = 32                # the data path's worker threads share one client
 # A reader going through an object in order (a restore, segment after segment, from several
-# workers) gets READ_AHEAD bytes per GET; at most READ_AHEAD_WINDOWS of them are kept, which
+# workers) gets READ_AHEAD bytes per GET; the windows kept hold at most READ_AHEAD_BYTES, which
 # bounds the memory (plus one being fetched per reader thread).
 READ_AHEAD = 8 * 1024 * 1024
-READ_AHEAD_WINDOWS = 6
+READ_AHEAD_BYTES = 6 * READ_AHEAD
 _SCAN = 1024 * 1024                 # a read this large is taken for part of a scan
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
@@ -130,6 +130,7 @@ class _Window:
         self.name = name
         self.start = start
         self.data = memoryview(b"")
+        self.cost = READ_AHEAD      # bytes it counts for: all it may hold, until it came
         self.failed = False
         self.ready = threading.Event()
 
@@ -141,14 +142,21 @@ class _ReadAhead:
     4 MiB), and a restore asks for one run of chunks at a time, ~1 MiB each, from several
     workers at once. A read uses windows if they are there already, if it is large (part
     of a scan) or near the previous read of the same object; small reads far apart (a
-    mapped backup's random reads) get exactly the bytes they ask for. Objects are never
-    changed in place (put() and delete() forget their windows), so a window stays true."""
+    mapped backup's random reads) get exactly the bytes they ask for. A read from window k
+    past its middle has window k + 1 fetched meanwhile (once), if the object reaches it, so
+    that a scan does not wait a round trip per window. Objects are never changed in place
+    (put() and delete() forget their windows), so a window stays true."""
 
-    def __init__(self, fetch: Callable[[str, int, int, bool], bytes]):
-        self._fetch = fetch               # (name, offset, length, exact) -> bytes
+    def __init__(self, fetch: Callable[[str, int, int, bool], tuple[bytes, int]]):
+        self._fetch = fetch     # (name, offset, length, exact) -> (bytes, the object's size)
         self._lock = threading.Lock()
         self._windows: OrderedDict[tuple[str, int], _Window] = OrderedDict()   # LRU first
-        self._ends: OrderedDict[str, int] = OrderedDict()   # where an object's last read ended
+        self._kept = 0                    # bytes the windows hold (or will)
+        # Of the objects read last: where the last read ended, their sizes once known, and
+        # the last window fetched ahead.
+        self._ends: OrderedDict[str, int] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self._ahead: dict[str, int] = {}
 
     def read(self, name: str, offset: int, length: int) -> memoryview:
         first, last = offset // READ_AHEAD, (offset + length - 1) // READ_AHEAD
@@ -157,27 +165,30 @@ class _ReadAhead:
             self._ends[name] = offset + length
             self._ends.move_to_end(name)
             if len(self._ends) > 64:
-                self._ends.popitem(last=False)
+                gone = self._ends.popitem(last=False)[0]
+                self._sizes.pop(gone, None)
+                self._ahead.pop(gone, None)
             keys = [(name, k) for k in range(first, last + 1)]
             # Workers read neighbouring runs in parallel: "near" reaches both ways.
             if (length >= _SCAN or all(key in self._windows for key in keys)
                     or (end is not None and abs(offset - end) <= 2 * READ_AHEAD)):
                 windows = [self._window(key) for key in keys]
+                nxt = last + 1
+                if (offset + length > nxt * READ_AHEAD - READ_AHEAD // 2
+                        and nxt * READ_AHEAD < self._sizes.get(name, 0)
+                        and nxt > self._ahead.get(name, -1)):
+                    self._ahead[name] = nxt
+                    ahead, mine = self._window((name, nxt))
+                    if mine:
+                        threading.Thread(target=self._fill, args=(ahead,), daemon=True,
+                                         name="lvbackup-read-ahead").start()
             else:
                 windows = None
         if windows is None:
-            return memoryview(self._fetch(name, offset, length, True))
+            return memoryview(self._fetch(name, offset, length, True)[0])
         for window, mine in windows:
             if mine:
-                try:
-                    window.data = memoryview(self._fetch(name, window.start, READ_AHEAD, False))
-                except Exception:   # noqa: BLE001 - the read's own request says what failed
-                    window.failed = True
-                except BaseException:
-                    window.failed = True
-                    raise
-                finally:
-                    window.ready.set()
+                self._fill(window)
             window.ready.wait()
         pieces = []
         for window, _ in windows:
@@ -185,9 +196,28 @@ class _ReadAhead:
             hi = min(offset + length, window.start + READ_AHEAD) - window.start
             if window.failed or hi > len(window.data):
                 # Its own request: a missing or short object fails with the right error.
-                return memoryview(self._fetch(name, offset, length, True))
+                return memoryview(self._fetch(name, offset, length, True)[0])
             pieces.append(window.data[lo:hi])
         return pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
+
+    def _fill(self, window: _Window) -> None:
+        data, size = b"", None
+        try:
+            data, size = self._fetch(window.name, window.start, READ_AHEAD, False)
+        except Exception:   # noqa: BLE001 - a read that needs it makes its own request
+            window.failed = True
+        except BaseException:
+            window.failed = True
+            raise
+        finally:
+            with self._lock:
+                window.data = memoryview(data)
+                if self._windows.get((window.name, window.start // READ_AHEAD)) is window:
+                    self._kept -= window.cost - len(data)
+                window.cost = len(data)
+                if size is not None and window.name in self._ends:
+                    self._sizes[window.name] = size
+            window.ready.set()
 
     def _window(self, key: tuple[str, int]) -> tuple[_Window, bool]:
         """Window (object, k), and whether the caller is to fetch it (under the lock)."""
@@ -196,15 +226,21 @@ class _ReadAhead:
             self._windows.move_to_end(key)
             return window, False
         window = self._windows[key] = _Window(key[0], key[1] * READ_AHEAD)
-        while len(self._windows) > READ_AHEAD_WINDOWS:
-            self._windows.popitem(last=False)   # its readers still hold it
+        self._kept += window.cost
+        while self._kept > READ_AHEAD_BYTES:
+            self._drop(next(iter(self._windows)))   # its readers still hold it
         return window, True
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        self._kept -= self._windows.pop(key).cost
 
     def forget(self, name: str) -> None:
         with self._lock:
             for key in [key for key in self._windows if key[0] == name]:
-                del self._windows[key]
+                self._drop(key)
             self._ends.pop(name, None)
+            self._sizes.pop(name, None)
+            self._ahead.pop(name, None)
 
 
 def _token(etag: str, modified: Any) -> str:
@@ -382,9 +418,10 @@ class S3Backend(Backend):
             return memoryview(b"")
         return self._read_ahead.read(name, offset, length)
 
-    def _get_range(self, name: str, offset: int, length: int, exact: bool) -> bytes:
+    def _get_range(self, name: str, offset: int, length: int, exact: bool
+                   ) -> tuple[bytes, int]:
         """One GET of `length` bytes from `offset` (fewer if the object ends before, unless
-        `exact`)."""
+        `exact`), and the object's size."""
         key = self._key(name)
         try:
             reply = self._client.get_object(Bucket=self.bucket, Key=key,
@@ -396,10 +433,10 @@ class S3Backend(Backend):
             self._raise(name, e)
         except BotoCoreError as e:
             raise Unreachable(f"S3 endpoint {self.endpoint} failed: {e}") from None
+        total = int(str(reply.get("ContentRange", "/0")).rsplit("/", 1)[1])
         if len(data) != length and (exact or len(data) > length):
-            total = int(str(reply.get("ContentRange", "/0")).rsplit("/", 1)[1])
             raise short_read(name, offset, length, total)
-        return data
+        return data, total
 
     def _head(self, name: str) -> dict[str, Any]:
         key = self._key(name)
