@@ -452,14 +452,16 @@ def test_a_scan_is_served_by_few_large_gets_and_random_reads_by_exact_ones(s3ser
     assert storage.get_range("packs/cc/ahead", READ_AHEAD + 5, MiB) == data[READ_AHEAD + 5:][:MiB]
     assert len(gets) == 2, gets
 
-    # Small reads far apart (a mapped backup's) fetch exactly what they ask for.
-    other = random.Random(4).randbytes(5 * READ_AHEAD)
+    # Reads that do not go forward in a row (gc's footer then trailer, chunks in id order,
+    # a mapped backup's random reads) fetch exactly what they ask for.
+    other = random.Random(4).randbytes(2 * READ_AHEAD)
     storage.put("packs/bb/other", other)
     gets.clear()
-    offsets = (5 * 4096, 4 * READ_AHEAD, 100)
-    for offset in offsets:
-        assert storage.get_range("packs/bb/other", offset, 4096) == other[offset:offset + 4096]
-    assert gets == [f"bytes={o}-{o + 4095}" for o in offsets]
+    spans = [(len(other) - 44, 44), (len(other) - 44 - 49 * 300, 49 * 300)]
+    spans += [(random.Random(i).randrange(len(other) - 65536), 65536) for i in range(20)]
+    for offset, length in spans:
+        assert storage.get_range("packs/bb/other", offset, length) == other[offset:][:length]
+    assert gets == [f"bytes={o}-{o + n - 1}" for o, n in spans]
 
     # Past the end: the same error as without windows, whatever was read before.
     with pytest.raises(CorruptionError, match="truncated"):

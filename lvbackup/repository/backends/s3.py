@@ -53,6 +53,8 @@ MAX_CONNECTIONS = 32                # the data path's worker threads share one c
 READ_AHEAD = 8 * 1024 * 1024
 READ_AHEAD_BYTES = 6 * READ_AHEAD
 _SCAN = 1024 * 1024                 # a read this large is taken for part of a scan
+_GAP = 256 * 1024                   # ... as is the third of reads each starting this close
+                                    # after the previous one's end
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
                 "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed", "403"}
@@ -140,9 +142,11 @@ class _ReadAhead:
     fixed grid, each fetched once: a GET costs the store a fixed amount of work whatever
     its size (SeaweedFS on this kind of machine: ~3 ms of CPU per GET, as much as serving
     4 MiB), and a restore asks for one run of chunks at a time, ~1 MiB each, from several
-    workers at once. A read uses windows if they are there already, if it is large (part
-    of a scan) or near the previous read of the same object; small reads far apart (a
-    mapped backup's random reads) get exactly the bytes they ask for. A read from window k
+    workers at once. A read uses windows if they are there already, if it is large, or if
+    it continues reads of the object that went forward, each starting just after the
+    previous one, twice in a row. Other reads (gc's of a pack's footer and trailer or of
+    chunks in id order, a mapped backup's random reads) get exactly the bytes they ask for:
+    a window there would fetch megabytes for kilobytes. A read from window k
     past its middle has window k + 1 fetched meanwhile (once), if the object reaches it, so
     that a scan does not wait a round trip per window. Objects are never changed in place
     (put() and delete() forget their windows), so a window stays true."""
@@ -152,26 +156,25 @@ class _ReadAhead:
         self._lock = threading.Lock()
         self._windows: OrderedDict[tuple[str, int], _Window] = OrderedDict()   # LRU first
         self._kept = 0                    # bytes the windows hold (or will)
-        # Of the objects read last: where the last read ended, their sizes once known, and
-        # the last window fetched ahead.
-        self._ends: OrderedDict[str, int] = OrderedDict()
+        # Of the objects read last: where the last read ended and how many reads in a row
+        # went forward, their sizes once known, and the last window fetched ahead.
+        self._ends: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._sizes: dict[str, int] = {}
         self._ahead: dict[str, int] = {}
 
     def read(self, name: str, offset: int, length: int) -> memoryview:
         first, last = offset // READ_AHEAD, (offset + length - 1) // READ_AHEAD
         with self._lock:
-            end = self._ends.get(name)
-            self._ends[name] = offset + length
+            end, streak = self._ends.get(name, (None, 0))
+            streak = streak + 1 if end is not None and 0 <= offset - end <= _GAP else 0
+            self._ends[name] = offset + length, streak
             self._ends.move_to_end(name)
             if len(self._ends) > 64:
                 gone = self._ends.popitem(last=False)[0]
                 self._sizes.pop(gone, None)
                 self._ahead.pop(gone, None)
             keys = [(name, k) for k in range(first, last + 1)]
-            # Workers read neighbouring runs in parallel: "near" reaches both ways.
-            if (length >= _SCAN or all(key in self._windows for key in keys)
-                    or (end is not None and abs(offset - end) <= 2 * READ_AHEAD)):
+            if length >= _SCAN or streak >= 2 or all(key in self._windows for key in keys):
                 windows = [self._window(key) for key in keys]
                 nxt = last + 1
                 if (offset + length > nxt * READ_AHEAD - READ_AHEAD // 2
