@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -52,18 +53,21 @@ CEILING_THREADS = 2           # as many as the S3 backend keeps in flight
 
 def server_ceiling(server: SeaweedServer, bucket: str) -> dict[str, float]:
     """MB/s of plain boto3 PUTs and GETs of pack-sized objects: what the server (sharing
-    this machine's CPUs) takes and gives at best, whoever the client."""
+    this machine's CPUs) takes and gives at best, whoever the client; and the server's own
+    CPU seconds per GB of each."""
     client = server.client()
     body = random.Random(7).randbytes(16 * MiB)
     names = [f"ceiling/{i}" for i in range(CEILING_OBJECTS)]
+    gb = len(names) * len(body) / 1e9
     out = {}
     with ThreadPoolExecutor(CEILING_THREADS) as pool:
-        t = time.perf_counter()
-        list(pool.map(lambda n: client.put_object(Bucket=bucket, Key=n, Body=body), names))
-        out["put_mb_per_s"] = round(len(names) * len(body) / (time.perf_counter() - t) / 1e6, 1)
-        t = time.perf_counter()
-        list(pool.map(lambda n: client.get_object(Bucket=bucket, Key=n)["Body"].read(), names))
-        out["get_mb_per_s"] = round(len(names) * len(body) / (time.perf_counter() - t) / 1e6, 1)
+        for what, request in (
+                ("put", lambda n: client.put_object(Bucket=bucket, Key=n, Body=body)),
+                ("get", lambda n: client.get_object(Bucket=bucket, Key=n)["Body"].read())):
+            cpu, t = server.cpu_seconds(), time.perf_counter()
+            list(pool.map(request, names))
+            out[f"{what}_mb_per_s"] = round(gb * 1e3 / (time.perf_counter() - t), 1)
+            out[f"{what}_server_cpu_s_per_gb"] = round((server.cpu_seconds() - cpu) / gb, 2)
     for n in names:
         client.delete_object(Bucket=bucket, Key=n)
     return out
@@ -106,7 +110,9 @@ def main() -> int:
         bucket = server.new_bucket()
         ceiling = server_ceiling(server, bucket)
         log(f"server ceiling: PUT {ceiling['put_mb_per_s']} MB/s, GET "
-            f"{ceiling['get_mb_per_s']} MB/s (16 MiB objects, {CEILING_THREADS} threads)")
+            f"{ceiling['get_mb_per_s']} MB/s (16 MiB objects, {CEILING_THREADS} threads); "
+            f"server CPU per GB: PUT {ceiling['put_server_cpu_s_per_gb']} s, GET "
+            f"{ceiling['get_server_cpu_s_per_gb']} s")
         s3 = {"endpoint_url": server.endpoint, "region": "us-east-1",
               "addressing_style": "path", "access_key_id": ACCESS_KEY,
               "secret_access_key": SECRET_KEY}
@@ -127,6 +133,7 @@ def main() -> int:
             for where, cfg in configs.items():
                 sync()
                 warm(disk)
+                server_cpu = server.cpu_seconds()
                 if step == "restore to pipe":
                     argv = [lvb, "--config", cfg, "restore", ids[where]["incremental"],
                             "--to-file", "-"]
@@ -148,6 +155,8 @@ def main() -> int:
                     log(f"{where} {step}: {status}: {r.stderr.strip()[-500:]}")
                 rows.append({"step": step, "repository": where, "status": status,
                              "wall_s": round(r.wall, 3), "cpu_s": round(r.cpu, 3),
+                             # The server runs on the same CPUs: its share of the step.
+                             "server_cpu_s": round(server.cpu_seconds() - server_cpu, 3),
                              "peak_rss_mib": round(r.maxrss_kib / 1024, 1),
                              "mb_per_s": round(size / r.wall / 1e6, 1) if r.wall else None,
                              "stored_bytes": stored,
@@ -170,10 +179,17 @@ def main() -> int:
         print(f"{step:18} {local['wall_s']:8.2f} {s3row['wall_s']:8.2f} "
               f"{local['mb_per_s']:11.1f} {s3row['mb_per_s']:9.1f} {ratio:15.2f} "
               f">={target:<5} {'ok' if ok else 'MISSED'}")
+    cpus = os.cpu_count() or 1
     for row in rows:
-        if row["repository"] == "s3" and row["stored_mb_per_s"]:
-            print(f"{row['step']} to S3 stored {row['stored_mb_per_s']} MB/s "
-                  f"(server ceiling {ceiling['put_mb_per_s']} MB/s)")
+        if row["repository"] != "s3":
+            continue
+        # The least time the step could take if every CPU second, lvbackup's and the
+        # server's, ran in parallel on this machine's CPUs.
+        floor = (row["cpu_s"] + row["server_cpu_s"]) / cpus
+        print(f"{row['step']} to S3: lvbackup {row['cpu_s']:.2f} CPU s + server "
+              f"{row['server_cpu_s']:.2f} CPU s = {floor:.2f} s on {cpus} CPUs at best"
+              + (f"; stored {row['stored_mb_per_s']} MB/s (server ceiling "
+                 f"{ceiling['put_mb_per_s']} MB/s)" if row["stored_mb_per_s"] else ""))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine_info(work), "size": size,
                                          "server_ceiling": ceiling,

@@ -113,7 +113,9 @@ class SeaweedServer:
         argv = [str(weed_binary()), f"-logdir={data / 'logs'}", "mini", f"-dir={data}",
                 "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
                 *(f"-{name}.port={port}" for name, port in self.ports.items()),
-                "-webdav=false", "-admin.ui=false", f"-s3.config={identities}",
+                # Nor the Iceberg and Lance catalogs, which would take fixed ports.
+                "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                f"-s3.config={identities}",
                 f"-s3.localSocket={self.root / 's3.sock'}",
                 f"-filer.localSocket={self.root / 'filer.sock'}"]
         with open(self.log, "wb") as log:
@@ -151,6 +153,12 @@ class SeaweedServer:
         tail = self._log_tail()
         self.stop()
         raise RuntimeError(f"the SeaweedFS test server {why}; its log ends:\n{tail}")
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server has used so far: what its requests cost it."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def new_bucket(self) -> str:
         name = f"lvb-{uuid.uuid4().hex[:12]}"

@@ -182,6 +182,42 @@ def test_manifest_round_trip(tmp_path):
     assert m.entries_at(n - 1, 10).raw == entries[-48:]
 
 
+def test_pages_read_in_order_come_in_batches_and_damage_ahead_is_left_alone(tmp_path):
+    """An incremental reads its parent's entries segment by segment: one read per page
+    would cost a round trip each on object storage."""
+    storage = LocalBackend(tmp_path)
+    n = 300 * PAGE_ENTRIES + 17
+    entries = entries_for(random.Random(2), n)
+    pages = write_manifest(storage, entries, [], n * 65536, record())
+    batches: list[int] = []
+
+    def read(ids: list[bytes]) -> dict[bytes, bytes]:
+        batches.append(len(ids))
+        return pages.read(ids)
+
+    m = Manifest(storage, BACKUP_ID, PLAIN, read)
+    for first in range(0, n, 32):   # 4 MiB segments of 128 KiB blocks
+        assert m.entries_at(first, 32).raw == entries[first * 48:(first + 32) * 48]
+    assert len(batches) <= 6 and sum(batches) == 301, batches
+    batches.clear()
+    assert m.entries_at(5 * PAGE_ENTRIES, 1).raw == entries[5 * PAGE_ENTRIES * 48:][:48]
+    assert batches == [1], "a read out of order reads its own page only"
+
+    # A damaged page ahead of the reader fails only the read that needs it.
+    page_ids = m.page_ids()
+
+    def damaged(ids: list[bytes]) -> dict[bytes, bytes]:
+        if page_ids[3] in ids:
+            raise CorruptionError("chunk fails its checksum")
+        return pages.read(ids)
+
+    m = Manifest(storage, BACKUP_ID, PLAIN, damaged)
+    assert m.entries_at(0, 32).raw == entries[:32 * 48]
+    assert m.entries_at(PAGE_ENTRIES, 32).raw == entries[PAGE_ENTRIES * 48:][:32 * 48]
+    with pytest.raises(CorruptionError, match="fails its checksum"):
+        m.entries_at(3 * PAGE_ENTRIES, 1)
+
+
 def test_old_format_1_manifests_stay_readable(tmp_path):
     storage = LocalBackend(tmp_path)
     n = 3000

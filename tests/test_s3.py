@@ -14,11 +14,13 @@ import random
 import subprocess
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from s3server import SECRET_KEY, SeaweedServer
 
+from lvbackup.errors import CorruptionError
 from lvbackup.repository import lease
 from lvbackup.repository.backends import open_backend
 
@@ -405,4 +407,70 @@ def test_runs_with_wait_go_ahead_once_the_other_hosts_lease_is_released(tmp_path
         assert gc.poll() is None, "gc waits while a run lease is live"
     out, err = gc.communicate(timeout=120)
     assert gc.returncode == 0, err
+    storage.close()
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+def counted_gets(storage) -> list[str]:
+    """The Range of every GET the backend sends from now on."""
+    ranges: list[str] = []
+    storage._client.meta.events.register(
+        "before-parameter-build.s3.GetObject",
+        lambda params, **_: ranges.append(params.get("Range", "")))
+    return ranges
+
+
+def test_a_scan_is_served_by_few_large_gets_and_random_reads_by_exact_ones(s3server, s3_bucket):
+    from lvbackup.repository.backends.s3 import READ_AHEAD
+
+    storage = open_backend(f"s3://{s3_bucket}/reads-{uuid.uuid4().hex[:8]}",
+                           s3=s3_settings(s3server))
+    data = random.Random(3).randbytes(2 * READ_AHEAD + 12345)
+    storage.put("packs/aa/big", data)
+    gets = counted_gets(storage)
+    # Runs of ~1 MiB in order, from four threads at once, as a restore's workers read them.
+    runs = [(o, min(1000003, len(data) - o)) for o in range(8, len(data), 1000003)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda r: storage.get_range("packs/aa/big", *r), runs))
+    assert got == [data[o:o + n] for o, n in runs]
+    assert len(gets) <= 5, f"{len(runs)} reads of a scan took {len(gets)} GETs: {gets}"
+    out = [memoryview(bytearray(100)), memoryview(bytearray(READ_AHEAD))]
+    storage.get_range_into("packs/aa/big", READ_AHEAD - 100, out)   # across two windows
+    assert bytes(out[0]) + bytes(out[1]) == data[READ_AHEAD - 100:2 * READ_AHEAD]
+
+    # Past the middle of a window, the next one is fetched before a read asks for it.
+    storage.put("packs/cc/ahead", data)
+    gets.clear()
+    assert storage.get_range("packs/cc/ahead", 8, 2 * MiB) == data[8:8 + 2 * MiB]
+    assert storage.get_range("packs/cc/ahead", 6 * MiB, 2 * MiB) == data[6 * MiB:8 * MiB]
+    second = f"bytes={READ_AHEAD}-{2 * READ_AHEAD - 1}"
+    deadline = time.monotonic() + 30
+    while second not in gets and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gets == [f"bytes=0-{READ_AHEAD - 1}", second]
+    assert storage.get_range("packs/cc/ahead", READ_AHEAD + 5, MiB) == data[READ_AHEAD + 5:][:MiB]
+    assert len(gets) == 2, gets
+
+    # Reads that do not go forward in a row (gc's footer then trailer, chunks in id order,
+    # a mapped backup's random reads) fetch exactly what they ask for.
+    other = random.Random(4).randbytes(2 * READ_AHEAD)
+    storage.put("packs/bb/other", other)
+    gets.clear()
+    spans = [(len(other) - 44, 44), (len(other) - 44 - 49 * 300, 49 * 300)]
+    spans += [(random.Random(i).randrange(len(other) - 65536), 65536) for i in range(20)]
+    for offset, length in spans:
+        assert storage.get_range("packs/bb/other", offset, length) == other[offset:][:length]
+    assert gets == [f"bytes={o}-{o + n - 1}" for o, n in spans]
+
+    # Past the end: the same error as without windows, whatever was read before.
+    with pytest.raises(CorruptionError, match="truncated"):
+        storage.get_range("packs/aa/big", len(data) - 10, 20)
+    with pytest.raises(CorruptionError, match="truncated"):
+        storage.get_range("packs/aa/big", len(data) + READ_AHEAD, 20)
+
+    # An object put again (a damaged pack replaced) is read anew, not from a window.
+    storage.delete("packs/aa/big")
+    storage.put("packs/aa/big", bytes(len(data)))
+    assert storage.get_range("packs/aa/big", 1000011, 1000003) == bytes(1000003)
     storage.close()

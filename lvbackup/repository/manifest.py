@@ -53,7 +53,8 @@ PAGE_ENTRIES = 256
 FORMAT = 2
 _LEN = struct.Struct("<I")
 _READ = 4 * 1024 * 1024
-_PAGE_CACHE = 64     # pages a reader keeps (12 KiB each)
+_PAGE_CACHE = 128    # pages a reader keeps (12 KiB each)
+_READ_AHEAD = 64     # pages read at once by a reader going through them in order
 _PAGE_BATCH = 64     # pages a writer stores together
 
 
@@ -260,6 +261,7 @@ class Manifest:
                 raise CorruptionError(f"{self.what} is corrupt (page table does not match "
                                       "its header)")
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._last_miss = -1   # the last page that was not in the cache
         self._lock = threading.Lock()
         self._v1_table: IO[bytes] | None = None
 
@@ -391,12 +393,27 @@ class Manifest:
             if page is not None:
                 self._cache.move_to_end(p)
                 return page
-        page = self._pages(p, 1)[0]
+            # A reader going through the pages in order (an incremental against its
+            # parent) gets the next ones in the same batch: stored together, they come in
+            # one read, where one read per page costs a round trip each on object storage.
+            ahead = p == self._last_miss + 1
+            self._last_miss = p
+        count = min(_READ_AHEAD, len(self._page_table) // 32 - p) if ahead else 1
+        try:
+            pages = self._pages(p, count)
+        except CorruptionError:
+            if count == 1:
+                raise
+            pages = self._pages(p, 1)   # a damaged page ahead is not this reader's concern
         with self._lock:
-            self._cache[p] = page
-            if len(self._cache) > _PAGE_CACHE:
+            for i, got in enumerate(pages):
+                self._cache[p + i] = got
+                self._cache.move_to_end(p + i)
+            while len(self._cache) > _PAGE_CACHE:
                 self._cache.popitem(last=False)
-        return page
+            # The next miss of an in-order reader is the page after this batch.
+            self._last_miss = p + len(pages) - 1
+        return pages[0]
 
     def _v1_slice(self, first: int, count: int) -> bytes:
         with self._lock:
