@@ -340,6 +340,46 @@ def test_two_configurations_share_a_bucket_and_gc_one_at_a_time(tmp_path, s3serv
             assert w.verify(b["id"], "--deep").returncode == 0
 
 
+def test_a_cache_that_did_not_list_is_never_trusted_past_another_hosts_gc(tmp_path, s3server,
+                                                                       s3_bucket):
+    """Runs skip listing the index while `index-changes` stands; another host's gc replaces
+    it before deleting anything, and a read that misses a chunk lists at once."""
+    one = s3_workdir(tmp_path / "one", s3server, s3_bucket)
+    two = s3_workdir(tmp_path / "two", s3server, s3_bucket, prefix=str(one.repo).split("/")[-1])
+    one.init("64K")
+    two.init("64K")
+    image, other = tmp_path / "a.img", tmp_path / "b.img"
+    data = make_image(image, 4, seed=31)
+    make_image(other, 2, seed=32)
+    two.create(other)                       # two's cache has listed the index
+    first = one.create(image)               # one's new index file, unseen by two's cache
+    two.run_json("catalog", "rebuild")
+    two.assert_restores(first["id"], data)  # the miss lists, and finds one's chunks
+    one.run_json("delete", first["id"])
+    assert two.run_json("gc")["packs_deleted"] > 0
+    # Had one's cache stood, this backup of the same data would name the deleted packs.
+    second = one.create(image)
+    assert second["stored_bytes"] > 0
+    one.assert_restores(second["id"], data)
+    assert one.verify(second["id"], "--deep").returncode == 0
+
+
+def test_an_append_only_host_backs_up_restores_and_releases_its_lease(tmp_path, s3server,
+                                                                     s3_bucket):
+    wd = s3_workdir(tmp_path / "wd", s3server, s3_bucket, append_only=True)
+    wd.init("64K")
+    image = tmp_path / "a.img"
+    data = make_image(image, 2, seed=33)
+    first = wd.create(image)
+    apply_change(image, seed=34)
+    second = wd.create(image, "--incremental")
+    wd.assert_restores(first["id"], data)
+    assert second["parent_id"] == first["id"]
+    assert_one_line_error(wd.run("gc"), 2, "append_only")
+    bucket, prefix = bucket_and_prefix(wd)
+    assert [k for k in keys(s3server, bucket, prefix) if k.startswith(prefix + "locks/")] == []
+
+
 def test_gc_waits_for_a_held_lease_and_takes_over_an_expired_one(tmp_path, s3server,
                                                                  s3_bucket, wd):
     wd.init()

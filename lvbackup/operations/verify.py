@@ -21,7 +21,7 @@ def verify_backups(session: Session, ids: list[str], *, deep: bool,
         recover_dead_runs(session)
         rows = ([cat.resolve(i) for i in ids] if ids else cat.list(status=Status.AVAILABLE))
         repo = session.repo
-        bad_index = repo.sync_index(session.lock_dir)
+        bad_index = repo.sync_index(session.lock_dir, full=True)
         results = []
         total = sum(r["size"] or 0 for r in rows)
         done = 0

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..errors import CorruptionError, LvbackupError
 from ..faults import crash_point
 from ..locks import RunLock
-from .index import DAMAGED_PREFIX, parse_damaged_name
+from .index import DAMAGED_PREFIX, announce_change, parse_damaged_name
 from .manifest import Manifest
 from .pack import ChunkRef, pack_name, read_trailer
 from .repo import Repository
@@ -42,7 +42,9 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
     storage = repo.storage
     check = guard or (lambda: None)
     storage.remove_incomplete(older_than=grace)
-    repo.index.sync(storage, repo.codec)  # the fallback for packs whose trailer is unreadable
+    # Before anything is deleted: every host's next run then lists the index anew.
+    announce_change(storage)
+    repo.index.sync(storage, repo.codec, full=True)  # the fallback for unreadable trailers
     work = Path(cache_dir) / f"gc-{uuid.uuid4().hex}.sqlite"
     db = sqlite3.connect(work, isolation_level=None)
     try:
@@ -88,7 +90,7 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
             if mark is None or mark[1] in gone_ids:
                 storage.delete(name)
         repo.index.reset()
-        repo.index.sync(storage, repo.codec)
+        repo.index.sync(storage, repo.codec, full=True)
         fates = dict(db.execute("SELECT fate, count(*) FROM pack GROUP BY fate").fetchall())
         return {"packs_deleted": fates.get("delete", 0), "packs_repacked": fates.get("repack", 0),
                 "packs_kept": fates.get("keep", 0) + fates.get("new", 0),

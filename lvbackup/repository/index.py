@@ -12,23 +12,34 @@ The cache is an SQLite file per repository in the cache directory, so the index 
 held in memory: lookups are batched queries. It also records packs that a run has written
 but not yet listed in an index file ("pending"), so that a rerun after a crash can index
 and reuse them instead of writing them again.
+
+On object storage a run does not list `index/` and `damaged/` each time (each listing is
+a request per 1,000 names, and index files accumulate until gc merges them). The object
+`index-changes` is replaced by whatever makes the cache wrong rather than incomplete: gc
+(before it deletes anything) and a new damage mark. A run reads its token: unchanged since
+the cache last listed, and that listing less than an hour old, the cache stands. Index
+files that other hosts added meanwhile are then missing from it, which costs a backup
+some deduplication; a read that misses a chunk lists at once (`lookup`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import blake3
 
-from ..errors import CorruptionError, UsageError
+from ..errors import CorruptionError, LvbackupError, UsageError
 from ..permissions import create_private_file, make_private_dirs
 from ..sqlitefile import open_error
-from .backends import Backend
+from .backends import Backend, Conflict, MissingObject, ObjectExists
 from .codec import Codec
 from .pack import ENTRY, ChunkRef
 
@@ -51,10 +62,43 @@ CREATE TABLE IF NOT EXISTS index_files (
 CREATE TABLE IF NOT EXISTS damaged (
     chunk BLOB NOT NULL, pack BLOB NOT NULL, PRIMARY KEY (chunk, pack)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS listed (
+    one INTEGER PRIMARY KEY CHECK (one = 1), marker TEXT, at REAL NOT NULL
+);
 """
 # A chunk's row points at a damaged copy: another copy, when one is indexed, replaces it.
 _IS_DAMAGED = "EXISTS (SELECT 1 FROM damaged d WHERE d.chunk = {t}.id AND d.pack = {t}.pack)"
 DAMAGED_PREFIX = "damaged/"
+CHANGES = "index-changes"
+RELIST_AFTER = 3600.0   # seconds a listing is trusted while `index-changes` stands
+
+
+def changes_token(storage: Backend) -> str | None:
+    try:
+        return storage.token(CHANGES)
+    except MissingObject:
+        return None
+
+
+def _marked(storage: Backend) -> bool:
+    # A directory of files on this host lists without a request, and is locked by this
+    # host's kernel: it has no `index-changes`, its index is listed every run.
+    return not storage.capabilities.local_files
+
+
+def announce_change(storage: Backend) -> None:
+    """Replace `index-changes`, so that every host's next run lists the index again."""
+    if not _marked(storage):
+        return
+    data = secrets.token_hex(16).encode()
+    try:
+        storage.put(CHANGES, data)
+        return
+    except ObjectExists:
+        pass
+    # Conflict: replaced by another host meanwhile, which announces it all the same.
+    with contextlib.suppress(Conflict, MissingObject):
+        storage.replace(CHANGES, data, storage.token(CHANGES))
 
 
 def damaged_name(chunk_id: bytes, pack_id: bytes) -> str:
@@ -129,6 +173,8 @@ class ChunkIndex:
             raise UsageError(f"cannot create the cache directory {self.path.parent}: "
                              f"{e.strerror}; set cache_dir in the configuration") from None
         self._local = threading.local()
+        self._unlisted: tuple[Backend, Codec] | None = None   # set when sync did not list
+        self._relist = threading.Lock()
         try:
             self._db().executescript(_SCHEMA)
         except sqlite3.DatabaseError as e:
@@ -150,13 +196,24 @@ class ChunkIndex:
 
     # --- keeping the cache in step with the repository's index files -----------------
 
-    def sync(self, storage: Backend, codec: Codec) -> list[str]:
-        """Merge new index files; start over if one changed or vanished (gc ran).
+    def sync(self, storage: Backend, codec: Codec, *, full: bool = False) -> list[str]:
+        """Merge new index files; start over if one changed or vanished (gc ran). Without
+        `full`, only when `index-changes` says so or the last listing is old.
 
         Returns the names of index files that failed their checksum: their entries are
         left out, so a backup that needs them fails to restore and verify, loudly.
         """
         db = self._db()
+        token = changes_token(storage) if _marked(storage) else None
+        last = db.execute("SELECT marker, at FROM listed").fetchone()
+        if (not full and token is not None and last is not None and last[0] == token
+                and 0 <= time.time() - last[1] < RELIST_AFTER):
+            self._unlisted = (storage, codec)
+            return [n for (n,) in db.execute("SELECT name FROM index_files WHERE ok = 0")]
+        if token is None and _marked(storage):
+            token = self._create_changes(storage)
+        self._unlisted = None
+        listed_at = time.time()
         marks = [m for m in map(parse_damaged_name, dict(storage.list(DAMAGED_PREFIX))) if m]
         if marks:  # before the index files, so that an undamaged copy wins
             db.executemany("INSERT OR IGNORE INTO damaged VALUES (?, ?)", marks)
@@ -183,7 +240,21 @@ class ChunkIndex:
                     self._insert(db, pack_id, refs, run=None, indexed=1)
                 db.execute("INSERT OR REPLACE INTO index_files VALUES (?, ?, 1)",
                            (name, remote[name]))
+        # The token read before listing: a change announced meanwhile is seen next time.
+        db.execute("INSERT OR REPLACE INTO listed VALUES (1, ?, ?)", (token, listed_at))
         return bad
+
+    @staticmethod
+    def _create_changes(storage: Backend) -> str | None:
+        """`index-changes` of a repository made before it existed (None if it cannot be
+        written: then every run lists)."""
+        try:
+            storage.put(CHANGES, secrets.token_hex(16).encode())
+        except ObjectExists:
+            pass
+        except (OSError, LvbackupError):
+            return None
+        return changes_token(storage)
 
     def _insert(self, db, pack_id: bytes, refs: list[ChunkRef], run: str | None,
                 indexed: int) -> None:
@@ -234,8 +305,20 @@ class ChunkIndex:
 
     def lookup(self, ids: Iterable[bytes], *, undamaged: bool = False) -> dict[bytes, ChunkRef]:
         """Refs of those `ids` that are in indexed packs; with `undamaged`, only those whose
-        copy has not been found damaged (a backup stores the others again)."""
+        copy has not been found damaged (a backup stores the others again: there a miss
+        is a new chunk). Without it the ids are being read, and a miss when the last sync
+        did not list lists the index and looks again."""
         ids = list(dict.fromkeys(ids))
+        found = self._lookup(ids, undamaged)
+        if len(found) < len(ids) and not undamaged and self._unlisted is not None:
+            with self._relist:
+                unlisted = self._unlisted
+                if unlisted is not None:
+                    self.sync(*unlisted, full=True)
+            found.update(self._lookup([i for i in ids if i not in found], undamaged))
+        return found
+
+    def _lookup(self, ids: list[bytes], undamaged: bool) -> dict[bytes, ChunkRef]:
         found: dict[bytes, ChunkRef] = {}
         db = self._db()
         skip = f" AND NOT {_IS_DAMAGED.format(t='c')}" if undamaged else ""
@@ -266,6 +349,7 @@ class ChunkIndex:
             db.execute("DELETE FROM packs")
             db.execute("DELETE FROM index_files")
             db.execute("DELETE FROM damaged")
+            db.execute("DELETE FROM listed")
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

@@ -31,7 +31,7 @@ from . import codec
 from .backends import Backend, MissingObject, ObjectExists, open_backend
 from .backends.appendonly import AppendOnlyBackend
 from .codec import PLAIN, Codec, CodecError, SealingCodec, Verdict, key_check, seal, unseal
-from .index import ChunkIndex, damaged_name, encode_index
+from .index import ChunkIndex, announce_change, damaged_name, encode_index
 from .keys import Secret, make_slot, new_master, read_slots, unlock
 from .manifest import ENTRY_SIZE, PAGE_ENTRIES, Manifest
 from .pack import ENTRY, ChunkRef, PackBuilder, pack_name, read_trailer
@@ -176,12 +176,13 @@ class Repository:
 
     # --- index upkeep -------------------------------------------------------------
 
-    def sync_index(self, lock_dir: Path) -> list[str]:
-        """Bring the cache up to date and index packs that dead runs left pending.
+    def sync_index(self, lock_dir: Path, *, full: bool = False) -> list[str]:
+        """Bring the cache up to date (with `full`, by listing the index whatever
+        `index-changes` says) and index packs that dead runs left pending.
 
         Returns the names of corrupt index files.
         """
-        bad = self.index.sync(self.storage, self.codec)
+        bad = self.index.sync(self.storage, self.codec, full=full)
         for run in self.index.pending_runs():
             if not run_is_alive(lock_dir, run):
                 # On failure (e.g. a full disk) the packs stay pending: a later run indexes them.
@@ -291,6 +292,7 @@ class Repository:
         try:
             self.storage.put(name, self.codec.seal(
                 DAMAGED_MAGIC, json.dumps({"found_at": now_iso()}).encode(), name))
+            announce_change(self.storage)
         except ObjectExists:
             pass  # found damaged before: the first mark stands
         except OSError:

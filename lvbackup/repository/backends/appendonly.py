@@ -4,6 +4,10 @@ Every delete is refused, and so is replacing an object (put_content_addressed re
 damaged copy of a pack or index file elsewhere): a host whose credentials could be used to
 destroy its past backups is thus kept from doing so by lvbackup itself, and, with storage
 that grants no delete (docs/security.md), by the storage too.
+
+Coordination objects hold no backup: leases (`locks/`) and `index-changes` may still be
+replaced and deleted, so that a run renews and releases its lease (where the
+storage grants no delete, the lease is left to expire).
 """
 
 from __future__ import annotations
@@ -16,6 +20,12 @@ from .base import Backend, Capabilities, Data, ObjectExists
 
 class AppendOnlyError(UsageError):
     """A delete or a replacement that append_only forbids."""
+
+
+def _coordination(name: str, what: str = "replaced") -> str:
+    if name.startswith("locks/") or name == "index-changes":
+        return name
+    raise AppendOnlyError(f"append_only: is set: repository object {name} cannot be {what}")
 
 
 class AppendOnlyBackend(Backend):
@@ -63,9 +73,14 @@ class AppendOnlyBackend(Backend):
     def token(self, name: str) -> str:
         return self.inner.token(name)
 
+    def replace(self, name: str, data: Data, token: str) -> None:
+        self.inner.replace(_coordination(name), data, token)
+
+    def delete_if(self, name: str, token: str) -> None:
+        self.inner.delete_if(_coordination(name), token)
+
     def delete(self, name: str) -> None:
-        raise AppendOnlyError(f"append_only: is set: repository object {name} cannot be "
-                              "deleted")
+        self.inner.delete(_coordination(name, "deleted"))
 
     def remove_incomplete(self, older_than: float) -> int:
         # Unfinished puts are not objects: removing them destroys nothing stored.
