@@ -278,9 +278,9 @@ def served(tmp_path):
         "started_at": now_iso(), "instant": {"state": str(state_file), "volume": "vg/lv"}}
     reg.save(lock_dir, record)
     record["pid"] = devices.start_server(run_dir, {
-        "export": "instant", "repository": str(wd.repo), "cache_dir": str(wd.cache),
+        "export": "instant", "config": str(wd.config),
         "backup": backup["id"], "lock": str(reg.lock_path(lock_dir, map_id)),
-        "state": str(state_file), "config": str(wd.config)}, None, writable=True)
+        "state": str(state_file)}, None, writable=True)
     reg.save(lock_dir, record)
     yield wd, data, target, state_file, record
     if Path(f"/proc/{record['pid']}").exists():

@@ -26,7 +26,7 @@ from lvbackup.repository.codec import PLAIN
 from lvbackup.repository.pack import read_trailer
 from lvbackup.timeutil import now_iso
 
-from support import BLOCK_SIZE, MiB, Workdir, assert_one_line_error, make_image
+from support import BLOCK_SIZE, MiB, Workdir, assert_one_line_error, make_image, s3_section
 
 
 def _start(wd: Workdir, backup_id: str, writable: bool = False, ready: bool = True
@@ -46,7 +46,7 @@ def _start(wd: Workdir, backup_id: str, writable: bool = False, ready: bool = Tr
         "overlay_dir": str(overlay) if overlay else None, "started_at": now_iso()}
     reg.save(lock_dir, record)
     record["pid"] = devices.start_server(run_dir, {
-        "repository": str(wd.repo), "cache_dir": str(wd.cache), "backup": backup_id,
+        "config": str(wd.config), "backup": backup_id,
         "lock": str(reg.lock_path(lock_dir, map_id))}, overlay)
     record["ready"] = ready
     reg.save(lock_dir, record)
@@ -98,6 +98,38 @@ def test_served_image_is_the_backup(mapped):
             assert client.pread(offset, length) == (0, data[offset:offset + length])
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("where", ["encrypted", "s3"])
+def test_the_server_opens_the_repository_as_lvbackup_does(tmp_path, request, monkeypatch,
+                                                          where):
+    """nbdkit is given the configuration file, not a path: an encrypted repository is
+    unlocked with the passphrase from the environment it inherits (never from its command
+    line), a repository in object storage is reached through the `s3:` section."""
+    if where == "s3":
+        server = request.getfixturevalue("s3server")
+        bucket = request.getfixturevalue("s3_bucket")
+        wd = Workdir(tmp_path / "wd", repository=f"s3://{bucket}/map-{uuid.uuid4().hex[:8]}",
+                     s3=s3_section(server))
+        env: dict[str, str] = {}
+        wd.init()
+    else:
+        wd = Workdir(tmp_path / "wd")
+        env = {"LVBACKUP_PASSPHRASE": "the map's passphrase"}
+        monkeypatch.setenv("LVBACKUP_PASSPHRASE", env["LVBACKUP_PASSPHRASE"])
+        assert wd.run_json("init", "--encryption", env=env)["encrypted"] is True
+    image = tmp_path / "disk.img"
+    data = make_image(image, 2, seed=8)
+    rec = wd.run_json("create", "--device", image, env=env)
+    record = _start(wd, rec["id"])
+    cmdline = Path(f"/proc/{record['pid']}/cmdline").read_bytes()
+    assert b"passphrase" not in cmdline and str(wd.config).encode() in cmdline
+    client = NbdClient(str(Path(record["run_dir"]) / "socket"))
+    try:
+        assert client.pread(0, len(data)) == (0, data)
+    finally:
+        client.close()
+        os.kill(record["pid"], signal.SIGTERM)
 
 
 def test_a_damaged_chunk_fails_its_range_with_eio(mapped):

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from .. import events as ev
 from .. import lvm, metrics
-from ..config import load_config
 from ..datapath.reader import BackupReader
 from ..errors import LvbackupError
 from ..timeutil import now_iso
@@ -42,7 +41,7 @@ READY_POLL = 0.2   # seconds between looks at the record while `restore` finishe
 
 
 class InstantExport(Export):
-    PARAMETERS = (*Export.PARAMETERS, "state", "config")
+    PARAMETERS = (*Export.PARAMETERS, "state")
     writable = True
 
     def get_ready(self) -> None:
@@ -66,7 +65,8 @@ class InstantExport(Export):
         bulk = BackupReader(self.reader.repo, self.reader.manifest, 0)
         self.hydrator = Hydrator(self.fd, self.regions, st["size"], st["region_size"],
                                  self.reader.read, bulk.read, st["fresh"])
-        config = load_config(self.params["config"] or None)
+        config = self.settings
+        assert config is not None
         self.events = ev.Events(config.event_log, config.hooks)
         self.metrics_file = config.metrics
         self.lock_dir = config.lock_dir

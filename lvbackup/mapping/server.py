@@ -11,9 +11,11 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+from ..config import Config, load_config
 from ..datapath.reader import BackupReader
 from ..errors import LvbackupError
 from ..repository.repo import Repository
+from ..session import open_repository
 from .registry import hold
 
 CACHE_BYTES = 64 * 1024 * 1024
@@ -22,13 +24,18 @@ CACHE_BYTES = 64 * 1024 * 1024
 class Export:
     """One map's server state: its parameters, then the open repository and reader."""
 
-    PARAMETERS: tuple[str, ...] = ("repository", "cache_dir", "backup", "lock")
+    # `config`: the configuration file lvbackup ran with ("" for the defaults). The
+    # repository is opened from it as lvbackup opens it (its object storage settings, its
+    # secrets from the same file, command or inherited environment, append_only), so that
+    # no secret is ever on nbdkit's command line.
+    PARAMETERS: tuple[str, ...] = ("config", "backup", "lock")
     writable = False
 
     def __init__(self) -> None:
         self.params: dict[str, str] = {}
         self.reader: BackupReader | None = None
         self._repo: Repository | None = None
+        self.settings: Config | None = None
         self._lock_fd: int | None = None
 
     def config(self, key: str, value: str) -> None:
@@ -46,7 +53,8 @@ class Export:
         """Take the map's lock (it marks the backup held while this process lives), then
         open the repository and the backup's manifest."""
         self._lock_fd = hold(Path(self.params["lock"]))
-        self._repo = Repository.open(self.params["repository"], Path(self.params["cache_dir"]))
+        self.settings = load_config(self.params["config"] or None)
+        self._repo = open_repository(self.settings)
         manifest = self._repo.manifest(self.params["backup"])
         self.reader = BackupReader(self._repo, manifest, CACHE_BYTES)
 

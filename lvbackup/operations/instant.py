@@ -139,9 +139,7 @@ def _serve(session: Session, record: MapRecord, state: InstantState, state_file:
     """Start the helper, attach its NBD device, and point the user's device at it (create
     it, or swap its table: a resumed restore's device may be mounted). Then the record is
     ready, and the helper may switch the device to the LV once it has copied everything."""
-    start(session, record, {"export": "instant", "state": str(state_file),
-                            "config": "" if session.config.source == "defaults"
-                            else session.config.source})
+    start(session, record, {"export": "instant", "state": str(state_file)})
     assert record["device"] is not None
     table = lvm.linear_table(record["device"], state["size"])
     if lvm.dm_table(state["dm_name"]) is None:

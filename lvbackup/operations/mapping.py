@@ -104,8 +104,10 @@ def start(session: Session, record: MapRecord, export: dict[str, str] | None = N
         overlay.mkdir(mode=0o700, parents=True)
     run_dir = Path(record["run_dir"])
     record["pid"] = devices.start_server(run_dir, {
-        **(export or {}), "repository": str(config.repository),
-        "cache_dir": str(config.cache_dir), "backup": record["backup_id"],
+        **(export or {}),
+        # Absolute: nbdkit runs from / once in the background.
+        "config": "" if config.source == "defaults" else os.path.abspath(config.source),
+        "backup": record["backup_id"],
         "lock": str(reg.lock_path(lock_dir, record["map_id"]))}, overlay,
         writable=export is not None and record["writable"])
     reg.save(lock_dir, record)
