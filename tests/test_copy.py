@@ -90,15 +90,9 @@ def test_copying_an_incremental_brings_its_parents_first(chain, tmp_path):
     target.assert_restores(recs[2]["id"], versions[2])
 
 
-def test_an_interrupted_copy_from_s3_resumes(tmp_path, s3server, s3_bucket):
-    home = Workdir(tmp_path / "home", repository=f"s3://{s3_bucket}/src-{uuid.uuid4().hex[:8]}",
-                   s3=s3_section(s3server), gc_grace_period=0)
-    home.init("64K")
-    image = tmp_path / "big.img"
-    data = random.Random(40).randbytes(40 * MiB)
-    image.write_bytes(data)
-    rec = home.create(image)
-    target = Workdir(tmp_path / "target")
+def kill_and_resume(home: Workdir, target: Workdir, rec: dict, data: bytes) -> None:
+    """A copy of `rec` killed once two packs are stored leaves no catalog row in the
+    target; the rerun copies it, without sending again what was sent."""
     p = home.run("copy", "--all", "--to-config", target.config,
                  env={"LVBACKUP_FAULT": "pack-pending:2"})
     assert p.returncode == -9, describe(p)
@@ -108,6 +102,18 @@ def test_an_interrupted_copy_from_s3_resumes(tmp_path, s3server, s3_bucket):
     report = home.run_json("copy", "--all", "--to-config", target.config)
     assert report["copied"] == [rec["id"]]
     assert report["bytes_sent"] < len(data) - stored + 4 * MiB, "the packs already sent count"
+
+
+def test_an_interrupted_copy_from_s3_resumes(tmp_path, s3server, s3_bucket):
+    home = Workdir(tmp_path / "home", repository=f"s3://{s3_bucket}/src-{uuid.uuid4().hex[:8]}",
+                   s3=s3_section(s3server), gc_grace_period=0)
+    home.init("64K")
+    image = tmp_path / "big.img"
+    data = random.Random(40).randbytes(40 * MiB)
+    image.write_bytes(data)
+    rec = home.create(image)
+    target = Workdir(tmp_path / "target")
+    kill_and_resume(home, target, rec, data)
     target.assert_restores(rec["id"], data)
 
 
@@ -347,15 +353,7 @@ def test_an_interrupted_copy_into_an_encrypted_repository_resumes(tmp_path):
     image.write_bytes(data)
     rec = wd.create(image)
     target = repository("encrypted", tmp_path / "offsite", "offsite")
-    p = wd.run("copy", "--all", "--to-config", target.config,
-               env={"LVBACKUP_FAULT": "pack-pending:2"})
-    assert p.returncode == -9, describe(p)
-    assert target.list() == []          # the catalog row comes last
-    stored = target.pack_bytes()
-    assert stored > 16 * MiB            # two packs made it
-    report = wd.run_json("copy", "--all", "--to-config", target.config)
-    assert report["copied"] == [rec["id"]]
-    assert report["bytes_sent"] < len(data) - stored + 4 * MiB, "the packs already sent count"
+    kill_and_resume(wd, target, rec, data)
     restores_exactly(target, rec["id"], data, tmp_path)
 
     # Killed after the manifest is stored, before the row: the rerun only adds the row.

@@ -86,25 +86,22 @@ def can_multi_conn(h):
     return True
 
 
-def pread(h, buf, offset, flags):
+def _errno_to_client(request, *args):
+    # nbdkit sends the client the errno set here; the exception only logs.
     try:
-        _export.pread(buf, offset)
+        request(*args)
     except OSError as e:
         nbdkit.set_error(e.errno)
         raise
+
+
+def pread(h, buf, offset, flags):
+    _errno_to_client(_export.pread, buf, offset)
 
 
 def pwrite(h, buf, offset, flags):
-    try:
-        _export.pwrite(buf, offset)
-    except OSError as e:
-        nbdkit.set_error(e.errno)
-        raise
+    _errno_to_client(_export.pwrite, buf, offset)
 
 
 def flush(h, flags):
-    try:
-        _export.flush()
-    except OSError as e:
-        nbdkit.set_error(e.errno)
-        raise
+    _errno_to_client(_export.flush)

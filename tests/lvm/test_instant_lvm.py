@@ -150,16 +150,21 @@ def test_instant_ext4_mounted_written_and_switched_under_the_mount(setup):
         run(["umount", point])
 
 
+def backed_up(lvb, base: Path, size: int, tag: str) -> tuple[bytes, str]:
+    """An image of `size` mixed bytes, backed up: its bytes and the backup's id."""
+    data = mixed(size, tag.encode())
+    image = base / f"{tag}.img"
+    image.write_bytes(data)
+    return data, lvb.json("create", "--device", image)["id"]
+
+
 def test_killed_helper_resumes_with_no_write_lost(setup):
     """Raw data, compared byte for byte: the LV ends as the backup plus every write
     acknowledged before the kill and after the resume, over an existing LV full of
     garbage (nothing of it may show through)."""
     vg, lvb, base, dm_names, pids = setup
     size = 24 * MiB
-    data = mixed(size, b"instant")
-    image = base / "raw.img"
-    image.write_bytes(data)
-    backup_id = lvb.json("create", "--device", image)["id"]
+    data, backup_id = backed_up(lvb, base, size, "instant")
     vg.create_lv("target", size)
     lv = vg.path("target")
     _pwrite(lv, garbage(size), 0)
@@ -198,10 +203,7 @@ def test_helper_killed_with_the_device_suspended_for_the_switch(setup):
     which resumes the device and finishes the switch."""
     vg, lvb, base, dm_names, pids = setup
     size = 8 * MiB
-    data = mixed(size, b"suspended")
-    image = base / "suspended.img"
-    image.write_bytes(data)
-    backup_id = lvb.json("create", "--device", image)["id"]
+    data, backup_id = backed_up(lvb, base, size, "suspended")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LVBACKUP_")},
            "LVBACKUP_FAULT": "instant-suspended"}
     p = subprocess.run(lvb.argv("--json", "restore", backup_id, "--new-volume",
