@@ -132,6 +132,28 @@ def test_the_server_opens_the_repository_as_lvbackup_does(tmp_path, request, mon
         os.kill(record["pid"], signal.SIGTERM)
 
 
+def test_a_map_of_object_storage_holds_off_every_hosts_gc(tmp_path, s3server, s3_bucket):
+    """The map's server holds a run lease in the bucket for its life (renewed from the
+    daemon, naming it): another host's gc is refused, then runs once the map is gone."""
+    repository = f"s3://{s3_bucket}/held-{uuid.uuid4().hex[:8]}"
+    wd = Workdir(tmp_path / "wd", repository=repository, s3=s3_section(s3server))
+    other = Workdir(tmp_path / "other", repository=repository, s3=s3_section(s3server))
+    wd.init()
+    image = tmp_path / "disk.img"
+    make_image(image, 1, seed=9)
+    record = _start(wd, wd.create(image)["id"])
+    assert_one_line_error(other.run("gc"), 75, "in use by another host's run",
+                          "a mapped backup", f"pid {record['pid']}")
+    os.kill(record["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{record['pid']}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    bucket, _, prefix = repository.removeprefix("s3://").partition("/")
+    listed = s3server.client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/locks/")
+    assert listed.get("KeyCount", 0) == 0, "the server released its lease as it exited"
+    other.run_json("gc")
+
+
 def test_a_damaged_chunk_fails_its_range_with_eio(mapped):
     wd, _, data, start = mapped
     pack = next(p for p in (wd.repo / "packs").rglob("*") if p.is_file())

@@ -90,6 +90,7 @@ class InstantExport(Export):
             raise RequestFailed(5, str(e)) from None
 
     def after_fork(self, shutdown: Callable[[], None]) -> None:
+        super().after_fork(shutdown)
         self._shutdown = shutdown
         threading.Thread(target=self._background, name="hydrate", daemon=True).start()
 

@@ -1,7 +1,6 @@
 """The script nbdkit's Python plugin runs to serve a mapped backup:
 
-    nbdkit python .../nbdkit_plugin.py python=3.11 path=DIRS repository=... \
-        cache_dir=DIR backup=ID lock=FILE
+    nbdkit python .../nbdkit_plugin.py python=3.11 path=DIRS config=FILE backup=ID lock=FILE
 
 nbdkit embeds its own Python, so this file is loaded as a script, not as part of the
 lvbackup package: `python=` must match the version it runs under (the interpreter lvbackup
@@ -46,7 +45,7 @@ def config(key, value):
 
 def config_complete():
     if _export is None:
-        raise RuntimeError("no backup to serve: give repository=, cache_dir=, backup= and lock=")
+        raise RuntimeError("no backup to serve: give config=, backup= and lock=")
     _export.config_complete()
 
 
@@ -60,6 +59,11 @@ def get_ready():
 
 def after_fork():
     _export.after_fork(nbdkit.shutdown)
+
+
+def cleanup():
+    if _export is not None:
+        _export.cleanup()
 
 
 def open(readonly):

@@ -8,12 +8,14 @@ The export itself is read-only; `--writable` adds nbdkit's cow filter in front o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from pathlib import Path
 
 from ..config import Config, load_config
 from ..datapath.reader import BackupReader
 from ..errors import LvbackupError
+from ..repository import lease
 from ..repository.repo import Repository
 from ..session import open_repository
 from .registry import hold
@@ -36,6 +38,8 @@ class Export:
         self.reader: BackupReader | None = None
         self._repo: Repository | None = None
         self.settings: Config | None = None
+        self._held = contextlib.ExitStack()
+        self._lease: lease.Lease | None = None
         self._lock_fd: int | None = None
 
     def config(self, key: str, value: str) -> None:
@@ -55,6 +59,11 @@ class Export:
         self._lock_fd = hold(Path(self.params["lock"]))
         self.settings = load_config(self.params["config"] or None)
         self._repo = open_repository(self.settings)
+        if not self._repo.storage.capabilities.local_files:
+            # A store other hosts share: their gc must not collect this backup's chunks
+            # either, so the map holds a run lease there for as long as it lives.
+            self._lease = self._held.enter_context(
+                lease.shared(self._repo.storage, "a mapped backup"))
         manifest = self._repo.manifest(self.params["backup"])
         self.reader = BackupReader(self._repo, manifest, CACHE_BYTES)
 
@@ -80,6 +89,12 @@ class Export:
 
     def after_fork(self, shutdown) -> None:
         """nbdkit runs in the background now (threads may start); `shutdown()` stops it."""
+        if self._lease is not None:
+            self._lease.after_fork()
+
+    def cleanup(self) -> None:
+        """nbdkit is exiting: the lease goes (a killed server's expires by itself)."""
+        self._held.close()
 
 
 class RequestFailed(OSError):

@@ -68,21 +68,36 @@ class Lease:
     def held(self) -> None:
         """The object is written: note its token and start renewing it."""
         self._token = self.storage.token(self.name)
+        self._start_renewing()
+
+    def after_fork(self) -> None:
+        """In a process that has just forked (a daemon): the renewing thread stayed behind.
+        Rewrite the lease at once, so that it names this process, and renew it from here."""
+        if self._renew_once():
+            self._start_renewing()
+
+    def _start_renewing(self) -> None:
         self._renewer = threading.Thread(target=self._renew, name="lvbackup-lease", daemon=True)
         self._renewer.start()
 
     def _renew(self) -> None:
         while not self._stop.wait(self.term / 3):
-            try:
-                assert self._token is not None
-                self.storage.replace(self.name, self.body(), self._token)
-                self._token = self.storage.token(self.name)
-            except (Conflict, MissingObject):
-                self._lost = LeaseLost(f"the repository lease of this {self.what} expired and "
-                                       "was taken by another run; stopped before deleting more")
+            if not self._renew_once():
                 return
-            except LvbackupError:
-                continue   # the store did not answer: the next renewal tries again
+
+    def _renew_once(self) -> bool:
+        """Rewrite the lease; False once it is lost."""
+        try:
+            assert self._token is not None
+            self.storage.replace(self.name, self.body(), self._token)
+            self._token = self.storage.token(self.name)
+        except (Conflict, MissingObject):
+            self._lost = LeaseLost(f"the repository lease of this {self.what} expired and "
+                                   "was taken by another run; stopped before deleting more")
+            return False
+        except LvbackupError:
+            pass   # the store did not answer: the next renewal tries again
+        return True
 
     def check(self) -> None:
         """Raise LeaseLost if the lease is no longer this run's (before deleting anything)."""
