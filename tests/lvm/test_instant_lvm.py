@@ -222,3 +222,35 @@ def test_helper_killed_with_the_device_suspended_for_the_switch(setup):
     _wait(lambda: _gone(resumed["pid"]), 30, "the helper to exit")
     assert "ACTIVE" in run(["dmsetup", "info", name])
     assert _read(lv, size) == data and _read(info["device"], size) == data
+
+
+@pytest.mark.parametrize("point", ["map-server-started", "map-attached"])
+def test_restore_killed_while_it_sets_up_is_resumed(setup, point):
+    """`restore --instant` killed (SIGKILL) between its steps, before the device exists:
+    --status shows the restore unfinished, --resume replaces the half-started helper and
+    finishes it, and nothing is left mapped."""
+    vg, lvb, base, dm_names, pids = setup
+    size = 8 * MiB
+    tag = point.replace("-", "")
+    data, backup_id = backed_up(lvb, base, size, tag)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LVBACKUP_")},
+           "LVBACKUP_FAULT": point}
+    p = subprocess.run(lvb.argv("--json", "restore", backup_id, "--new-volume",
+                                f"{vg.name}/{tag}", "--instant"), capture_output=True, env=env)
+    assert p.returncode == -9, p
+    name = f"lvbackup-restore-{vg.name.replace('-', '--')}-{tag}"
+    dm_names.append(name)
+    (status,) = lvb.json("restore", "--status", f"{vg.name}/{tag}")
+    if status["pid"]:
+        pids.append(status["pid"])   # the half-started helper, should the test fail
+    # It may have copied everything meanwhile, but cannot switch: no device was made.
+    assert status["done"] is False
+    resumed = lvb.json("restore", "--resume", f"{vg.name}/{tag}")
+    pids.append(resumed["pid"])
+    lv = vg.path(tag)
+    _wait(lambda: _dm_table(name) == _linear_onto(lv, size), 120, "the switch onto the LV")
+    _wait(lambda: _gone(resumed["pid"]), 30, "the helper to exit")
+    assert _read(lv, size) == data and _read(resumed["device"], size) == data
+    assert lvb.json("list", "--mapped") == []
+    (status,) = lvb.json("restore", "--status", f"{vg.name}/{tag}")
+    assert status["done"] is True and status["hydrated_bytes"] == size
