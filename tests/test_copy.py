@@ -40,15 +40,7 @@ def offsite(tmp_path, s3server, s3_bucket) -> Workdir:
 @pytest.fixture
 def chain(tmp_path):
     """A local repository with a full backup and two incrementals of one image."""
-    wd = Workdir(tmp_path / "home")
-    wd.init("64K")
-    image = tmp_path / "disk.img"
-    versions = [make_image(image, 8, seed=31)]
-    recs = [wd.create(image, "--name", "full", "--label", "tier=gold")]
-    for seed in (32, 33):
-        versions.append(apply_change(image, seed=seed))
-        recs.append(wd.create(image, "--incremental", "--label", "tier=gold"))
-    return wd, image, recs, versions
+    return home_chain(tmp_path, "plain")
 
 
 def test_copy_everything_to_s3_keeps_ids_lineage_and_labels_and_reruns_copy_nothing(
