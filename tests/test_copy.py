@@ -43,16 +43,24 @@ def chain(tmp_path):
     return home_chain(tmp_path, "plain")
 
 
+def copy_all_keeping_records(home: Workdir, target: Workdir, recs: list[dict]) -> dict:
+    """`copy --all` sends every backup, and the target's catalog keeps their records;
+    its report."""
+    report = home.run_json("copy", "--all", "--to-config", target.config)
+    assert report["copied"] == [r["id"] for r in recs] and report["already_present"] == []
+    assert report["chunks_sent"] > 0 and report["bytes_sent"] > 0
+    theirs = {b["id"]: b for b in target.list()}
+    for rec in recs:
+        mine = home.show(rec["id"])
+        assert {k: theirs[rec["id"]][k] for k in KEPT} == {k: mine[k] for k in KEPT}
+    return report
+
+
 def test_copy_everything_to_s3_keeps_ids_lineage_and_labels_and_reruns_copy_nothing(
         chain, offsite):
     wd, image, recs, versions = chain
-    report = wd.run_json("copy", "--all", "--to-config", offsite.config)
-    assert report["copied"] == [r["id"] for r in recs] and report["already_present"] == []
-    assert report["chunks_sent"] > 0 and report["bytes_sent"] > 0
-    theirs = {b["id"]: b for b in offsite.list()}
+    report = copy_all_keeping_records(wd, offsite, recs)
     for rec, data in zip(recs, versions, strict=True):
-        mine = wd.show(rec["id"])
-        assert {k: theirs[rec["id"]][k] for k in KEPT} == {k: mine[k] for k in KEPT}
         offsite.assert_restores(rec["id"], data)
     # Nothing new: nothing sent, and said so.
     p = wd.run("copy", "--all", "--to-config", offsite.config)
@@ -239,13 +247,8 @@ def test_copy_between_repositories_that_name_chunks_differently(
                  "s3": s3_section(server), "gc_grace_period": 0}
     wd, image, recs, versions = home_chain(tmp_path, source_kind)
     target = repository(target_kind, tmp_path / "offsite", "offsite", **place)
-    report = wd.run_json("copy", "--all", "--to-config", target.config)
-    assert report["copied"] == [r["id"] for r in recs] and report["already_present"] == []
-    assert report["chunks_sent"] > 0 and report["bytes_sent"] > 0
-    theirs = {b["id"]: b for b in target.list()}
+    report = copy_all_keeping_records(wd, target, recs)
     for rec, data in zip(recs, versions, strict=True):
-        mine = wd.show(rec["id"])
-        assert {k: theirs[rec["id"]][k] for k in KEPT} == {k: mine[k] for k in KEPT}
         restores_exactly(target, rec["id"], data, tmp_path)
     assert [b["parent_id"] for b in target.list()] == [None, recs[0]["id"], recs[1]["id"]]
     if where == "local":

@@ -249,9 +249,7 @@ class ChunkIndex:
         """`index-changes` of a repository made before it existed (None if it cannot be
         written: then every run lists)."""
         try:
-            storage.put(CHANGES, secrets.token_hex(16).encode())
-        except ObjectExists:
-            pass
+            announce_change(storage)
         except (OSError, LvbackupError):
             return None
         return changes_token(storage)
