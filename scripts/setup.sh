@@ -22,4 +22,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# Exactly the versions requirements.lock pins (hashes checked), then lvbackup itself.
+.venv/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps \
+  -r requirements.lock
+.venv/bin/pip install -q --disable-pip-version-check --no-deps -e .

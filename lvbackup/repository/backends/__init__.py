@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from ...config import S3Settings
 from ...errors import UsageError
@@ -19,10 +20,22 @@ __all__ = ["Backend", "Capabilities", "Conflict", "LocalBackend", "MemoryBackend
            "MissingObject", "ObjectExists", "credential_source", "open_backend"]
 
 
-def _s3(rest: str, create: bool, s3: S3Settings) -> Backend:
-    from .s3 import S3Backend  # boto3 takes a while to import: only when it is used
+def _s3_module() -> ModuleType:
+    """The S3 backend's module, imported only when used (boto3 takes a while to import,
+    and is an extra: lvbackup[s3])."""
+    try:
+        from . import s3
+    except ModuleNotFoundError as e:
+        if e.name not in ("boto3", "botocore"):
+            raise
+        raise UsageError("an s3:// repository needs boto3, which is not installed: "
+                         "pip install 'lvbackup[s3]'") from None
+    return s3
 
-    return S3Backend.open(rest, create, s3)
+
+def _s3(rest: str, create: bool, s3: S3Settings) -> Backend:
+    backend: Backend = _s3_module().S3Backend.open(rest, create, s3)
+    return backend
 
 
 # scheme -> opener(the location without "scheme://", create, the s3: settings)
@@ -59,6 +72,5 @@ def credential_source(location: str | Path, s3: S3Settings) -> str:
     found = _scheme(location)
     if found is None or found[0] != "s3":
         return "none needed (the repository is not in object storage)"
-    from .s3 import credential_source as s3_source
-
-    return s3_source(s3)
+    source: str = _s3_module().credential_source(s3)
+    return source

@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any, NoReturn, TypeVar
+from typing import IO, Any, NoReturn, TypeVar, cast
 
 import boto3
 from botocore.config import Config as BotoConfig
@@ -116,6 +116,11 @@ class _Body(io.RawIOBase):
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
         self._pos = max(0, base + offset)
         return self._pos
+
+    @classmethod
+    def of(cls, view: memoryview) -> IO[bytes]:
+        # botocore reads any file-like object; its stubs name only IO.
+        return cast(IO[bytes], cls(view))
 
     def tell(self) -> int:
         return self._pos
@@ -266,7 +271,7 @@ class S3Backend(Backend):
                                         region_name=settings.region)
         self._client = session.client(
             "s3", endpoint_url=settings.endpoint_url,
-            config=BotoConfig(s3={"addressing_style": settings.addressing_style},
+            config=BotoConfig(s3={"addressing_style": cast(Any, settings.addressing_style)},
                               retries={"mode": "standard", "max_attempts": 5},
                               max_pool_connections=MAX_CONNECTIONS,
                               connect_timeout=10, read_timeout=120,
@@ -326,11 +331,11 @@ class S3Backend(Backend):
         key = self._key(name)
         self._read_ahead.forget(name)
         view = memoryview(data).cast("B")
-        cond = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+        cond: dict[str, Any] = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
         try:
             if len(view) <= MULTIPART_OVER:
                 self._call(name, lambda: self._client.put_object(
-                    Bucket=self.bucket, Key=key, Body=_Body(view), ContentLength=len(view),
+                    Bucket=self.bucket, Key=key, Body=_Body.of(view), ContentLength=len(view),
                     **cond))
             else:
                 self._put_parts(name, key, view, cond)
@@ -339,16 +344,16 @@ class S3Backend(Backend):
                 raise
             raise ObjectExists(f"repository object {name} exists already") from None
 
-    def _put_parts(self, name: str, key: str, view: memoryview, cond: dict[str, str]) -> None:
+    def _put_parts(self, name: str, key: str, view: memoryview, cond: dict[str, Any]) -> None:
         upload = self._call(name, lambda: self._client.create_multipart_upload(
             Bucket=self.bucket, Key=key))["UploadId"]
         try:
-            parts = []
+            parts: list[Any] = []
             for number, start in enumerate(range(0, len(view), PART_SIZE), 1):
                 body = view[start:start + PART_SIZE]
                 etag = self._call(name, partial(self._client.upload_part, Bucket=self.bucket,
                                                 Key=key, UploadId=upload, PartNumber=number,
-                                                Body=_Body(body), ContentLength=len(body)
+                                                Body=_Body.of(body), ContentLength=len(body)
                                                 ))["ETag"]
                 parts.append({"ETag": etag, "PartNumber": number})
             self._call(name, lambda: self._client.complete_multipart_upload(
@@ -443,7 +448,8 @@ class S3Backend(Backend):
 
     def _head(self, name: str) -> dict[str, Any]:
         key = self._key(name)
-        return self._call(name, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        return dict(self._call(name, lambda: self._client.head_object(Bucket=self.bucket,
+                                                                       Key=key)))
 
     def size(self, name: str) -> int:
         return int(self._head(name)["ContentLength"])
