@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import random
 import re
 import threading
 import time
@@ -26,7 +27,15 @@ from typing import IO, Any, NoReturn, TypeVar, cast
 
 import boto3
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    IncompleteReadError,
+    NoCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
 
 from ...config import S3Settings
 from ...errors import LvbackupError, UsageError
@@ -60,6 +69,14 @@ _AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
                 "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed", "403"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _REFUSED = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+# botocore retries a request until its response's headers arrive; a body cut off after
+# them (a dropped connection, a proxy's timeout) is asked for again here, as often and with
+# the same backoff as its standard retry mode gives an error response.
+ATTEMPTS = 5
+_MAX_BACKOFF = 20.0
+_CUT_OFF = (IncompleteReadError, ResponseStreamingError, ReadTimeoutError,
+            ConnectionClosedError)
 
 T = TypeVar("T")
 
@@ -404,8 +421,22 @@ class S3Backend(Backend):
 
     def get(self, name: str) -> bytes:
         key = self._key(name)
-        return self._call(name, lambda: self._client.get_object(
-            Bucket=self.bucket, Key=key)["Body"].read())
+        return self._call(name, lambda: self._whole(
+            name, lambda: self._client.get_object(Bucket=self.bucket, Key=key)))[0]
+
+    def _whole(self, name: str, request: Callable[[], Any]) -> tuple[bytes, Any]:
+        """A GET's body, all of it, and its reply: a body cut off is fetched again."""
+        attempt = 1
+        while True:
+            reply = request()
+            try:
+                return reply["Body"].read(), reply
+            except _CUT_OFF as e:
+                if attempt == ATTEMPTS:
+                    raise Unreachable(f"S3 endpoint {self.endpoint} cut off {name} "
+                                      f"{ATTEMPTS} times: {e}") from None
+            time.sleep(min(_MAX_BACKOFF, random.random() * 2 ** attempt))
+            attempt += 1
 
     def get_range(self, name: str, offset: int, length: int) -> bytes:
         return bytes(self._ranged(name, offset, length))
@@ -432,9 +463,8 @@ class S3Backend(Backend):
         `exact`), and the object's size."""
         key = self._key(name)
         try:
-            reply = self._client.get_object(Bucket=self.bucket, Key=key,
-                                            Range=f"bytes={offset}-{offset + length - 1}")
-            data = self._call(name, reply["Body"].read)
+            data, reply = self._whole(name, lambda: self._client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"))
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") == "InvalidRange":
                 raise short_read(name, offset, length, self.size(name)) from None
