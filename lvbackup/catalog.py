@@ -293,7 +293,7 @@ class Catalog:
         `labels`, only backups carrying every one of them."""
         where: list[str] = []
         args: list[Any] = []
-        volumes = list(volumes)
+        volumes = list(dict.fromkeys(volumes))   # one term per volume, however often named
         if volumes:
             where.append("(" + " OR ".join(["volume_id = ? OR volume_name = ? OR volume_id LIKE ?"]
                                            * len(volumes)) + ")")

@@ -36,7 +36,8 @@ def prune(session: Session, policy: Policy, *, volumes: list[str] | None = None,
         order = sorted(plan.remove, key=lambda i: (by_id[i]["volume_id"],
                                                    by_id[i]["created_at"]))
         if dry_run:
-            every = cat.list(volumes=[by_id[i]["volume_id"] for i in order]) if order else []
+            touched = sorted({by_id[i]["volume_id"] for i in order})
+            every = cat.list(volumes=touched) if touched else []
             recorded = {r["id"]: r["parent_id"] for r in every}
             report["reparented"] = [{"id": c, "old_parent_id": recorded[c], "new_parent_id": p}
                                     for c, p in new_parents(every, order).items()]
