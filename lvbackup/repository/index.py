@@ -68,6 +68,17 @@ CREATE TABLE IF NOT EXISTS listed (
 """
 # A chunk's row points at a damaged copy: another copy, when one is indexed, replaces it.
 _IS_DAMAGED = "EXISTS (SELECT 1 FROM damaged d WHERE d.chunk = {t}.id AND d.pack = {t}.pack)"
+_REPLACE_DAMAGED = (" ON CONFLICT(id) DO UPDATE SET pack = excluded.pack, offset = "
+                    "excluded.offset, length = excluded.length, raw_length = "
+                    "excluded.raw_length, flags = excluded.flags WHERE "
+                    + _IS_DAMAGED.format(t="chunks"))
+_PACK_INDEX = "CREATE INDEX IF NOT EXISTS chunks_pack ON chunks(pack)"
+# Index files being merged into the cache (ChunkIndex._merge), in a file of their own.
+_STAGING = """
+PRAGMA staging.journal_mode=OFF; PRAGMA staging.synchronous=OFF;
+CREATE TABLE staging.chunks (id BLOB, pack BLOB, offset INT, length INT, raw INT, flags INT);
+CREATE TABLE staging.packs (id BLOB PRIMARY KEY) WITHOUT ROWID;
+"""
 DAMAGED_PREFIX = "damaged/"
 CHANGES = "index-changes"
 RELIST_AFTER = 3600.0   # seconds a listing is trusted while `index-changes` stands
@@ -227,22 +238,62 @@ class ChunkIndex:
                 db.execute("DELETE FROM index_files")
             known = {}
         bad = [n for n, ok in db.execute("SELECT name, ok FROM index_files") if not ok]
-        for name in sorted(set(remote) - set(known)):
-            try:
-                groups = list(decode_index(name, storage.get(name), codec))
-            except CorruptionError:
-                db.execute("INSERT OR REPLACE INTO index_files VALUES (?, ?, 0)",
-                           (name, remote[name]))
-                bad.append(name)
-                continue
-            with _transaction(db):
-                for pack_id, refs in groups:
-                    self._insert(db, pack_id, refs, run=None, indexed=1)
-                db.execute("INSERT OR REPLACE INTO index_files VALUES (?, ?, 1)",
-                           (name, remote[name]))
+        new = {name: remote[name] for name in sorted(set(remote) - set(known))}
+        if new:
+            bad += self._merge(db, storage, codec, new)
         # The token read before listing: a change announced meanwhile is seen next time.
         db.execute("INSERT OR REPLACE INTO listed VALUES (1, ?, ?)", (token, listed_at))
         return bad
+
+    def _merge(self, db: sqlite3.Connection, storage: Backend, codec: Codec,
+               files: dict[str, str]) -> list[str]:
+        """Add index files (name -> stamp) to the cache; returns those that are corrupt.
+
+        Their entries are staged in a file beside the cache, one pack at a time (never a
+        whole index file in memory), then inserted in chunk id order: a B-tree filled in
+        order costs the same per entry at any size, where random inserts slow down as the
+        table outgrows SQLite's page cache. The cache is locked only for that last step."""
+        staging = self.path.with_name(self.path.name + ".staging")
+        staging.unlink(missing_ok=True)
+        # The sort spills to temporary files: beside the cache, not in a /tmp in memory.
+        db.execute(f"PRAGMA temp_store_directory = '{_quoted(self.path.parent)}'")
+        db.execute("ATTACH DATABASE ? AS staging", (str(staging),))
+        try:
+            db.executescript(_STAGING)
+            ok = {name: self._stage(db, name, storage, codec) for name in files}
+            with _transaction(db):
+                db.execute("INSERT INTO packs SELECT id, NULL, 1 FROM staging.packs WHERE true "
+                           "ON CONFLICT(id) DO UPDATE SET indexed = 1")
+                cold = db.execute("SELECT NOT EXISTS (SELECT 1 FROM chunks)").fetchone()[0]
+                if cold:  # an index built after the table, in one sort, not row by row
+                    db.execute("DROP INDEX chunks_pack")
+                db.execute("INSERT INTO chunks SELECT * FROM staging.chunks WHERE true "
+                           "ORDER BY id" + _REPLACE_DAMAGED)
+                if cold:
+                    db.execute(_PACK_INDEX)
+                db.executemany("INSERT OR REPLACE INTO index_files VALUES (?, ?, ?)",
+                               [(name, stamp, int(ok[name])) for name, stamp in files.items()])
+        finally:
+            db.execute("DETACH DATABASE staging")
+            staging.unlink(missing_ok=True)
+        return [name for name, good in ok.items() if not good]
+
+    @staticmethod
+    def _stage(db: sqlite3.Connection, name: str, storage: Backend, codec: Codec) -> bool:
+        """Stage one index file's entries; False (and nothing staged) if it is corrupt."""
+        db.execute("SAVEPOINT one_file")
+        try:
+            for pack_id, refs in decode_index(name, storage.get(name), codec):
+                db.execute("INSERT OR IGNORE INTO staging.packs VALUES (?)", (pack_id,))
+                db.executemany("INSERT INTO staging.chunks VALUES (?, ?, ?, ?, ?, ?)",
+                               [(r.chunk_id, pack_id, r.offset, r.length, r.raw_length,
+                                 r.flags) for r in refs])
+        except CorruptionError:
+            db.execute("ROLLBACK TO one_file")
+            return False
+        finally:
+            db.execute("RELEASE one_file")
+        return True
 
     @staticmethod
     def _create_changes(storage: Backend) -> str | None:
@@ -258,10 +309,7 @@ class ChunkIndex:
                 indexed: int) -> None:
         db.execute("INSERT INTO packs VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
                    "indexed = max(indexed, excluded.indexed)", (pack_id, run, indexed))
-        db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE "
-                       "SET pack = excluded.pack, offset = excluded.offset, length = "
-                       "excluded.length, raw_length = excluded.raw_length, flags = "
-                       f"excluded.flags WHERE {_IS_DAMAGED.format(t='chunks')}",
+        db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?)" + _REPLACE_DAMAGED,
                        [(r.chunk_id, pack_id, r.offset, r.length, r.raw_length, r.flags)
                         for r in refs])
 
@@ -354,3 +402,7 @@ class ChunkIndex:
         if db is not None:
             db.close()
             self._local.db = None
+
+
+def _quoted(path: Path) -> str:
+    return str(path).replace("'", "''")
