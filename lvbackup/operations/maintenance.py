@@ -15,7 +15,7 @@ from ..errors import CorruptionError, LvbackupError, UsageError
 from ..lifecycle import Status
 from ..mapping.registry import refuse_if_mapped, registry
 from ..repository import gc
-from ..repository.backends import credential_source
+from ..repository.backends import credential_source, open_backend
 from ..repository.keys import Secret
 from ..repository.repo import Repository
 from ..session import Session, check_encryption, recover_dead_runs, refuse_known_encrypted
@@ -61,6 +61,28 @@ def init_repository(config: Config, block_size: int | None, encryption: bool = F
 def effective_config(config: Config) -> dict:
     """`config check`: every key, and where the repository's credentials come from."""
     return as_dict(config, credential_source(config.repository, config.s3))
+
+
+def config_warnings(config: Config) -> list[str]:
+    """`config check`'s warnings about the repository: append_only: on object storage whose
+    bucket does not keep versions (the host's credentials can still overwrite objects)."""
+    if not (config.append_only and str(config.repository).startswith("s3://")):
+        return []
+    from ..repository.backends.s3 import S3Backend   # boto3: only for object storage
+
+    try:
+        storage = open_backend(config.repository, s3=config.s3)
+        try:
+            assert isinstance(storage, S3Backend)
+            if storage.versioning_enabled():
+                return []
+        finally:
+            storage.close()
+    except LvbackupError as e:
+        return [f"append_only: cannot tell whether the bucket keeps versions: {e}"]
+    return [f"append_only: is set, but versioning is off on bucket {storage.bucket}: this "
+            "host's credentials can still overwrite its objects; turn versioning (or Object "
+            "Lock) on"]
 
 
 def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
