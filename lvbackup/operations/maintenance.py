@@ -68,7 +68,7 @@ def config_warnings(config: Config) -> list[str]:
     bucket does not keep versions (the host's credentials can still overwrite objects)."""
     if not (config.append_only and str(config.repository).startswith("s3://")):
         return []
-    from ..repository.backends.s3 import S3Backend   # boto3: only for object storage
+    from ..repository.backends.s3 import S3Backend  # boto3: only for object storage
 
     try:
         storage = open_backend(config.repository, s3=config.s3)
