@@ -10,6 +10,11 @@ $LVBACKUP_PASSPHRASE is the secret of the configuration a command runs with. The
 `copy` (--to-config, a job's copy_to) is another repository, usually under another
 passphrase: it takes its own, $LVBACKUP_TARGET_PASSPHRASE, else its configuration's
 `passphrase_file:` or `passphrase_command:` (and its `key_file:`), never the source's.
+
+A secret file that other users can read is refused; a passphrase a new key slot is made for
+has MIN_PASSPHRASE characters at least. The environment variables that hold secrets are
+listed here once (SECRET_VARIABLES, SECRET_PREFIX): hooks and helper commands are run
+without them, and a long-lived helper drops them once it has opened the repository.
 """
 
 from __future__ import annotations
