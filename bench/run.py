@@ -295,6 +295,7 @@ class Bench:
         subprocess.run(["cp", "--sparse=always", str(self.base), str(disk)], check=True)
         lvb = lvbackup_cmd()
         (w / "passphrase").write_text("lvbackup-bench\n")
+        (w / "passphrase").chmod(0o600)   # lvbackup refuses a secret others can read
         cfgs = {LVB: write_lvbackup_config(w / "plain"),
                 LVBE: write_lvbackup_config(w / "enc", passphrase_file=w / "passphrase"),
                 LVBK: write_lvbackup_config(w / "enck", key_file=w / "key")}

@@ -33,6 +33,7 @@ from .operations.jobs import run_jobs
 from .operations.key import add_key, change_passphrase, export_key, import_key, list_keys
 from .operations.maintenance import (
     collect_garbage,
+    config_warnings,
     effective_config,
     init_repository,
     rebuild_catalog,
@@ -1038,6 +1039,8 @@ def config_check(app: App) -> None:
         found = (os.access(exe, os.X_OK) if "/" in exe else shutil.which(exe) is not None)
         if not found:
             app.warn(f"hooks[{n}].command: {exe} is not an executable (the hook will fail)")
+    for warning in config_warnings(config):
+        app.warn(warning)
     app.emit(effective_config(config),
              lambda d: click.echo(yaml.safe_dump(d, sort_keys=False, default_flow_style=False),
                                   nl=False))

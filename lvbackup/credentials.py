@@ -10,13 +10,20 @@ $LVBACKUP_PASSPHRASE is the secret of the configuration a command runs with. The
 `copy` (--to-config, a job's copy_to) is another repository, usually under another
 passphrase: it takes its own, $LVBACKUP_TARGET_PASSPHRASE, else its configuration's
 `passphrase_file:` or `passphrase_command:` (and its `key_file:`), never the source's.
+
+A secret file that other users can read is refused; a passphrase a new key slot is made for
+has MIN_PASSPHRASE characters at least. The environment variables that hold secrets are
+listed here once (SECRET_VARIABLES, SECRET_PREFIX): hooks and helper commands are run
+without them, and a long-lived helper drops them once it has opened the repository.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import stat
 import subprocess
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 
 from .config import Config
@@ -27,6 +34,11 @@ from .repository.keys import KEY_FILE, PASSPHRASE, Secret
 PASSPHRASE_ENV = "LVBACKUP_PASSPHRASE"
 NEW_PASSPHRASE_ENV = "LVBACKUP_NEW_PASSPHRASE"
 TARGET_PASSPHRASE_ENV = "LVBACKUP_TARGET_PASSPHRASE"
+# Environment variables no hook or helper is given: lvbackup's passphrases, and every AWS_*
+# variable (one rule, so that no credential slips through under a name not listed here).
+SECRET_VARIABLES = (PASSPHRASE_ENV, TARGET_PASSPHRASE_ENV, NEW_PASSPHRASE_ENV)
+SECRET_PREFIX = "AWS_"
+MIN_PASSPHRASE = 8        # characters, for a passphrase a new key slot is made for
 _COMMAND_TIMEOUT = 60
 _MAX_SECRET = 64 * 1024
 
@@ -39,35 +51,39 @@ def configured_key(config: Config) -> str | None:
     return None
 
 
-# Where a repository's secrets are found: `secrets` for the configuration a command runs
-# with, `target_secrets` for a copy's target.
-FindSecrets = Callable[[Config], list[Secret]]
+class FindSecrets:
+    """Where a repository's secrets are found: `secrets` for the configuration a command
+    runs with, `target_secrets` for a copy's target (its own environment variable)."""
+
+    def __init__(self, env: str, required: bool):
+        self.env = env
+        self.required = required
+
+    def __call__(self, config: Config) -> list[Secret]:
+        """Every secret the configuration and environment give (key file first)."""
+        found = []
+        if config.key_file is not None:
+            found.append(read_key_file(config.key_file))
+        passphrase = _passphrase(config, self.env)
+        if passphrase is not None:
+            found.append(passphrase)
+        if not found and self.required:
+            raise UsageError(f"copy target {config.repository} is encrypted: give its "
+                             f"passphrase (${self.env}, or passphrase_file: or "
+                             f"passphrase_command: in {config.source}) or its key_file:")
+        return found
+
+    def offered(self, config: Config) -> str | None:
+        """Where a secret is given for the repository, if one is (without reading it): a
+        repository given one must be encrypted."""
+        key = configured_key(config)
+        if key is not None:
+            return f"{key}: in {config.source}"
+        return f"${self.env}" if os.environ.get(self.env) else None
 
 
-def secrets(config: Config) -> list[Secret]:
-    """Every secret the configuration and environment give (key file first)."""
-    return _secrets(config, PASSPHRASE_ENV)
-
-
-def target_secrets(config: Config) -> list[Secret]:
-    """The secrets of a copy's target: its own environment variable or configuration,
-    never the source's passphrase; UsageError naming them if there are none."""
-    found = _secrets(config, TARGET_PASSPHRASE_ENV)
-    if not found:
-        raise UsageError(f"copy target {config.repository} is encrypted: give its passphrase "
-                         f"(${TARGET_PASSPHRASE_ENV}, or passphrase_file: or "
-                         f"passphrase_command: in {config.source}) or its key_file:")
-    return found
-
-
-def _secrets(config: Config, env: str) -> list[Secret]:
-    found = []
-    if config.key_file is not None:
-        found.append(read_key_file(config.key_file))
-    passphrase = _passphrase(config, env)
-    if passphrase is not None:
-        found.append(passphrase)
-    return found
+secrets = FindSecrets(PASSPHRASE_ENV, required=False)
+target_secrets = FindSecrets(TARGET_PASSPHRASE_ENV, required=True)
 
 
 def _passphrase(config: Config, env: str) -> Secret | None:
@@ -84,12 +100,22 @@ def new_passphrase(path: Path | None) -> Secret:
     """The new passphrase for `key change-passphrase` or `key add`: from `path`, else
     $LVBACKUP_NEW_PASSPHRASE."""
     if path is not None:
-        return passphrase_from_file(path)
+        return require_strong(passphrase_from_file(path))
     value = os.environ.get(NEW_PASSPHRASE_ENV)
     if not value:
         raise UsageError(f"give the new passphrase in ${NEW_PASSPHRASE_ENV} or with "
                          "--new-passphrase-file FILE")
-    return Secret(PASSPHRASE, value.encode(), f"${NEW_PASSPHRASE_ENV}")
+    return require_strong(Secret(PASSPHRASE, value.encode(), f"${NEW_PASSPHRASE_ENV}"))
+
+
+def require_strong(secret: Secret) -> Secret:
+    """`secret`, if a new key slot may be made for it: a passphrase of at least
+    MIN_PASSPHRASE characters (scrypt slows guessing; it cannot save a short one)."""
+    if (secret.kind == PASSPHRASE
+            and len(secret.value.decode(errors="replace")) < MIN_PASSPHRASE):
+        raise UsageError(f"the passphrase from {secret.source} is shorter than "
+                         f"{MIN_PASSPHRASE} characters: choose a longer one")
+    return secret
 
 
 def passphrase_from_file(path: Path) -> Secret:
@@ -151,8 +177,57 @@ def write_private_file(path: Path, text: str, what: str) -> None:
 
 
 def _read(path: Path, what: str) -> bytes:
+    """A secret file's content; refused, as ssh refuses a private key, if other users may
+    read or write it (checked on the open file, so a swap after the check cannot matter)."""
     try:
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if mode & 0o066:
+                raise UsageError(f"{what} {path} can be read or written by other users "
+                                 f"(mode {stat.filemode(mode)}); fix: chmod 600 {path}")
             return f.read(_MAX_SECRET)
     except OSError as e:
         raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+# --- keeping secrets from other programs ----------------------------------------------------
+
+def is_secret_variable(name: str) -> bool:
+    return name in SECRET_VARIABLES or name.startswith(SECRET_PREFIX)
+
+
+def without_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` without the variables that hold secrets: the environment of hooks and helper
+    commands (paging and notification tools log theirs)."""
+    return {k: v for k, v in env.items() if not is_secret_variable(k)}
+
+
+def drop_secrets_from_process() -> None:
+    """Remove the secret variables from this process's environment once it has what it
+    needs (a long-lived helper: nbdkit serving a map): from os.environ and the C
+    environment, and their text overwritten in the initial environment area, which the
+    kernel shows in /proc/PID/environ whatever became of it since."""
+    names = [n for n in os.environ if is_secret_variable(n)]
+    if not names:
+        return
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_void_p
+    libc.getenv.argtypes = [ctypes.c_char_p]
+    area = _initial_environment_area()
+    for name in names:
+        key = os.fsencode(name)
+        value = libc.getenv(key)
+        os.environ.pop(name)        # unsetenv(3): the string is no longer referenced
+        if value is not None and value in area:
+            start = value - len(key) - 1       # "NAME=value"
+            ctypes.memset(start, 0, len(key) + 1 + len(ctypes.string_at(value)))
+
+
+def _initial_environment_area() -> range:
+    """The addresses of the environment strings the process was started with (env_start and
+    env_end, fields 50 and 51 of /proc/self/stat); empty if they cannot be told."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return range(int(fields[47]), int(fields[48]))
+    except (OSError, IndexError, ValueError):
+        return range(0)

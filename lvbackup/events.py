@@ -9,6 +9,8 @@ patterns match its name.
 Nothing here ever fails the operation that emits the event: a log that cannot be written, a
 hook that cannot start, exits non-zero or outlives its timeout (it is killed, with
 everything it started) is reported as one line through `warn`, and the work goes on.
+Hooks never see lvbackup's secrets: passphrases and AWS_* variables are not in their
+environment.
 """
 
 from __future__ import annotations
@@ -153,8 +155,10 @@ def run_hook(argv: tuple[str, ...] | list[str], stdin_text: str, timeout: float,
     Files, not pipes, carry stdin and the output: a hook that ignores its stdin, or leaves
     a child behind holding its stdout, can neither block nor hang lvbackup. Its stdout is
     discarded, so it never mixes with lvbackup's own output (`--json`, `--to-file -`).
+    Its environment is lvbackup's without the secrets (credentials.without_secrets).
     """
-    env = {**os.environ, **(extra_env or {})}
+    from .credentials import without_secrets  # here: it imports config.py, which imports us
+    env = {**without_secrets(os.environ), **(extra_env or {})}
     with tempfile.TemporaryFile() as inp, tempfile.TemporaryFile() as err:
         inp.write(stdin_text.encode() + b"\n")
         inp.seek(0)

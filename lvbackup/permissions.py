@@ -46,6 +46,22 @@ def refuse_writable_by_others(path: Path, what: str) -> None:
                          f"(mode {stat.filemode(st.st_mode)}); fix: chmod go-w {path}")
 
 
+def refuse_writable_tree(root: Path, what: str, depth: int) -> None:
+    """refuse_writable_by_others for `root` and the directories `depth` levels below it (a
+    repository's packs/, manifests/, keys/, ... and packs/<xx>/: whoever can write one can
+    plant or replace objects in it as well as in the root)."""
+    refuse_writable_by_others(root, what)
+    if depth == 0:
+        return
+    try:
+        with os.scandir(root) as entries:
+            subdirs = [Path(e.path) for e in entries if e.is_dir()]
+    except OSError:
+        return   # absent or unreadable: reading it fails louder
+    for d in subdirs:
+        refuse_writable_tree(d, what, depth - 1)
+
+
 def create_private_file(path: Path) -> None:
     """Create `path` empty and 0600 if it does not exist (before SQLite opens it: SQLite
     gives its -wal and -shm files the database file's mode). Never through a link."""

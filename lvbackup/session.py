@@ -4,6 +4,9 @@ does first: settle the rows of runs that died.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,10 +14,12 @@ from pathlib import Path
 from . import events as ev
 from .catalog import BackupRecord, Catalog, as_record
 from .config import Config
-from .credentials import FindSecrets, configured_key, secrets
+from .credentials import FindSecrets, secrets
+from .diskio import AtomicFile
 from .errors import CorruptionError, UsageError
 from .lifecycle import Status
 from .locks import repository_lock, run_is_alive
+from .permissions import make_private_dirs
 from .repository import lease
 from .repository.manifest import Manifest
 from .repository.repo import Repository
@@ -100,18 +105,74 @@ class Session:
 
 
 def open_repository(config: Config, find_secrets: FindSecrets = secrets) -> Repository:
-    """The configured repository, unlocked with the configured secrets if encrypted. A
-    configuration that names a key refuses an unencrypted repository: storage that swapped
-    in an unencrypted config would otherwise be sent the next backups in plaintext."""
+    """The configured repository, unlocked with the configured secrets if encrypted;
+    refused if it is not encrypted but should be (check_encryption)."""
     repo = Repository.open(config.repository, config.cache_dir, lambda: find_secrets(config),
                            append_only=config.append_only, s3=config.s3)
-    key = configured_key(config)
-    if key is not None and not repo.encrypted:
+    try:
+        check_encryption(config, repo, find_secrets)
+    except BaseException:
         repo.close()
-        raise UsageError(f"repository {config.repository} is not encrypted, but the "
-                         f"configuration gives it a key ({key}:); remove {key}: or use an "
-                         "encrypted repository ('lvbackup init --encryption')")
+        raise
     return repo
+
+
+# Whoever can write a repository's `config` can replace an encrypted one's with an
+# unencrypted one (re-sealed under the same id: no key is needed for that), to be sent the
+# next backups in plaintext. A repository is refused unencrypted when a secret is given for
+# it, or when this host has known it encrypted: a file per repository in the cache
+# directory, beside its index cache, remembers that (and where it was).
+
+def check_encryption(config: Config, repo: Repository, find_secrets: FindSecrets) -> None:
+    """Remember an encrypted repository; refuse an unencrypted one that should not be."""
+    if repo.encrypted:
+        _remember_encrypted(config, repo.id)
+        return
+    offered = find_secrets.offered(config)
+    if offered is not None:
+        raise UsageError(f"repository {config.repository} is not encrypted, but a secret is "
+                         f"given for it ({offered}): refusing to send it plaintext (its config "
+                         "may have been replaced); remove the secret or use an encrypted "
+                         "repository ('lvbackup init --encryption')")
+    refuse_known_encrypted(config, repo.id)
+
+
+def refuse_known_encrypted(config: Config, repo_id: str | None) -> None:
+    """UsageError if this host has used the repository (this id, or at this location)
+    encrypted: an unencrypted one there now is a downgrade."""
+    for marker in sorted(config.cache_dir.glob(f"{_MARKER}*")):
+        if marker.name == f"{_MARKER}{repo_id}" or _marked_location(marker) == _location(config):
+            raise UsageError(
+                f"repository {config.repository} is not encrypted, but this host has used it "
+                f"encrypted ({marker}): its config may have been replaced to have backups "
+                "sent in plaintext; refused. If it was re-created unencrypted on purpose, "
+                f"remove {marker}")
+
+
+_MARKER = "encrypted-"
+
+
+def _location(config: Config) -> str:
+    return str(config.repository)
+
+
+def _marked_location(marker: Path) -> str | None:
+    try:
+        return str(json.loads(marker.read_text())["repository"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remember_encrypted(config: Config, repo_id: str) -> None:
+    marker = config.cache_dir / f"{_MARKER}{repo_id}"
+    if marker.exists():
+        return
+    # Best effort: a cache directory that cannot be written fails the index cache beside it.
+    with contextlib.suppress(OSError):
+        make_private_dirs(marker.parent)
+        with AtomicFile(marker) as f:
+            os.write(f.fd, json.dumps({"id": repo_id, "repository": _location(config)}
+                                      ).encode() + b"\n")
 
 
 def recover_dead_runs(session: Session) -> list[BackupRecord]:

@@ -122,6 +122,14 @@ def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
 
 # --- an S3 repository on the test server (tests/s3server.py) ---------------------------------
 
+def write_secret(path: Path, text: str) -> Path:
+    """A passphrase or key file as lvbackup accepts one: its first line `text`, mode 0600."""
+    path = Path(path)
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def s3_section(server: Any, secret: str | None = None) -> dict[str, str]:
     """The `s3:` section of a configuration for the test server."""
     from s3server import ACCESS_KEY, SECRET_KEY

@@ -25,6 +25,7 @@ from support import (
     describe,
     make_image,
     s3_section,
+    write_secret,
 )
 
 KEPT = ("id", "parent_id", "is_incremental", "created_at", "data_timestamp", "labels",
@@ -176,7 +177,7 @@ def repository(kind: str, path, name: str, **place) -> Workdir:
         wd.init("64K")
         return wd
     path.mkdir(parents=True, exist_ok=True)
-    (path / "passphrase").write_text(PASSPHRASES[name] + "\n")
+    write_secret(path / "passphrase", PASSPHRASES[name])
     wd = Workdir(path, passphrase_file=str(path / "passphrase"), **place)
     assert wd.run_json("init", "--block-size", "64K", "--encryption")["encrypted"] is True
     return wd
@@ -283,7 +284,7 @@ def test_copy_between_repositories_under_one_master_key_keeps_every_id(tmp_path)
     twin = tmp_path / "twin"
     twin.mkdir()
     shutil.copytree(wd.repo, twin / "repo")
-    (twin / "passphrase").write_text(PASSPHRASES["home"] + "\n")
+    write_secret(twin / "passphrase", PASSPHRASES["home"])
     target = Workdir(twin, passphrase_file=str(twin / "passphrase"))
     image = tmp_path / "disk.img"
     full = make_image(image, 6, seed=71)
@@ -334,7 +335,7 @@ def test_each_side_takes_its_own_secret_and_a_wrong_or_missing_one_writes_nothin
                      env={"LVBACKUP_PASSPHRASE": PASSPHRASES["offsite"]})
 
     # The source's passphrase from the environment, the target's from its own file.
-    (target.path / "passphrase").write_text(PASSPHRASES["offsite"] + "\n")
+    write_secret(target.path / "passphrase", PASSPHRASES["offsite"])
     keyed = target.config_with("keyed.yaml", passphrase_file=str(target.path / "passphrase"))
     again = wd.run_json("copy", "--all", "--to-config", keyed, config=no_key,
                         env={"LVBACKUP_PASSPHRASE": PASSPHRASES["home"]})
@@ -373,7 +374,7 @@ def test_a_job_copies_into_an_encrypted_target(tmp_path):
     make_image(image, 4, seed=90)
     home = tmp_path / "home"
     home.mkdir()
-    (home / "passphrase").write_text(PASSPHRASES["home"] + "\n")
+    write_secret(home / "passphrase", PASSPHRASES["home"])
     wd = Workdir(home, passphrase_file=str(home / "passphrase"), jobs={"nightly": {
         "device": str(image), "incremental": True, "copy_to": str(target.config)}})
     assert wd.run_json("init", "--block-size", "64K", "--encryption")["encrypted"]

@@ -25,6 +25,7 @@ from support import (
     describe,
     flip_byte,
     make_image,
+    write_secret,
 )
 
 PASSPHRASE = "correct horse battery staple"
@@ -34,7 +35,7 @@ ENV = {"LVBACKUP_PASSPHRASE": PASSPHRASE}
 def encrypted(path: Path, **extra) -> Workdir:
     """A Workdir whose encrypted repository's passphrase is in a passphrase file."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "passphrase").write_text(PASSPHRASE + "\n")
+    write_secret(path / "passphrase", PASSPHRASE)
     wd = Workdir(path, passphrase_file=str(path / "passphrase"), **extra)
     p = wd.run("--json", "init", "--block-size", "64K", "--encryption")
     assert p.returncode == 0, describe(p)
@@ -139,7 +140,7 @@ def test_a_configured_key_refuses_an_unencrypted_repository(tmp_path: Path) -> N
     wd = Workdir(tmp_path)
     wd.init()
     keyed = wd.config_with("keyed.yaml", passphrase_file=str(tmp_path / "pw"))
-    (tmp_path / "pw").write_text("x\n")
+    write_secret(tmp_path / "pw", "x")
     make_image(tmp_path / "img", 2, seed=5)
     p = wd.run("create", "--device", tmp_path / "img", config=keyed)
     assert_one_line_error(p, 2, "not encrypted", "passphrase_file")
@@ -294,24 +295,24 @@ def test_change_passphrase_rewraps_without_rewriting_data(tmp_path: Path, wd: Wo
     rec = wd.create(tmp_path / "img")
     before = {p: p.stat().st_mtime_ns for p in wd.repo.rglob("*") if p.is_file()
               and "keys" not in p.parts}
-    p = wd.run("key", "change-passphrase", env={"LVBACKUP_NEW_PASSPHRASE": "new one"})
+    p = wd.run("key", "change-passphrase", env={"LVBACKUP_NEW_PASSPHRASE": "new passphrase"})
     assert p.returncode == 0, describe(p)
     assert_one_line_error(wd.run("verify"), 2, "wrong passphrase")   # the old file's
-    p = wd.run("verify", "--deep", env={"LVBACKUP_PASSPHRASE": "new one"})
+    p = wd.run("verify", "--deep", env={"LVBACKUP_PASSPHRASE": "new passphrase"})
     assert p.returncode == 0, describe(p)
     after = {p: p.stat().st_mtime_ns for p in wd.repo.rglob("*") if p.is_file()
              and "keys" not in p.parts}
     assert after == before, "data or metadata was rewritten"
     assert wd.run("restore", rec["id"], "--to-file", "-", binary=True,
-                  env={"LVBACKUP_PASSPHRASE": "new one"}).stdout == data
-    no_new = wd.run("key", "change-passphrase", env={"LVBACKUP_PASSPHRASE": "new one"})
+                  env={"LVBACKUP_PASSPHRASE": "new passphrase"}).stdout == data
+    no_new = wd.run("key", "change-passphrase", env={"LVBACKUP_PASSPHRASE": "new passphrase"})
     assert_one_line_error(no_new, 2, "LVBACKUP_NEW_PASSPHRASE")
 
 
 def test_key_add_a_second_passphrase_and_a_key_file(tmp_path: Path, wd: Workdir) -> None:
     make_image(tmp_path / "img", 2, seed=22)
     rec = wd.create(tmp_path / "img")
-    (tmp_path / "second").write_text("second passphrase\n")
+    write_secret(tmp_path / "second", "second passphrase")
     p = wd.run("key", "add", "--new-passphrase-file", tmp_path / "second")
     assert p.returncode == 0, describe(p)
     p = wd.run("--json", "key", "add", "--key-file", tmp_path / "repo.key")
@@ -333,20 +334,20 @@ def test_change_passphrase_killed_between_new_slot_and_old_deletion(tmp_path: Pa
                                                                     wd: Workdir) -> None:
     data = make_image(tmp_path / "img", 2, seed=23)
     rec = wd.create(tmp_path / "img")
-    p = wd.run("key", "change-passphrase", env={"LVBACKUP_NEW_PASSPHRASE": "new one",
+    p = wd.run("key", "change-passphrase", env={"LVBACKUP_NEW_PASSPHRASE": "new passphrase",
                                                "LVBACKUP_FAULT": "key-slot-stored"})
     assert p.returncode == -signal.SIGKILL, describe(p)
     # Both passphrases open it: nothing is ever left that no passphrase opens.
-    for env in ({}, {"LVBACKUP_PASSPHRASE": "new one"}):
+    for env in ({}, {"LVBACKUP_PASSPHRASE": "new passphrase"}):
         out = wd.run("restore", rec["id"], "--to-file", "-", binary=True, env=env)
         assert out.returncode == 0 and out.stdout == data, describe(out)
-    p = wd.run("key", "change-passphrase", env={"LVBACKUP_NEW_PASSPHRASE": "third"})
+    p = wd.run("key", "change-passphrase", env={"LVBACKUP_NEW_PASSPHRASE": "third passphrase"})
     assert p.returncode == 0, describe(p)
-    assert wd.run("verify", env={"LVBACKUP_PASSPHRASE": "third"}).returncode == 0
+    assert wd.run("verify", env={"LVBACKUP_PASSPHRASE": "third passphrase"}).returncode == 0
 
 
 def test_init_killed_after_the_key_slot_leaves_no_repository(tmp_path: Path) -> None:
-    (tmp_path / "pw").write_text(PASSPHRASE + "\n")
+    write_secret(tmp_path / "pw", PASSPHRASE)
     wd = Workdir(tmp_path, passphrase_file=str(tmp_path / "pw"))
     p = wd.run("init", "--encryption", env={"LVBACKUP_FAULT": "key-slot-stored"})
     assert p.returncode == -signal.SIGKILL, describe(p)

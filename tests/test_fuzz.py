@@ -41,9 +41,9 @@ from lvbackup.repository.manifest import Manifest, manifest_name
 from lvbackup.repository.pack import FOOTER, PACK_END, pack_name, read_trailer
 from lvbackup.repository.repo import REPO_MAGIC, Repository
 
-from support import MiB, Workdir, make_image
+from support import MiB, Workdir, make_image, write_secret
 
-PASS = "fuzz"
+PASS = "fuzz passphrase"
 ROUNDS = 150
 ALLOC_BOUND = 64 * MiB
 pytestmark = pytest.mark.timeout(600)
@@ -92,7 +92,7 @@ def bounded(parse: Callable[[bytes], object], data: bytes) -> None:
 @pytest.fixture(scope="module", params=["plain", "encrypted"])
 def repo(request, tmp_path_factory) -> Iterator[tuple[Repository, Workdir, list[str]]]:
     tmp = tmp_path_factory.mktemp(request.param)
-    (tmp / "pw").write_text(PASS + "\n")
+    write_secret(tmp / "pw", PASS)
     extra = {"passphrase_file": str(tmp / "pw")} if request.param == "encrypted" else {}
     wd = Workdir(tmp, **extra)
     args = ["--encryption"] if extra else []

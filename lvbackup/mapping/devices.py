@@ -1,6 +1,8 @@
 """The commands behind a mapped backup: nbdkit serving it on a Unix socket, the kernel's
 NBD client (module `nbd`, attached by `nbd-client`) making it /dev/nbdN, and blkid, mount
-and umount for what is on it. Argv lists only."""
+and umount for what is on it. Argv lists only. nbdkit inherits lvbackup's environment (it
+opens the repository with the same secrets, then drops them: server.py); the other
+commands never see the secrets."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import lvbackup
 
+from ..credentials import without_secrets
 from ..errors import LvbackupError, UsageError
 from ..lvm import find_tool
 
@@ -37,7 +40,7 @@ def run(argv: list[str], what: str) -> str:
     if exe is None:
         raise UsageError(f"{argv[0]} is not installed; install {_PACKAGES[argv[0]]}")
     p = subprocess.run([exe, *argv[1:]], stdin=subprocess.DEVNULL, capture_output=True,
-                       env={**os.environ, "LC_ALL": "C"})
+                       env={**without_secrets(os.environ), "LC_ALL": "C"})
     if p.returncode != 0:
         raise LvbackupError(f"{what} failed: {_last_line(p.stderr + p.stdout, p.returncode)}")
     return p.stdout.decode(errors="replace")

@@ -13,6 +13,7 @@ import errno
 from pathlib import Path
 
 from ..config import Config, load_config
+from ..credentials import drop_secrets_from_process
 from ..datapath.reader import BackupReader
 from ..errors import LvbackupError
 from ..repository import lease
@@ -29,7 +30,8 @@ class Export:
     # `config`: the configuration file lvbackup ran with ("" for the defaults). The
     # repository is opened from it as lvbackup opens it (its object storage settings, its
     # secrets from the same file, command or inherited environment, append_only), so that
-    # no secret is ever on nbdkit's command line.
+    # no secret is ever on nbdkit's command line; the environment's are dropped once the
+    # repository is open.
     PARAMETERS: tuple[str, ...] = ("config", "backup", "lock")
     writable = False
 
@@ -59,6 +61,9 @@ class Export:
         self._lock_fd = hold(Path(self.params["lock"]))
         self.settings = load_config(self.params["config"] or None)
         self._repo = open_repository(self.settings)
+        # The server runs for days and needs no secret again (the store's client holds its
+        # credentials, the codec the master key): nothing it starts or dumps shows them.
+        drop_secrets_from_process()
         if not self._repo.storage.capabilities.local_files:
             # A store other hosts share: their gc must not collect this backup's chunks
             # either, so the map holds a run lease there for as long as it lives.

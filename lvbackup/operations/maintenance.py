@@ -10,14 +10,15 @@ from ..catalog import (
     as_record,
 )
 from ..config import Config, as_dict
-from ..credentials import FindSecrets, configured_key, create_key_file, secrets
+from ..credentials import FindSecrets, create_key_file, require_strong, secrets
 from ..errors import CorruptionError, LvbackupError, UsageError
 from ..lifecycle import Status
 from ..mapping.registry import refuse_if_mapped, registry
 from ..repository import gc
-from ..repository.backends import credential_source
+from ..repository.backends import credential_source, open_backend
+from ..repository.keys import Secret
 from ..repository.repo import Repository
-from ..session import Session, recover_dead_runs
+from ..session import Session, check_encryption, recover_dead_runs, refuse_known_encrypted
 from ..timeutil import now_iso
 
 
@@ -26,20 +27,29 @@ def init_repository(config: Config, block_size: int | None, encryption: bool = F
     """Create the repository and the catalog if they do not exist (idempotent). With
     `encryption`, a new repository is encrypted under the configured passphrase or key
     file (a configured key file that does not exist yet is created). An existing encrypted
-    one is opened with `find_secrets` (a copy's target: credentials.target_secrets)."""
-    key = configured_key(config)
-    if key is not None and not encryption and not Repository.exists(config.repository, config.s3):
-        raise UsageError(f"the configuration gives a key ({key}:): create the repository "
-                         "with 'lvbackup init --encryption', or remove the key")
+    one is opened with `find_secrets` (a copy's target: credentials.target_secrets). An
+    unencrypted one is never made or opened where a secret is given or this host knew an
+    encrypted one (session.check_encryption)."""
+    offered = find_secrets.offered(config)
+    exists = Repository.exists(config.repository, config.s3)
+    if not exists and not encryption:
+        if offered is not None:
+            raise UsageError(f"a secret is given ({offered}): create the repository with "
+                             "'lvbackup init --encryption', or remove the secret")
+        refuse_known_encrypted(config, None)
     if encryption and config.key_file is not None and not config.key_file.exists():
         create_key_file(config.key_file)
-    repo, created = Repository.init(config.repository, config.cache_dir, block_size,
-                                    lambda: find_secrets(config), encrypt=encryption,
-                                    s3=config.s3)
+
+    def given() -> list[Secret]:
+        found = find_secrets(config)
+        if encryption and not exists and found:
+            require_strong(found[0])    # the one the new repository's key slot is for
+        return found
+
+    repo, created = Repository.init(config.repository, config.cache_dir, block_size, given,
+                                    encrypt=encryption, s3=config.s3)
     try:
-        if not repo.encrypted and key is not None:
-            raise UsageError(f"repository {config.repository} is not encrypted, but the "
-                             f"configuration gives it a key ({key}:)")
+        check_encryption(config, repo, find_secrets)
         Catalog(config.catalog).close()
     finally:
         repo.close()
@@ -51,6 +61,28 @@ def init_repository(config: Config, block_size: int | None, encryption: bool = F
 def effective_config(config: Config) -> dict:
     """`config check`: every key, and where the repository's credentials come from."""
     return as_dict(config, credential_source(config.repository, config.s3))
+
+
+def config_warnings(config: Config) -> list[str]:
+    """`config check`'s warnings about the repository: append_only: on object storage whose
+    bucket does not keep versions (the host's credentials can still overwrite objects)."""
+    if not (config.append_only and str(config.repository).startswith("s3://")):
+        return []
+    from ..repository.backends.s3 import S3Backend  # boto3: only for object storage
+
+    try:
+        storage = open_backend(config.repository, s3=config.s3)
+        try:
+            assert isinstance(storage, S3Backend)
+            if storage.versioning_enabled():
+                return []
+        finally:
+            storage.close()
+    except LvbackupError as e:
+        return [f"append_only: cannot tell whether the bucket keeps versions: {e}"]
+    return [f"append_only: is set, but versioning is off on bucket {storage.bucket}: this "
+            "host's credentials can still overwrite its objects; turn versioning (or Object "
+            "Lock) on"]
 
 
 def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:

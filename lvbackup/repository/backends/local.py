@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ...diskio import ALIGN, AtomicFile, aligned_buffer, fsync_dir, pwrite_all
 from ...errors import UsageError
-from ...permissions import DIR_MODE, FILE_MODE, make_private_dirs, refuse_writable_by_others
+from ...permissions import DIR_MODE, FILE_MODE, make_private_dirs, refuse_writable_tree
 from .base import (
     Backend,
     Capabilities,
@@ -84,7 +84,8 @@ class LocalBackend(Backend):
             except OSError as e:
                 raise UsageError(f"repository {root} is not writable: {e.strerror}; "
                                  "check the path and its permissions") from None
-        refuse_writable_by_others(root, "repository directory")
+        # The root and its subdirectories (packs/<xx>/ is the deepest).
+        refuse_writable_tree(root, "repository directory", depth=2)
         return cls(root)
 
     def _path(self, name: str) -> Path:

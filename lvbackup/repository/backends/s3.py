@@ -308,6 +308,13 @@ class S3Backend(Backend):
             backend._call("", lambda: backend._client.head_bucket(Bucket=bucket))
         return backend
 
+    def versioning_enabled(self) -> bool:
+        """Whether the bucket keeps every version of an object (versioning, which Object
+        Lock implies): what makes append_only: real here, where the host's credentials
+        may overwrite (docs/security.md)."""
+        reply = self._call("", lambda: self._client.get_bucket_versioning(Bucket=self.bucket))
+        return reply.get("Status") == "Enabled"
+
     # --- errors ----------------------------------------------------------------------------
 
     def _call(self, name: str, request: Callable[[], T]) -> T:
