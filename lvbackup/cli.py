@@ -18,7 +18,7 @@ from . import __version__
 from .catalog import STATUSES
 from .config import Config, load_config
 from .datapath.pipeline import tune_malloc
-from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, LvbackupError, UsageError
 from .labels import parse_labels
 from .operations.copy import copy_backups
 from .operations.create import create_backup, select_source
@@ -68,7 +68,11 @@ Exit status:
   1   the operation failed (I/O error, corruption found, ...)
   2   invalid usage, or a request the current state forbids
   75  the repository or volume is locked by another run (see --wait)
+  130 interrupted (Ctrl-C): the work was stopped and cleaned up
+  143 terminated (SIGTERM): the work was stopped and cleaned up
   'run' exits with the worst of its jobs' statuses (2 worst, then 1, then 75).
+With --json a failure's line on stderr is a JSON object: {"error": ..., "exit_code": ...}.
+Global options (--config, --json, --quiet, --verbose) go before or after the command.
 """
 
 def parse_size(text: str) -> int:
@@ -112,9 +116,11 @@ class App:
                           soft_wrap=True)
 
     def emit(self, data: Any, human: Callable[[Any], None]) -> None:
+        """The result: one JSON document with --json (explicit output wins over --quiet),
+        nothing with --quiet (cron mails only failures), else `human(data)`."""
         if self.as_json:
             click.echo(json.dumps(data, indent=2))
-        else:
+        elif not self.quiet:
             human(data)
 
     def log(self, message: str) -> None:
@@ -148,15 +154,73 @@ def read_text_input(source: str) -> str:
         return "\x00"
 
 
+# The global options, accepted before the command (the group's own options) and after it
+# (lvbackup list --json): every command and group below the top carries them too, hidden
+# from its --help, which says so in one line instead.
+GLOBAL_NOTE = ("The global options --config, --json, --quiet and --verbose may also follow "
+               "the command (see lvbackup --help).")
+
+
+def _set_global(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """A global option given after the command: set on the App (a flag given in both
+    places is simply on; two different --config files are refused)."""
+    app = ctx.find_object(App)
+    if app is None or value in (None, False):
+        return
+    if param.name == "config_path":
+        if app.config_path not in (None, value):
+            raise click.UsageError(f"--config given twice: {app.config_path} and {value}")
+        app.config_path = value
+    else:
+        setattr(app, str(param.name), True)
+
+
+def _global_params() -> list[click.Parameter]:
+    common = {"hidden": True, "expose_value": False, "callback": _set_global}
+    return [click.Option(["--config", "config_path"], metavar="FILE", **common),
+            click.Option(["--json", "as_json"], is_flag=True, **common),
+            click.Option(["--quiet", "-q", "quiet"], is_flag=True, **common),
+            click.Option(["--verbose", "-v", "verbose"], is_flag=True, **common)]
+
+
+class Command(click.Command):
+    """A command that also takes the global options after its name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(_global_params())
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        formatter.write_paragraph()
+        formatter.write_text(GLOBAL_NOTE)
+
+
 class Group(click.Group):
     """Reports an LvbackupError as exit_status() does, also when click runs the command
-    in standalone mode (tests, shell completion)."""
+    in standalone mode (tests, shell completion). Its commands and subgroups take the
+    global options after their name as well."""
+
+    command_class = Command
+    group_class = type   # subgroups are Groups too
+
+    def __init__(self, *args: Any, top: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not top:
+            self.params.extend(_global_params())
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        if ctx.parent is not None:
+            formatter.write_paragraph()
+            formatter.write_text(GLOBAL_NOTE)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except LvbackupError as e:
-            ctx.exit(exit_status(e))
+            app = ctx.find_object(App)
+            ctx.exit(exit_status(e, as_json=app is not None and app.as_json))
 
 
 pass_app = click.make_pass_decorator(App)
@@ -165,7 +229,7 @@ wait_option = click.option("--wait", type=click.FloatRange(min=0), default=0.0,
                            help="Wait this long for a lock held by another run, then exit 75.")
 
 
-@click.group(cls=Group, epilog=EXIT_CODES,
+@click.group(cls=Group, top=True, epilog=EXIT_CODES,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", "config_path", metavar="FILE",
               help="Configuration file "
@@ -1054,44 +1118,59 @@ def _on_signal(signum: int, _frame) -> None:
     raise Terminated(128 + signum)
 
 
-def exit_status(e: BaseException, verbose: bool = False) -> int:
-    """The one place where an exception becomes a line on stderr and an exit status."""
+def exit_status(e: BaseException, verbose: bool = False, as_json: bool = False) -> int:
+    """The one place where an exception becomes a line on stderr and an exit status: with
+    --json, that line is a JSON object ({"error": message, "exit_code": status})."""
+    code, kind, message = _failure(e, verbose)
+    if message is not None:
+        if as_json:
+            click.echo(json.dumps({"error": message, "exit_code": code}), err=True)
+        else:
+            click.echo(f"lvbackup: {kind + ': ' if kind else ''}{message}", err=True)
+    return code
+
+
+def _failure(e: BaseException, verbose: bool) -> tuple[int, str, str | None]:
+    """(exit status, kind of failure, message) of an exception; no message for an exit
+    that says nothing."""
     if isinstance(e, click.ClickException):
-        click.echo(f"lvbackup: error: {e.format_message()}", err=True)
-        return e.exit_code if e.exit_code else EXIT_USAGE
+        return (e.exit_code if e.exit_code else EXIT_USAGE), "error", e.format_message()
     if isinstance(e, (click.exceptions.Abort, KeyboardInterrupt)):
-        click.echo("lvbackup: interrupted", err=True)
-        return 130
+        return EXIT_INTERRUPTED, "", "interrupted"
     if isinstance(e, LvbackupError):
-        click.echo(f"lvbackup: error: {e}", err=True)
-        return e.exit_code
+        return e.exit_code, "error", str(e)
     if isinstance(e, BrokenPipeError):
-        return EXIT_FAILED
+        return EXIT_FAILED, "", None
     if isinstance(e, Terminated):  # from _on_signal: the work was stopped and cleaned up
         code = e.code if isinstance(e.code, int) else EXIT_FAILED
-        click.echo(f"lvbackup: terminated by signal {code - 128}", err=True)
-        return code
+        return code, "", f"terminated by signal {code - 128}"
     if isinstance(e, SystemExit):  # click's own exits (shell completion, --help, --version)
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAILED)
+        return (e.code if isinstance(e.code, int) else
+                (0 if e.code is None else EXIT_FAILED)), "", None
     if verbose:
         traceback.print_exception(e)
-    click.echo(f"lvbackup: internal error: {type(e).__name__}: {e} "
-               "(rerun with --verbose for details)", err=True)
-    return EXIT_FAILED
+    return EXIT_FAILED, "internal error", (f"{type(e).__name__}: {e} "
+                                           "(rerun with --verbose for details)")
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _on_signal)
-    # What lvbackup creates is its owner's alone (docs/security.md), also files that other
-    # code creates for it (SQLite's, gc's scratch database); metrics set their own mode.
-    os.umask(0o077)
-    tune_malloc()
-    verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
+    """Run the command line (through launcher.main, which handled Ctrl-C until now)."""
+    args = sys.argv[1:]
+    verbose = "-v" in args or "--verbose" in args
+    as_json = "--json" in args
     try:
+        # From here on a Ctrl-C unwinds through every finally, as SIGTERM does.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _on_signal)
+        # What lvbackup creates is its owner's alone (docs/security.md), also files that
+        # other code creates for it (SQLite's, gc's scratch database); metrics set their
+        # own mode.
+        os.umask(0o077)
+        tune_malloc()
         result = cli.main(prog_name="lvbackup", standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except BaseException as e:  # noqa: BLE001 - never a traceback unless asked for
-        code = exit_status(e, verbose)
+        code = exit_status(e, verbose, as_json)
     try:
         sys.stdout.flush()
     except BrokenPipeError:
