@@ -16,5 +16,5 @@ def _interrupted_early(_signum: int, _frame: object) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGINT, _interrupted_early)
-    from .cli import main as run   # cli.main() installs the handlers of a running command
+    from .cli import main as run  # cli.main() installs the handlers of a running command
     run()
