@@ -176,11 +176,13 @@ def _set_global(ctx: click.Context, param: click.Parameter, value: Any) -> None:
 
 
 def _global_params() -> list[click.Parameter]:
-    common = {"hidden": True, "expose_value": False, "callback": _set_global}
-    return [click.Option(["--config", "config_path"], metavar="FILE", **common),
-            click.Option(["--json", "as_json"], is_flag=True, **common),
-            click.Option(["--quiet", "-q", "quiet"], is_flag=True, **common),
-            click.Option(["--verbose", "-v", "verbose"], is_flag=True, **common)]
+    def hidden(decls: list[str], flag: bool) -> click.Option:
+        return click.Option(decls, is_flag=flag, hidden=True, expose_value=False,
+                            callback=_set_global)
+
+    return [hidden(["--config", "config_path"], False), hidden(["--json", "as_json"], True),
+            hidden(["--quiet", "-q", "quiet"], True),
+            hidden(["--verbose", "-v", "verbose"], True)]
 
 
 class Command(click.Command):
