@@ -44,7 +44,7 @@ from .operations.prune import prune as prune_backups
 from .operations.records import export_record as export_backup_record
 from .operations.records import import_record as import_backup_record
 from .operations.records import list_backups, set_protected, show_backup
-from .operations.restore import restore_backup
+from .operations.restore import RestoreResult, restore_backup
 from .operations.verify import verify_backups
 from .render import (
     err_console,
@@ -397,8 +397,12 @@ def show(app: App, backup_id: str, chain: bool) -> None:
               help="An existing LV, device or file, at least as large.")
 @click.option("--new-volume", metavar="VG/NAME", help="Create this LV and restore into it.")
 @click.option("--thin-pool", metavar="POOL", help="With --new-volume: a thin LV in this pool.")
-@click.option("--to-file", metavar="PATH|-", help="A new image file, or - for standard output.")
-@click.option("--force", is_flag=True, help="Write to a target that is in use.")
+@click.option("--to-file", metavar="PATH|-",
+              help="A new image file (an existing one only with --force), or - for standard "
+                   "output.")
+@click.option("--force", is_flag=True,
+              help="Write to a target that is in use; with --to-file, replace an existing "
+                   "file (keeping its mode and owner; never one a mounted loop device uses).")
 @click.option("--instant", is_flag=True,
               help="With --new-volume or --to VG/LV: return at once with a device that reads "
                    "and writes as the restored volume while a background copy fills the LV; "
@@ -468,12 +472,19 @@ def restore(app: App, backup_id: str | None, to: str | None, new_volume: str | N
                                "(stdout carries the image)")
     session = app.session(wait)
     with app.progress("restore") as progress:
-        rec = restore_backup(session, backup_id, to=to, to_file=to_file, new_volume=new_volume,
-                             thin_pool=thin_pool, force=force, progress=progress)
+        result = restore_backup(session, backup_id, to=to, to_file=to_file,
+                                new_volume=new_volume, thin_pool=thin_pool, force=force,
+                                progress=progress)
     if to_file == "-":
         return
-    where = to or to_file or new_volume or "a new volume"
-    app.emit(rec, lambda r: click.echo(f"Restored backup {r['id']} to {where}"))
+
+    def human(r: RestoreResult) -> None:
+        what = {"volume": "new volume" if r["created"] else "volume",
+                "file": "new file" if r["created"] else "file", "device": "device"}
+        click.echo(f"Restored backup {r['backup_id']} to {what[r['target_kind']]} "
+                   f"{r['target']}")
+
+    app.emit(result, human)
 
 
 @cli.command("map")
