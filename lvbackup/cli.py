@@ -47,15 +47,16 @@ from .operations.records import list_backups, set_protected, show_backup
 from .operations.restore import RestoreResult, restore_backup
 from .operations.verify import verify_backups
 from .render import (
+    Col,
     err_console,
-    new_table,
-    out_console,
     print_instant,
     print_lineage,
     print_lvs,
     print_maps,
     print_record,
     print_records,
+    print_table,
+    short,
     when,
 )
 from .retention import Policy
@@ -662,19 +663,19 @@ def prune(app: App, last: int, hourly: int, daily: int, weekly: int, monthly: in
                            dry_run=dry_run)
 
     def human(r: dict) -> None:
-        table = new_table()
-        for col in ("id", "volume", "data timestamp (UTC)", "action", "why"):
-            table.add_column(col, overflow="fold")
         rows = [(k, "keep", ", ".join(k["reasons"])) for k in r["keep"]]
         rows += [(k, "would delete" if r["dry_run"] else "deleted", "") for k in r["remove"]]
-        for item, action, why in sorted(rows, key=lambda x: (x[0]["volume_name"] or "",
-                                                             x[0]["data_timestamp"])):
-            table.add_row(item["id"][:8], item["volume_name"] or "",
-                          when(item["data_timestamp"]), action, why)
-        out_console().print(table)
+        rows.sort(key=lambda x: (x[0]["volume_name"] or "", x[0]["data_timestamp"]))
+        print_table([Col("id", 10), Col("volume", 8, "path"), Col("data timestamp (UTC)", 9),
+                     Col("action", 10), Col("why", 5, "text")],
+                    [[short(item["id"]), item["volume_name"] or "",
+                      when(item["data_timestamp"]), action, why]
+                     for item, action, why in rows])
         for m in r["reparented"]:
-            click.echo(f"{'Would re-parent' if r['dry_run'] else 'Re-parented'} {m['id']} "
-                       f"to {m['new_parent_id'] or 'none (now a full backup)'}")
+            click.echo(f"{'Would re-parent' if r['dry_run'] else 'Re-parented'} "
+                       f"{short(m['id'])} to "
+                       f"{short(m['new_parent_id']) if m['new_parent_id'] else 'none'}"
+                       f"{'' if m['new_parent_id'] else ' (now a full backup)'}")
         verb = "Would delete" if r["dry_run"] else "Deleted"
         click.echo(f"{verb} {len(r['remove'])} backups, kept {len(r['keep'])}"
                    + ("" if r["dry_run"] or not r["remove"] else
@@ -702,19 +703,19 @@ def run_(app: App, job_names: tuple[str, ...], wait: float) -> None:
     summary = run_jobs(app.session(wait), job_names, progress=app.progress, log=app.log)
 
     def human(r: dict) -> None:
-        table = new_table()
-        for col in ("job", "status", "backup", "kind", "size", "stored", "pruned", "time",
-                    "detail"):
-            table.add_column(col, overflow="fold")
+        cols = [Col("job", 10, "text"), Col("status", 9), Col("backup", 8), Col("kind", 4),
+                Col("size", 3), Col("stored", 2), Col("pruned", 1), Col("time", 6),
+                Col("detail", 7, "text")]
+        rows = []
         for j in r["jobs"]:
             b = j["backup"] or {}
-            table.add_row(j["job"], j["status"] if j["status"] != "failed"
-                          else f"FAILED ({j['exit_code']})",
-                          (b.get("id") or "-")[:8], j["kind"] or "-",
-                          human_size(b.get("size")), human_size(b.get("stored_bytes")),
-                          str(len(j["pruned"])), f"{j['duration_seconds']:.1f} s",
-                          j["error"] or (j["why"] if j["status"] == "skipped" else ""))
-        out_console().print(table)
+            rows.append([j["job"], j["status"] if j["status"] != "failed"
+                         else f"FAILED ({j['exit_code']})", short(b.get("id")),
+                         j["kind"] or "-", human_size(b.get("size")),
+                         human_size(b.get("stored_bytes")), str(len(j["pruned"])),
+                         f"{j['duration_seconds']:.1f} s",
+                         j["error"] or (j["why"] if j["status"] == "skipped" else "")])
+        print_table(cols, rows)
 
     app.emit(summary, human)
     if summary["exit_code"]:
@@ -1068,18 +1069,18 @@ def volumes(app: App) -> None:
     out = list_volumes(app.session())
 
     def human(rows: list[dict]) -> None:
-        table = new_table()
-        for col in ("volume / snapshot", "size", "created (UTC)", "state", "last backup"):
-            table.add_column(col, overflow="fold")
+        cols = [Col("volume / snapshot", 10, "path"), Col("size", 8), Col("created (UTC)", 5),
+                Col("state", 7, "text"), Col("last backup", 6, "text")]
+        table = []
         for r in rows:
             items = [(r, r["full_name"])] + [
                 (s, "  └ " + s["name"] + (" (base)" if s["base"] else "")) for s in r["snapshots"]]
             for item, label in items:
                 b = item["last_backup"]
-                table.add_row(label, human_size(item["size"]),
-                              (item["created_at"] or "")[:19].replace("T", " "), item["state"],
-                              f"{b['id'][:8]} {when(b['created_at'])}" if b else "-")
-        out_console().print(table)
+                table.append([label, human_size(item["size"]), when(item["created_at"]),
+                              item["state"],
+                              f"{short(b['id'])} {when(b['created_at'])}" if b else "-"])
+        print_table(cols, table)
 
     app.emit(out, human)
 
