@@ -18,6 +18,7 @@ from . import __version__
 from .catalog import STATUSES
 from .config import Config, load_config
 from .datapath.pipeline import tune_malloc
+from .documents import ExportedRecord
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, LvbackupError, UsageError
 from .labels import parse_labels
 from .operations.copy import copy_backups
@@ -48,6 +49,7 @@ from .operations.restore import RestoreResult, restore_backup
 from .operations.verify import verify_backups
 from .render import (
     Col,
+    count,
     err_console,
     print_instant,
     print_lineage,
@@ -275,7 +277,9 @@ def init(app: App, block_size: str | None, encryption: bool) -> None:
     \b
     Example:
       lvbackup --config /etc/lvbackup/lvbackup.yaml init --block-size 128K
-      LVBACKUP_PASSPHRASE=... lvbackup init --encryption && lvbackup key export > key.txt
+      export LVBACKUP_PASSPHRASE=...    # every later command needs it too
+      lvbackup init --encryption
+      lvbackup key export --to /root/lvbackup-key.txt
     """
     result = init_repository(app.config, parse_size(block_size) if block_size else None,
                              encryption)
@@ -677,7 +681,7 @@ def prune(app: App, last: int, hourly: int, daily: int, weekly: int, monthly: in
                        f"{short(m['new_parent_id']) if m['new_parent_id'] else 'none'}"
                        f"{'' if m['new_parent_id'] else ' (now a full backup)'}")
         verb = "Would delete" if r["dry_run"] else "Deleted"
-        click.echo(f"{verb} {len(r['remove'])} backups, kept {len(r['keep'])}"
+        click.echo(f"{verb} {count(len(r['remove']), 'backup')}, kept {len(r['keep'])}"
                    + ("" if r["dry_run"] or not r["remove"] else
                       "; run 'lvbackup gc' to reclaim space"))
 
@@ -756,7 +760,8 @@ def verify(app: App, backup_ids: tuple[str, ...], deep: bool, wait: float) -> No
     app.emit(report, human)
     if not report["ok"]:
         bad = [b["id"] for b in report["backups"] if not b["ok"]]
-        detail = f"backups {', '.join(bad)}" if bad else "the index"
+        detail = (f"{'backup' if len(bad) == 1 else 'backups'} {', '.join(bad)}" if bad
+                  else "the index")
         raise LvbackupError(f"verify found damage in {detail}")
 
 
@@ -783,7 +788,8 @@ def diff(app: App, backup_id: str, other_id: str | None, jsonl: bool) -> None:
     def human(r: dict) -> None:
         for x in r["ranges"]:
             click.echo(f"{x['offset']:>16} {x['length']:>14}  {x['change']}")
-        click.echo(f"{len(r['ranges'])} ranges, {human_size(r['differing_bytes'])} of "
+        click.echo(f"{count(len(r['ranges']), 'range')}, "
+                   f"{human_size(r['differing_bytes'])} of "
                    f"{human_size(r['size'])} differ from backup {r['other_id']}")
 
     app.emit(report, human)
@@ -803,7 +809,8 @@ def gc(app: App, wait: float) -> None:
         stats = collect_garbage(app.session(wait), progress)
 
     def human(s: dict) -> None:
-        click.echo(f"Deleted {s['packs_deleted']} packs, repacked {s['packs_repacked']}, "
+        click.echo(f"Deleted {count(s['packs_deleted'], 'pack')}, "
+                   f"repacked {s['packs_repacked']}, "
                    f"freed {human_size(s['bytes_freed'])}")
 
     app.emit(stats, human)
@@ -837,13 +844,14 @@ def copy(app: App, backup_ids: tuple[str, ...], every: bool, volume: str | None,
                               volume, progress).as_dict()
 
     def human(r: dict) -> None:
+        present = len(r["already_present"])
         if not r["copied"]:
-            click.echo(f"Nothing new to copy: {len(r['already_present'])} backups already "
-                       f"in {r['target']}")
+            click.echo(f"Nothing new to copy: {count(present, 'backup')} already in "
+                       f"{r['target']}")
             return
-        click.echo(f"Copied {len(r['copied'])} backups to {r['target']} "
-                   f"({r['chunks_sent']} chunks, {human_size(r['bytes_sent'])} stored); "
-                   f"{len(r['already_present'])} were there already")
+        click.echo(f"Copied {count(len(r['copied']), 'backup')} to {r['target']} "
+                   f"({count(r['chunks_sent'], 'chunk')}, {human_size(r['bytes_sent'])} "
+                   f"stored); {present} {'was' if present == 1 else 'were'} there already")
 
     app.emit(report, human)
 
@@ -852,13 +860,20 @@ def copy(app: App, backup_ids: tuple[str, ...], every: bool, volume: str | None,
 @click.argument("backup_id")
 @pass_app
 def export_record(app: App, backup_id: str) -> None:
-    """Print a backup's catalog record as base64 text (for import-record).
+    """Print a backup's catalog record as base64 text (for import-record); with --json,
+    {"backup_id": ..., "record": the same text}. The text is printed even with --quiet:
+    it is what the command is for.
 
     \b
     Example:
       lvbackup export-record 3f2a > 3f2a.record
     """
-    click.echo(export_backup_record(app.session(), backup_id))
+    bid, text = export_backup_record(app.session(), backup_id)
+    doc: ExportedRecord = {"backup_id": bid, "record": text}
+    if app.as_json:
+        app.emit(doc, click.echo)
+    else:
+        click.echo(text)
 
 
 @cli.command("import-record")
@@ -898,7 +913,8 @@ def catalog_rebuild(app: App, wait: float) -> None:
     """
     result = rebuild_catalog(app.config, wait)
     app.emit(result,
-             lambda r: click.echo(f"Recovered {r['recovered']} backups from the repository"))
+             lambda r: click.echo(f"Recovered {count(r['recovered'], 'backup')} from the "
+                                  "repository"))
 
 
 @cli.group()
@@ -1012,7 +1028,7 @@ def key_import(app: App, source: str) -> None:
     """
     text = read_text_input(source)
     app.emit(import_key(app.session(), text),
-             lambda r: click.echo(f"Imported {len(r['slots_added'])} key slots"))
+             lambda r: click.echo(f"Imported {count(len(r['slots_added']), 'key slot')}"))
 
 
 new_passphrase_option = click.option(

@@ -109,6 +109,11 @@ _SHOW_FIELDS = ("id", "name", "description", "status", "fail_reason", "volume_na
                 "num_dependent_backups", "has_dependent_backups")
 
 
+def count(n: int, noun: str) -> str:
+    """'1 backup', '2 backups' (nouns whose plural takes an s)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def labels_text(labels: dict | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted((labels or {}).items()))
 
