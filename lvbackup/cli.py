@@ -1116,7 +1116,8 @@ def config_group() -> None:
 def config_check(app: App) -> None:
     """Validate the configuration file and print the effective configuration (every key,
     defaults included). An invalid file exits 2 naming the key; a hook command that is not
-    found is reported as a warning.
+    found, or an event_log or metrics file in a directory that does not exist, is reported
+    as a warning (nothing is created).
 
     \b
     Example:
@@ -1132,6 +1133,10 @@ def config_check(app: App) -> None:
         found = (os.access(exe, os.X_OK) if "/" in exe else shutil.which(exe) is not None)
         if not found:
             app.warn(f"hooks[{n}].command: {exe} is not an executable (the hook will fail)")
+    for key, path in (("event_log", config.event_log), ("metrics", config.metrics)):
+        if path is not None and not path.parent.is_dir():   # checked, never created here
+            app.warn(f"{key}: the directory {path.parent} does not exist (a typo? lvbackup "
+                     "would create it at the first write)")
     app.emit(effective_config(config),
              lambda d: click.echo(yaml.safe_dump(d, sort_keys=False, default_flow_style=False),
                                   nl=False))
