@@ -133,7 +133,7 @@ class App:
     @contextmanager
     def progress(self, label: str) -> Iterator[Callable[..., None] | None]:
         """A progress bar on stderr when it is a terminal and not --quiet (never on stdout):
-        bytes done, throughput, ETA and, for a backup, bytes reused and stored so far.
+        bytes done, throughput, ETA and, for a backup, new and stored bytes so far.
         The callback is `update(done, total, stats=None)`."""
         if self.quiet or not sys.stderr.isatty():
             yield None

@@ -19,7 +19,7 @@ from rich.text import Text
 
 from .units import human_size
 
-# The backup's "reused X, stored Y" (30 more characters) only where it fits on the line.
+# The backup's "new X, stored Y" (30 more characters) only where it fits on the line.
 WIDE = 110
 
 
@@ -45,7 +45,7 @@ def columns(label: str, width: int) -> list[ProgressColumn]:
 
 @contextmanager
 def progress_bar(label: str, console: Console) -> Iterator[Callable[..., None]]:
-    """Bytes done, throughput, ETA and, for a backup, bytes reused and stored so far.
+    """Bytes done, throughput, ETA and, for a backup, new bytes and stored bytes so far.
     Yields `update(done, total, stats=None)`. The bar is drawn at the first update, so a
     command refused before any work draws none."""
     with ExitStack() as stack:
@@ -58,8 +58,8 @@ def progress_bar(label: str, console: Console) -> Iterator[Callable[..., None]]:
                 shown.append((bar, bar.add_task(label, total=None, extra="")))
             bar, task = shown[0]
             extra = ""
-            if stats:
-                extra = (f"reused {human_size(stats.get('reused'))}, "
+            if stats:  # as the summary line says it: new data, and what it took stored
+                extra = (f"new {human_size(done - (stats.get('reused') or 0))}, "
                          f"stored {human_size(stats.get('stored'))}")
             bar.update(task, completed=done, total=total, extra=extra)
 
