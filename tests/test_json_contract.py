@@ -13,6 +13,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import pytest
 
 from lvbackup import documents as doc
+
 from support import Workdir, describe, make_image
 
 

@@ -579,7 +579,7 @@ def test_killed_restore_to_a_file_leaves_the_old_file_untouched(env):
     assert target.read_bytes() == b"the previous content"
     assert len(list(wd.path.glob("restored.img.lvbackup-*.tmp"))) == 1
     assert wd.show(bid)["status"] == "available"
-    assert wd.run("restore", bid, "--to-file", target).returncode == 0
+    assert wd.run("restore", bid, "--to-file", target, "--force").returncode == 0
     assert target.read_bytes() == data
 
 

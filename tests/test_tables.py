@@ -11,6 +11,7 @@ import pytest
 
 from lvbackup.progressbar import columns
 from lvbackup.render import Col, cut, fit_columns
+
 from support import Workdir, describe, make_image
 
 LONG = "/srv/images/a-rather-long-directory-name/for-virtual-machines/web-frontend-01.img"
