@@ -187,7 +187,7 @@ def test_empty_image(workdir, tmp_path):
     assert rec["size"] == 0
     out = tmp_path / "out.img"
     out.write_bytes(b"old content")
-    assert workdir.run("restore", rec["id"], "--to-file", out).returncode == 0
+    assert workdir.run("restore", rec["id"], "--to-file", out, "--force").returncode == 0
     assert out.read_bytes() == b""
 
 
