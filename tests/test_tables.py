@@ -51,7 +51,6 @@ def test_tables_fit_and_never_break_an_id(wd, width, args):
     for line in lines:
         assert len(line) <= width, f"{len(line)} > {width}: {line!r}"
     text = "\n".join(lines)
-    assert not re.search(r"[0-9a-f]{1,7}\n", "\n".join(lines[:1])), text
     if args[0] != "run":
         for bid in ids:
             # the id is shown whole (8 characters), on one line
