@@ -723,9 +723,10 @@ def run_(app: App, job_names: tuple[str, ...], wait: float) -> None:
 
     app.emit(summary, human)
     if summary["exit_code"]:
-        failed = [j["job"] for j in summary["jobs"] if j["exit_code"]]
-        raise _JobsFailed(f"{len(failed)} of {len(summary['jobs'])} jobs failed: "
-                          f"{', '.join(failed)}", summary["exit_code"])
+        # One line that says why, also with --quiet (where the jobs' own lines are not shown).
+        failed = [f"{j['job']} ({j['error']})" for j in summary["jobs"] if j["exit_code"]]
+        raise _JobsFailed(f"{len(failed)} of {count(len(summary['jobs']), 'job')} failed: "
+                          f"{'; '.join(failed)}", summary["exit_code"])
 
 
 class _JobsFailed(LvbackupError):

@@ -98,6 +98,15 @@ def test_quiet_failure_prints_its_one_line(env):
     assert_one_line_error(wd.run("verify", "ffffffff", "--quiet"), 2, "not found")
 
 
+def test_quiet_run_failure_is_one_line_saying_why(env, tmp_path):
+    wd = env[0]
+    broken = wd.config_with("broken.yaml", jobs={"gone": {"device": str(tmp_path / "gone")}})
+    p = wd.run("--quiet", "run", config=broken)
+    line = assert_one_line_error(p, 2, "1 of 1 job failed: gone (")
+    assert "gone" in line.split("(", 1)[1], line
+    assert p.stdout == ""
+
+
 def test_quiet_with_json_prints_the_document(env):
     wd, _, full, _ = env
     p = wd.run("--quiet", "show", full, "--json")
