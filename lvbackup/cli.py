@@ -239,8 +239,11 @@ wait_option = click.option("--wait", type=click.FloatRange(min=0), default=0.0,
 @click.option("--config", "config_path", metavar="FILE",
               help="Configuration file "
                    "[default: $LVBACKUP_CONFIG, else /etc/lvbackup/lvbackup.yaml]")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-@click.option("--quiet", "-q", is_flag=True, help="Print nothing but the result.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document on stdout (docs/json.md); a failure is one JSON "
+                   "line on stderr.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="Print nothing on success (for cron); a failure still prints its line.")
 @click.option("--verbose", "-v", is_flag=True, help="Explain more; tracebacks on internal errors.")
 @click.version_option(__version__, prog_name="lvbackup")
 @click.pass_context
