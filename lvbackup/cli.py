@@ -18,7 +18,8 @@ from . import __version__
 from .catalog import STATUSES
 from .config import Config, load_config
 from .datapath.pipeline import tune_malloc
-from .errors import EXIT_FAILED, EXIT_USAGE, LvbackupError, UsageError
+from .documents import ExportedRecord
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, LvbackupError, UsageError
 from .labels import parse_labels
 from .operations.copy import copy_backups
 from .operations.create import create_backup, select_source
@@ -45,18 +46,20 @@ from .operations.prune import prune as prune_backups
 from .operations.records import export_record as export_backup_record
 from .operations.records import import_record as import_backup_record
 from .operations.records import list_backups, set_protected, show_backup
-from .operations.restore import restore_backup
+from .operations.restore import RestoreResult, restore_backup
 from .operations.verify import verify_backups
 from .render import (
+    Col,
+    count,
     err_console,
-    new_table,
-    out_console,
     print_instant,
     print_lineage,
     print_lvs,
     print_maps,
     print_record,
     print_records,
+    print_table,
+    short,
     when,
 )
 from .retention import Policy
@@ -69,7 +72,11 @@ Exit status:
   1   the operation failed (I/O error, corruption found, ...)
   2   invalid usage, or a request the current state forbids
   75  the repository or volume is locked by another run (see --wait)
+  130 interrupted (Ctrl-C): the work was stopped and cleaned up
+  143 terminated (SIGTERM): the work was stopped and cleaned up
   'run' exits with the worst of its jobs' statuses (2 worst, then 1, then 75).
+With --json a failure's line on stderr is a JSON object: {"error": ..., "exit_code": ...}.
+Global options (--config, --json, --quiet, --verbose) go before or after the command.
 """
 
 def parse_size(text: str) -> int:
@@ -113,9 +120,11 @@ class App:
                           soft_wrap=True)
 
     def emit(self, data: Any, human: Callable[[Any], None]) -> None:
+        """The result: one JSON document with --json (explicit output wins over --quiet),
+        nothing with --quiet (cron mails only failures), else `human(data)`."""
         if self.as_json:
             click.echo(json.dumps(data, indent=2))
-        else:
+        elif not self.quiet:
             human(data)
 
     def log(self, message: str) -> None:
@@ -125,7 +134,7 @@ class App:
     @contextmanager
     def progress(self, label: str) -> Iterator[Callable[..., None] | None]:
         """A progress bar on stderr when it is a terminal and not --quiet (never on stdout):
-        bytes done, throughput, ETA and, for a backup, bytes reused and stored so far.
+        bytes done, throughput, ETA and, for a backup, new and stored bytes so far.
         The callback is `update(done, total, stats=None)`."""
         if self.quiet or not sys.stderr.isatty():
             yield None
@@ -149,15 +158,75 @@ def read_text_input(source: str) -> str:
         return "\x00"
 
 
+# The global options, accepted before the command (the group's own options) and after it
+# (lvbackup list --json): every command and group below the top carries them too, hidden
+# from its --help, which says so in one line instead.
+GLOBAL_NOTE = ("The global options --config, --json, --quiet and --verbose may also follow "
+               "the command (see lvbackup --help).")
+
+
+def _set_global(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """A global option given after the command: set on the App (a flag given in both
+    places is simply on; two different --config files are refused)."""
+    app = ctx.find_object(App)
+    if app is None or value in (None, False):
+        return
+    if param.name == "config_path":
+        if app.config_path not in (None, value):
+            raise click.UsageError(f"--config given twice: {app.config_path} and {value}")
+        app.config_path = value
+    else:
+        setattr(app, str(param.name), True)
+
+
+def _global_params() -> list[click.Parameter]:
+    def hidden(decls: list[str], flag: bool) -> click.Option:
+        return click.Option(decls, is_flag=flag, hidden=True, expose_value=False,
+                            callback=_set_global)
+
+    return [hidden(["--config", "config_path"], False), hidden(["--json", "as_json"], True),
+            hidden(["--quiet", "-q", "quiet"], True),
+            hidden(["--verbose", "-v", "verbose"], True)]
+
+
+class Command(click.Command):
+    """A command that also takes the global options after its name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(_global_params())
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        formatter.write_paragraph()
+        formatter.write_text(GLOBAL_NOTE)
+
+
 class Group(click.Group):
     """Reports an LvbackupError as exit_status() does, also when click runs the command
-    in standalone mode (tests, shell completion)."""
+    in standalone mode (tests, shell completion). Its commands and subgroups take the
+    global options after their name as well."""
+
+    command_class = Command
+    group_class = type   # subgroups are Groups too
+
+    def __init__(self, *args: Any, top: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not top:
+            self.params.extend(_global_params())
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        if ctx.parent is not None:
+            formatter.write_paragraph()
+            formatter.write_text(GLOBAL_NOTE)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except LvbackupError as e:
-            ctx.exit(exit_status(e))
+            app = ctx.find_object(App)
+            ctx.exit(exit_status(e, as_json=app is not None and app.as_json))
 
 
 pass_app = click.make_pass_decorator(App)
@@ -166,13 +235,16 @@ wait_option = click.option("--wait", type=click.FloatRange(min=0), default=0.0,
                            help="Wait this long for a lock held by another run, then exit 75.")
 
 
-@click.group(cls=Group, epilog=EXIT_CODES,
+@click.group(cls=Group, top=True, epilog=EXIT_CODES,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", "config_path", metavar="FILE",
               help="Configuration file "
                    "[default: $LVBACKUP_CONFIG, else /etc/lvbackup/lvbackup.yaml]")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-@click.option("--quiet", "-q", is_flag=True, help="Print nothing but the result.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document on stdout (docs/json.md); a failure is one JSON "
+                   "line on stderr.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="Print nothing on success (for cron); a failure still prints its line.")
 @click.option("--verbose", "-v", is_flag=True, help="Explain more; tracebacks on internal errors.")
 @click.version_option(__version__, prog_name="lvbackup")
 @click.pass_context
@@ -209,7 +281,9 @@ def init(app: App, block_size: str | None, encryption: bool) -> None:
     \b
     Example:
       lvbackup --config /etc/lvbackup/lvbackup.yaml init --block-size 128K
-      LVBACKUP_PASSPHRASE=... lvbackup init --encryption && lvbackup key export > key.txt
+      export LVBACKUP_PASSPHRASE=...    # every later command needs it too
+      lvbackup init --encryption
+      lvbackup key export --to /root/lvbackup-key.txt
     """
     result = init_repository(app.config, parse_size(block_size) if block_size else None,
                              encryption)
@@ -332,8 +406,12 @@ def show(app: App, backup_id: str, chain: bool) -> None:
               help="An existing LV, device or file, at least as large.")
 @click.option("--new-volume", metavar="VG/NAME", help="Create this LV and restore into it.")
 @click.option("--thin-pool", metavar="POOL", help="With --new-volume: a thin LV in this pool.")
-@click.option("--to-file", metavar="PATH|-", help="A new image file, or - for standard output.")
-@click.option("--force", is_flag=True, help="Write to a target that is in use.")
+@click.option("--to-file", metavar="PATH|-",
+              help="A new image file (an existing one only with --force), or - for standard "
+                   "output.")
+@click.option("--force", is_flag=True,
+              help="Write to a target that is in use; with --to-file, replace an existing "
+                   "file (keeping its mode and owner; never one a mounted loop device uses).")
 @click.option("--instant", is_flag=True,
               help="With --new-volume or --to VG/LV: return at once with a device that reads "
                    "and writes as the restored volume while a background copy fills the LV; "
@@ -403,12 +481,19 @@ def restore(app: App, backup_id: str | None, to: str | None, new_volume: str | N
                                "(stdout carries the image)")
     session = app.session(wait)
     with app.progress("restore") as progress:
-        rec = restore_backup(session, backup_id, to=to, to_file=to_file, new_volume=new_volume,
-                             thin_pool=thin_pool, force=force, progress=progress)
+        result = restore_backup(session, backup_id, to=to, to_file=to_file,
+                                new_volume=new_volume, thin_pool=thin_pool, force=force,
+                                progress=progress)
     if to_file == "-":
         return
-    where = to or to_file or new_volume or "a new volume"
-    app.emit(rec, lambda r: click.echo(f"Restored backup {r['id']} to {where}"))
+
+    def human(r: RestoreResult) -> None:
+        what = {"volume": "new volume" if r["created"] else "volume",
+                "file": "new file" if r["created"] else "file", "device": "device"}
+        click.echo(f"Restored backup {r['backup_id']} to {what[r['target_kind']]} "
+                   f"{r['target']}")
+
+    app.emit(result, human)
 
 
 @cli.command("map")
@@ -586,21 +671,21 @@ def prune(app: App, last: int, hourly: int, daily: int, weekly: int, monthly: in
                            dry_run=dry_run)
 
     def human(r: dict) -> None:
-        table = new_table()
-        for col in ("id", "volume", "data timestamp (UTC)", "action", "why"):
-            table.add_column(col, overflow="fold")
         rows = [(k, "keep", ", ".join(k["reasons"])) for k in r["keep"]]
         rows += [(k, "would delete" if r["dry_run"] else "deleted", "") for k in r["remove"]]
-        for item, action, why in sorted(rows, key=lambda x: (x[0]["volume_name"] or "",
-                                                             x[0]["data_timestamp"])):
-            table.add_row(item["id"][:8], item["volume_name"] or "",
-                          when(item["data_timestamp"]), action, why)
-        out_console().print(table)
+        rows.sort(key=lambda x: (x[0]["volume_name"] or "", x[0]["data_timestamp"]))
+        print_table([Col("id", 10), Col("volume", 8, "path"), Col("data timestamp (UTC)", 9),
+                     Col("action", 10), Col("why", 5, "text")],
+                    [[short(item["id"]), item["volume_name"] or "",
+                      when(item["data_timestamp"]), action, why]
+                     for item, action, why in rows])
         for m in r["reparented"]:
-            click.echo(f"{'Would re-parent' if r['dry_run'] else 'Re-parented'} {m['id']} "
-                       f"to {m['new_parent_id'] or 'none (now a full backup)'}")
+            click.echo(f"{'Would re-parent' if r['dry_run'] else 'Re-parented'} "
+                       f"{short(m['id'])} to "
+                       f"{short(m['new_parent_id']) if m['new_parent_id'] else 'none'}"
+                       f"{'' if m['new_parent_id'] else ' (now a full backup)'}")
         verb = "Would delete" if r["dry_run"] else "Deleted"
-        click.echo(f"{verb} {len(r['remove'])} backups, kept {len(r['keep'])}"
+        click.echo(f"{verb} {count(len(r['remove']), 'backup')}, kept {len(r['keep'])}"
                    + ("" if r["dry_run"] or not r["remove"] else
                       "; run 'lvbackup gc' to reclaim space"))
 
@@ -626,25 +711,26 @@ def run_(app: App, job_names: tuple[str, ...], wait: float) -> None:
     summary = run_jobs(app.session(wait), job_names, progress=app.progress, log=app.log)
 
     def human(r: dict) -> None:
-        table = new_table()
-        for col in ("job", "status", "backup", "kind", "size", "stored", "pruned", "time",
-                    "detail"):
-            table.add_column(col, overflow="fold")
+        cols = [Col("job", 10, "text"), Col("status", 9), Col("backup", 8), Col("kind", 4),
+                Col("size", 3), Col("stored", 2), Col("pruned", 1), Col("time", 6),
+                Col("detail", 7, "text")]
+        rows = []
         for j in r["jobs"]:
             b = j["backup"] or {}
-            table.add_row(j["job"], j["status"] if j["status"] != "failed"
-                          else f"FAILED ({j['exit_code']})",
-                          (b.get("id") or "-")[:8], j["kind"] or "-",
-                          human_size(b.get("size")), human_size(b.get("stored_bytes")),
-                          str(len(j["pruned"])), f"{j['duration_seconds']:.1f} s",
-                          j["error"] or (j["why"] if j["status"] == "skipped" else ""))
-        out_console().print(table)
+            rows.append([j["job"], j["status"] if j["status"] != "failed"
+                         else f"FAILED ({j['exit_code']})", short(b.get("id")),
+                         j["kind"] or "-", human_size(b.get("size")),
+                         human_size(b.get("stored_bytes")), str(len(j["pruned"])),
+                         f"{j['duration_seconds']:.1f} s",
+                         j["error"] or (j["why"] if j["status"] == "skipped" else "")])
+        print_table(cols, rows)
 
     app.emit(summary, human)
     if summary["exit_code"]:
-        failed = [j["job"] for j in summary["jobs"] if j["exit_code"]]
-        raise _JobsFailed(f"{len(failed)} of {len(summary['jobs'])} jobs failed: "
-                          f"{', '.join(failed)}", summary["exit_code"])
+        # One line that says why, also with --quiet (where the jobs' own lines are not shown).
+        failed = [f"{j['job']} ({j['error']})" for j in summary["jobs"] if j["exit_code"]]
+        raise _JobsFailed(f"{len(failed)} of {count(len(summary['jobs']), 'job')} failed: "
+                          f"{'; '.join(failed)}", summary["exit_code"])
 
 
 class _JobsFailed(LvbackupError):
@@ -679,7 +765,8 @@ def verify(app: App, backup_ids: tuple[str, ...], deep: bool, wait: float) -> No
     app.emit(report, human)
     if not report["ok"]:
         bad = [b["id"] for b in report["backups"] if not b["ok"]]
-        detail = f"backups {', '.join(bad)}" if bad else "the index"
+        detail = (f"{'backup' if len(bad) == 1 else 'backups'} {', '.join(bad)}" if bad
+                  else "the index")
         raise LvbackupError(f"verify found damage in {detail}")
 
 
@@ -706,7 +793,8 @@ def diff(app: App, backup_id: str, other_id: str | None, jsonl: bool) -> None:
     def human(r: dict) -> None:
         for x in r["ranges"]:
             click.echo(f"{x['offset']:>16} {x['length']:>14}  {x['change']}")
-        click.echo(f"{len(r['ranges'])} ranges, {human_size(r['differing_bytes'])} of "
+        click.echo(f"{count(len(r['ranges']), 'range')}, "
+                   f"{human_size(r['differing_bytes'])} of "
                    f"{human_size(r['size'])} differ from backup {r['other_id']}")
 
     app.emit(report, human)
@@ -726,7 +814,8 @@ def gc(app: App, wait: float) -> None:
         stats = collect_garbage(app.session(wait), progress)
 
     def human(s: dict) -> None:
-        click.echo(f"Deleted {s['packs_deleted']} packs, repacked {s['packs_repacked']}, "
+        click.echo(f"Deleted {count(s['packs_deleted'], 'pack')}, "
+                   f"repacked {s['packs_repacked']}, "
                    f"freed {human_size(s['bytes_freed'])}")
 
     app.emit(stats, human)
@@ -760,13 +849,14 @@ def copy(app: App, backup_ids: tuple[str, ...], every: bool, volume: str | None,
                               volume, progress).as_dict()
 
     def human(r: dict) -> None:
+        present = len(r["already_present"])
         if not r["copied"]:
-            click.echo(f"Nothing new to copy: {len(r['already_present'])} backups already "
-                       f"in {r['target']}")
+            click.echo(f"Nothing new to copy: {count(present, 'backup')} already in "
+                       f"{r['target']}")
             return
-        click.echo(f"Copied {len(r['copied'])} backups to {r['target']} "
-                   f"({r['chunks_sent']} chunks, {human_size(r['bytes_sent'])} stored); "
-                   f"{len(r['already_present'])} were there already")
+        click.echo(f"Copied {count(len(r['copied']), 'backup')} to {r['target']} "
+                   f"({count(r['chunks_sent'], 'chunk')}, {human_size(r['bytes_sent'])} "
+                   f"stored); {present} {'was' if present == 1 else 'were'} there already")
 
     app.emit(report, human)
 
@@ -775,13 +865,20 @@ def copy(app: App, backup_ids: tuple[str, ...], every: bool, volume: str | None,
 @click.argument("backup_id")
 @pass_app
 def export_record(app: App, backup_id: str) -> None:
-    """Print a backup's catalog record as base64 text (for import-record).
+    """Print a backup's catalog record as base64 text (for import-record); with --json,
+    {"backup_id": ..., "record": the same text}. The text is printed even with --quiet:
+    it is what the command is for.
 
     \b
     Example:
       lvbackup export-record 3f2a > 3f2a.record
     """
-    click.echo(export_backup_record(app.session(), backup_id))
+    bid, text = export_backup_record(app.session(), backup_id)
+    doc: ExportedRecord = {"backup_id": bid, "record": text}
+    if app.as_json:
+        app.emit(doc, click.echo)
+    else:
+        click.echo(text)
 
 
 @cli.command("import-record")
@@ -821,7 +918,8 @@ def catalog_rebuild(app: App, wait: float) -> None:
     """
     result = rebuild_catalog(app.config, wait)
     app.emit(result,
-             lambda r: click.echo(f"Recovered {r['recovered']} backups from the repository"))
+             lambda r: click.echo(f"Recovered {count(r['recovered'], 'backup')} from the "
+                                  "repository"))
 
 
 @cli.group()
@@ -935,7 +1033,7 @@ def key_import(app: App, source: str) -> None:
     """
     text = read_text_input(source)
     app.emit(import_key(app.session(), text),
-             lambda r: click.echo(f"Imported {len(r['slots_added'])} key slots"))
+             lambda r: click.echo(f"Imported {count(len(r['slots_added']), 'key slot')}"))
 
 
 new_passphrase_option = click.option(
@@ -992,18 +1090,18 @@ def volumes(app: App) -> None:
     out = list_volumes(app.session())
 
     def human(rows: list[dict]) -> None:
-        table = new_table()
-        for col in ("volume / snapshot", "size", "created (UTC)", "state", "last backup"):
-            table.add_column(col, overflow="fold")
+        cols = [Col("volume / snapshot", 10, "path"), Col("size", 8), Col("created (UTC)", 5),
+                Col("state", 7, "text"), Col("last backup", 6, "text")]
+        table = []
         for r in rows:
             items = [(r, r["full_name"])] + [
                 (s, "  └ " + s["name"] + (" (base)" if s["base"] else "")) for s in r["snapshots"]]
             for item, label in items:
                 b = item["last_backup"]
-                table.add_row(label, human_size(item["size"]),
-                              (item["created_at"] or "")[:19].replace("T", " "), item["state"],
-                              f"{b['id'][:8]} {when(b['created_at'])}" if b else "-")
-        out_console().print(table)
+                table.append([label, human_size(item["size"]), when(item["created_at"]),
+                              item["state"],
+                              f"{short(b['id'])} {when(b['created_at'])}" if b else "-"])
+        print_table(cols, table)
 
     app.emit(out, human)
 
@@ -1023,7 +1121,8 @@ def config_group() -> None:
 def config_check(app: App) -> None:
     """Validate the configuration file and print the effective configuration (every key,
     defaults included). An invalid file exits 2 naming the key; a hook command that is not
-    found is reported as a warning.
+    found, or an event_log or metrics file in a directory that does not exist, is reported
+    as a warning (nothing is created).
 
     \b
     Example:
@@ -1039,6 +1138,10 @@ def config_check(app: App) -> None:
         found = (os.access(exe, os.X_OK) if "/" in exe else shutil.which(exe) is not None)
         if not found:
             app.warn(f"hooks[{n}].command: {exe} is not an executable (the hook will fail)")
+    for key, path in (("event_log", config.event_log), ("metrics", config.metrics)):
+        if path is not None and not path.parent.is_dir():   # checked, never created here
+            app.warn(f"{key}: the directory {path.parent} does not exist (a typo? lvbackup "
+                     "would create it at the first write)")
     for warning in config_warnings(config):
         app.warn(warning)
     app.emit(effective_config(config),
@@ -1057,44 +1160,59 @@ def _on_signal(signum: int, _frame) -> None:
     raise Terminated(128 + signum)
 
 
-def exit_status(e: BaseException, verbose: bool = False) -> int:
-    """The one place where an exception becomes a line on stderr and an exit status."""
+def exit_status(e: BaseException, verbose: bool = False, as_json: bool = False) -> int:
+    """The one place where an exception becomes a line on stderr and an exit status: with
+    --json, that line is a JSON object ({"error": message, "exit_code": status})."""
+    code, kind, message = _failure(e, verbose)
+    if message is not None:
+        if as_json:
+            click.echo(json.dumps({"error": message, "exit_code": code}), err=True)
+        else:
+            click.echo(f"lvbackup: {kind + ': ' if kind else ''}{message}", err=True)
+    return code
+
+
+def _failure(e: BaseException, verbose: bool) -> tuple[int, str, str | None]:
+    """(exit status, kind of failure, message) of an exception; no message for an exit
+    that says nothing."""
     if isinstance(e, click.ClickException):
-        click.echo(f"lvbackup: error: {e.format_message()}", err=True)
-        return e.exit_code if e.exit_code else EXIT_USAGE
+        return (e.exit_code if e.exit_code else EXIT_USAGE), "error", e.format_message()
     if isinstance(e, (click.exceptions.Abort, KeyboardInterrupt)):
-        click.echo("lvbackup: interrupted", err=True)
-        return 130
+        return EXIT_INTERRUPTED, "", "interrupted"
     if isinstance(e, LvbackupError):
-        click.echo(f"lvbackup: error: {e}", err=True)
-        return e.exit_code
+        return e.exit_code, "error", str(e)
     if isinstance(e, BrokenPipeError):
-        return EXIT_FAILED
+        return EXIT_FAILED, "", None
     if isinstance(e, Terminated):  # from _on_signal: the work was stopped and cleaned up
         code = e.code if isinstance(e.code, int) else EXIT_FAILED
-        click.echo(f"lvbackup: terminated by signal {code - 128}", err=True)
-        return code
+        return code, "", f"terminated by signal {code - 128}"
     if isinstance(e, SystemExit):  # click's own exits (shell completion, --help, --version)
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAILED)
+        return (e.code if isinstance(e.code, int) else
+                (0 if e.code is None else EXIT_FAILED)), "", None
     if verbose:
         traceback.print_exception(e)
-    click.echo(f"lvbackup: internal error: {type(e).__name__}: {e} "
-               "(rerun with --verbose for details)", err=True)
-    return EXIT_FAILED
+    return EXIT_FAILED, "internal error", (f"{type(e).__name__}: {e} "
+                                           "(rerun with --verbose for details)")
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _on_signal)
-    # What lvbackup creates is its owner's alone (docs/security.md), also files that other
-    # code creates for it (SQLite's, gc's scratch database); metrics set their own mode.
-    os.umask(0o077)
-    tune_malloc()
-    verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
+    """Run the command line (through launcher.main, which handled Ctrl-C until now)."""
+    args = sys.argv[1:]
+    verbose = "-v" in args or "--verbose" in args
+    as_json = "--json" in args
     try:
+        # From here on a Ctrl-C unwinds through every finally, as SIGTERM does.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _on_signal)
+        # What lvbackup creates is its owner's alone (docs/security.md), also files that
+        # other code creates for it (SQLite's, gc's scratch database); metrics set their
+        # own mode.
+        os.umask(0o077)
+        tune_malloc()
         result = cli.main(prog_name="lvbackup", standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except BaseException as e:  # noqa: BLE001 - never a traceback unless asked for
-        code = exit_status(e, verbose)
+        code = exit_status(e, verbose, as_json)
     try:
         sys.stdout.flush()
     except BrokenPipeError:

@@ -4,6 +4,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_LOCKED = 75
+EXIT_INTERRUPTED = 130    # Ctrl-C (SIGINT)
+EXIT_TERMINATED = 143     # SIGTERM: 128 + 15
 
 
 class LvbackupError(Exception):

@@ -85,6 +85,7 @@ class Events:
         self.event_log = Path(event_log) if event_log else None
         self.hooks = tuple(hooks)
         self.warn = warn
+        self._log_failed = False   # an unwritable event log is reported once per run
 
     @property
     def enabled(self) -> bool:
@@ -125,7 +126,9 @@ class Events:
             finally:
                 os.close(fd)
         except OSError as e:
-            self._warn(f"cannot write the event log {self.event_log}: {e.strerror or e}")
+            if not self._log_failed:
+                self._log_failed = True
+                self._warn(f"cannot write the event log {self.event_log}: {e.strerror or e}")
 
     def _run_hook(self, hook: Hook, event: str, line: str) -> None:
         name = " ".join(hook.command)

@@ -231,7 +231,8 @@ def lookup(spec: str) -> tuple[LogicalVolume, list[LogicalVolume]]:
     every = list_lvs()
     matches = [lv for lv in every if lv.uuid == spec or lv.uuid.startswith(spec)]
     if not matches:
-        raise NotFoundError(f"no logical volume has UUID {spec}")
+        raise NotFoundError(f"no logical volume has UUID {spec} (name a volume as VG/LV, "
+                            f"e.g. vg0/{spec})")
     if len(matches) > 1:
         raise NotFoundError(f"UUID prefix {spec} is ambiguous")
     return matches[0], [lv for lv in every if lv.vg == matches[0].vg]

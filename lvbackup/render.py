@@ -7,7 +7,8 @@ import functools
 import os
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
@@ -16,7 +17,6 @@ from .units import human_size
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.table import Table
 
 # rich is imported only where it renders something: most runs (cron, scripts, --json,
 # --quiet) never do, and its import is a sixth of the start-up time.
@@ -35,15 +35,83 @@ def out_console() -> Console:
     return Console(width=160 if wide else None)
 
 
-def new_table(**options: Any) -> Table:
+@dataclass(frozen=True)
+class Col:
+    """A table column. `keep`: the columns with the lowest are dropped first when the
+    table does not fit. `shape`: "word" (ids, statuses, sizes, times: never broken nor
+    cut), "path" (cut from the left: the end of a path tells most) or "text" (cut from
+    the right)."""
+
+    header: str
+    keep: int
+    shape: Literal["word", "path", "text"] = "word"
+
+
+_ELLIPSIS = "…"
+_MIN_CUT = 12     # a path or text column is never cut narrower than this
+
+
+def fit_columns(cols: list[Col], rows: list[list[str]], width: int
+                ) -> tuple[list[int], list[int]]:
+    """(indexes of the columns shown, their widths) for a table `width` characters wide
+    (columns are separated by two spaces): the least kept columns are dropped while even
+    their narrowest does not fit, then paths and texts are narrowed, widest first."""
+    natural = [max([len(c.header)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+    narrowest = [n if c.shape == "word" else min(n, max(len(c.header), _MIN_CUT))
+                 for c, n in zip(cols, natural, strict=True)]
+    shown = list(range(len(cols)))
+
+    def overflow(widths: list[int]) -> int:
+        return sum(widths[i] for i in shown) + 2 * (len(shown) - 1) - width
+
+    while len(shown) > 1 and overflow(narrowest) > 0:
+        shown.remove(min(shown, key=lambda i: cols[i].keep))
+    widths = list(natural)
+    while overflow(widths) > 0:
+        cuttable = [i for i in shown if widths[i] > narrowest[i]]
+        if not cuttable:
+            break
+        widest = max(cuttable, key=lambda i: widths[i])
+        widths[widest] -= 1
+    return shown, [widths[i] for i in shown]
+
+
+def cut(text: str, width: int, shape: str) -> str:
+    if len(text) <= width:
+        return text
+    if shape == "path":
+        return _ELLIPSIS + text[len(text) - width + 1:]
+    return text[:width - 1] + _ELLIPSIS
+
+
+def print_table(cols: list[Col], rows: list[list[str]], title: str | None = None) -> None:
+    """A table that fits the terminal (or COLUMNS): nothing is wrapped; columns that do
+    not fit are dropped (one line names them), paths and texts are cut."""
     from rich.table import Table
-    return Table(**options)
+
+    console = out_console()
+    shown, widths = fit_columns(cols, rows, console.width)
+    table = Table(title=title, box=None, pad_edge=False, padding=(0, 1),
+                  header_style="bold")
+    for i, w in zip(shown, widths, strict=True):
+        table.add_column(cols[i].header, width=w, no_wrap=True, overflow="ellipsis")
+    for r in rows:
+        table.add_row(*(cut(r[i], w, cols[i].shape) for i, w in zip(shown, widths, strict=True)))
+    console.print(table)
+    dropped = [c.header for i, c in enumerate(cols) if i not in shown]
+    if dropped:
+        click.echo(f"(left out to fit {console.width} columns: {', '.join(dropped)})")
 
 
 _SHOW_FIELDS = ("id", "name", "description", "status", "fail_reason", "volume_name", "volume_id",
                 "snapshot_name", "snapshot_id", "parent_id", "is_incremental", "data_timestamp",
                 "created_at", "updated_at", "size", "block_size", "stored_bytes",
                 "num_dependent_backups", "has_dependent_backups")
+
+
+def count(n: int, noun: str) -> str:
+    """'1 backup', '2 backups' (nouns whose plural takes an s)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def labels_text(labels: dict | None) -> str:
@@ -67,64 +135,64 @@ def print_record(rec: Mapping[str, Any]) -> None:
         click.echo(f"{key:<{width}}  {'-' if value is None else value}")
 
 
+def short(backup_id: str | None) -> str:
+    """A backup id as tables show it: its first 8 characters (any unique prefix is
+    accepted where an id is asked for)."""
+    return (backup_id or "-")[:8]
+
+
 def print_lineage(rec: BackupRecord, chain: list[BackupRecord],
                   dependents: list[BackupRecord]) -> None:
     """A backup's record, the chain of parents back to its full backup, and its children."""
     print_record(rec)
-    console = out_console()
     if len(chain) > 1 or rec.get("parent_id"):
-        table = new_table(title="chain back to the full backup")
-        for col in ("id", "kind", "status", "data timestamp (UTC)", "size", "stored", "name"):
-            table.add_column(col, overflow="fold")
-        for r in chain:
-            table.add_row(r["id"], "incr" if r["is_incremental"] else "full", r["status"],
-                          when(r["data_timestamp"]), human_size(r["size"]),
-                          human_size(r["stored_bytes"]), r["name"] or "")
+        cols = [Col("id", 10), Col("kind", 5), Col("status", 9), Col("data timestamp (UTC)", 8),
+                Col("size", 6), Col("stored", 4), Col("name", 1, "text")]
+        rows = [[short(r["id"]), "incr" if r["is_incremental"] else "full", r["status"],
+                 when(r["data_timestamp"]), human_size(r["size"]),
+                 human_size(r["stored_bytes"]), r["name"] or ""] for r in chain]
         last = chain[-1]
         if last.get("is_incremental") and last.get("parent_id"):
-            table.add_row(last["parent_id"], "?", "missing", "", "", "", "")
-        console.print(table)
+            rows.append([short(last["parent_id"]), "?", "missing", "", "", "", ""])
+        print_table(cols, rows, title="chain back to the full backup")
     if dependents:
-        console.print("dependents: " + ", ".join(d["id"] for d in dependents))
+        click.echo("dependents: " + ", ".join(d["id"] for d in dependents))
 
 
 def print_records(recs: list[dict]) -> None:
-    table = new_table()
-    for col in ("id", "volume", "kind", "status", "data timestamp (UTC)", "size", "stored",
-                "parent", "deps", "name", "labels"):
-        table.add_column(col, overflow="fold")
-    for r in recs:
-        status = r["status"] + (" (protected)" if r.get("protected") else "")
-        table.add_row(r["id"][:8], r["volume_name"] or "",
-                      "incr" if r["is_incremental"] else "full",
-                      status, when(r["data_timestamp"]),
-                      human_size(r["size"]), human_size(r["stored_bytes"]),
-                      (r["parent_id"] or "-")[:8], str(r["num_dependent_backups"]),
-                      r["name"] or "", labels_text(r.get("labels")))
-    out_console().print(table)
+    cols = [Col("id", 10), Col("volume", 9, "path"), Col("kind", 5), Col("status", 9),
+            Col("data timestamp (UTC)", 8), Col("size", 6), Col("stored", 4),
+            Col("parent", 3), Col("deps", 2), Col("name", 1, "text"), Col("labels", 0, "text")]
+    rows = [[short(r["id"]), r["volume_name"] or "", "incr" if r["is_incremental"] else "full",
+             r["status"] + (" (protected)" if r.get("protected") else ""),
+             when(r["data_timestamp"]), human_size(r["size"]), human_size(r["stored_bytes"]),
+             short(r["parent_id"]), str(r["num_dependent_backups"]), r["name"] or "",
+             labels_text(r.get("labels"))] for r in recs]
+    print_table(cols, rows)
 
 
 def print_maps(rows: list[dict]) -> None:
     """`list --mapped`: one row per map; a dead one (its server killed) awaits `unmap`."""
-    table = new_table()
-    for col in ("device", "backup", "volume", "mode", "state", "mounted on", "since (UTC)"):
-        table.add_column(col, overflow="fold")
+    cols = [Col("device", 10), Col("backup", 9), Col("volume", 5, "path"),
+            Col("mode", 6, "text"), Col("state", 8, "text"), Col("mounted on", 7, "path"),
+            Col("since (UTC)", 3)]
+    table = []
     for r in rows:
         instant = r.get("instant_volume")
-        table.add_row(r["device"] or "-", r["backup_id"], r["volume_name"] or "-",
+        table.append([r["device"] or "-", short(r["backup_id"]), r["volume_name"] or "-",
                       f"instant restore onto {instant}" if instant
                       else "writable" if r["writable"] else "read-only",
                       "serving" if r["alive"] else "stopped: restore --resume" if instant
                       else "dead: unmap it",
-                      ", ".join(r["mountpoints"]) or "-", when(r["started_at"]))
-    out_console().print(table)
+                      ", ".join(r["mountpoints"]) or "-", when(r["started_at"])])
+    print_table(cols, table)
 
 
 def print_instant(rows: list[dict]) -> None:
     """`restore --status`: one row per instant restore."""
-    table = new_table()
-    for col in ("volume", "device", "backup", "hydrated", "of", "state"):
-        table.add_column(col, overflow="fold")
+    cols = [Col("volume", 10, "path"), Col("device", 8), Col("backup", 7), Col("hydrated", 6),
+            Col("of", 5), Col("state", 9, "text")]
+    table = []
     for r in rows:
         total = r["total_bytes"]
         percent = r["hydrated_bytes"] * 100 // total if total else 100
@@ -132,17 +200,14 @@ def print_instant(rows: list[dict]) -> None:
                  else f"stopped ({percent}%): restore --resume {r['volume']}")
         if r["error"] and not r["done"]:
             state += f"; {r['error']}"
-        table.add_row(r["volume"], r["device"], r["backup_id"], human_size(r["hydrated_bytes"]),
-                      human_size(total), state)
-    out_console().print(table)
+        table.append([r["volume"], r["device"], short(r["backup_id"]),
+                      human_size(r["hydrated_bytes"]), human_size(total), state])
+    print_table(cols, table)
 
 
 def print_lvs(rows: list[dict], title: str) -> None:
-    table = new_table(title=title)
-    for col in ("name", "uuid", "size", "origin", "created (UTC)", "state", "open"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(r["full_name"], r["uuid"], human_size(r["size"]), r["origin"] or "-",
-                      (r["created_at"] or "")[:19].replace("T", " "), r["state"],
-                      "yes" if r["open"] else "no")
-    out_console().print(table)
+    cols = [Col("name", 10, "path"), Col("uuid", 3), Col("size", 8), Col("origin", 6, "path"),
+            Col("created (UTC)", 5), Col("state", 7, "text"), Col("open", 4)]
+    print_table(cols, [[r["full_name"], r["uuid"], human_size(r["size"]), r["origin"] or "-",
+                        when(r["created_at"]), r["state"], "yes" if r["open"] else "no"]
+                       for r in rows], title=title)

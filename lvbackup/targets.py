@@ -9,6 +9,7 @@ import fcntl
 import os
 import stat
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import lvm
 from .datapath.blockmap import source_size
@@ -23,6 +24,7 @@ class Target:
     fresh: bool      # already zero-filled: holes may be skipped
     seekable: bool
     atomic: AtomicFile | None = None   # a new file: it appears under `name` only when whole
+    created: bool = False              # nothing was at `name` before
 
     def publish(self) -> None:
         """The restore is complete: a new file takes its name (the image was fsynced)."""
@@ -59,6 +61,8 @@ def open_target(to: str | None, to_file: str | None, size: int, force: bool) -> 
                          "give another path, or restore onto a device with --to")
     if to is not None and st is None:
         raise UsageError(f"restore target {path} does not exist; use --to-file to create a file")
+    if st is not None and stat.S_ISREG(st.st_mode):
+        _refuse_clobbering(path, replacing=to_file is not None, force=force)
     existing = to is not None
     # Not a character device or a FIFO: those take no O_DIRECT.
     direct = st is None or stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)
@@ -66,8 +70,13 @@ def open_target(to: str | None, to_file: str | None, size: int, force: bool) -> 
         if not existing:
             # Written beside the destination and renamed at the end: a failed restore
             # leaves whatever was at PATH untouched, never a half-written image under its name.
-            atomic = AtomicFile(path, direct=direct)
-            return Target(atomic.fd, path, fresh=True, seekable=True, atomic=atomic)
+            # Without --force, linked (not renamed) into place: a file that appeared
+            # meanwhile is never replaced.
+            atomic = AtomicFile(path, direct=direct, replace=force)
+            if st is not None:  # --force over a file: it keeps its mode and owner
+                _take_mode_and_owner(atomic, st)
+            return Target(atomic.fd, path, fresh=True, seekable=True, atomic=atomic,
+                          created=st is None)
         flags = os.O_WRONLY
         if st is not None and stat.S_ISBLK(st.st_mode) and not force:
             flags |= os.O_EXCL  # EBUSY if mounted or held open exclusively
@@ -82,6 +91,66 @@ def open_target(to: str | None, to_file: str | None, size: int, force: bool) -> 
         os.close(fd)
         raise UsageError(f"volume size {have} is too small to restore backup of size {size}.")
     return Target(fd, path, fresh=False, seekable=True)
+
+
+def _take_mode_and_owner(atomic: AtomicFile, st: os.stat_result) -> None:
+    try:
+        os.fchown(atomic.fd, st.st_uid, st.st_gid)
+        os.fchmod(atomic.fd, stat.S_IMODE(st.st_mode))
+    except OSError:
+        atomic.discard()
+        raise
+
+
+def _refuse_clobbering(path: str, replacing: bool, force: bool) -> None:
+    """An existing image file: --to-file replaces it only with --force, and neither --to-file
+    nor --to writes to one that backs a loop device in use (mounted, held, or opened
+    exclusively), which would corrupt a live filesystem."""
+    for loop in loop_devices_of(path):
+        if loop_in_use(loop):
+            raise UsageError(f"restore target {path} is attached to {loop}, which is in use "
+                             f"(mounted or open); unmount it and detach it (losetup -d "
+                             f"{loop}) first")
+    if replacing and not force:
+        raise UsageError(f"restore target {path} exists; pass --force to replace it, or "
+                         "give a new path")
+
+
+def loop_devices_of(path: str, sys_block: Path = Path("/sys/block")) -> list[str]:
+    """The loop devices (/dev/loopN) whose backing file is `path`."""
+    real = os.path.realpath(path)
+    found = []
+    for backing in sorted(sys_block.glob("loop*/loop/backing_file")):
+        try:
+            name = backing.read_text().rstrip("\n").removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if name == real:
+            found.append(f"/dev/{backing.parent.parent.name}")
+    return sorted(found, key=lambda d: (len(d), d))
+
+
+def loop_in_use(device: str, sys_block: Path = Path("/sys/block"),
+                mounts: Path = Path("/proc/self/mounts")) -> bool:
+    """Whether a loop device is mounted, held by another device (device-mapper, LVM, md),
+    or open exclusively: opening it with O_EXCL fails with EBUSY in each case. When it
+    cannot be opened (not root), the mount table and the holders decide."""
+    name = os.path.basename(device)
+    try:
+        if any((sys_block / name / "holders").iterdir()):
+            return True
+    except OSError:
+        pass
+    try:
+        if any(line.split(" ", 1)[0] == device for line in mounts.read_text().splitlines()):
+            return True
+    except OSError:
+        pass
+    try:
+        os.close(os.open(device, os.O_RDONLY | os.O_EXCL))
+    except OSError as e:
+        return e.errno == errno.EBUSY
+    return False
 
 
 def _grow_pipe(fd: int) -> None:

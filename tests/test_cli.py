@@ -187,7 +187,7 @@ def test_empty_image(workdir, tmp_path):
     assert rec["size"] == 0
     out = tmp_path / "out.img"
     out.write_bytes(b"old content")
-    assert workdir.run("restore", rec["id"], "--to-file", out).returncode == 0
+    assert workdir.run("restore", rec["id"], "--to-file", out, "--force").returncode == 0
     assert out.read_bytes() == b""
 
 
@@ -284,10 +284,11 @@ def test_restore_to_stdout_is_bit_exact(chain, k):
     assert chain.wd.restore_bytes(chain.ids[k]) == chain.versions[k]
 
 
-def test_restore_to_file_replaces_an_existing_file(chain, tmp_path):
+def test_restore_to_file_replaces_an_existing_file_with_force(chain, tmp_path):
     out = tmp_path / "restored.img"
     out.write_bytes(os.urandom(len(chain.versions[2]) + 3 * MiB))
-    assert chain.wd.run("restore", chain.ids[2], "--to-file", out).returncode == 0
+    assert chain.wd.run("restore", chain.ids[2], "--to-file", out).returncode == 2
+    assert chain.wd.run("restore", chain.ids[2], "--to-file", out, "--force").returncode == 0
     assert out.read_bytes() == chain.versions[2]
 
 
@@ -329,8 +330,12 @@ def test_restore_onto_a_smaller_target_is_refused(chain, tmp_path):
     assert target.read_bytes() == content, "a refused restore must not touch the target"
 
 
-def test_restore_json_output_is_the_record(chain, tmp_path):
-    rec = chain.wd.run_json("restore", chain.ids[1], "--to-file", tmp_path / "r.img")
+def test_restore_json_output_names_the_target_and_holds_the_record(chain, tmp_path):
+    out = tmp_path / "r.img"
+    result = chain.wd.run_json("restore", chain.ids[1], "--to-file", out)
+    assert (result["backup_id"], result["target"], result["target_kind"]) \
+        == (chain.ids[1], str(out), "file")
+    rec = result["record"]
     assert tuple(rec) == OUTPUT_FIELDS or set(rec) == set(OUTPUT_FIELDS)
     assert rec["id"] == chain.ids[1] and rec["status"] == "available"
 

@@ -65,6 +65,14 @@ def test_device_that_is_a_fifo(env, tmp_path):
     unharmed(wd, bid, data)
 
 
+def test_create_volume_without_its_vg_hints_vg_lv(env):
+    """`--volume data` is read as an LV UUID (prefix); the error says how to name an LV."""
+    wd, _, data, bid = env
+    p = wd.run("create", "--volume", "data")
+    assert_one_line_error(p, 2, "no logical volume has UUID data", "VG/LV", "vg0/data")
+    unharmed(wd, bid, data)
+
+
 def test_create_with_no_source(env):
     wd, _, data, bid = env
     assert_one_line_error(wd.run("create"), 2, "--device")

@@ -113,9 +113,10 @@ def test_one_failing_job_does_not_stop_the_others(tmp_path):
     assert "does not exist" in by_job["missing"]["error"]
     assert by_job["good"]["status"] == "ok"
     wd.assert_restores(by_job["good"]["backup"]["id"], data)
-    # stderr: the job's failure, then one summary line; never a traceback.
+    # stderr: the job's failure, then one summary line (JSON, with --json); no traceback.
     assert "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines()[-1].startswith("lvbackup: error: 1 of 2 jobs failed")
+    last = json.loads(p.stderr.strip().splitlines()[-1])
+    assert last["exit_code"] == 2 and last["error"].startswith("1 of 2 jobs failed: missing (")
 
 
 def test_exit_status_is_the_worst_of_the_jobs(tmp_path):

@@ -574,12 +574,13 @@ def test_killed_restore_to_a_file_leaves_the_old_file_untouched(env):
     bid, data = next(iter(env.earlier.items()))
     target = wd.path / "restored.img"
     target.write_bytes(b"the previous content")
-    p = wd.run("restore", bid, "--to-file", target, env={"LVBACKUP_FAULT": "restore-segment"})
+    p = wd.run("restore", bid, "--to-file", target, "--force",
+               env={"LVBACKUP_FAULT": "restore-segment"})
     assert p.returncode == -signal.SIGKILL, describe(p)
     assert target.read_bytes() == b"the previous content"
     assert len(list(wd.path.glob("restored.img.lvbackup-*.tmp"))) == 1
     assert wd.show(bid)["status"] == "available"
-    assert wd.run("restore", bid, "--to-file", target).returncode == 0
+    assert wd.run("restore", bid, "--to-file", target, "--force").returncode == 0
     assert target.read_bytes() == data
 
 

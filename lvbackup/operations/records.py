@@ -20,13 +20,14 @@ from ..session import Session, recover_dead_runs
 from ..timeutil import now_iso
 
 
-def export_record(session: Session, backup_id: str) -> str:
-    """Base64 of a JSON object with every catalog field of an available backup (rule 19)."""
+def export_record(session: Session, backup_id: str) -> tuple[str, str]:
+    """(the backup's id, base64 of a JSON object with every catalog field of the available
+    backup) (rule 19)."""
     row = session.catalog.resolve(backup_id)
     if row["status"] != Status.AVAILABLE:
         raise UsageError(f"Backup status must be available (backup {row['id']} is {row['status']})")
     rec = {k: v for k, v in to_record(row).items() if k in COLUMNS}
-    return base64.b64encode(json.dumps(rec, sort_keys=True).encode()).decode()
+    return row["id"], base64.b64encode(json.dumps(rec, sort_keys=True).encode()).decode()
 
 
 def parse_record(text: str) -> dict:

@@ -6,6 +6,7 @@ import os
 import stat
 from collections.abc import Callable
 from contextlib import ExitStack
+from typing import Literal, TypedDict
 
 from .. import events as ev
 from ..catalog import (
@@ -26,15 +27,27 @@ from ..sources import device_volume_id
 from ..targets import Target, create_volume_target, is_lv_name, lv_target, open_target
 
 
+class RestoreResult(TypedDict):
+    """What `restore` did (docs/json.md), the same whatever the target."""
+
+    backup_id: str
+    target: str          # the LV (VG/NAME), device, file path, or "-" for standard output
+    target_kind: Literal["volume", "device", "file", "stdout"]
+    created: bool        # the restore created it (a new LV, or a file where there was none)
+    size: int            # bytes written (the backup's size)
+    record: BackupRecord
+
+
 def restore_backup(session: Session, backup_id: str, *, to: str | None = None,
                    to_file: str | None = None, new_volume: str | None = None,
                    thin_pool: str | None = None, force: bool = False,
-                   progress: Callable[[int, int], None] | None = None) -> BackupRecord:
+                   progress: Callable[[int, int], None] | None = None) -> RestoreResult:
     """Write a backup's image to a device, LV, new LV, file or stdout.
 
     With no target at all, a new LV `restore_backup_<id>` is created in the VG of the
-    backed-up volume (rule 17). Returns the backup's record.
+    backed-up volume (rule 17).
     """
+    given_to = to
     with ExitStack() as stack:
         stack.enter_context(session.shared_lock())
         cat = session.catalog
@@ -102,7 +115,18 @@ def restore_backup(session: Session, backup_id: str, *, to: str | None = None,
             raise
     rec = to_record(cat.get(row["id"]))
     session.events.emit(ev.RESTORE_END, {**rec, "target": target.name})
-    return rec
+    kind: Literal["volume", "device", "file", "stdout"]
+    written: str | None
+    if new_volume is not None or (given_to is not None and is_lv_name(given_to)):
+        kind, written = "volume", new_volume or given_to
+    elif to_file is not None:
+        kind, written = ("stdout", "-") if to_file == "-" else ("file", to_file)
+    else:
+        kind, written = "device", target.name
+    assert written is not None
+    return {"backup_id": rec["id"], "target": written, "target_kind": kind,
+            "created": new_volume is not None or target.created, "size": manifest.size,
+            "record": rec}
 
 
 def _write_image(repo: Repository, manifest: Manifest, target: Target, workers: int,

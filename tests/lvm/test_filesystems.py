@@ -119,7 +119,7 @@ def round_trip(lvb: Lvb, data_dir: Path, target_dir: Path, block_device: bool) -
     lvb("verify", "--deep")
     lvb("delete", incr["id"])
     lvb("gc")
-    lvb("restore", full["id"], "--to-file", out)
+    lvb("restore", full["id"], "--to-file", out, "--force")
     assert out.read_bytes() == first
     repo = lvb.config.parent / "repo"
     assert not list((repo / "tmp").glob("*")), "temporary files left in the repository"

@@ -208,8 +208,8 @@ def test_restore_to_new_volumes(world):
         ("--json", "restore", lin_id, "--new-volume", f"{vg.name}/lin_copy"),
         ("--json", "restore", thin_id, "--new-volume", f"{vg.name}/thin_copy",
          "--thin-pool", "pool"))
-    assert ok_json(r_lin)["id"] == lin_id
-    assert ok_json(r_thin)["id"] == thin_id
+    assert ok_json(r_lin)["backup_id"] == lin_id
+    assert ok_json(r_thin)["backup_id"] == thin_id
 
     lin_copy = vg.lv("lin_copy", "seg_pe_ranges", "segtype")
     assert lin_copy["seg_pe_ranges"] == where, "test precondition: garbage under the new LV"
@@ -233,8 +233,10 @@ def test_restore_without_target_and_onto_existing_lv(world):
     classic_id, thin_id = ok_json(world.snap["lsnap"])["id"], ok_json(world.snap["tsnap"])["id"]
     r_new, r_to = lvb.parallel(("--json", "restore", classic_id),
                                ("--json", "restore", thin_id, "--to", f"{vg.name}/target"))
-    assert ok_json(r_new)["id"] == classic_id
-    assert ok_json(r_to)["id"] == thin_id
+    said = ok_json(r_new)   # names the LV it made (docs/json.md, RestoreResult)
+    assert (said["backup_id"], said["target"], said["target_kind"], said["created"]) \
+        == (classic_id, f"{vg.name}/restore_backup_{classic_id}", "volume", True)
+    assert ok_json(r_to)["backup_id"] == thin_id
 
     new = vg.lv(f"restore_backup_{classic_id}")
     assert int(new["lv_size"]) == SIZE
