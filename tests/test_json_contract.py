@@ -14,7 +14,7 @@ import pytest
 
 from lvbackup import documents as doc
 
-from support import Workdir, describe, make_image
+from support import Workdir, describe, make_image, write_secret
 
 
 def conforms(value: Any, hint: Any, where: str = "$") -> None:
@@ -179,7 +179,7 @@ def test_config_check(env):
 
 
 def test_key_commands(tmp_path):
-    (tmp_path / "pass").write_text("a passphrase of some length\n")
+    write_secret(tmp_path / "pass", "a passphrase of some length")
     wd = Workdir(tmp_path / "wd", passphrase_file=str(tmp_path / "pass"))
     assert shape(wd, doc.Init, "init", "--block-size", "64K", "--encryption")["encrypted"]
     shape(wd, list[doc.KeySlot], "key", "list")
@@ -189,7 +189,7 @@ def test_key_commands(tmp_path):
     assert shape(wd, doc.KeyExported, "key", "export", "--to", export)["exported_to"] \
         == str(export)
     shape(wd, doc.KeyImported, "key", "import", export)
-    (tmp_path / "new").write_text("a third passphrase\n")
+    write_secret(tmp_path / "new", "a third passphrase")
     shape(wd, doc.PassphraseChanged, "key", "change-passphrase", "--new-passphrase-file",
           tmp_path / "new")
 
