@@ -27,7 +27,10 @@ from .pack import ChunkRef, pack_name, read_trailer
 from .repo import Repository
 
 REPACK_BELOW = 0.5       # repack a pack when less than this share of its bytes is live
-_INDEX_GROUPS = 256      # packs per rewritten index file
+# Entries per rewritten index file: what gc holds in memory at once to write one, and what
+# a reader decodes at once, whatever the number of packs (at small blocks a pack lists
+# thousands of chunks).
+INDEX_ENTRIES = 65536
 
 
 def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
@@ -77,21 +80,20 @@ def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
                 storage.delete(name)
         crash_point("gc-old-index-deleted")
         freed = 0
-        gone = db.execute("SELECT id, bytes FROM pack "
-                          "WHERE fate IN ('delete', 'repack')").fetchall()
-        for pack_id, size in gone:
+        for pack_id, size in db.execute("SELECT id, bytes FROM pack "
+                                        "WHERE fate IN ('delete', 'repack')"):
             check()
             storage.delete(pack_name(pack_id))
             crash_point("gc-pack-deleted")
             freed += size
-        gone_ids = {pack_id for pack_id, _ in gone}
         for name, _ in list(storage.list(DAMAGED_PREFIX)):  # marks of copies now deleted
             mark = parse_damaged_name(name)
-            if mark is None or mark[1] in gone_ids:
+            if mark is None or db.execute("SELECT 1 FROM pack WHERE id = ? AND fate IN "
+                                          "('delete', 'repack')", (mark[1],)).fetchone():
                 storage.delete(name)
-        repo.index.reset()
-        repo.index.sync(storage, repo.codec, full=True)
         fates = dict(db.execute("SELECT fate, count(*) FROM pack GROUP BY fate").fetchall())
+        db.close()
+        repo.index.after_gc(storage, work)
         return {"packs_deleted": fates.get("delete", 0), "packs_repacked": fates.get("repack", 0),
                 "packs_kept": fates.get("keep", 0) + fates.get("new", 0),
                 "packs_spared_young": young,
@@ -143,23 +145,26 @@ def _load_packs(repo: Repository, db: sqlite3.Connection,
     """Read every pack's trailer. A pack whose trailer is unreadable is kept as it is, and
     described by what the existing index says of it: gc never deletes what it cannot read."""
     unreadable = []
-    packs = [(name, repo.storage.size(name)) for name, _ in repo.storage.list("packs/")]
-    total, done = sum(size for _, size in packs), 0
-    for name, size in packs:
-        pack_id = bytes.fromhex(name.rsplit("/", 1)[1])
-        readable = 1
+    # Listed into the table first (never a list of every pack in memory), read from it.
+    db.executemany("INSERT INTO pack VALUES (?, ?, 0, NULL, 1)",
+                   ((bytes.fromhex(name.rsplit("/", 1)[1]), repo.storage.size(name))
+                    for name, _ in repo.storage.list("packs/")))
+    total, done = db.execute("SELECT coalesce(sum(bytes), 0) FROM pack").fetchone()[0], 0
+    for pack_id, size in db.execute("SELECT id, bytes FROM pack"):
+        name = pack_name(pack_id)
         try:
             refs = read_trailer(repo.storage, pack_id, repo.codec)
         except CorruptionError:
             unreadable.append(name)
-            refs, readable = repo.index.refs_in_pack(pack_id), 0
+            refs = repo.index.refs_in_pack(pack_id)
         db.executemany("INSERT INTO chunk VALUES (?, ?, ?, ?, ?, ?)",
                        [(r.chunk_id, pack_id, r.offset, r.length, r.raw_length, r.flags)
                         for r in refs])
-        db.execute("INSERT INTO pack VALUES (?, ?, 0, NULL, ?)", (pack_id, size, readable))
         done += size
         if progress:
             progress(done, total)
+    db.executemany("UPDATE pack SET readable = 0 WHERE id = ?",
+                   [(bytes.fromhex(name.rsplit("/", 1)[1]),) for name in unreadable])
     return unreadable
 
 
@@ -193,16 +198,19 @@ def _repack(repo: Repository, db: sqlite3.Connection, lock_dir: Path) -> int:
 
 
 def _rewrite_index(repo: Repository, db: sqlite3.Connection) -> set[str]:
-    """Index files listing every pack that stays; returns their names."""
+    """Index files listing every pack that stays, about INDEX_ENTRIES entries each; returns
+    their names. They are not cached one by one: the cache is updated once, at the end."""
     names: set[str] = set()
     groups: list[tuple[bytes, list[ChunkRef]]] = []
+    entries = 0
     for (pack_id,) in db.execute("SELECT id FROM pack WHERE fate IN ('keep', 'new')").fetchall():
         refs = [ChunkRef(cid, pack_id, off, ln, raw, fl) for cid, off, ln, raw, fl in db.execute(
             "SELECT id, offset, length, raw, flags FROM chunk WHERE pack = ?", (pack_id,))]
         groups.append((pack_id, refs))
-        if len(groups) >= _INDEX_GROUPS:
-            names.add(repo.write_index(groups))
-            groups = []
+        entries += len(refs)
+        if entries >= INDEX_ENTRIES:
+            names.add(repo.write_index(groups, cached=False))
+            groups, entries = [], 0
     if groups:
-        names.add(repo.write_index(groups))
+        names.add(repo.write_index(groups, cached=False))
     return names

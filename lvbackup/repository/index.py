@@ -73,6 +73,24 @@ _REPLACE_DAMAGED = (" ON CONFLICT(id) DO UPDATE SET pack = excluded.pack, offset
                     "excluded.raw_length, flags = excluded.flags WHERE "
                     + _IS_DAMAGED.format(t="chunks"))
 _PACK_INDEX = "CREATE INDEX IF NOT EXISTS chunks_pack ON chunks(pack)"
+# The cache after gc (ChunkIndex.after_gc), with gc's tables attached as `gc`.
+_AFTER_GC = """
+CREATE TEMP TABLE gone AS SELECT id FROM gc.pack WHERE fate IN ('delete', 'repack');
+CREATE TEMP TABLE fresh AS SELECT id FROM gc.pack
+    WHERE fate IN ('keep', 'new') AND id NOT IN (SELECT id FROM packs WHERE indexed = 1);
+CREATE TEMP TABLE dropped AS SELECT id FROM chunks WHERE pack IN (SELECT id FROM temp.gone);
+DELETE FROM chunks WHERE pack IN (SELECT id FROM temp.gone);
+DELETE FROM packs WHERE id IN (SELECT id FROM temp.gone);
+DELETE FROM damaged WHERE pack IN (SELECT id FROM temp.gone);
+INSERT INTO packs SELECT id, NULL, 1 FROM temp.fresh WHERE true
+    ON CONFLICT(id) DO UPDATE SET indexed = 1;
+INSERT INTO chunks SELECT c.id, c.pack, c.offset, c.length, c.raw, c.flags
+    FROM gc.chunk c JOIN gc.pack p ON p.id = c.pack
+    WHERE p.fate IN ('keep', 'new')
+      AND (c.pack IN (SELECT id FROM temp.fresh) OR c.id IN (SELECT id FROM temp.dropped))
+    ORDER BY c.id ON CONFLICT(id) DO NOTHING;
+DROP TABLE temp.gone; DROP TABLE temp.fresh; DROP TABLE temp.dropped;
+"""
 # Index files being merged into the cache (ChunkIndex._merge), in a file of their own.
 _STAGING = """
 PRAGMA staging.journal_mode=OFF; PRAGMA staging.synchronous=OFF;
@@ -386,6 +404,25 @@ class ChunkIndex:
         """Chunk ids whose only indexed copy is damaged."""
         return {c for (c,) in self._db().execute(
             "SELECT c.id FROM damaged d JOIN chunks c ON c.id = d.chunk AND c.pack = d.pack")}
+
+    def after_gc(self, storage: Backend, work: Path) -> None:
+        """Update the cache for what gc changed, from gc's own tables of every pack it
+        examined (`work`: pack(id, fate), chunk(id, pack, ...)): entries in the packs it
+        deleted go, other copies of those chunks take their place, packs that no index
+        file listed before come in, and the index files are those now in the repository.
+        Nothing is fetched again, and the entries that stand are not touched."""
+        db = self._db()
+        db.execute("ATTACH DATABASE ? AS gc", (str(work),))
+        try:
+            with _transaction(db):
+                for statement in _AFTER_GC.split(";"):   # executescript would commit
+                    db.execute(statement)
+                db.execute("DELETE FROM index_files")
+                db.executemany("INSERT INTO index_files VALUES (?, ?, 1)", storage.list("index/"))
+                db.execute("INSERT OR REPLACE INTO listed VALUES (1, ?, ?)",
+                           (changes_token(storage) if _marked(storage) else None, time.time()))
+        finally:
+            db.execute("DETACH DATABASE gc")
 
     def reset(self) -> None:
         """Forget everything (after gc rewrote the index files)."""

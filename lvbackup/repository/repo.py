@@ -202,11 +202,14 @@ class Repository:
         if groups:
             self.write_index(groups)
 
-    def write_index(self, groups: list[tuple[bytes, list[ChunkRef]]]) -> str:
-        """Store an index file listing `groups` (and cache it); returns its name."""
+    def write_index(self, groups: list[tuple[bytes, list[ChunkRef]]], *,
+                    cached: bool = True) -> str:
+        """Store an index file listing `groups` (and, if `cached`, record its entries in
+        the cache); returns its name."""
         name, data = encode_index(groups, self.codec)
         self.storage.put_content_addressed(name, data)
-        self.index.add_indexed(name, self.storage.token(name), groups)
+        if cached:
+            self.index.add_indexed(name, self.storage.token(name), groups)
         return name
 
     # --- chunks ---------------------------------------------------------------------
