@@ -294,6 +294,14 @@ class ChunkIndex:
             db.execute("DELETE FROM chunks WHERE pack=?", (pack_id,))
             db.execute("DELETE FROM packs WHERE id=?", (pack_id,))
 
+    def forget_listing(self) -> None:
+        """Have the next sync list the index and merge every index file again (entries
+        already cached stand unless damaged)."""
+        db = self._db()
+        with _transaction(db):
+            db.execute("DELETE FROM index_files")
+            db.execute("DELETE FROM listed")
+
     # --- lookups -------------------------------------------------------------------
 
     def refs_in_pack(self, pack_id: bytes) -> list[ChunkRef]:

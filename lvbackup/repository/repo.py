@@ -19,6 +19,7 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 from ..config import S3Settings
@@ -298,6 +299,20 @@ class Repository:
         except OSError:
             pass
 
+    def pack_exists(self, pack_id: bytes) -> bool:
+        """Whether a pack the index names exists. If not (its index file was put back
+        after gc deleted it, or the pack was lost some other way), the index cache forgets
+        what it lists, so that no backup reuses a chunk from it."""
+        name = pack_name(pack_id)
+        if self.storage.exists(name):
+            return True
+        self.index.forget_pack(pack_id)
+        if self.storage.exists(name):
+            # Stored meanwhile by another run, whose entries were just forgotten too: the
+            # next sync merges every index file again.
+            self.index.forget_listing()
+        return False
+
     def packer(self, run_id: str) -> Packer:
         return Packer(self, run_id)
 
@@ -360,6 +375,8 @@ class Packer:
         # changed in place, so that workers can read them without holding the lock.
         self._storing: frozenset[bytes] = frozenset()   # the packs being stored
         self._unindexed_ids: frozenset[bytes] = frozenset()   # stored, not in an index file
+        # Whether each pack this run reuses a chunk from exists: asked once per pack and run.
+        self._packs: dict[bytes, Future[bool]] = {}
         self._lock = threading.Lock()
         self._index_lock = threading.Lock()   # one index file written at a time
         self._queue: queue.Queue = queue.Queue()
@@ -375,7 +392,27 @@ class Packer:
         if not candidates:
             return set()
         found = self.repo.index.lookup(candidates, undamaged=True)
-        return {i for i in candidates if i not in found}
+        lost = self._lost_packs({r.pack_id for r in found.values()})
+        return {i for i in candidates if i not in found or found[i].pack_id in lost}
+
+    def _lost_packs(self, packs: set[bytes]) -> set[bytes]:
+        """Which of these packs do not exist. Each is looked for once per run, by the
+        first thread that meets it (a stat locally, a HEAD on object storage); the others
+        wait for its answer."""
+        with self._lock:
+            mine: dict[bytes, Future[bool]] = {p: Future() for p in packs
+                                               if p not in self._packs}
+            self._packs.update(mine)
+            answers = {p: self._packs[p] for p in packs}
+        for pack_id, answer in mine.items():
+            try:
+                answer.set_result(self.repo.pack_exists(pack_id))
+            except BaseException as e:
+                for unanswered in mine.values():
+                    if not unanswered.done():
+                        unanswered.set_exception(e)
+                raise
+        return {p for p, answer in answers.items() if not answer.result()}
 
     def add(self, chunk_id: bytes, blob: codec.Buffer, raw_length: int, flags: int) -> None:
         """Store one chunk (the caller has checked, with missing(), that it is new)."""
@@ -443,6 +480,10 @@ class Packer:
         # A slice of the page-aligned pack buffer: the local backend writes it with O_DIRECT.
         self.repo.storage.put_content_addressed(pack_name(pack_id), full.view[:len(data)])
         crash_point("pack-stored")
+        stored: Future[bool] = Future()
+        stored.set_result(True)
+        with self._lock:   # it may be a pack found missing earlier in this run, stored again
+            self._packs[pack_id] = stored
         self.repo.index.add_pending(pack_id, self.run_id)
         crash_point("pack-pending")
         with self._lock:

@@ -1,0 +1,97 @@
+"""Metadata an attacker who can write to the storage could replay or plant, through the
+installed command, on unencrypted and encrypted repositories: index files gc deleted put
+back, damage marks that do not unseal."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from lvbackup.datapath.backup import write_backup
+from lvbackup.datapath.blockmap import FileBlocks
+from lvbackup.datapath.restore import restore_blocks
+from lvbackup.repository.repo import Repository
+
+from support import KiB, MiB, Workdir, describe, make_image
+
+PASSPHRASE = "trust storage passphrase"
+
+
+@pytest.fixture(params=["plain", "encrypted"])
+def wd(request, tmp_path: Path) -> Workdir:
+    extra = {}
+    if request.param == "encrypted":
+        secret = tmp_path / "passphrase"
+        secret.write_text(PASSPHRASE + "\n")
+        secret.chmod(0o600)
+        extra["passphrase_file"] = str(secret)
+    w = Workdir(tmp_path / "wd", **extra)
+    args = ["--encryption"] if extra else []
+    p = w.run("init", "--block-size", "64K", *args)
+    assert p.returncode == 0, describe(p)
+    return w
+
+
+def test_replayed_index_files_never_make_a_backup_reuse_deleted_packs(wd: Workdir,
+                                                                     tmp_path: Path) -> None:
+    """After delete + gc, the old index files put back (they still authenticate) name
+    packs that no longer exist: the next backup of the same data stores it again."""
+    img = tmp_path / "disk.img"
+    data = make_image(img, 6, seed=71, tail=777)
+    first = wd.create(img)
+    aside = tmp_path / "aside"
+    shutil.copytree(wd.repo / "index", aside)
+    assert wd.run("delete", first["id"]).returncode == 0
+    p = wd.run("gc")
+    assert p.returncode == 0, describe(p)
+    assert wd.pack_bytes() == 0
+    shutil.copytree(aside, wd.repo / "index", dirs_exist_ok=True)
+    again = wd.create(img)
+    assert again["stored_bytes"] > 0 and wd.pack_bytes() > 0
+    wd.assert_restores(again["id"], data)
+    # A later backup finds the data it needs in the packs that do exist.
+    third = wd.create(img)
+    assert third["stored_bytes"] == 0
+    wd.assert_restores(third["id"], data)
+
+
+def test_reused_packs_are_looked_for_once_per_pack_and_run(tmp_path: Path, monkeypatch) -> None:
+    """The check costs one stat (a HEAD on object storage) per pack a run reuses: not one
+    per chunk, and none for a run that reuses nothing."""
+    repo, _ = Repository.init(tmp_path / "repo", tmp_path / "cache", 64 * KiB)
+    data = random.Random(5).randbytes(40 * MiB)
+    first = _backup(repo, data)
+    packs = {name for name, _ in repo.storage.list("packs/")}
+    assert len(packs) >= 3
+    asked: list[str] = []
+    exists = repo.storage.exists
+    monkeypatch.setattr(repo.storage, "exists", lambda name: asked.append(name) or exists(name))
+    second = _backup(repo, data)
+    assert sorted(asked) == sorted(packs)
+    asked.clear()
+    _backup(repo, random.Random(6).randbytes(2 * MiB))
+    assert asked == []
+    for backup_id in (first, second):
+        restored = b"".join(bytes(seg.view) for seg in restore_blocks(
+            repo, repo.manifest(backup_id), workers=2, fill_holes=True))
+        assert restored == data
+    repo.close()
+
+
+def _backup(repo: Repository, data: bytes) -> str:
+    backup_id = str(uuid.uuid4())
+    fd = os.memfd_create("trust")
+    try:
+        os.write(fd, data)
+        source = FileBlocks(fd)
+        write_backup(repo, source, None, backup_id, lambda stats: {"id": backup_id},
+                     workers=2, level=1)
+        source.close()
+    finally:
+        os.close(fd)
+    return backup_id
