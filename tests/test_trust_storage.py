@@ -15,9 +15,10 @@ import pytest
 from lvbackup.datapath.backup import write_backup
 from lvbackup.datapath.blockmap import FileBlocks
 from lvbackup.datapath.restore import restore_blocks
+from lvbackup.repository.pack import ENTRY, FOOTER
 from lvbackup.repository.repo import Repository
 
-from support import KiB, MiB, Workdir, describe, make_image
+from support import KiB, MiB, Workdir, describe, flip_byte, make_image
 
 PASSPHRASE = "trust storage passphrase"
 
@@ -58,6 +59,64 @@ def test_replayed_index_files_never_make_a_backup_reuse_deleted_packs(wd: Workdi
     third = wd.create(img)
     assert third["stored_bytes"] == 0
     wd.assert_restores(third["id"], data)
+
+
+
+def trailer(pack: Path) -> list[tuple[bytes, int, int, int, int]]:
+    """A pack file's trailer entries (in clear, encrypted or not): (chunk id, offset,
+    stored length, plain length, flags)."""
+    data = pack.read_bytes()
+    count = FOOTER.unpack_from(data, len(data) - FOOTER.size)[0]
+    start = len(data) - FOOTER.size - count * ENTRY.size
+    return list(ENTRY.iter_unpack(data[start:len(data) - FOOTER.size]))
+
+
+def packs(wd: Workdir) -> list[Path]:
+    return sorted(p for p in (wd.repo / "packs").rglob("*") if p.is_file())
+
+
+def test_planted_damage_marks_are_ignored_and_reported(wd: Workdir, tmp_path: Path) -> None:
+    """Empty objects named like the damage marks of every chunk: the next backup of the
+    same data still reuses it all, verify names each planted mark, and restores work."""
+    img = tmp_path / "disk.img"
+    data = make_image(img, 5, seed=72)
+    first = wd.create(img)
+    (wd.repo / "damaged").mkdir()
+    planted = []
+    for pack in packs(wd):
+        for cid, *_ in trailer(pack):
+            name = f"damaged/{cid.hex()}.{pack.name}"
+            (wd.repo / name).write_bytes(b"")
+            planted.append(name)
+    assert len(planted) > 40
+    again = wd.create(img)
+    assert again["stored_bytes"] == 0, again
+    p = wd.verify("--deep")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, describe(p)
+    for name in planted:
+        assert f"damage mark {name}" in p.stdout, describe(p)
+    assert [ln for ln in p.stdout.splitlines() if ln.startswith("ok")] != []
+    for backup in (first, again):
+        assert wd.restore_bytes(backup["id"]) == data
+
+
+def test_a_real_damage_mark_is_honoured_by_a_fresh_cache(wd: Workdir, tmp_path: Path) -> None:
+    """A mark verify wrote unseals: another host (here, the cache deleted) honours it, and
+    the next backup stores the damaged chunk again."""
+    img = tmp_path / "disk.img"
+    data = make_image(img, 4, seed=73)
+    first = wd.create(img)
+    pack = packs(wd)[0]
+    _, offset, length, _, _ = trailer(pack)[0]
+    flip_byte(pack, offset + length // 2)
+    assert wd.verify("--deep").returncode == 1
+    assert len(wd.files("damaged")) == 1
+    shutil.rmtree(wd.cache)
+    again = wd.create(img)
+    assert again["stored_bytes"] > 0
+    p = wd.verify("--deep")
+    assert p.returncode == 0 and "damage mark" not in p.stdout, describe(p)
+    assert wd.restore_bytes(first["id"]) == data
 
 
 def test_reused_packs_are_looked_for_once_per_pack_and_run(tmp_path: Path, monkeypatch) -> None:

@@ -25,6 +25,7 @@ some deduplication; a read that misses a chunk lists at once (`lookup`).
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import sqlite3
 import struct
@@ -39,6 +40,7 @@ import blake3
 from ..errors import CorruptionError, LvbackupError, UsageError
 from ..permissions import create_private_file, make_private_dirs
 from ..sqlitefile import open_error
+from ..timeutil import now_iso
 from .backends import Backend, Conflict, MissingObject, ObjectExists
 from .codec import Codec
 from .pack import ENTRY, ChunkRef
@@ -62,6 +64,9 @@ CREATE TABLE IF NOT EXISTS index_files (
 CREATE TABLE IF NOT EXISTS damaged (
     chunk BLOB NOT NULL, pack BLOB NOT NULL, PRIMARY KEY (chunk, pack)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bad_marks (
+    name TEXT PRIMARY KEY, stamp TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS listed (
     one INTEGER PRIMARY KEY CHECK (one = 1), marker TEXT, at REAL NOT NULL
 );
@@ -69,6 +74,7 @@ CREATE TABLE IF NOT EXISTS listed (
 # A chunk's row points at a damaged copy: another copy, when one is indexed, replaces it.
 _IS_DAMAGED = "EXISTS (SELECT 1 FROM damaged d WHERE d.chunk = {t}.id AND d.pack = {t}.pack)"
 DAMAGED_PREFIX = "damaged/"
+DAMAGED_MAGIC = b"LVBDMG01"
 CHANGES = "index-changes"
 RELIST_AFTER = 3600.0   # seconds a listing is trusted while `index-changes` stands
 
@@ -109,9 +115,31 @@ def damaged_name(chunk_id: bytes, pack_id: bytes) -> str:
 def parse_damaged_name(name: str) -> tuple[bytes, bytes] | None:
     chunk, _, pack = name.removeprefix(DAMAGED_PREFIX).partition(".")
     try:
-        return bytes.fromhex(chunk), bytes.fromhex(pack)
+        ids = bytes.fromhex(chunk), bytes.fromhex(pack)
     except ValueError:
         return None
+    return ids if all(len(i) == 32 for i in ids) else None
+
+
+def encode_mark(chunk_id: bytes, pack_id: bytes, codec: Codec) -> tuple[str, bytes]:
+    """(object name, sealed bytes) of the mark that says this copy of a chunk is damaged."""
+    name = damaged_name(chunk_id, pack_id)
+    return name, codec.seal(DAMAGED_MAGIC, json.dumps({"found_at": now_iso()}).encode(), name)
+
+
+def decode_mark(name: str, data: bytes, codec: Codec) -> tuple[bytes, bytes]:
+    """(chunk id, pack id) of a damage mark that unseals under its name; CorruptionError
+    otherwise."""
+    what = f"damage mark {name}"
+    mark = parse_damaged_name(name)
+    payload = codec.unseal(DAMAGED_MAGIC, data, what, name)
+    try:
+        ok = isinstance(json.loads(payload), dict)
+    except (ValueError, UnicodeDecodeError):
+        ok = False
+    if mark is None or not ok:
+        raise CorruptionError(f"{what} is corrupt (bad name or content)")
+    return mark
 
 
 # What an index file is sealed under: its name is its hash, known only once it is sealed.
@@ -200,8 +228,9 @@ class ChunkIndex:
         """Merge new index files; start over if one changed or vanished (gc ran). Without
         `full`, only when `index-changes` says so or the last listing is old.
 
-        Returns the names of index files that failed their checksum: their entries are
-        left out, so a backup that needs them fails to restore and verify, loudly.
+        Returns the problems found, one line each naming the object: index files that
+        failed their checksum (their entries are left out, so a backup that needs them
+        fails to restore and verify, loudly) and damage marks that do not unseal (ignored).
         """
         db = self._db()
         token = changes_token(storage) if _marked(storage) else None
@@ -209,14 +238,12 @@ class ChunkIndex:
         if (not full and token is not None and last is not None and last[0] == token
                 and 0 <= time.time() - last[1] < RELIST_AFTER):
             self._unlisted = (storage, codec)
-            return [n for (n,) in db.execute("SELECT name FROM index_files WHERE ok = 0")]
+            return self._problems(db)
         if token is None and _marked(storage):
             token = self._create_changes(storage)
         self._unlisted = None
         listed_at = time.time()
-        marks = [m for m in map(parse_damaged_name, dict(storage.list(DAMAGED_PREFIX))) if m]
-        if marks:  # before the index files, so that an undamaged copy wins
-            db.executemany("INSERT OR IGNORE INTO damaged VALUES (?, ?)", marks)
+        self._merge_marks(db, storage, codec)  # before the index files: an undamaged copy wins
         remote = dict(storage.list("index/"))
         known = dict(db.execute("SELECT name, stamp FROM index_files").fetchall())
         if any(remote.get(name) != stamp for name, stamp in known.items()):
@@ -226,14 +253,12 @@ class ChunkIndex:
                 db.execute("DELETE FROM packs WHERE indexed=1")
                 db.execute("DELETE FROM index_files")
             known = {}
-        bad = [n for n, ok in db.execute("SELECT name, ok FROM index_files") if not ok]
         for name in sorted(set(remote) - set(known)):
             try:
                 groups = list(decode_index(name, storage.get(name), codec))
             except CorruptionError:
                 db.execute("INSERT OR REPLACE INTO index_files VALUES (?, ?, 0)",
                            (name, remote[name]))
-                bad.append(name)
                 continue
             with _transaction(db):
                 for pack_id, refs in groups:
@@ -242,7 +267,37 @@ class ChunkIndex:
                            (name, remote[name]))
         # The token read before listing: a change announced meanwhile is seen next time.
         db.execute("INSERT OR REPLACE INTO listed VALUES (1, ?, ?)", (token, listed_at))
-        return bad
+        return self._problems(db)
+
+    @staticmethod
+    def _merge_marks(db: sqlite3.Connection, storage: Backend, codec: Codec) -> None:
+        """Record the damage marks in the repository. Each is honoured only once it
+        unseals under its name (a mark planted by name alone would make every backup store
+        its chunk again); one that does not is remembered, by its token, as a problem."""
+        listed = dict(storage.list(DAMAGED_PREFIX))
+        known = set(db.execute("SELECT chunk, pack FROM damaged").fetchall())
+        rejected = dict(db.execute("SELECT name, stamp FROM bad_marks").fetchall())
+        for name, stamp in listed.items():
+            if parse_damaged_name(name) in known or rejected.get(name) == stamp:
+                continue
+            try:
+                mark = decode_mark(name, storage.get(name), codec)
+            except MissingObject:
+                continue   # deleted since the listing (gc)
+            except CorruptionError:
+                db.execute("INSERT OR REPLACE INTO bad_marks VALUES (?, ?)", (name, stamp))
+                continue
+            db.execute("INSERT OR IGNORE INTO damaged VALUES (?, ?)", mark)
+            db.execute("DELETE FROM bad_marks WHERE name = ?", (name,))
+        gone = [(n,) for n in rejected if n not in listed]
+        db.executemany("DELETE FROM bad_marks WHERE name = ?", gone)
+
+    @staticmethod
+    def _problems(db: sqlite3.Connection) -> list[str]:
+        return ([f"index file {n} is corrupt"
+                 for (n,) in db.execute("SELECT name FROM index_files WHERE ok = 0")]
+                + [f"damage mark {n} is corrupt (does not unseal): ignored"
+                   for (n,) in db.execute("SELECT name FROM bad_marks")])
 
     @staticmethod
     def _create_changes(storage: Backend) -> str | None:
@@ -355,6 +410,7 @@ class ChunkIndex:
             db.execute("DELETE FROM packs")
             db.execute("DELETE FROM index_files")
             db.execute("DELETE FROM damaged")
+            db.execute("DELETE FROM bad_marks")
             db.execute("DELETE FROM listed")
 
     def close(self) -> None:

@@ -32,13 +32,12 @@ from . import codec
 from .backends import Backend, MissingObject, ObjectExists, open_backend
 from .backends.appendonly import AppendOnlyBackend
 from .codec import PLAIN, Codec, CodecError, SealingCodec, Verdict, key_check, seal, unseal
-from .index import ChunkIndex, announce_change, damaged_name, encode_index
+from .index import ChunkIndex, announce_change, encode_index, encode_mark
 from .keys import Secret, make_slot, new_master, read_slots, unlock
 from .manifest import ENTRY_SIZE, PAGE_ENTRIES, Manifest
 from .pack import ENTRY, ChunkRef, PackBuilder, pack_name, read_trailer
 
 REPO_MAGIC = b"LVBREPO1"
-DAMAGED_MAGIC = b"LVBDMG01"
 FORMAT_VERSION = 1
 ENCRYPTED_VERSION = 2     # older versions, which would write plaintext into it, refuse it
 CIPHER = "aes-256-gcm"
@@ -181,7 +180,7 @@ class Repository:
         """Bring the cache up to date (with `full`, by listing the index whatever
         `index-changes` says) and index packs that dead runs left pending.
 
-        Returns the names of corrupt index files.
+        Returns the problems found (ChunkIndex.sync), one line each.
         """
         bad = self.index.sync(self.storage, self.codec, full=full)
         for run in self.index.pending_runs():
@@ -289,10 +288,8 @@ class Repository:
         and that copy then serves every backup that names the chunk. Best effort: a
         repository that cannot be written to (full, read-only) just keeps the damage."""
         self.index.mark_damaged(ref.chunk_id, ref.pack_id)
-        name = damaged_name(ref.chunk_id, ref.pack_id)
         try:
-            self.storage.put(name, self.codec.seal(
-                DAMAGED_MAGIC, json.dumps({"found_at": now_iso()}).encode(), name))
+            self.storage.put(*encode_mark(ref.chunk_id, ref.pack_id, self.codec))
             announce_change(self.storage)
         except ObjectExists:
             pass  # found damaged before: the first mark stands
