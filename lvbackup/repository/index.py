@@ -43,7 +43,7 @@ from ..sqlitefile import open_error
 from ..timeutil import now_iso
 from .backends import Backend, Conflict, MissingObject, ObjectExists
 from .codec import Codec
-from .pack import ENTRY, ChunkRef
+from .pack import ENTRY, MAX_PACK_BYTES, ChunkRef, parse_entries
 
 INDEX_MAGIC = b"LVBIDX01"
 _GROUP = struct.Struct("<32sI")
@@ -170,8 +170,7 @@ def decode_index(name: str, data: bytes, codec: Codec
         end = pos + count * ENTRY.size
         if end > len(payload):
             raise CorruptionError(f"index file {name} is corrupt (truncated group)")
-        refs = [ChunkRef(cid, pack_id, off, ln, raw, fl)
-                for cid, off, ln, raw, fl in ENTRY.iter_unpack(payload[pos:end])]
+        refs = parse_entries(payload[pos:end], pack_id, MAX_PACK_BYTES, f"index file {name}")
         pos = end
         yield pack_id, refs
 

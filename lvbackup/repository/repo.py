@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import queue
+import re
 import threading
 import uuid
 from collections.abc import Callable
@@ -34,7 +35,14 @@ from .backends.appendonly import AppendOnlyBackend
 from .codec import PLAIN, Codec, CodecError, SealingCodec, Verdict, key_check, seal, unseal
 from .index import ChunkIndex, announce_change, encode_index, encode_mark
 from .keys import Secret, make_slot, new_master, read_slots, unlock
-from .manifest import ENTRY_SIZE, PAGE_ENTRIES, Manifest
+from .manifest import (
+    ENTRY_SIZE,
+    MAX_BLOCK_SIZE,
+    MIN_BLOCK_SIZE,
+    PAGE_ENTRIES,
+    Manifest,
+    block_size_allowed,
+)
 from .pack import ENTRY, ChunkRef, PackBuilder, pack_name, read_trailer
 
 REPO_MAGIC = b"LVBREPO1"
@@ -49,6 +57,8 @@ PACK_TARGET = 16 * 1024 * 1024
 PACK_MAX_CHUNKS = 16384  # bounds a pack's trailer when blocks compress to almost nothing
 PAGE_BYTES = PAGE_ENTRIES * ENTRY_SIZE   # a manifest page: a chunk too
 INDEX_EVERY = 16  # packs per index file while a run is writing
+# A repository id (a UUID): it names the index cache's file, so it must stay a plain name.
+_REPO_ID = re.compile(r"[0-9A-Za-z-]{1,64}")
 _MAX_IOV = 512    # buffers per vectored read (the kernel takes up to 1024)
 
 
@@ -63,8 +73,9 @@ class ChunkError(CorruptionError):
 
 
 def validate_block_size(block_size: int) -> int:
-    if block_size < 4096 or block_size > 16 * 1024 * 1024 or block_size & (block_size - 1):
-        raise UsageError(f"block size {block_size} must be a power of two from 4096 to 16777216")
+    if not block_size_allowed(block_size):
+        raise UsageError(f"block size {block_size} must be a power of two from "
+                         f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}")
     return block_size
 
 
@@ -316,8 +327,14 @@ class Repository:
     # --- manifests ----------------------------------------------------------------------
 
     def manifest(self, backup_id: str) -> Manifest:
-        """A backup's stored manifest (CorruptionError if missing or damaged)."""
-        return Manifest(self.storage, backup_id, self.codec, self.read_pages)
+        """A backup's stored manifest (CorruptionError if missing or damaged, or of a
+        block size other than the repository's, which every backup in it has)."""
+        manifest = Manifest(self.storage, backup_id, self.codec, self.read_pages)
+        if manifest.block_size != self.block_size:
+            raise CorruptionError(f"{manifest.what} is corrupt (block size "
+                                  f"{manifest.block_size}, the repository's is "
+                                  f"{self.block_size})")
+        return manifest
 
     def read_pages(self, ids: list[bytes]) -> dict[bytes, bytes]:
         """Chunks by id (a manifest's pages), found through the index, checked against
@@ -560,8 +577,11 @@ def _read_meta(storage: Backend, location: str | Path) -> dict:
             raise UsageError(f"repository {location} is encrypted with {enc!r}, which this "
                              "lvbackup does not know")
         ok = ok and isinstance(enc.get("key_check"), str)
-    if not ok:
+    if not ok or not _REPO_ID.fullmatch(meta["id"]):
         raise CorruptionError(f"{what} is corrupt (bad fields)")
+    if not block_size_allowed(meta["block_size"]):
+        raise CorruptionError(f"{what} is corrupt (block size {meta['block_size']} is not a "
+                              f"power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE})")
     return meta
 
 
