@@ -444,3 +444,22 @@ def test_pack_trailer_offset_beyond_the_pack(case):
     assert report["unreadable_packs"] == [pack_name(pack_id)]
     assert forged.exists()
     assert case.wd.verify("--deep").returncode == 0
+
+
+def test_manifest_record_beyond_sqlite_integer(case):
+    """A record whose numbers SQLite cannot hold is a corrupt manifest to catalog rebuild
+    (reported, the others recovered), never an OverflowError."""
+    bid = case.ids[1]
+    path = case.wd.repo / "manifests" / bid
+    body = unseal(MANIFEST_MAGIC, path.read_bytes(), "manifest")
+    (hlen,) = struct.unpack_from("<I", body)
+    head = json.loads(body[4:4 + hlen])
+    head["backup"]["stored_bytes"] = 10**30
+    new = json.dumps(head).encode()
+    path.write_bytes(seal(MANIFEST_MAGIC, struct.pack("<I", len(new)) + new + body[4 + hlen:]))
+    case.wd.catalog.unlink()
+    result = case.wd.run_json("catalog", "rebuild")
+    assert result["recovered"] == 1
+    assert len(result["corrupt_manifests"]) == 1 and bid in result["corrupt_manifests"][0]
+    assert [r["id"] for r in case.wd.list()] == [case.ids[0]]
+    restores(case.wd, case.ids[0], case.versions[0])

@@ -290,6 +290,13 @@ class Manifest:
             if pages * 32 != len(self._page_table):
                 raise CorruptionError(f"{self.what} is corrupt (page table does not match "
                                       "its header)")
+        # The record becomes a catalog row (catalog rebuild): plain values, integers that
+        # SQLite can hold, labels a mapping of strings.
+        labels = self.record.get("labels") or {}
+        if not (all(_plain_value(v) for k, v in self.record.items() if k != "labels")
+                and isinstance(labels, dict)
+                and all(isinstance(v, str) for v in labels.values())):
+            raise CorruptionError(f"{self.what} is corrupt (bad record)")
 
     def _open_v2(self) -> dict:
         if self.total > 1 << 31:
@@ -455,6 +462,12 @@ class Manifest:
         if self._v1_table is not None:
             self._v1_table.close()
             self._v1_table = None
+
+
+def _plain_value(value: object) -> bool:
+    if type(value) is int:
+        return -(1 << 63) <= value < 1 << 63
+    return value is None or isinstance(value, (str, float, bool))
 
 
 def _json(raw: bytes) -> dict | None:
