@@ -4,9 +4,11 @@ back, damage marks that do not unseal."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import pytest
 from lvbackup.datapath.backup import write_backup
 from lvbackup.datapath.blockmap import FileBlocks
 from lvbackup.datapath.restore import restore_blocks
+from lvbackup.repository import lease
+from lvbackup.repository.backends import MemoryBackend
 from lvbackup.repository.pack import ENTRY, FOOTER
 from lvbackup.repository.repo import Repository
 
@@ -154,3 +158,21 @@ def _backup(repo: Repository, data: bytes) -> str:
     finally:
         os.close(fd)
     return backup_id
+
+
+@pytest.mark.parametrize("holder", [
+    {"expires": 10**400, "pid": 2**70},     # past a float; no process has that pid
+    {"expires": "Infinity", "pid": 1},      # JSON's Infinity: an expiry never reached
+    {"expires": "NaN", "pid": 2**31},
+], ids=["huge", "infinity", "nan"])
+def test_a_lease_with_numbers_out_of_bounds_counts_as_expired(holder) -> None:
+    """A damaged or forged lease object is taken over as an expired one, not a traceback
+    (or a lock that is never released)."""
+    storage = MemoryBackend(f"lease-{uuid.uuid4().hex}")
+    body = json.dumps({"host": socket.gethostname(), "what": "gc", **holder})
+    body = body.replace('"Infinity"', "Infinity").replace('"NaN"', "NaN")
+    storage.put(lease.EXCLUSIVE, body.encode())
+    with lease.exclusive(storage, "gc"):
+        assert json.loads(storage.get(lease.EXCLUSIVE))["pid"] == os.getpid()
+    with lease.shared(storage, "create"):
+        pass
