@@ -19,7 +19,9 @@ from lvbackup.datapath.blockmap import FileBlocks
 from lvbackup.datapath.restore import restore_blocks
 from lvbackup.repository import lease
 from lvbackup.repository.backends import MemoryBackend
-from lvbackup.repository.pack import ENTRY, FOOTER
+from lvbackup.repository.codec import PLAIN
+from lvbackup.repository.index import ChunkIndex, announce_change, encode_index, encode_mark
+from lvbackup.repository.pack import ENTRY, FOOTER, ChunkRef, pack_name
 from lvbackup.repository.repo import Repository
 
 from support import KiB, MiB, Workdir, describe, flip_byte, make_image
@@ -176,3 +178,78 @@ def test_a_lease_with_numbers_out_of_bounds_counts_as_expired(holder) -> None:
         assert json.loads(storage.get(lease.EXCLUSIVE))["pid"] == os.getpid()
     with lease.shared(storage, "create"):
         pass
+
+
+@pytest.mark.parametrize("found", ["here", "by-another-host"])
+def test_a_copy_that_lost_to_a_damaged_one_replaces_it(tmp_path: Path, found: str) -> None:
+    """Two index files list one chunk in two packs, and the cache kept the first copy
+    (index files put back after gc, or two hosts storing the same data). Once that copy is
+    found damaged or missing, here or by another host (its mark), the next sync takes the
+    other copy."""
+    storage = MemoryBackend(f"copies-{uuid.uuid4().hex}")
+    cid, old_pack, new_pack = b"c" * 32, b"p" * 32, b"q" * 32
+    for pack in (old_pack, new_pack):
+        storage.put(pack_name(pack), b"a pack")
+    cache = ChunkIndex(tmp_path / "cache.sqlite")
+    for pack in (old_pack, new_pack):
+        storage.put_content_addressed(*encode_index(
+            [(pack, [ChunkRef(cid, pack, 8, 100, 200, 1)])], PLAIN))
+        cache.sync(storage, PLAIN, full=True)
+    assert cache.lookup([cid])[cid].pack_id == old_pack
+    if found == "here":
+        cache.mark_damaged(cid, old_pack)
+    else:
+        storage.put(*encode_mark(cid, old_pack, PLAIN))
+        announce_change(storage)
+    assert cache.sync(storage, PLAIN) == []
+    assert cache.lookup([cid])[cid].pack_id == new_pack
+    cache.close()
+
+
+def test_a_lost_pack_is_never_reused_and_loses_to_any_other_copy(tmp_path: Path) -> None:
+    """Two index files list a chunk, the one merged first in a pack that does not exist:
+    the sync that merges the second caches the copy that exists; the lost pack's other
+    entries stay for reads (which then say the pack is missing) but no backup reuses them,
+    merging the index files again changes nothing, and once the pack is stored again they
+    are reused."""
+    storage = MemoryBackend(f"lost-{uuid.uuid4().hex}")
+    shared, only_lost = b"c" * 32, b"d" * 32
+    lost, kept = b"p" * 32, b"q" * 32
+    storage.put(pack_name(kept), b"a pack")
+    cache = ChunkIndex(tmp_path / "cache.sqlite")
+    for pack, ids in ((lost, [shared, only_lost]), (kept, [shared])):
+        storage.put_content_addressed(*encode_index(
+            [(pack, [ChunkRef(i, pack, 8, 100, 200, 1) for i in ids])], PLAIN))
+        cache.sync(storage, PLAIN, full=True)
+    for _ in range(2):
+        assert cache.lookup([shared], undamaged=True)[shared].pack_id == kept
+        assert cache.lookup([only_lost], undamaged=True) == {}
+        assert cache.lookup([only_lost])[only_lost].pack_id == lost
+        assert cache.damaged_ids() == {only_lost}
+        cache.forget_listing()
+        cache.sync(storage, PLAIN)
+    cache.add_pending(lost, "a run")
+    assert cache.lookup([only_lost], undamaged=True)[only_lost].pack_id == lost
+    cache.close()
+
+
+def test_replayed_index_files_and_a_fresh_cache(wd: Workdir, tmp_path: Path) -> None:
+    """Index files put back after gc (under names that sort first: a sync merges them
+    before the live ones, which list the same chunks in other packs), and another image
+    sharing most blocks backed up: a host with a fresh cache caches the copies that exist,
+    verifies clean and restores bit-exactly."""
+    img = tmp_path / "disk.img"
+    data = make_image(img, 6, seed=74)
+    first = wd.create(img)
+    stale = {p.name: p.read_bytes() for p in (wd.repo / "index").iterdir()}
+    assert wd.run("delete", first["id"]).returncode == 0
+    assert wd.run("gc").returncode == 0
+    for name, content in stale.items():
+        (wd.repo / "index" / f"0000{name[4:]}").write_bytes(content)
+    other = bytearray(data)
+    other[:64 * KiB] = random.Random(75).randbytes(64 * KiB)
+    img.write_bytes(other)
+    again = wd.create(img)
+    assert again["stored_bytes"] > 0
+    shutil.rmtree(wd.cache)
+    wd.assert_restores(again["id"], bytes(other))

@@ -43,7 +43,7 @@ from ..sqlitefile import open_error
 from ..timeutil import now_iso
 from .backends import Backend, Conflict, MissingObject, ObjectExists
 from .codec import Codec
-from .pack import ENTRY, MAX_PACK_BYTES, ChunkRef, parse_entries
+from .pack import ENTRY, MAX_PACK_BYTES, ChunkRef, pack_name, parse_entries
 
 INDEX_MAGIC = b"LVBIDX01"
 _GROUP = struct.Struct("<32sI")
@@ -64,6 +64,9 @@ CREATE TABLE IF NOT EXISTS index_files (
 CREATE TABLE IF NOT EXISTS damaged (
     chunk BLOB NOT NULL, pack BLOB NOT NULL, PRIMARY KEY (chunk, pack)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS lost (
+    pack BLOB PRIMARY KEY
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS bad_marks (
     name TEXT PRIMARY KEY, stamp TEXT NOT NULL
 );
@@ -71,8 +74,10 @@ CREATE TABLE IF NOT EXISTS listed (
     one INTEGER PRIMARY KEY CHECK (one = 1), marker TEXT, at REAL NOT NULL
 );
 """
-# A chunk's row points at a damaged copy: another copy, when one is indexed, replaces it.
-_IS_DAMAGED = "EXISTS (SELECT 1 FROM damaged d WHERE d.chunk = {t}.id AND d.pack = {t}.pack)"
+# A chunk's row points at a damaged copy, or into a pack found missing: another copy, when
+# one is indexed, replaces it, and no backup reuses it.
+_IS_DAMAGED = ("(EXISTS (SELECT 1 FROM damaged d WHERE d.chunk = {t}.id AND d.pack = {t}.pack)"
+               " OR EXISTS (SELECT 1 FROM lost l WHERE l.pack = {t}.pack))")
 DAMAGED_PREFIX = "damaged/"
 DAMAGED_MAGIC = b"LVBDMG01"
 CHANGES = "index-changes"
@@ -242,7 +247,10 @@ class ChunkIndex:
             token = self._create_changes(storage)
         self._unlisted = None
         listed_at = time.time()
-        self._merge_marks(db, storage, codec)  # before the index files: an undamaged copy wins
+        # Before the index files, so that an undamaged copy wins; a new mark has every index
+        # file merged again, so that a copy that lost to the damaged one replaces it.
+        if self._merge_marks(db, storage, codec):
+            db.execute("DELETE FROM index_files")
         remote = dict(storage.list("index/"))
         known = dict(db.execute("SELECT name, stamp FROM index_files").fetchall())
         if any(remote.get(name) != stamp for name, stamp in known.items()):
@@ -252,6 +260,7 @@ class ChunkIndex:
                 db.execute("DELETE FROM packs WHERE indexed=1")
                 db.execute("DELETE FROM index_files")
             known = {}
+        exists: dict[bytes, bool] = {}   # packs looked for during this sync
         for name in sorted(set(remote) - set(known)):
             try:
                 groups = list(decode_index(name, storage.get(name), codec))
@@ -261,18 +270,45 @@ class ChunkIndex:
                 continue
             with _transaction(db):
                 for pack_id, refs in groups:
+                    self._displace_lost(db, storage, pack_id, refs, exists)
                     self._insert(db, pack_id, refs, run=None, indexed=1)
                 db.execute("INSERT OR REPLACE INTO index_files VALUES (?, ?, 1)",
                            (name, remote[name]))
         # The token read before listing: a change announced meanwhile is seen next time.
         db.execute("INSERT OR REPLACE INTO listed VALUES (1, ?, ?)", (token, listed_at))
+        if not all(exists.values()):
+            # Index files merged before a pack was found missing may list other copies of
+            # its chunks: the next sync merges them again.
+            self._forget_listing(db)
         return self._problems(db)
 
     @staticmethod
-    def _merge_marks(db: sqlite3.Connection, storage: Backend, codec: Codec) -> None:
-        """Record the damage marks in the repository. Each is honoured only once it
-        unseals under its name (a mark planted by name alone would make every backup store
-        its chunk again); one that does not is remembered, by its token, as a problem."""
+    def _displace_lost(db: sqlite3.Connection, storage: Backend, pack_id: bytes,
+                       refs: list[ChunkRef], exists: dict[bytes, bool]) -> None:
+        """Before an index file's entries are merged: where the cache holds another copy
+        of one of these chunks (rare: two index files list the chunk), in a pack that does
+        not exist (index files gc deleted, put back), record that pack as lost, so that the
+        copy that exists replaces it, whichever index file was merged first."""
+        others: set[bytes] = set()
+        ids = [r.chunk_id for r in refs]
+        for i in range(0, len(ids), _BATCH):
+            part = ids[i:i + _BATCH]
+            others.update(p for (p,) in db.execute(
+                f"SELECT DISTINCT pack FROM chunks WHERE id IN ({','.join('?' * len(part))}) "
+                "AND pack != ?", [*part, pack_id]))
+        for other in others:
+            if other not in exists:
+                exists[other] = storage.exists(pack_name(other))
+            if not exists[other]:
+                db.execute("INSERT OR IGNORE INTO lost VALUES (?)", (other,))
+
+    @staticmethod
+    def _merge_marks(db: sqlite3.Connection, storage: Backend, codec: Codec) -> bool:
+        """Record the damage marks in the repository; whether there were new ones. Each is
+        honoured only once it unseals under its name (a mark planted by name alone would
+        make every backup store its chunk again); one that does not is remembered, by its
+        token, as a problem."""
+        new = False
         listed = dict(storage.list(DAMAGED_PREFIX))
         known = set(db.execute("SELECT chunk, pack FROM damaged").fetchall())
         rejected = dict(db.execute("SELECT name, stamp FROM bad_marks").fetchall())
@@ -288,8 +324,10 @@ class ChunkIndex:
                 continue
             db.execute("INSERT OR IGNORE INTO damaged VALUES (?, ?)", mark)
             db.execute("DELETE FROM bad_marks WHERE name = ?", (name,))
+            new = True
         gone = [(n,) for n in rejected if n not in listed]
         db.executemany("DELETE FROM bad_marks WHERE name = ?", gone)
+        return new
 
     @staticmethod
     def _problems(db: sqlite3.Connection) -> list[str]:
@@ -324,6 +362,7 @@ class ChunkIndex:
         chunks are recorded when it is: until then the run itself knows them)."""
         self._db().execute("INSERT INTO packs VALUES (?, ?, 0) ON CONFLICT(id) DO NOTHING",
                            (pack_id, run))
+        self.found_pack(pack_id)   # if it was found missing before: stored again
 
     def add_indexed(self, name: str, stamp: str,
                     groups: list[tuple[bytes, list[ChunkRef]]]) -> None:
@@ -348,13 +387,31 @@ class ChunkIndex:
             db.execute("DELETE FROM chunks WHERE pack=?", (pack_id,))
             db.execute("DELETE FROM packs WHERE id=?", (pack_id,))
 
+    def mark_lost(self, pack_id: bytes) -> None:
+        """Record a pack that does not exist (an index file gc deleted, put back; or a pack
+        lost otherwise): its entries stay (a read of them says the pack is missing), but
+        no backup reuses them and any other copy replaces them. Every index file is merged
+        again at the next sync, so that copies that lost to its entries come in."""
+        db = self._db()
+        with _transaction(db):
+            db.execute("INSERT OR IGNORE INTO lost VALUES (?)", (pack_id,))
+            self._forget_listing(db)
+
+    def found_pack(self, pack_id: bytes) -> None:
+        """A pack found missing exists after all (stored again)."""
+        self._db().execute("DELETE FROM lost WHERE pack = ?", (pack_id,))
+
     def forget_listing(self) -> None:
         """Have the next sync list the index and merge every index file again (entries
         already cached stand unless damaged)."""
         db = self._db()
         with _transaction(db):
-            db.execute("DELETE FROM index_files")
-            db.execute("DELETE FROM listed")
+            self._forget_listing(db)
+
+    @staticmethod
+    def _forget_listing(db: sqlite3.Connection) -> None:
+        db.execute("DELETE FROM index_files")
+        db.execute("DELETE FROM listed")
 
     # --- lookups -------------------------------------------------------------------
 
@@ -394,12 +451,15 @@ class ChunkIndex:
         return found
 
     def mark_damaged(self, chunk_id: bytes, pack_id: bytes) -> None:
+        """Record a damaged (or missing) copy; the next sync merges every index file
+        again, so that another copy they list replaces it."""
         self._db().execute("INSERT OR IGNORE INTO damaged VALUES (?, ?)", (chunk_id, pack_id))
+        self.forget_listing()
 
     def damaged_ids(self) -> set[bytes]:
-        """Chunk ids whose only indexed copy is damaged."""
+        """Chunk ids whose only indexed copy is damaged (or in a pack found missing)."""
         return {c for (c,) in self._db().execute(
-            "SELECT c.id FROM damaged d JOIN chunks c ON c.id = d.chunk AND c.pack = d.pack")}
+            f"SELECT c.id FROM chunks c WHERE {_IS_DAMAGED.format(t='c')}")}
 
     def reset(self) -> None:
         """Forget everything (after gc rewrote the index files)."""
@@ -410,6 +470,7 @@ class ChunkIndex:
             db.execute("DELETE FROM index_files")
             db.execute("DELETE FROM damaged")
             db.execute("DELETE FROM bad_marks")
+            db.execute("DELETE FROM lost")
             db.execute("DELETE FROM listed")
 
     def close(self) -> None:

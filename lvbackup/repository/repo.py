@@ -278,6 +278,11 @@ class Repository:
                 pos += ref.length
         try:
             self.storage.get_range_into(pack_name(run[0][0].pack_id), run[0][0].offset, targets)
+        except MissingObject as e:
+            # The index named a pack that is gone: no backup reuses it, and the next sync
+            # lets another copy of its chunks in, if an index file lists one.
+            self.index.mark_lost(run[0][0].pack_id)
+            raise ChunkError(run[0][0], str(e)) from None
         except CorruptionError as e:
             raise ChunkError(run[0][0], str(e)) from None
         for (ref, out, digest), blob in zip(run, targets, strict=True):
@@ -309,16 +314,14 @@ class Repository:
 
     def pack_exists(self, pack_id: bytes) -> bool:
         """Whether a pack the index names exists. If not (its index file was put back
-        after gc deleted it, or the pack was lost some other way), the index cache forgets
-        what it lists, so that no backup reuses a chunk from it."""
+        after gc deleted it, or the pack was lost some other way), the index cache records
+        it lost, so that no backup reuses a chunk from it."""
         name = pack_name(pack_id)
         if self.storage.exists(name):
             return True
-        self.index.forget_pack(pack_id)
+        self.index.mark_lost(pack_id)
         if self.storage.exists(name):
-            # Stored meanwhile by another run, whose entries were just forgotten too: the
-            # next sync merges every index file again.
-            self.index.forget_listing()
+            self.index.found_pack(pack_id)   # stored meanwhile by another run
         return False
 
     def packer(self, run_id: str) -> Packer:
