@@ -20,6 +20,10 @@ a request per 1,000 names, and index files accumulate until gc merges them). The
 the cache last listed, and that listing less than an hour old, the cache stands. Index
 files that other hosts added meanwhile are then missing from it, which costs a backup
 some deduplication; a read that misses a chunk lists at once (`lookup`).
+
+What the repository says is checked before the cache takes it: a damage mark counts only
+if it unseals under its name, and packs found missing (index files gc deleted, put back)
+are recorded as lost: never reused, and replaced by any other copy of their chunks.
 """
 
 from __future__ import annotations
@@ -459,7 +463,8 @@ class ChunkIndex:
     def damaged_ids(self) -> set[bytes]:
         """Chunk ids whose only indexed copy is damaged (or in a pack found missing)."""
         return {c for (c,) in self._db().execute(
-            f"SELECT c.id FROM chunks c WHERE {_IS_DAMAGED.format(t='c')}")}
+            "SELECT c.id FROM damaged d JOIN chunks c ON c.id = d.chunk AND c.pack = d.pack "
+            "UNION SELECT c.id FROM lost l JOIN chunks c ON c.pack = l.pack")}
 
     def reset(self) -> None:
         """Forget everything (after gc rewrote the index files)."""
