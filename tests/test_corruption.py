@@ -8,17 +8,22 @@ line and no traceback, and that an undamaged backup still restores bit-exactly.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
 import pytest
 
+from lvbackup.errors import CorruptionError
 from lvbackup.repository.backends import LocalBackend
-from lvbackup.repository.codec import PLAIN
-from lvbackup.repository.index import decode_index
-from lvbackup.repository.pack import read_trailer
+from lvbackup.repository.codec import PLAIN, seal, unseal
+from lvbackup.repository.index import decode_index, encode_index
+from lvbackup.repository.manifest import MAGIC as MANIFEST_MAGIC
+from lvbackup.repository.pack import ENTRY, FOOTER, PACK_END, pack_name, read_trailer
+from lvbackup.repository.repo import REPO_MAGIC
 
 from support import (
     BLOCK_SIZE,
@@ -335,3 +340,126 @@ def test_verify_deep_finds_a_damaged_pack_trailer(case):
     flip_byte(pack, pack.stat().st_size - 60)
     p = case.wd.run("verify", "--deep")
     assert p.returncode == 1, describe(p)
+
+
+# --- fields out of bounds, re-sealed (an unencrypted repository's checksums stop no one) ------
+
+def _snapshot(wd: Workdir) -> tuple[dict[str, int], list[dict]]:
+    """What a refused command must leave as it was: the repository's files (but for the
+    leases a run takes and drops) and the catalog."""
+    files = {p.relative_to(wd.repo).as_posix(): p.stat().st_size
+             for p in wd.repo.rglob("*") if p.is_file()}
+    return files, wd.catalog_rows()
+
+
+def _reseal_config(wd: Workdir, **fields) -> None:
+    path = wd.repo / "config"
+    meta = json.loads(unseal(REPO_MAGIC, path.read_bytes(), "config"))
+    path.write_bytes(seal(REPO_MAGIC, json.dumps({**meta, **fields}).encode()))
+
+
+def _reseal_manifest(wd: Workdir, backup_id: str, **fields) -> None:
+    path = wd.repo / "manifests" / backup_id
+    body = unseal(MANIFEST_MAGIC, path.read_bytes(), "manifest")
+    (hlen,) = struct.unpack_from("<I", body)
+    head = json.loads(body[4:4 + hlen])
+    new = json.dumps({**head, **fields}).encode()
+    path.write_bytes(seal(MANIFEST_MAGIC, struct.pack("<I", len(new)) + new + body[4 + hlen:]))
+
+
+@pytest.mark.parametrize("block_size", [0, -1, 3, 2**40])
+def test_config_block_size_out_of_bounds(case, block_size):
+    _reseal_config(case.wd, block_size=block_size)
+    before = _snapshot(case.wd)
+    out = case.wd.path / "out.img"
+    for args in (("create", "--device", case.image), ("verify",), ("gc",),
+                 ("restore", case.ids[0], "--to-file", out)):
+        p = case.wd.run(*args)
+        assert_one_line_error(p, 1, "config", "block size")
+        assert _snapshot(case.wd) == before, args
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("field", [{"block_size": 0}, {"block_size": 2**30},
+                                   {"block_size": 4096}, {"size": 10**15},
+                                   {"page_entries": 2**40}],
+                         ids=["bs0", "bs2^30", "bs-other", "size1PB", "page-entries"])
+def test_manifest_fields_out_of_bounds(case, field):
+    bid = case.ids[0]
+    _reseal_manifest(case.wd, bid, **field)
+    before = _snapshot(case.wd)
+    out = case.wd.path / "out.img"
+    p = case.wd.run("restore", bid, "--to-file", out)
+    assert_one_line_error(p, 1, bid, "manifest", "corrupt")
+    assert not out.exists()
+    assert _snapshot(case.wd) == before
+    verify_fails(case.wd, {bid: "corrupt"}, [case.ids[1]], deep=False)
+    restores(case.wd, case.ids[1], case.versions[1])
+
+
+def test_index_offset_beyond_sqlite_integer(case):
+    """An index entry's offset of 2^63 (which SQLite cannot hold) is a corrupt index file:
+    verify names it, create and gc go on, and gc rewrites the index from the packs."""
+    storage = LocalBackend(case.wd.repo)
+    try:
+        old = next(iter(case.indexes[0]))
+        groups = list(decode_index(old, storage.get(old), PLAIN))
+        pack_id, refs = groups[0]
+        refs[0] = refs[0]._replace(offset=2**63)
+        name, data = encode_index([(pack_id, refs)], PLAIN)
+    finally:
+        storage.close()
+    (case.wd.repo / old).unlink()
+    (case.wd.repo / name).write_bytes(data)
+    p = case.wd.run("verify")
+    assert p.returncode == 1 and "Traceback" not in p.stdout + p.stderr, describe(p)
+    assert f"index file {name} is corrupt" in p.stdout
+    rec = case.wd.create(case.image)
+    restores(case.wd, rec["id"], case.versions[1])
+    assert case.wd.run_json("gc")["packs_kept"] >= 2
+    assert not (case.wd.repo / name).exists()
+    assert case.wd.verify("--deep").returncode == 0
+
+
+def test_pack_trailer_offset_beyond_the_pack(case):
+    """A pack whose trailer (re-digested, the pack named after it) places a chunk at 2^63:
+    gc keeps it as unreadable rather than fail, and verify of the backups is clean."""
+    src = case.wd.repo / next(iter(case.packs[0]))
+    data = src.read_bytes()
+    count = FOOTER.unpack_from(data, len(data) - FOOTER.size)[0]
+    start = len(data) - FOOTER.size - count * ENTRY.size
+    trailer = bytearray(data[start:len(data) - FOOTER.size])
+    struct.pack_into("<Q", trailer, 32, 2**63)
+    pack_id = blake3.blake3(trailer).digest()
+    forged = case.wd.repo / pack_name(pack_id)
+    forged.parent.mkdir(exist_ok=True)
+    forged.write_bytes(data[:start] + trailer + FOOTER.pack(count, pack_id, PACK_END))
+    storage = LocalBackend(case.wd.repo)
+    try:
+        with pytest.raises(CorruptionError, match="lies outside pack"):
+            read_trailer(storage, pack_id, PLAIN)
+    finally:
+        storage.close()
+    report = case.wd.run_json("gc")
+    assert report["unreadable_packs"] == [pack_name(pack_id)]
+    assert forged.exists()
+    assert case.wd.verify("--deep").returncode == 0
+
+
+def test_manifest_record_beyond_sqlite_integer(case):
+    """A record whose numbers SQLite cannot hold is a corrupt manifest to catalog rebuild
+    (reported, the others recovered), never an OverflowError."""
+    bid = case.ids[1]
+    path = case.wd.repo / "manifests" / bid
+    body = unseal(MANIFEST_MAGIC, path.read_bytes(), "manifest")
+    (hlen,) = struct.unpack_from("<I", body)
+    head = json.loads(body[4:4 + hlen])
+    head["backup"]["stored_bytes"] = 10**30
+    new = json.dumps(head).encode()
+    path.write_bytes(seal(MANIFEST_MAGIC, struct.pack("<I", len(new)) + new + body[4 + hlen:]))
+    case.wd.catalog.unlink()
+    result = case.wd.run_json("catalog", "rebuild")
+    assert result["recovered"] == 1
+    assert len(result["corrupt_manifests"]) == 1 and bid in result["corrupt_manifests"][0]
+    assert [r["id"] for r in case.wd.list()] == [case.ids[0]]
+    restores(case.wd, case.ids[0], case.versions[0])

@@ -5,6 +5,11 @@ sealed config, key slots, key exports and exported records. Each must end in a c
 (an LvbackupError: one line, an exit status) or a result, never another exception, and
 never allocate beyond a bound; pytest-timeout turns a hang into a failure.
 
+The length, offset and size fields are also mutated one by one, to values a parser must
+refuse (zero, negative, not a power of two, past the object, beyond what SQLite holds):
+block sizes and sizes in the config and manifests, page counts, and the offsets and
+lengths of trailer and index entries.
+
 The mutations are made both to the stored bytes (which the seal or MAC must catch) and to
 the payload re-sealed with the repository's own codec (what a forger who can seal could
 make: an unencrypted repository's checksums stop no one), so the parsers behind the seals
@@ -13,6 +18,7 @@ are exercised too."""
 from __future__ import annotations
 
 import base64
+import json
 import random
 import struct
 import tracemalloc
@@ -21,11 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from lvbackup.errors import LvbackupError
+from lvbackup.errors import CorruptionError, LvbackupError
 from lvbackup.operations.records import parse_record
 from lvbackup.repository.backends import MemoryBackend
 from lvbackup.repository.codec import PLAIN, Codec
-from lvbackup.repository.index import INDEX_MAGIC, INDEX_SEAL_NAME, decode_index
+from lvbackup.repository.index import INDEX_MAGIC, INDEX_SEAL_NAME, ChunkIndex, decode_index
 from lvbackup.repository.keys import (
     PASSPHRASE,
     SLOT_MAGIC,
@@ -37,8 +43,15 @@ from lvbackup.repository.keys import (
     read_slots,
 )
 from lvbackup.repository.manifest import MAGIC as MANIFEST_MAGIC
-from lvbackup.repository.manifest import Manifest, manifest_name
-from lvbackup.repository.pack import FOOTER, PACK_END, pack_name, read_trailer
+from lvbackup.repository.manifest import MAX_BLOCK_SIZE, Manifest, manifest_name
+from lvbackup.repository.pack import (
+    ENTRY,
+    FOOTER,
+    MAX_PACK_BYTES,
+    PACK_END,
+    pack_name,
+    read_trailer,
+)
 from lvbackup.repository.repo import REPO_MAGIC, Repository
 
 from support import MiB, Workdir, make_image, write_secret
@@ -233,3 +246,118 @@ def test_exported_records(repo) -> None:
     for data in [*mutations(text.encode(), rng), *(base64.b64encode(m) for m in
                                                    mutations(raw, rng))]:
         bounded(lambda d: parse_record(d.decode("utf-8", "replace")), data)
+
+
+# --- the length, offset and size fields, one at a time ---------------------------------------
+
+HUGE = [2**31, 2**32 - 1, 2**40, 2**63, 2**64 - 1, 10**15, 10**30]
+BAD_BLOCK_SIZES = [0, -1, 1, 3, 4095, 4097, 65535, 2**25, 2**30, *HUGE, "65536", None, 1.5]
+
+
+def _manifest_parts(r: Repository, backup_id: str) -> tuple[dict, bytes]:
+    name = manifest_name(backup_id)
+    body = r.codec.unseal(MANIFEST_MAGIC, r.storage.get(name), "m", name)
+    (hlen,) = struct.unpack_from("<I", body)
+    return json.loads(body[4:4 + hlen]), body[4 + hlen:]
+
+
+def _manifest_with(r: Repository, backup_id: str, header: dict, table: bytes) -> bytes:
+    head = json.dumps(header).encode()
+    return r.codec.seal(MANIFEST_MAGIC, struct.pack("<I", len(head)) + head + table,
+                        manifest_name(backup_id))
+
+
+def test_manifest_size_fields(repo) -> None:
+    """Block size, size, blocks and page entries out of bounds, each alone: refused."""
+    r, _, ids = repo
+    rng = random.Random(8)
+    for backup_id in ids:
+        header, table = _manifest_parts(r, backup_id)
+        store = MemoryBackend(f"fuzz-manifest-fields-{r.id}-{backup_id}")
+        bad = ([("block_size", v) for v in BAD_BLOCK_SIZES]
+               + [("size", v) for v in [-1, header["size"] + header["block_size"],
+                                        header["size"] * 1000, *HUGE]]
+               + [("blocks", v) for v in [-1, 0, header["blocks"] + 1, *HUGE]]
+               + [("page_entries", v) for v in [0, -1, 257, *HUGE]])
+        rng.shuffle(bad)
+        for field, value in bad:
+            data = _manifest_with(r, backup_id, {**header, field: value}, table)
+            with pytest.raises(CorruptionError):
+                _parse_manifest(r, store, backup_id, data, rng)
+
+
+def _entry_fields(rng: random.Random, entries: bytes) -> Iterator[bytes]:
+    """Trailer entries with one entry's offset, stored length or plain length changed so
+    that it lies outside any pack or claims more than a block."""
+    count = len(entries) // ENTRY.size
+    for _ in range(ROUNDS // 3):
+        b = bytearray(entries)
+        at = rng.randrange(count) * ENTRY.size
+        field = rng.choice(["offset", "length", "raw"])
+        if field == "offset":
+            value = rng.choice([0, 7, MAX_PACK_BYTES, *(v for v in HUGE if v < 2**64)])
+            struct.pack_into("<Q", b, at + 32, value)
+        elif field == "length":
+            value = rng.choice([MAX_PACK_BYTES, 2**31, 2**32 - 1])
+            struct.pack_into("<I", b, at + 40, value)
+        else:
+            value = rng.choice([MAX_BLOCK_SIZE + 1, 2**31, 2**32 - 1])
+            struct.pack_into("<I", b, at + 44, value)
+        yield bytes(b)
+
+
+def test_pack_trailer_fields(repo) -> None:
+    """A trailer entry outside its pack, or claiming more than a block, is refused when the
+    trailer is read; forged so that the trailer's digest still holds."""
+    r, _, _ = repo
+    rng = random.Random(9)
+    pname, _ = next(iter(r.storage.list("packs/")))
+    data = r.storage.get(pname)
+    count = struct.unpack_from("<I", data, len(data) - FOOTER.size)[0]
+    start = len(data) - FOOTER.size - count * ENTRY.size
+    body, trailer = data[:start], data[start:len(data) - FOOTER.size]
+    store = MemoryBackend(f"fuzz-trailer-fields-{r.id}")
+    # A length that ends past the trailer's start, but within MAX_PACK_BYTES.
+    last = bytearray(trailer)
+    struct.pack_into("<I", last, len(last) - ENTRY.size + 40, start)
+    for bad in [*_entry_fields(rng, trailer), bytes(last)]:
+        pid = r.codec.trailer_digest(bad)
+        if not store.exists(pack_name(pid)):
+            store.put(pack_name(pid), body + bad + FOOTER.pack(count, pid, PACK_END))
+        with pytest.raises(CorruptionError, match="outside pack|claims"):
+            read_trailer(store, pid, r.codec)
+
+
+def test_index_entry_fields(repo, tmp_path: Path) -> None:
+    """An index entry past any pack (among them offsets SQLite cannot hold) or claiming
+    more than a block makes a corrupt index file, never an OverflowError: a sync leaves it
+    out and reports it, and goes on with the others."""
+    r, _, _ = repo
+    rng = random.Random(10)
+    name, _ = next(iter(r.storage.list("index/")))
+    payload = r.codec.unseal(INDEX_MAGIC, r.storage.get(name), "i", INDEX_SEAL_NAME)
+    # The first group's entries, after its pack id and count.
+    end = 36 + struct.unpack_from("<I", payload, 32)[0] * ENTRY.size
+    store = MemoryBackend(f"fuzz-index-fields-{r.id}")
+    for n, bad in enumerate(_entry_fields(rng, payload[36:end])):
+        data = r.codec.seal(INDEX_MAGIC, payload[:36] + bad + payload[end:], INDEX_SEAL_NAME)
+        with pytest.raises(CorruptionError, match="outside pack|claims"):
+            list(decode_index(name, data, r.codec))
+        store.put(f"index/{n:04d}", data)
+    cache = ChunkIndex(tmp_path / "index.sqlite")
+    try:
+        problems = cache.sync(store, r.codec)
+    finally:
+        cache.close()
+    assert len(problems) == ROUNDS // 3 and all("is corrupt" in p for p in problems)
+
+
+def test_repository_config_block_size(repo, tmp_path: Path) -> None:
+    r, _, _ = repo
+    slots = read_slots(r.storage)
+    meta = json.loads(PLAIN.unseal(REPO_MAGIC, r.storage.get("config"), "c", "config"))
+    for n, value in enumerate(BAD_BLOCK_SIZES):
+        data = PLAIN.seal(REPO_MAGIC, json.dumps({**meta, "block_size": value}).encode(),
+                          "config")
+        with pytest.raises(CorruptionError, match="config"):
+            _open_config(data, slots, f"fuzz-config-bs-{r.id}-{n}", tmp_path)

@@ -20,11 +20,16 @@ a request per 1,000 names, and index files accumulate until gc merges them). The
 the cache last listed, and that listing less than an hour old, the cache stands. Index
 files that other hosts added meanwhile are then missing from it, which costs a backup
 some deduplication; a read that misses a chunk lists at once (`lookup`).
+
+What the repository says is checked before the cache takes it: a damage mark counts only
+if it unseals under its name, and packs found missing (index files gc deleted, put back)
+are recorded as lost: never reused, and replaced by any other copy of their chunks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import sqlite3
 import struct
@@ -39,9 +44,10 @@ import blake3
 from ..errors import CorruptionError, LvbackupError, UsageError
 from ..permissions import create_private_file, make_private_dirs
 from ..sqlitefile import open_error
+from ..timeutil import now_iso
 from .backends import Backend, Conflict, MissingObject, ObjectExists
 from .codec import Codec
-from .pack import ENTRY, ChunkRef
+from .pack import ENTRY, MAX_PACK_BYTES, ChunkRef, pack_name, parse_entries
 
 INDEX_MAGIC = b"LVBIDX01"
 _GROUP = struct.Struct("<32sI")
@@ -62,12 +68,20 @@ CREATE TABLE IF NOT EXISTS index_files (
 CREATE TABLE IF NOT EXISTS damaged (
     chunk BLOB NOT NULL, pack BLOB NOT NULL, PRIMARY KEY (chunk, pack)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS lost (
+    pack BLOB PRIMARY KEY
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bad_marks (
+    name TEXT PRIMARY KEY, stamp TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS listed (
     one INTEGER PRIMARY KEY CHECK (one = 1), marker TEXT, at REAL NOT NULL
 );
 """
-# A chunk's row points at a damaged copy: another copy, when one is indexed, replaces it.
-_IS_DAMAGED = "EXISTS (SELECT 1 FROM damaged d WHERE d.chunk = {t}.id AND d.pack = {t}.pack)"
+# A chunk's row points at a damaged copy, or into a pack found missing: another copy, when
+# one is indexed, replaces it, and no backup reuses it.
+_IS_DAMAGED = ("(EXISTS (SELECT 1 FROM damaged d WHERE d.chunk = {t}.id AND d.pack = {t}.pack)"
+               " OR EXISTS (SELECT 1 FROM lost l WHERE l.pack = {t}.pack))")
 _REPLACE_DAMAGED = (" ON CONFLICT(id) DO UPDATE SET pack = excluded.pack, offset = "
                     "excluded.offset, length = excluded.length, raw_length = "
                     "excluded.raw_length, flags = excluded.flags WHERE "
@@ -75,13 +89,15 @@ _REPLACE_DAMAGED = (" ON CONFLICT(id) DO UPDATE SET pack = excluded.pack, offset
 _PACK_INDEX = "CREATE INDEX IF NOT EXISTS chunks_pack ON chunks(pack)"
 # The cache after gc (ChunkIndex.after_gc), with gc's tables attached as `gc`.
 _AFTER_GC = """
-CREATE TEMP TABLE gone AS SELECT id FROM gc.pack WHERE fate IN ('delete', 'repack');
+CREATE TEMP TABLE gone AS SELECT id FROM packs
+    WHERE id NOT IN (SELECT id FROM gc.pack WHERE fate IN ('keep', 'new'));
 CREATE TEMP TABLE fresh AS SELECT id FROM gc.pack
     WHERE fate IN ('keep', 'new') AND id NOT IN (SELECT id FROM packs WHERE indexed = 1);
 CREATE TEMP TABLE dropped AS SELECT id FROM chunks WHERE pack IN (SELECT id FROM temp.gone);
 DELETE FROM chunks WHERE pack IN (SELECT id FROM temp.gone);
 DELETE FROM packs WHERE id IN (SELECT id FROM temp.gone);
 DELETE FROM damaged WHERE pack IN (SELECT id FROM temp.gone);
+DELETE FROM lost;
 INSERT INTO packs SELECT id, NULL, 1 FROM temp.fresh WHERE true
     ON CONFLICT(id) DO UPDATE SET indexed = 1;
 INSERT INTO chunks SELECT c.id, c.pack, c.offset, c.length, c.raw, c.flags
@@ -91,6 +107,13 @@ INSERT INTO chunks SELECT c.id, c.pack, c.offset, c.length, c.raw, c.flags
     ORDER BY c.id ON CONFLICT(id) DO NOTHING;
 DROP TABLE temp.gone; DROP TABLE temp.fresh; DROP TABLE temp.dropped;
 """
+# The packs of chunks that have two copies among the cache and the staged entries.
+_OTHER_COPIES = """
+SELECT DISTINCT c.pack FROM staging.chunks s JOIN chunks c ON c.id = s.id AND c.pack != s.pack
+UNION
+SELECT DISTINCT b.pack FROM staging.chunks a JOIN staging.chunks b ON b.id = a.id
+    AND b.pack != a.pack
+"""
 # Index files being merged into the cache (ChunkIndex._merge), in a file of their own.
 _STAGING = """
 PRAGMA staging.journal_mode=OFF; PRAGMA staging.synchronous=OFF;
@@ -98,6 +121,7 @@ CREATE TABLE staging.chunks (id BLOB, pack BLOB, offset INT, length INT, raw INT
 CREATE TABLE staging.packs (id BLOB PRIMARY KEY) WITHOUT ROWID;
 """
 DAMAGED_PREFIX = "damaged/"
+DAMAGED_MAGIC = b"LVBDMG01"
 CHANGES = "index-changes"
 RELIST_AFTER = 3600.0   # seconds a listing is trusted while `index-changes` stands
 
@@ -138,9 +162,31 @@ def damaged_name(chunk_id: bytes, pack_id: bytes) -> str:
 def parse_damaged_name(name: str) -> tuple[bytes, bytes] | None:
     chunk, _, pack = name.removeprefix(DAMAGED_PREFIX).partition(".")
     try:
-        return bytes.fromhex(chunk), bytes.fromhex(pack)
+        ids = bytes.fromhex(chunk), bytes.fromhex(pack)
     except ValueError:
         return None
+    return ids if all(len(i) == 32 for i in ids) else None
+
+
+def encode_mark(chunk_id: bytes, pack_id: bytes, codec: Codec) -> tuple[str, bytes]:
+    """(object name, sealed bytes) of the mark that says this copy of a chunk is damaged."""
+    name = damaged_name(chunk_id, pack_id)
+    return name, codec.seal(DAMAGED_MAGIC, json.dumps({"found_at": now_iso()}).encode(), name)
+
+
+def decode_mark(name: str, data: bytes, codec: Codec) -> tuple[bytes, bytes]:
+    """(chunk id, pack id) of a damage mark that unseals under its name; CorruptionError
+    otherwise."""
+    what = f"damage mark {name}"
+    mark = parse_damaged_name(name)
+    payload = codec.unseal(DAMAGED_MAGIC, data, what, name)
+    try:
+        ok = isinstance(json.loads(payload), dict)
+    except (ValueError, UnicodeDecodeError):
+        ok = False
+    if mark is None or not ok:
+        raise CorruptionError(f"{what} is corrupt (bad name or content)")
+    return mark
 
 
 # What an index file is sealed under: its name is its hash, known only once it is sealed.
@@ -171,8 +217,7 @@ def decode_index(name: str, data: bytes, codec: Codec
         end = pos + count * ENTRY.size
         if end > len(payload):
             raise CorruptionError(f"index file {name} is corrupt (truncated group)")
-        refs = [ChunkRef(cid, pack_id, off, ln, raw, fl)
-                for cid, off, ln, raw, fl in ENTRY.iter_unpack(payload[pos:end])]
+        refs = parse_entries(payload[pos:end], pack_id, MAX_PACK_BYTES, f"index file {name}")
         pos = end
         yield pack_id, refs
 
@@ -229,8 +274,9 @@ class ChunkIndex:
         """Merge new index files; start over if one changed or vanished (gc ran). Without
         `full`, only when `index-changes` says so or the last listing is old.
 
-        Returns the names of index files that failed their checksum: their entries are
-        left out, so a backup that needs them fails to restore and verify, loudly.
+        Returns the problems found, one line each naming the object: index files that
+        failed their checksum (their entries are left out, so a backup that needs them
+        fails to restore and verify, loudly) and damage marks that do not unseal (ignored).
         """
         db = self._db()
         token = changes_token(storage) if _marked(storage) else None
@@ -238,14 +284,15 @@ class ChunkIndex:
         if (not full and token is not None and last is not None and last[0] == token
                 and 0 <= time.time() - last[1] < RELIST_AFTER):
             self._unlisted = (storage, codec)
-            return [n for (n,) in db.execute("SELECT name FROM index_files WHERE ok = 0")]
+            return self._problems(db)
         if token is None and _marked(storage):
             token = self._create_changes(storage)
         self._unlisted = None
         listed_at = time.time()
-        marks = [m for m in map(parse_damaged_name, dict(storage.list(DAMAGED_PREFIX))) if m]
-        if marks:  # before the index files, so that an undamaged copy wins
-            db.executemany("INSERT OR IGNORE INTO damaged VALUES (?, ?)", marks)
+        # Before the index files, so that an undamaged copy wins; a new mark has every index
+        # file merged again, so that a copy that lost to the damaged one replaces it.
+        if self._merge_marks(db, storage, codec):
+            db.execute("DELETE FROM index_files")
         remote = dict(storage.list("index/"))
         known = dict(db.execute("SELECT name, stamp FROM index_files").fetchall())
         if any(remote.get(name) != stamp for name, stamp in known.items()):
@@ -255,17 +302,65 @@ class ChunkIndex:
                 db.execute("DELETE FROM packs WHERE indexed=1")
                 db.execute("DELETE FROM index_files")
             known = {}
-        bad = [n for n, ok in db.execute("SELECT name, ok FROM index_files") if not ok]
         new = {name: remote[name] for name in sorted(set(remote) - set(known))}
-        if new:
-            bad += self._merge(db, storage, codec, new)
+        lost = self._merge(db, storage, codec, new) if new else False
         # The token read before listing: a change announced meanwhile is seen next time.
         db.execute("INSERT OR REPLACE INTO listed VALUES (1, ?, ?)", (token, listed_at))
-        return bad
+        if lost:
+            # Index files merged before a pack was found missing may list other copies of
+            # its chunks: the next sync merges them again.
+            self._forget_listing(db)
+        return self._problems(db)
+
+    @staticmethod
+    def _displace_lost(db: sqlite3.Connection, storage: Backend) -> bool:
+        """Before staged entries are merged: where a chunk has two copies (rare: two index
+        files list it), in the cache and staged or both staged, record each pack of them
+        that does not exist (index files gc deleted, put back) as lost, so that the copy
+        that exists wins whichever came first. Whether one was lost."""
+        others = {pack for (pack,) in db.execute(_OTHER_COPIES)}
+        lost = [(pack,) for pack in others if not storage.exists(pack_name(pack))]
+        db.executemany("INSERT OR IGNORE INTO lost VALUES (?)", lost)
+        return bool(lost)
+
+    @staticmethod
+    def _merge_marks(db: sqlite3.Connection, storage: Backend, codec: Codec) -> bool:
+        """Record the damage marks in the repository; whether there were new ones. Each is
+        honoured only once it unseals under its name (a mark planted by name alone would
+        make every backup store its chunk again); one that does not is remembered, by its
+        token, as a problem."""
+        new = False
+        listed = dict(storage.list(DAMAGED_PREFIX))
+        known = set(db.execute("SELECT chunk, pack FROM damaged").fetchall())
+        rejected = dict(db.execute("SELECT name, stamp FROM bad_marks").fetchall())
+        for name, stamp in listed.items():
+            if parse_damaged_name(name) in known or rejected.get(name) == stamp:
+                continue
+            try:
+                mark = decode_mark(name, storage.get(name), codec)
+            except MissingObject:
+                continue   # deleted since the listing (gc)
+            except CorruptionError:
+                db.execute("INSERT OR REPLACE INTO bad_marks VALUES (?, ?)", (name, stamp))
+                continue
+            db.execute("INSERT OR IGNORE INTO damaged VALUES (?, ?)", mark)
+            db.execute("DELETE FROM bad_marks WHERE name = ?", (name,))
+            new = True
+        gone = [(n,) for n in rejected if n not in listed]
+        db.executemany("DELETE FROM bad_marks WHERE name = ?", gone)
+        return new
+
+    @staticmethod
+    def _problems(db: sqlite3.Connection) -> list[str]:
+        return ([f"index file {n} is corrupt"
+                 for (n,) in db.execute("SELECT name FROM index_files WHERE ok = 0")]
+                + [f"damage mark {n} is corrupt (does not unseal): ignored"
+                   for (n,) in db.execute("SELECT name FROM bad_marks")])
 
     def _merge(self, db: sqlite3.Connection, storage: Backend, codec: Codec,
-               files: dict[str, str]) -> list[str]:
-        """Add index files (name -> stamp) to the cache; returns those that are corrupt.
+               files: dict[str, str]) -> bool:
+        """Add index files (name -> stamp) to the cache (a corrupt one is recorded as such,
+        its entries left out); whether a pack was found missing meanwhile.
 
         Their entries are staged in a file beside the cache, one pack at a time (never a
         whole index file in memory), then inserted in chunk id order: a B-tree filled in
@@ -279,7 +374,9 @@ class ChunkIndex:
         try:
             db.executescript(_STAGING)
             ok = {name: self._stage(db, name, storage, codec) for name in files}
+            db.execute("CREATE INDEX staging.by_id ON chunks(id)")   # one sort, used twice
             with _transaction(db):
+                lost = self._displace_lost(db, storage)
                 db.execute("INSERT INTO packs SELECT id, NULL, 1 FROM staging.packs WHERE true "
                            "ON CONFLICT(id) DO UPDATE SET indexed = 1")
                 cold = db.execute("SELECT NOT EXISTS (SELECT 1 FROM chunks)").fetchone()[0]
@@ -294,7 +391,7 @@ class ChunkIndex:
         finally:
             db.execute("DETACH DATABASE staging")
             staging.unlink(missing_ok=True)
-        return [name for name, good in ok.items() if not good]
+        return lost
 
     @staticmethod
     def _stage(db: sqlite3.Connection, name: str, storage: Backend, codec: Codec) -> bool:
@@ -336,6 +433,7 @@ class ChunkIndex:
         chunks are recorded when it is: until then the run itself knows them)."""
         self._db().execute("INSERT INTO packs VALUES (?, ?, 0) ON CONFLICT(id) DO NOTHING",
                            (pack_id, run))
+        self.found_pack(pack_id)   # if it was found missing before: stored again
 
     def add_indexed(self, name: str, stamp: str,
                     groups: list[tuple[bytes, list[ChunkRef]]]) -> None:
@@ -359,6 +457,32 @@ class ChunkIndex:
         with _transaction(db):
             db.execute("DELETE FROM chunks WHERE pack=?", (pack_id,))
             db.execute("DELETE FROM packs WHERE id=?", (pack_id,))
+
+    def mark_lost(self, pack_id: bytes) -> None:
+        """Record a pack that does not exist (an index file gc deleted, put back; or a pack
+        lost otherwise): its entries stay (a read of them says the pack is missing), but
+        no backup reuses them and any other copy replaces them. Every index file is merged
+        again at the next sync, so that copies that lost to its entries come in."""
+        db = self._db()
+        with _transaction(db):
+            db.execute("INSERT OR IGNORE INTO lost VALUES (?)", (pack_id,))
+            self._forget_listing(db)
+
+    def found_pack(self, pack_id: bytes) -> None:
+        """A pack found missing exists after all (stored again)."""
+        self._db().execute("DELETE FROM lost WHERE pack = ?", (pack_id,))
+
+    def forget_listing(self) -> None:
+        """Have the next sync list the index and merge every index file again (entries
+        already cached stand unless damaged)."""
+        db = self._db()
+        with _transaction(db):
+            self._forget_listing(db)
+
+    @staticmethod
+    def _forget_listing(db: sqlite3.Connection) -> None:
+        db.execute("DELETE FROM index_files")
+        db.execute("DELETE FROM listed")
 
     # --- lookups -------------------------------------------------------------------
 
@@ -398,18 +522,23 @@ class ChunkIndex:
         return found
 
     def mark_damaged(self, chunk_id: bytes, pack_id: bytes) -> None:
+        """Record a damaged (or missing) copy; the next sync merges every index file
+        again, so that another copy they list replaces it."""
         self._db().execute("INSERT OR IGNORE INTO damaged VALUES (?, ?)", (chunk_id, pack_id))
+        self.forget_listing()
 
     def damaged_ids(self) -> set[bytes]:
-        """Chunk ids whose only indexed copy is damaged."""
+        """Chunk ids whose only indexed copy is damaged (or in a pack found missing)."""
         return {c for (c,) in self._db().execute(
-            "SELECT c.id FROM damaged d JOIN chunks c ON c.id = d.chunk AND c.pack = d.pack")}
+            "SELECT c.id FROM damaged d JOIN chunks c ON c.id = d.chunk AND c.pack = d.pack "
+            "UNION SELECT c.id FROM lost l JOIN chunks c ON c.pack = l.pack")}
 
     def after_gc(self, storage: Backend, work: Path) -> None:
         """Update the cache for what gc changed, from gc's own tables of every pack it
-        examined (`work`: pack(id, fate), chunk(id, pack, ...)): entries in the packs it
-        deleted go, other copies of those chunks take their place, packs that no index
-        file listed before come in, and the index files are those now in the repository.
+        examined (`work`: pack(id, fate), chunk(id, pack, ...)): entries in packs that are
+        not there any more (deleted, repacked, or lost before) go, other copies of those
+        chunks take their place, packs that no index file listed before come in, and the
+        index files are those now in the repository.
         Nothing is fetched again, and the entries that stand are not touched."""
         db = self._db()
         db.execute("ATTACH DATABASE ? AS gc", (str(work),))
@@ -423,16 +552,6 @@ class ChunkIndex:
                            (changes_token(storage) if _marked(storage) else None, time.time()))
         finally:
             db.execute("DETACH DATABASE gc")
-
-    def reset(self) -> None:
-        """Forget everything (after gc rewrote the index files)."""
-        db = self._db()
-        with _transaction(db):
-            db.execute("DELETE FROM chunks")
-            db.execute("DELETE FROM packs")
-            db.execute("DELETE FROM index_files")
-            db.execute("DELETE FROM damaged")
-            db.execute("DELETE FROM listed")
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

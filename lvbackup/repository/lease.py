@@ -127,7 +127,21 @@ def _read(storage: Backend, name: str) -> tuple[str, dict[str, Any]] | None:
         return None
     except ValueError:
         data = {}
-    return token, data if isinstance(data, dict) else {}
+    return token, _usable(data) if isinstance(data, dict) else {}
+
+
+def _usable(holder: dict[str, Any]) -> dict[str, Any]:
+    """The contents without the numbers a damaged or forged lease could make unusable: an
+    expiry that is no finite number (the lease then counts as expired), a pid that no
+    process can have."""
+    out = dict(holder)
+    expires, pid = out.get("expires"), out.get("pid")
+    if not (isinstance(expires, (int, float)) and not isinstance(expires, bool)
+            and -1e18 < expires < 1e18):   # NaN fails too
+        out.pop("expires", None)
+    if type(pid) is not int or not 0 < pid < 1 << 31:
+        out.pop("pid", None)
+    return out
 
 
 def _live(holder: dict[str, Any]) -> bool:

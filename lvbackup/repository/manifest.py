@@ -56,6 +56,15 @@ _READ = 4 * 1024 * 1024
 _PAGE_CACHE = 128    # pages a reader keeps (12 KiB each)
 _READ_AHEAD = 64     # pages read at once by a reader going through them in order
 _PAGE_BATCH = 64     # pages a writer stores together
+MIN_BLOCK_SIZE = 4096
+MAX_BLOCK_SIZE = 16 * 1024 * 1024
+
+
+def block_size_allowed(block_size: int) -> bool:
+    """Whether a repository (and its manifests) may have this block size: a power of two
+    from 4 KiB to 16 MiB."""
+    return (type(block_size) is int and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
+            and not block_size & (block_size - 1))
 
 
 def manifest_name(backup_id: str) -> str:
@@ -255,17 +264,39 @@ class Manifest:
         if not ok:
             raise CorruptionError(f"{self.what} is corrupt (bad header, or the manifest of "
                                   "another backup)")
-        if self.format == 2:
-            pages = -(-self.blocks // self.page_entries) if self.page_entries > 0 else -1
-            if pages * 32 != len(self._page_table):
-                raise CorruptionError(f"{self.what} is corrupt (page table does not match "
-                                      "its header)")
+        self._check_bounds()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._last_miss = -1   # the last page that was not in the cache
         self._lock = threading.Lock()
         self._v1_table: IO[bytes] | None = None
 
     # --- opening ---------------------------------------------------------------------
+
+    def _check_bounds(self) -> None:
+        """The header's numbers agree with each other and with what is stored, so that
+        nothing is sized from a number alone: the block size is one a repository may
+        have, the size is what the blocks cover, and (format 2) the page table lists the
+        pages of exactly those blocks, in pages no larger than a writer makes."""
+        bs = self.block_size
+        if not block_size_allowed(bs):
+            raise CorruptionError(f"{self.what} is corrupt (block size {bs} is not a power "
+                                  f"of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE})")
+        if -(-self.size // bs) != self.blocks:
+            raise CorruptionError(f"{self.what} is corrupt (size {self.size} is not "
+                                  f"{self.blocks} blocks of {bs} bytes)")
+        if self.format == 2:
+            pe = self.page_entries
+            pages = -(-self.blocks // pe) if 0 < pe <= PAGE_ENTRIES else -1
+            if pages * 32 != len(self._page_table):
+                raise CorruptionError(f"{self.what} is corrupt (page table does not match "
+                                      "its header)")
+        # The record becomes a catalog row (catalog rebuild): plain values, integers that
+        # SQLite can hold, labels a mapping of strings.
+        labels = self.record.get("labels") or {}
+        if not (all(_plain_value(v) for k, v in self.record.items() if k != "labels")
+                and isinstance(labels, dict)
+                and all(isinstance(v, str) for v in labels.values())):
+            raise CorruptionError(f"{self.what} is corrupt (bad record)")
 
     def _open_v2(self) -> dict:
         if self.total > 1 << 31:
@@ -431,6 +462,12 @@ class Manifest:
         if self._v1_table is not None:
             self._v1_table.close()
             self._v1_table = None
+
+
+def _plain_value(value: object) -> bool:
+    if type(value) is int:
+        return -(1 << 63) <= value < 1 << 63
+    return value is None or isinstance(value, (str, float, bool))
 
 
 def _json(raw: bytes) -> dict | None:

@@ -32,11 +32,15 @@ from ..diskio import aligned_buffer
 from ..errors import CorruptionError
 from .backends import Backend
 from .codec import Buffer, Codec
+from .manifest import MAX_BLOCK_SIZE
 
 PACK_MAGIC = b"LVBPACK1"
 PACK_END = b"LVBPEND1"
 ENTRY = struct.Struct("<32sQIIB")
 FOOTER = struct.Struct("<I32s8s")
+# Far above any pack (a writer fills one to 16 MiB and one block): the end of the byte
+# range an index file may place a chunk at, where the pack's own size is not at hand.
+MAX_PACK_BYTES = 1 << 30
 
 
 class ChunkRef(NamedTuple):
@@ -132,8 +136,26 @@ def read_trailer(storage: Backend, pack_id: bytes, codec: Codec) -> list[ChunkRe
     trailer_len = count * ENTRY.size
     if end != PACK_END or trailer_len > size - len(PACK_MAGIC) - FOOTER.size:
         raise CorruptionError(f"{what} is truncated or its footer is damaged")
-    trailer = storage.get_range(name, size - FOOTER.size - trailer_len, trailer_len)
+    start = size - FOOTER.size - trailer_len
+    trailer = storage.get_range(name, start, trailer_len)
     if digest != pack_id or codec.trailer_digest(trailer) != digest:
         raise CorruptionError(f"{what} has a corrupt trailer")
-    return [ChunkRef(cid, pack_id, off, ln, raw, fl)
-            for cid, off, ln, raw, fl in ENTRY.iter_unpack(trailer)]
+    return parse_entries(trailer, pack_id, start, f"{what}'s trailer")
+
+
+def parse_entries(entries: Buffer, pack_id: bytes, end: int, what: str) -> list[ChunkRef]:
+    """The refs that trailer entries (from a trailer or an index file, `what`) give for
+    the chunks of a pack whose blobs end by `end`: each blob must lie between the pack's
+    magic and `end`, and hold at most a block, or CorruptionError (nothing is sized,
+    cached or read from a number alone)."""
+    refs = [ChunkRef(cid, pack_id, off, ln, raw, fl)
+            for cid, off, ln, raw, fl in ENTRY.iter_unpack(entries)]
+    for r in refs:
+        if r.offset < len(PACK_MAGIC) or r.offset + r.length > end:
+            raise CorruptionError(f"{what} is corrupt (chunk {r.chunk_id.hex()} at offset "
+                                  f"{r.offset}, {r.length} bytes, lies outside pack "
+                                  f"{pack_id.hex()})")
+        if r.raw_length > MAX_BLOCK_SIZE:
+            raise CorruptionError(f"{what} is corrupt (chunk {r.chunk_id.hex()} claims "
+                                  f"{r.raw_length} bytes)")
+    return refs

@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import queue
+import re
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 from ..config import S3Settings
@@ -31,13 +33,19 @@ from . import codec
 from .backends import Backend, MissingObject, ObjectExists, open_backend
 from .backends.appendonly import AppendOnlyBackend
 from .codec import PLAIN, Codec, CodecError, SealingCodec, Verdict, key_check, seal, unseal
-from .index import ChunkIndex, announce_change, damaged_name, encode_index
+from .index import ChunkIndex, announce_change, encode_index, encode_mark
 from .keys import Secret, make_slot, new_master, read_slots, unlock
-from .manifest import ENTRY_SIZE, PAGE_ENTRIES, Manifest
+from .manifest import (
+    ENTRY_SIZE,
+    MAX_BLOCK_SIZE,
+    MIN_BLOCK_SIZE,
+    PAGE_ENTRIES,
+    Manifest,
+    block_size_allowed,
+)
 from .pack import ENTRY, ChunkRef, PackBuilder, pack_name, read_trailer
 
 REPO_MAGIC = b"LVBREPO1"
-DAMAGED_MAGIC = b"LVBDMG01"
 FORMAT_VERSION = 1
 ENCRYPTED_VERSION = 2     # older versions, which would write plaintext into it, refuse it
 CIPHER = "aes-256-gcm"
@@ -49,6 +57,8 @@ PACK_TARGET = 16 * 1024 * 1024
 PACK_MAX_CHUNKS = 16384  # bounds a pack's trailer when blocks compress to almost nothing
 PAGE_BYTES = PAGE_ENTRIES * ENTRY_SIZE   # a manifest page: a chunk too
 INDEX_EVERY = 16  # packs per index file while a run is writing
+# A repository id (a UUID): it names the index cache's file, so it must stay a plain name.
+_REPO_ID = re.compile(r"[0-9A-Za-z-]{1,64}")
 _MAX_IOV = 512    # buffers per vectored read (the kernel takes up to 1024)
 
 
@@ -63,8 +73,9 @@ class ChunkError(CorruptionError):
 
 
 def validate_block_size(block_size: int) -> int:
-    if block_size < 4096 or block_size > 16 * 1024 * 1024 or block_size & (block_size - 1):
-        raise UsageError(f"block size {block_size} must be a power of two from 4096 to 16777216")
+    if not block_size_allowed(block_size):
+        raise UsageError(f"block size {block_size} must be a power of two from "
+                         f"{MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}")
     return block_size
 
 
@@ -180,7 +191,7 @@ class Repository:
         """Bring the cache up to date (with `full`, by listing the index whatever
         `index-changes` says) and index packs that dead runs left pending.
 
-        Returns the names of corrupt index files.
+        Returns the problems found (ChunkIndex.sync), one line each.
         """
         bad = self.index.sync(self.storage, self.codec, full=full)
         for run in self.index.pending_runs():
@@ -270,6 +281,11 @@ class Repository:
                 pos += ref.length
         try:
             self.storage.get_range_into(pack_name(run[0][0].pack_id), run[0][0].offset, targets)
+        except MissingObject as e:
+            # The index named a pack that is gone: no backup reuses it, and the next sync
+            # lets another copy of its chunks in, if an index file lists one.
+            self.index.mark_lost(run[0][0].pack_id)
+            raise ChunkError(run[0][0], str(e)) from None
         except CorruptionError as e:
             raise ChunkError(run[0][0], str(e)) from None
         for (ref, out, digest), blob in zip(run, targets, strict=True):
@@ -291,15 +307,25 @@ class Repository:
         and that copy then serves every backup that names the chunk. Best effort: a
         repository that cannot be written to (full, read-only) just keeps the damage."""
         self.index.mark_damaged(ref.chunk_id, ref.pack_id)
-        name = damaged_name(ref.chunk_id, ref.pack_id)
         try:
-            self.storage.put(name, self.codec.seal(
-                DAMAGED_MAGIC, json.dumps({"found_at": now_iso()}).encode(), name))
+            self.storage.put(*encode_mark(ref.chunk_id, ref.pack_id, self.codec))
             announce_change(self.storage)
         except ObjectExists:
             pass  # found damaged before: the first mark stands
         except OSError:
             pass
+
+    def pack_exists(self, pack_id: bytes) -> bool:
+        """Whether a pack the index names exists. If not (its index file was put back
+        after gc deleted it, or the pack was lost some other way), the index cache records
+        it lost, so that no backup reuses a chunk from it."""
+        name = pack_name(pack_id)
+        if self.storage.exists(name):
+            return True
+        self.index.mark_lost(pack_id)
+        if self.storage.exists(name):
+            self.index.found_pack(pack_id)   # stored meanwhile by another run
+        return False
 
     def packer(self, run_id: str) -> Packer:
         return Packer(self, run_id)
@@ -307,8 +333,14 @@ class Repository:
     # --- manifests ----------------------------------------------------------------------
 
     def manifest(self, backup_id: str) -> Manifest:
-        """A backup's stored manifest (CorruptionError if missing or damaged)."""
-        return Manifest(self.storage, backup_id, self.codec, self.read_pages)
+        """A backup's stored manifest (CorruptionError if missing or damaged, or of a
+        block size other than the repository's, which every backup in it has)."""
+        manifest = Manifest(self.storage, backup_id, self.codec, self.read_pages)
+        if manifest.block_size != self.block_size:
+            raise CorruptionError(f"{manifest.what} is corrupt (block size "
+                                  f"{manifest.block_size}, the repository's is "
+                                  f"{self.block_size})")
+        return manifest
 
     def read_pages(self, ids: list[bytes]) -> dict[bytes, bytes]:
         """Chunks by id (a manifest's pages), found through the index, checked against
@@ -363,6 +395,8 @@ class Packer:
         # changed in place, so that workers can read them without holding the lock.
         self._storing: frozenset[bytes] = frozenset()   # the packs being stored
         self._unindexed_ids: frozenset[bytes] = frozenset()   # stored, not in an index file
+        # Whether each pack this run reuses a chunk from exists: asked once per pack and run.
+        self._packs: dict[bytes, Future[bool]] = {}
         self._lock = threading.Lock()
         self._index_lock = threading.Lock()   # one index file written at a time
         self._queue: queue.Queue = queue.Queue()
@@ -378,7 +412,27 @@ class Packer:
         if not candidates:
             return set()
         found = self.repo.index.lookup(candidates, undamaged=True)
-        return {i for i in candidates if i not in found}
+        lost = self._lost_packs({r.pack_id for r in found.values()})
+        return {i for i in candidates if i not in found or found[i].pack_id in lost}
+
+    def _lost_packs(self, packs: set[bytes]) -> set[bytes]:
+        """Which of these packs do not exist. Each is looked for once per run, by the
+        first thread that meets it (a stat locally, a HEAD on object storage); the others
+        wait for its answer."""
+        with self._lock:
+            mine: dict[bytes, Future[bool]] = {p: Future() for p in packs
+                                               if p not in self._packs}
+            self._packs.update(mine)
+            answers = {p: self._packs[p] for p in packs}
+        for pack_id, answer in mine.items():
+            try:
+                answer.set_result(self.repo.pack_exists(pack_id))
+            except BaseException as e:
+                for unanswered in mine.values():
+                    if not unanswered.done():
+                        unanswered.set_exception(e)
+                raise
+        return {p for p, answer in answers.items() if not answer.result()}
 
     def add(self, chunk_id: bytes, blob: codec.Buffer, raw_length: int, flags: int) -> None:
         """Store one chunk (the caller has checked, with missing(), that it is new)."""
@@ -446,6 +500,10 @@ class Packer:
         # A slice of the page-aligned pack buffer: the local backend writes it with O_DIRECT.
         self.repo.storage.put_content_addressed(pack_name(pack_id), full.view[:len(data)])
         crash_point("pack-stored")
+        stored: Future[bool] = Future()
+        stored.set_result(True)
+        with self._lock:   # it may be a pack found missing earlier in this run, stored again
+            self._packs[pack_id] = stored
         self.repo.index.add_pending(pack_id, self.run_id)
         crash_point("pack-pending")
         with self._lock:
@@ -525,8 +583,11 @@ def _read_meta(storage: Backend, location: str | Path) -> dict:
             raise UsageError(f"repository {location} is encrypted with {enc!r}, which this "
                              "lvbackup does not know")
         ok = ok and isinstance(enc.get("key_check"), str)
-    if not ok:
+    if not ok or not _REPO_ID.fullmatch(meta["id"]):
         raise CorruptionError(f"{what} is corrupt (bad fields)")
+    if not block_size_allowed(meta["block_size"]):
+        raise CorruptionError(f"{what} is corrupt (block size {meta['block_size']} is not a "
+                              f"power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE})")
     return meta
 
 
