@@ -16,6 +16,7 @@ from .errors import CorruptionError, UsageError
 from .lifecycle import Status
 from .locks import repository_lock, run_is_alive
 from .repository import lease
+from .repository.backends import open_backend
 from .repository.manifest import Manifest
 from .repository.repo import Repository
 
@@ -32,6 +33,7 @@ class Session:
         # Where warnings go (failed hooks, an unwritable event log or metrics file).
         self.warn: Callable[[str], None] = ev.stderr_warning
         self._events: ev.Events | None = None
+        self._repository_found = False
 
     @property
     def events(self) -> ev.Events:
@@ -43,18 +45,36 @@ class Session:
     @property
     def catalog(self) -> Catalog:
         if self._catalog is None:
+            self.require_repository()
             self._catalog = Catalog(self.config.catalog)
         return self._catalog
 
     @property
     def repo(self) -> Repository:
         if self._repo is None:
+            self.require_repository()
             self._repo = open_repository(self.config, self.find_secrets)
         return self._repo
 
     @property
     def lock_dir(self) -> Path:
+        # Local state that exists already (a map to undo) is reachable without the
+        # repository: unmap and unmount clean up after a repository that went away.
+        if not self.config.lock_dir.exists():
+            self.require_repository()
         return self.config.lock_dir
+
+    def require_repository(self) -> None:
+        """UsageError unless the configured repository exists. Every command but `init`
+        needs one, and none creates a catalog, cache or lock beside a repository that is
+        not there (a typo, or a mount point whose disk is not mounted)."""
+        if self._repository_found:
+            return
+        if not repository_exists(self.config):
+            raise UsageError(f"no repository at {self.config.repository}; run 'lvbackup "
+                             f"init' to create it (or correct repository: in "
+                             f"{self.config.source})")
+        self._repository_found = True
 
     def close(self) -> None:
         if self._catalog is not None:
@@ -77,6 +97,7 @@ class Session:
     @contextmanager
     def shared_lock(self) -> Iterator[None]:
         """Held by every run that reads or writes backups: any number at once."""
+        self.require_repository()
         with repository_lock(self.lock_dir, exclusive=False).acquire(self.wait):
             if not self.shared_store:
                 yield
@@ -89,6 +110,7 @@ class Session:
     def exclusive_lock(self, what: str | None = None) -> Iterator[lease.Lease | None]:
         """Held alone on this host; with `what` (gc, prune), on every host: the Lease on a
         shared store, whose check() a long run calls before deleting anything, else None."""
+        self.require_repository()
         with repository_lock(self.lock_dir, exclusive=True).acquire(self.wait):
             if what is None or not self.shared_store:
                 yield None
@@ -97,6 +119,25 @@ class Session:
                 yield held
 
 
+
+
+def repository_exists(config: Config) -> bool:
+    """Whether the configured repository (its config object) exists. Object storage is
+    asked (a round trip) only on a host without a catalog yet; a local one, always: a
+    stat, and the one check that catches an unmounted disk."""
+    remote = isinstance(config.repository, str) and not config.repository.startswith("file:")
+    if remote and config.catalog.exists():
+        return True
+    try:
+        storage = open_backend(config.repository, s3=config.s3)
+    except OSError:
+        return True   # not a missing repository: opening it reports what is wrong
+    try:
+        return storage.exists("config")
+    except OSError:
+        return True
+    finally:
+        storage.close()
 
 
 def open_repository(config: Config, find_secrets: FindSecrets = secrets) -> Repository:

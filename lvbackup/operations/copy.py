@@ -68,8 +68,10 @@ class CopyReport:
 
 
 def copy_backups(session: Session, to_config: Path, ids: list[str], every: bool,
-                 volume: str | None, progress: Callable[[int, int], None] | None = None
-                 ) -> CopyReport:
+                 volume: str | None, progress: Callable[[int, int], None] | None = None,
+                 init: bool = False) -> CopyReport:
+    """Copy the backups chosen by `ids`, `every` or `volume` into `to_config`'s repository,
+    which must exist unless `init` (then it is created as `init` would)."""
     if bool(ids) + every + bool(volume) != 1:
         raise UsageError("name the backups to copy: IDs, --all or --volume V (one of them)")
     target = Session(load_config(to_config), session.wait, target_secrets)
@@ -80,7 +82,7 @@ def copy_backups(session: Session, to_config: Path, ids: list[str], every: bool,
             chosen = _with_ancestors(session, _selected(session, ids, every, volume))
             volumes = sorted({_volume(r) for r in chosen})
             try:
-                report = _into(session, target, to_config, chosen, progress)
+                report = _into(session, target, to_config, chosen, progress, init)
             except BaseException:
                 _record_metrics(session, volumes, ok=False)
                 raise
@@ -91,8 +93,15 @@ def copy_backups(session: Session, to_config: Path, ids: list[str], every: bool,
 
 
 def _into(session: Session, target: Session, to_config: Path, chosen: list[BackupRecord],
-          progress: Callable[[int, int], None] | None) -> CopyReport:
-    init_repository(target.config, session.repo.block_size, find_secrets=target_secrets)
+          progress: Callable[[int, int], None] | None, init: bool) -> CopyReport:
+    config = target.config
+    if not init and not Repository.exists(config.repository, config.s3):
+        # A typo, or a mount point whose disk is not mounted, would otherwise put the
+        # off-site copy on the local disk.
+        raise UsageError(f"no repository at {config.repository} (the target in "
+                         f"{to_config}); create it with 'lvbackup copy --init' or "
+                         f"'lvbackup --config {to_config} init'")
+    init_repository(config, session.repo.block_size, find_secrets=target_secrets)
     if target.repo.id == session.repo.id and target.config.catalog == session.config.catalog:
         raise UsageError(f"{to_config} names this configuration's own repository and "
                          "catalog: nothing to copy to")
