@@ -29,6 +29,10 @@ from .timeutil import now_iso
 STATUSES = tuple(s.value for s in Status)
 FAIL_REASON_MAX = 255
 _COUNTED = [s.value for s in COUNTED]
+# How many ids an ambiguous prefix names in its error.
+_CANDIDATES = 10
+# The shortest id prefix that delete, protect and unprotect take.
+MIN_PREFIX_TO_CHANGE = 4
 
 # The columns of the first schema (m001); later migrations add to it. Never change this.
 _V1_COLUMNS: dict[str, type] = {
@@ -227,8 +231,12 @@ class Catalog:
         """How many rows there are; reading them fails on a catalog SQLite cannot read."""
         return int(self._db.execute("SELECT count(*) FROM backups").fetchone()[0])
 
-    def resolve(self, prefix: str, include_deleted: bool = True) -> BackupRecord:
-        """The backup whose id is or starts with `prefix` (unique), else NotFoundError."""
+    def resolve(self, prefix: str, include_deleted: bool = True,
+                min_prefix: int = 1) -> BackupRecord:
+        """The backup whose id is or starts with `prefix` (unique), else NotFoundError
+        (naming the candidates of an ambiguous prefix). Commands that change a backup
+        (delete, protect) ask for `min_prefix` characters: a slip of one key must not
+        pick another backup."""
         prefix = prefix.strip().lower()
         if not prefix:
             raise NotFoundError("a backup id must not be empty")
@@ -236,14 +244,21 @@ class Catalog:
         if not include_deleted:
             where += " AND status != 'deleted'"
         like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        rows = list(self._rows(where, [like], limit=3))
+        rows = list(self._rows(where, [like], order_by="id", limit=_CANDIDATES + 1))
         exact = [r for r in rows if r["id"] == prefix]
         if exact:
             return exact[0]
         if not rows:
             raise NotFoundError(f"backup {prefix} not found; 'lvbackup list' shows the ids")
+        names = ", ".join(r["id"] for r in rows[:_CANDIDATES])
+        matches = f"it matches {names}{' and more' if len(rows) > _CANDIDATES else ''}"
+        if len(prefix) < min_prefix:
+            raise UsageError(f"backup id prefix {prefix} is too short: give at least "
+                             f"{min_prefix} characters of the id"
+                             + (f" (it is ambiguous: {matches})" if len(rows) > 1 else ""))
         if len(rows) > 1:
-            raise NotFoundError(f"backup id prefix {prefix} is ambiguous; give more characters")
+            raise NotFoundError(f"backup id prefix {prefix} is ambiguous: {matches}; give "
+                                "more characters")
         return rows[0]
 
     def insert(self, record: BackupRecord, status: Status) -> None:
