@@ -231,6 +231,10 @@ class Catalog:
         """How many rows there are; reading them fails on a catalog SQLite cannot read."""
         return int(self._db.execute("SELECT count(*) FROM backups").fetchone()[0])
 
+    def empty(self) -> bool:
+        """Whether there is no row at all (a new catalog, or one truncated to nothing)."""
+        return self._db.execute("SELECT 1 FROM backups LIMIT 1").fetchone() is None
+
     def resolve(self, prefix: str, include_deleted: bool = True,
                 min_prefix: int = 1) -> BackupRecord:
         """The backup whose id is or starts with `prefix` (unique), else NotFoundError

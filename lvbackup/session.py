@@ -12,7 +12,7 @@ from . import events as ev
 from .catalog import BackupRecord, Catalog, as_record
 from .config import Config
 from .credentials import FindSecrets, configured_key, secrets
-from .errors import CorruptionError, UsageError
+from .errors import CorruptionError, LvbackupError, UsageError
 from .lifecycle import Status
 from .locks import repository_lock, run_is_alive
 from .repository import lease
@@ -34,6 +34,8 @@ class Session:
         self.warn: Callable[[str], None] = ev.stderr_warning
         self._events: ev.Events | None = None
         self._repository_found = False
+        # Off while `catalog rebuild` fills an empty catalog from the repository.
+        self.warn_empty_catalog = True
 
     @property
     def events(self) -> ev.Events:
@@ -47,7 +49,26 @@ class Session:
         if self._catalog is None:
             self.require_repository()
             self._catalog = Catalog(self.config.catalog)
+            if self.warn_empty_catalog and self._catalog.empty() and self._has_manifests():
+                self.warn(f"the catalog {self.config.catalog} lists no backups, but the "
+                          f"repository {self.config.repository} holds some (a new, lost or "
+                          "truncated catalog): recover them with 'lvbackup catalog rebuild'")
         return self._catalog
+
+    def _has_manifests(self) -> bool:
+        """Whether the repository holds a backup's manifest (a listing: no key needed)."""
+        try:
+            storage = (self._repo.storage if self._repo is not None
+                       else open_backend(self.config.repository, s3=self.config.s3))
+        except (LvbackupError, OSError):
+            return False
+        try:
+            return next(iter(storage.list("manifests/")), None) is not None
+        except (LvbackupError, OSError):
+            return False
+        finally:
+            if self._repo is None:
+                storage.close()
 
     @property
     def repo(self) -> Repository:

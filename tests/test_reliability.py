@@ -719,6 +719,31 @@ def test_deleted_index_cache_is_rebuilt(two):
         assert wd.restore_bytes(bid) == data
 
 
+def test_a_catalog_truncated_to_nothing_warns_until_rebuilt(tmp_path):
+    """A zero-byte catalog is a valid empty database: every command that reads it warns
+    (one line) that the repository holds backups it does not list; a new repository with
+    an empty catalog does not."""
+    e = make_env(tmp_path)
+    wd = e.wd
+    empty = Workdir(tmp_path / "new")
+    empty.init()
+    assert empty.run("list").stderr == ""
+    ids = {r["id"] for r in wd.list()}
+    for suffix in ("-wal", "-shm"):
+        Path(str(wd.catalog) + suffix).unlink(missing_ok=True)
+    wd.catalog.write_bytes(b"")
+    for args in (("list",), ("--quiet", "list"), ("verify",)):
+        p = wd.run(*args)
+        assert p.returncode == 0, describe(p)
+        (line,) = p.stderr.splitlines()
+        assert "catalog rebuild" in line and str(wd.catalog) in line, line
+    p = wd.run("catalog", "rebuild")
+    assert p.returncode == 0 and p.stderr == "", describe(p)
+    assert {r["id"] for r in wd.list()} == ids
+    assert wd.run("list").stderr == ""
+    e.intact()
+
+
 def test_missing_catalog_then_rebuild_recovers_every_backup(tmp_path):
     """The catalog file is lost: `catalog rebuild` recreates every available backup, with
     its lineage, from the manifests alone."""
@@ -730,7 +755,10 @@ def test_missing_catalog_then_rebuild_recovers_every_backup(tmp_path):
     before = {r["id"]: r for r in wd.list()}
     for suffix in ("", "-wal", "-shm"):
         Path(str(wd.catalog) + suffix).unlink(missing_ok=True)
-    assert wd.list() == []                  # a missing catalog is an empty one ...
+    p = wd.run("--json", "list")            # a missing catalog is an empty one, which
+    assert p.returncode == 0 and json.loads(p.stdout) == [], describe(p)   # says so:
+    (line,) = p.stderr.splitlines()
+    assert "warning" in line and "'lvbackup catalog rebuild'" in line and str(wd.repo) in line
     result = wd.run_json("catalog", "rebuild")
     assert result["recovered"] == 3 and result["old_catalog_moved_to"] is None
     after = {r["id"]: r for r in wd.list()}

@@ -61,6 +61,7 @@ def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
     aside (…corrupt-<time>) first.
     """
     session = Session(config, wait)
+    session.warn_empty_catalog = False
     try:
         with session.exclusive_lock():
             repo = session.repo
