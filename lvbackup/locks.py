@@ -145,13 +145,22 @@ def volume_lock(lock_dir: Path, volume_id: str, volume_name: str) -> FileLock:
 class RunLock(FileLock):
     """Held for the life of one run; its file is removed when the run ends cleanly."""
 
-    def __init__(self, lock_dir: Path, run_id: str):
-        super().__init__(lock_dir / f"run-{run_id}.lock", f"backup {run_id}")
+    def __init__(self, lock_dir: Path, run_id: str, what: str | None = None):
+        super().__init__(lock_dir / f"run-{run_id}.lock", what or f"backup {run_id}")
 
     def release(self) -> None:
         if self._fd is not None:
             self.path.unlink(missing_ok=True)
         super().release()
+
+
+def hold_backup(lock_dir: Path, backup_id: str, activity: str | None, wait: float) -> RunLock:
+    """The run lock of a backup, taken within `wait` seconds; else LockedError (exit 75)
+    saying it is busy with `activity` (what its status says a live run is doing)."""
+    what = f"backup {backup_id}" + (f" (busy: {activity})" if activity else "")
+    lock = RunLock(lock_dir, backup_id, what)
+    lock.acquire(wait)
+    return lock
 
 
 def is_held(path: Path) -> bool:

@@ -430,6 +430,48 @@ def test_locks_left_by_killed_runs_never_block(env, slow_images):
     env.intact()
 
 
+# --- one restore of a backup at a time ------------------------------------------------------
+
+def held_restore(env: Env, bid: str) -> subprocess.Popen:
+    """A restore of `bid` to a pipe nobody reads: it blocks mid-image, holding the backup."""
+    proc = env.popen("restore", bid, "--to-file", "-")
+
+    def restoring() -> bool:
+        return any(r["id"] == bid and r["status"] == "restoring" for r in rows(env.wd))
+
+    wait_for(restoring, "the restoring status", proc)
+    return proc
+
+
+def test_a_backup_being_restored_is_busy_for_verify_and_a_second_restore(env):
+    """verify ID of a backup being restored is never "damage": exit 75 saying it is busy,
+    or with --wait the verification once the restore ends; a second restore of it gets 75
+    (one restore of a backup at a time), and the first completes bit-exact."""
+    wd = env.wd
+    bid, data = next(iter(env.earlier.items()))
+    first = held_restore(env, bid)
+    for args in (("verify", bid), ("verify", bid, "--deep"),
+                 ("restore", bid, "--to-file", wd.path / "second.img")):
+        line = assert_one_line_error(wd.run(*args), 75, bid, "busy: being restored")
+        assert "damage" not in line
+    assert not (wd.path / "second.img").exists()
+    assert wd.verify().returncode == 0          # every available backup: not this one
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and out == data, err
+
+    first = held_restore(env, bid)
+    waiting = env.popen("--json", "verify", bid, "--wait", "120")
+    wait_for(lambda: first.pid in lock_holders(wd.cache / "locks" / f"run-{bid}.lock"),
+             "the restore's run lock", first)
+    time.sleep(0.5)
+    assert waiting.poll() is None, "verify --wait did not wait for the restore"
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and out == data, err
+    code, out, err = finish(waiting)
+    assert code == 0 and json.loads(out)["backups"][0]["ok"] is True, err
+    env.intact()
+
+
 # --- a full disk ----------------------------------------------------------------------------
 
 @pytest.fixture
