@@ -167,8 +167,14 @@ def _as_row(record: BackupRecord, status: Status) -> dict[str, Any]:
 
 
 class Catalog:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, read_only: bool = False):
+        """The catalog at `path`, made if missing; with `read_only`, opened to read only
+        (a full or read-only filesystem, where SQLite cannot write its -wal and -shm)."""
         self.path = Path(path)
+        self.read_only = read_only
+        if read_only:
+            self._open_read_only()
+            return
         try:
             make_private_dirs(self.path.parent)
             refuse_writable_by_others(self.path.parent, "catalog directory")
@@ -192,6 +198,29 @@ class Catalog:
             raise UsageError(f"cannot open catalog {self.path}: {e.strerror}") from None
         self._table = self._db.table("backups")
 
+    def _open_read_only(self) -> None:
+        wal = Path(f"{self.path}-wal")
+        # With nothing in the write-ahead log, the file alone is the catalog, read without
+        # the shared memory (-shm) that a full or read-only filesystem cannot give.
+        flag = "mode=ro" if wal.exists() and wal.stat().st_size else "immutable=1"
+        try:
+            if not self.path.is_file():
+                raise sqlite3.OperationalError("unable to open database file")
+            conn = sqlite3.connect(f"{self.path.absolute().as_uri()}?{flag}", uri=True, timeout=60,
+                                   isolation_level=None)
+            self._db = sqlite_utils.Database(conn, execute_plugins=False)
+            self._table = self._db.table("backups")
+            self._table.count_where("1")   # fails here on a file SQLite cannot read
+        except sqlite3.DatabaseError as e:
+            raise LvbackupError(f"cannot open catalog {self.path} (read-only: its filesystem "
+                                f"is full or read-only): {e}") from None
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise LvbackupError(f"the catalog {self.path} cannot be written: its filesystem "
+                                "is full or read-only; free space (delete backups, then "
+                                "'lvbackup gc') or make it writable, and run it again")
+
     def close(self) -> None:
         self._db.conn.close()
 
@@ -203,6 +232,7 @@ class Catalog:
         SQLITE_BUSY_SNAPSHOT ("database is locked") when another process committed in
         between; no busy timeout retries that. Taking the write lock first waits instead.
         """
+        self._check_writable()
         if self._db.conn.in_transaction:
             with self._db.atomic():
                 yield
@@ -268,6 +298,7 @@ class Catalog:
     def insert(self, record: BackupRecord, status: Status) -> None:
         """Add a backup's row in `status`, which must be a status a backup can start in."""
         check_initial(record["id"], status)
+        self._check_writable()
         self._table.insert(_as_row(record, status))
 
     def put(self, record: BackupRecord, status: Status) -> None:
@@ -296,6 +327,7 @@ class Catalog:
         self._update(backup_id, fields)
 
     def _update(self, backup_id: str, fields: dict[str, Any]) -> None:
+        self._check_writable()
         if fields.get("fail_reason"):
             fields["fail_reason"] = str(fields["fail_reason"])[:FAIL_REASON_MAX]
         fields["updated_at"] = now_iso()
@@ -344,7 +376,9 @@ class Catalog:
     def refresh_dependents(self, backup_id: str | None) -> None:
         """Recount num_dependent_backups of `backup_id` (no-op for None)."""
         if backup_id:
+            self._check_writable()
             self._db.execute(self._RECOUNT + " WHERE id = ?", [*_COUNTED, backup_id])
 
     def refresh_all_dependents(self) -> None:
+        self._check_writable()
         self._db.execute(self._RECOUNT, _COUNTED)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import time
@@ -28,8 +29,7 @@ class FileLock:
     def acquire(self, wait: float = 0.0) -> FileLock:
         """Take the lock, waiting up to `wait` seconds; raise LockedError (exit 75) if held."""
         try:
-            make_private_dirs(self.path.parent)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+            fd = self._open()
         except OSError as e:
             raise UsageError(f"cannot create the lock file {self.path}: {e.strerror}; "
                              "set cache_dir in the configuration") from None
@@ -49,10 +49,24 @@ class FileLock:
                                       "retry later or pass --wait SECONDS") from None
                 time.sleep(0.1)
         if not self.shared:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            # Only a hint for holders() (the kernel's word comes first): a full or
+            # read-only filesystem must not stop the run.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
+
+    def _open(self) -> int:
+        make_private_dirs(self.path.parent)
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+        except OSError as e:
+            # flock needs no write access: an existing lock file on a filesystem mounted
+            # read-only still locks (reading commands go on; writes fail on their own).
+            if e.errno != errno.EROFS or not self.path.is_file():
+                raise
+            return os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
 
     def release(self) -> None:
         if self._fd is not None:

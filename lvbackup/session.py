@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from . import events as ev
+from . import reserve
 from .catalog import BackupRecord, Catalog, as_record
 from .config import Config
 from .credentials import FindSecrets, configured_key, secrets
@@ -19,6 +21,8 @@ from .repository import lease
 from .repository.backends import open_backend
 from .repository.manifest import Manifest
 from .repository.repo import Repository
+
+T = TypeVar("T")
 
 
 class Session:
@@ -36,6 +40,9 @@ class Session:
         self._repository_found = False
         # Off while `catalog rebuild` fills an empty catalog from the repository.
         self.warn_empty_catalog = True
+        # Off for commands that store backups: they must not fill the room kept for
+        # delete and gc on a full disk (reserve.py).
+        self.spend_reserve = True
 
     @property
     def events(self) -> ev.Events:
@@ -48,7 +55,7 @@ class Session:
     def catalog(self) -> Catalog:
         if self._catalog is None:
             self.require_repository()
-            self._catalog = Catalog(self.config.catalog)
+            self._catalog = self._open_catalog()
             if self.warn_empty_catalog and self._catalog.empty() and self._has_manifests():
                 self.warn(f"the catalog {self.config.catalog} lists no backups, but the "
                           f"repository {self.config.repository} holds some (a new, lost or "
@@ -74,7 +81,8 @@ class Session:
     def repo(self) -> Repository:
         if self._repo is None:
             self.require_repository()
-            self._repo = open_repository(self.config, self.find_secrets)
+            self._repo = self._on_full_disk(
+                lambda: open_repository(self.config, self.find_secrets), self.config.cache_dir)
         return self._repo
 
     @property
@@ -102,6 +110,40 @@ class Session:
             self._catalog.close()
         if self._repo is not None:
             self._repo.close()
+        if self._repository_found:
+            reserve.fill(self._reserves())   # put back what this run released
+
+    def _reserves(self) -> list[Path]:
+        return reserve.places(self.config.cache_dir, self.config.catalog,
+                              self.config.repository)
+
+    def release_reserve(self) -> bool:
+        """Give the room kept for a full disk back (delete, prune and gc, before they
+        write), unless this run stores backups; whether there was any."""
+        return self.spend_reserve and reserve.release(self._reserves())
+
+    def _open_catalog(self) -> Catalog:
+        """The catalog; on a full or read-only filesystem (no reserve left to release),
+        opened read-only for a run that may spend the reserve: list, show, restore and
+        verify only read it, and a write says why it cannot be made."""
+        path = self.config.catalog
+        try:
+            return self._on_full_disk(lambda: Catalog(path), path.parent)
+        except LvbackupError:
+            if not (self.spend_reserve and path.is_file()
+                    and (reserve.short_of_space(path.parent) or reserve.read_only(path))):
+                raise
+        return Catalog(path, read_only=True)
+
+    def _on_full_disk(self, open_it: Callable[[], T], directory: Path) -> T:
+        """`open_it()`; if it fails on a full filesystem, again with the reserves released
+        (a full disk must not stop list, show, restore, verify, delete and gc)."""
+        try:
+            return open_it()
+        except LvbackupError:
+            if not (reserve.short_of_space(directory) and self.release_reserve()):
+                raise
+        return open_it()
 
     def refuse_if_append_only(self, what: str) -> None:
         if self.config.append_only:
@@ -185,6 +227,8 @@ def recover_dead_runs(session: Session) -> list[BackupRecord]:
     """
     cat = session.catalog
     changed: list[BackupRecord] = []
+    if cat.read_only:
+        return changed   # settled by the next run that can write
     for row in cat.in_states(Status.CREATING, Status.RESTORING, Status.DELETING):
         if run_is_alive(session.lock_dir, row["id"]):
             continue

@@ -20,6 +20,7 @@ The target's secret is its own (credentials.target_secrets), never this configur
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from ..repository.manifest import (
 )
 from ..repository.repo import Packer, Repository
 from ..session import Session, recover_dead_runs
+from ..sqlitefile import no_room
 from ..timeutil import now_iso
 from .maintenance import init_repository
 
@@ -76,6 +78,8 @@ def copy_backups(session: Session, to_config: Path, ids: list[str], every: bool,
         raise UsageError("name the backups to copy: IDs, --all or --volume V (one of them)")
     target = Session(load_config(to_config), session.wait, target_secrets)
     target.warn = session.warn
+    # A copy stores backups: it never spends the room kept for delete and gc.
+    session.spend_reserve = target.spend_reserve = False
     try:
         with session.shared_lock():
             recover_dead_runs(session)
@@ -83,6 +87,12 @@ def copy_backups(session: Session, to_config: Path, ids: list[str], every: bool,
             volumes = sorted({_volume(r) for r in chosen})
             try:
                 report = _into(session, target, to_config, chosen, progress, init)
+            except (OSError, sqlite3.Error) as e:
+                _record_metrics(session, volumes, ok=False)
+                failure = no_room(e, f"copy to {to_config}")
+                if failure is None:
+                    raise
+                raise failure from None
             except BaseException:
                 _record_metrics(session, volumes, ok=False)
                 raise
