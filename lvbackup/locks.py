@@ -164,7 +164,8 @@ class RunLock(FileLock):
 
     def release(self) -> None:
         if self._fd is not None:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):   # gone, or a read-only filesystem
+                self.path.unlink()
         super().release()
 
 

@@ -54,9 +54,11 @@ def short_of_space(directory: Path) -> bool:
     return st.f_bavail * st.f_frsize < SIZE
 
 
-def fill(paths: list[Path]) -> None:
+def fill(paths: list[Path]) -> bool:
     """Make each missing reserve whose directory exists, when its filesystem has the room;
-    never fails (a full or read-only filesystem keeps what it has)."""
+    whether every one is there now. Never fails (a full or read-only filesystem keeps
+    what it has)."""
+    done = True
     for path in paths:
         if path.exists() or not path.parent.is_dir():
             continue
@@ -64,14 +66,17 @@ def fill(paths: list[Path]) -> None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, FILE_MODE)
         except OSError:
+            done = False
             continue
         try:
             os.posix_fallocate(fd, 0, SIZE)
         except OSError:
+            done = False
             with contextlib.suppress(OSError):
                 path.unlink()   # no room for all of it: none, rather than a false reserve
         finally:
             os.close(fd)
+    return done
 
 
 def release(paths: list[Path]) -> bool:

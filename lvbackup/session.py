@@ -111,11 +111,20 @@ class Session:
         if self._repo is not None:
             self._repo.close()
         if self._repository_found:
-            reserve.fill(self._reserves())   # put back what this run released
+            # Put back what this run released, if its SQLite files left the room (those of
+            # worker threads may still be open: then the next run puts it back).
+            reserve.fill(self._reserves())
 
     def _reserves(self) -> list[Path]:
         return reserve.places(self.config.cache_dir, self.config.catalog,
                               self.config.repository)
+
+    def keep_reserve(self) -> None:
+        """For a run that stores backups: it never spends the room kept for delete and gc
+        on a full disk, and puts back first what an earlier run left released."""
+        self.spend_reserve = False
+        if repository_exists(self.config):
+            reserve.fill(self._reserves())
 
     def release_reserve(self) -> bool:
         """Give the room kept for a full disk back (delete, prune and gc, before they

@@ -565,18 +565,112 @@ def test_disk_full_between_a_pack_and_its_index(tmp_path, tmpfs):
     e.intact()
 
 
+def no_internal_error(p: subprocess.CompletedProcess, code: int = 1) -> str:
+    """A full or read-only filesystem: exit `code` and one line saying so, never an
+    internal error; returns the line with this test's directory left out of it."""
+    line = assert_one_line_error(p, code)
+    assert "internal error" not in line, line
+    return line
+
+
 def test_disk_full_under_the_catalog(tmp_path, tmpfs):
-    """The default layout: repository, catalog and index cache on one filesystem, full."""
-    e = make_env(tmpfs(tmp_path / "fs", "24m"))
-    filler = fill(tmp_path / "fs", 0)
-    for args in (("create", "--device", e.small), ("list",),
-                 ("restore", next(iter(e.earlier)), "--to-file", "-")):
-        p = e.wd.run(*args)
-        # Judge the words, not the paths (this test's own directory says "disk_full").
-        line = assert_one_line_error(p, 1).replace(str(tmp_path), "<tmp>")
-        assert "catalog rebuild" not in line, line
-        assert "space" in line or "full" in line, line
+    """The default layout: repository, catalog and index cache on one filesystem, filled to
+    the last block by something else. list, show, verify and restore work; create fails
+    in one line; delete and gc free space (the reserve was kept for them); then create
+    works again."""
+    fs = tmpfs(tmp_path / "fs", "24m")
+    e = make_env(fs)
+    wd = e.wd
+    assert (wd.cache / "reserve").stat().st_size == 4 * MiB
+    doomed = wd.create(random_image(fs / "doomed.img", 3, 553) and fs / "doomed.img")
+    (fs / "doomed.img").unlink()
+    new = tmp_path / "new.img"
+    data = random_image(new, 4, 554)
+    filler = fill(fs, 0)
+    assert len(wd.list()) == 3
+    for bid, expected in e.earlier.items():
+        assert wd.show(bid)["status"] == "available"
+        assert wd.restore_bytes(bid) == expected
+    for args in (("verify",), ("verify", "--deep")):
+        p = wd.run(*args)
+        assert p.returncode == 0, describe(p)
+    line = no_internal_error(wd.run("create", "--device", new)).replace(str(tmp_path), "<tmp>")
+    assert "catalog rebuild" not in line and ("space" in line or "full" in line), line
+    assert free_bytes(fs) < MiB
+
+    wd.run_json("delete", doomed["id"])
+    assert wd.run_json("gc")["bytes_freed"] >= 3 * MiB
+    assert (wd.cache / "reserve").exists(), "the reserve is put back"
+    assert free_bytes(fs) >= 3 * MiB
     filler.unlink()
+    assert wd.restore_bytes(wd.create(new)["id"]) == data
+    e.intact()
+
+
+def test_disk_full_with_no_reserve_left_still_lists(tmp_path, tmpfs):
+    """Full to the last block and no reserve (made by an older version, or spent): the
+    catalog opens read-only, so list and show work; a write says why it cannot be made."""
+    fs = tmpfs(tmp_path / "fs", "24m")
+    e = make_env(fs)
+    wd = e.wd
+    (wd.cache / "reserve").unlink()
+    filler = fill(fs, 0)
+    bid = next(iter(e.earlier))
+    assert [b["id"] for b in wd.list()] == list(e.earlier)
+    assert wd.show(bid)["id"] == bid
+    no_internal_error(wd.run("protect", bid))
+    filler.unlink()
+    assert wd.run_json("protect", bid)["protected"] is True
+    e.intact()
+
+
+def test_a_read_only_repository(tmp_path, tmpfs):
+    """The repository's filesystem mounted read-only (the catalog and cache elsewhere):
+    every reading command works; gc and create fail in one line, changing nothing."""
+    repo = tmpfs(tmp_path / "wd" / "repo", "24m")
+    e = make_env(tmp_path)
+    wd = e.wd
+    doomed = wd.create(random_image(tmp_path / "doomed.img", 2, 555) and tmp_path / "doomed.img")
+    wd.run_json("delete", doomed["id"])
+    subprocess.run(["mount", "-o", "remount,ro", str(repo)], check=True)
+    try:
+        for bid, expected in e.earlier.items():
+            assert wd.show(bid)["status"] == "available"
+            assert wd.restore_bytes(bid) == expected
+        assert len(wd.list()) == 2
+        assert wd.verify("--deep").returncode == 0
+        line = no_internal_error(wd.run("gc"))
+        assert "gc failed" in line and "Read-only file system" in line, line
+        no_internal_error(wd.run("create", "--device", e.small))
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(repo)], check=True)
+    assert wd.run_json("gc")["packs_deleted"] >= 1
+    e.intact()
+
+
+def test_copy_into_a_full_repository_fails_in_one_line(tmp_path, tmpfs):
+    """A copy never spends the target's reserve and stops in one line; with room again,
+    the rerun completes."""
+    e = make_env(tmp_path)
+    big = tmp_path / "big.img"
+    data = random_image(big, 8, 556)
+    rec = e.wd.create(big)
+    fs = tmpfs(tmp_path / "offsite", "16m")
+    target = Workdir(fs)
+    target.init("64K")
+    filler = fill(fs, 0)
+    line = no_internal_error(e.wd.run("copy", "--all", "--to-config", target.config))
+    assert "full" in line, line
+    filler.unlink()
+    filler = fill(fs, MiB)   # room to open the target, not for the packs
+    line = no_internal_error(e.wd.run("copy", "--all", "--to-config", target.config))
+    assert "copy to" in line and "No space left on device" in line, line
+    assert target.list() == []
+    assert (target.cache / "reserve").stat().st_size == 4 * MiB
+    filler.unlink()
+    report = e.wd.run_json("copy", "--all", "--to-config", target.config)
+    assert rec["id"] in report["copied"] + report["already_present"]
+    assert target.restore_bytes(rec["id"]) == data
     e.intact()
 
 

@@ -78,8 +78,8 @@ def copy_backups(session: Session, to_config: Path, ids: list[str], every: bool,
         raise UsageError("name the backups to copy: IDs, --all or --volume V (one of them)")
     target = Session(load_config(to_config), session.wait, target_secrets)
     target.warn = session.warn
-    # A copy stores backups: it never spends the room kept for delete and gc.
-    session.spend_reserve = target.spend_reserve = False
+    session.keep_reserve()   # it stores backups: never in the room kept for delete and gc
+    target.keep_reserve()
     try:
         with session.shared_lock():
             recover_dead_runs(session)
