@@ -29,6 +29,10 @@ from .timeutil import now_iso
 STATUSES = tuple(s.value for s in Status)
 FAIL_REASON_MAX = 255
 _COUNTED = [s.value for s in COUNTED]
+# How many ids an ambiguous prefix names in its error.
+_CANDIDATES = 10
+# The shortest id prefix that delete, protect and unprotect take.
+MIN_PREFIX_TO_CHANGE = 4
 
 # The columns of the first schema (m001); later migrations add to it. Never change this.
 _V1_COLUMNS: dict[str, type] = {
@@ -163,8 +167,14 @@ def _as_row(record: BackupRecord, status: Status) -> dict[str, Any]:
 
 
 class Catalog:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, read_only: bool = False):
+        """The catalog at `path`, made if missing; with `read_only`, opened to read only
+        (a full or read-only filesystem, where SQLite cannot write its -wal and -shm)."""
         self.path = Path(path)
+        self.read_only = read_only
+        if read_only:
+            self._open_read_only()
+            return
         try:
             make_private_dirs(self.path.parent)
             refuse_writable_by_others(self.path.parent, "catalog directory")
@@ -188,6 +198,29 @@ class Catalog:
             raise UsageError(f"cannot open catalog {self.path}: {e.strerror}") from None
         self._table = self._db.table("backups")
 
+    def _open_read_only(self) -> None:
+        wal = Path(f"{self.path}-wal")
+        # With nothing in the write-ahead log, the file alone is the catalog, read without
+        # the shared memory (-shm) that a full or read-only filesystem cannot give.
+        flag = "mode=ro" if wal.exists() and wal.stat().st_size else "immutable=1"
+        try:
+            if not self.path.is_file():
+                raise sqlite3.OperationalError("unable to open database file")
+            conn = sqlite3.connect(f"{self.path.absolute().as_uri()}?{flag}", uri=True, timeout=60,
+                                   isolation_level=None)
+            self._db = sqlite_utils.Database(conn, execute_plugins=False)
+            self._table = self._db.table("backups")
+            self._table.count_where("1")   # fails here on a file SQLite cannot read
+        except sqlite3.DatabaseError as e:
+            raise LvbackupError(f"cannot open catalog {self.path} (read-only: its filesystem "
+                                f"is full or read-only): {e}") from None
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise LvbackupError(f"the catalog {self.path} cannot be written: its filesystem "
+                                "is full or read-only; free space (delete backups, then "
+                                "'lvbackup gc') or make it writable, and run it again")
+
     def close(self) -> None:
         self._db.conn.close()
 
@@ -199,6 +232,7 @@ class Catalog:
         SQLITE_BUSY_SNAPSHOT ("database is locked") when another process committed in
         between; no busy timeout retries that. Taking the write lock first waits instead.
         """
+        self._check_writable()
         if self._db.conn.in_transaction:
             with self._db.atomic():
                 yield
@@ -227,8 +261,16 @@ class Catalog:
         """How many rows there are; reading them fails on a catalog SQLite cannot read."""
         return int(self._db.execute("SELECT count(*) FROM backups").fetchone()[0])
 
-    def resolve(self, prefix: str, include_deleted: bool = True) -> BackupRecord:
-        """The backup whose id is or starts with `prefix` (unique), else NotFoundError."""
+    def empty(self) -> bool:
+        """Whether there is no row at all (a new catalog, or one truncated to nothing)."""
+        return self._db.execute("SELECT 1 FROM backups LIMIT 1").fetchone() is None
+
+    def resolve(self, prefix: str, include_deleted: bool = True,
+                min_prefix: int = 1) -> BackupRecord:
+        """The backup whose id is or starts with `prefix` (unique), else NotFoundError
+        (naming the candidates of an ambiguous prefix). Commands that change a backup
+        (delete, protect) ask for `min_prefix` characters: a slip of one key must not
+        pick another backup."""
         prefix = prefix.strip().lower()
         if not prefix:
             raise NotFoundError("a backup id must not be empty")
@@ -236,19 +278,27 @@ class Catalog:
         if not include_deleted:
             where += " AND status != 'deleted'"
         like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        rows = list(self._rows(where, [like], limit=3))
+        rows = list(self._rows(where, [like], order_by="id", limit=_CANDIDATES + 1))
         exact = [r for r in rows if r["id"] == prefix]
         if exact:
             return exact[0]
         if not rows:
             raise NotFoundError(f"backup {prefix} not found; 'lvbackup list' shows the ids")
+        names = ", ".join(r["id"] for r in rows[:_CANDIDATES])
+        matches = f"it matches {names}{' and more' if len(rows) > _CANDIDATES else ''}"
+        if len(prefix) < min_prefix:
+            raise UsageError(f"backup id prefix {prefix} is too short: give at least "
+                             f"{min_prefix} characters of the id"
+                             + (f" (it is ambiguous: {matches})" if len(rows) > 1 else ""))
         if len(rows) > 1:
-            raise NotFoundError(f"backup id prefix {prefix} is ambiguous; give more characters")
+            raise NotFoundError(f"backup id prefix {prefix} is ambiguous: {matches}; give "
+                                "more characters")
         return rows[0]
 
     def insert(self, record: BackupRecord, status: Status) -> None:
         """Add a backup's row in `status`, which must be a status a backup can start in."""
         check_initial(record["id"], status)
+        self._check_writable()
         self._table.insert(_as_row(record, status))
 
     def put(self, record: BackupRecord, status: Status) -> None:
@@ -277,6 +327,7 @@ class Catalog:
         self._update(backup_id, fields)
 
     def _update(self, backup_id: str, fields: dict[str, Any]) -> None:
+        self._check_writable()
         if fields.get("fail_reason"):
             fields["fail_reason"] = str(fields["fail_reason"])[:FAIL_REASON_MAX]
         fields["updated_at"] = now_iso()
@@ -325,7 +376,9 @@ class Catalog:
     def refresh_dependents(self, backup_id: str | None) -> None:
         """Recount num_dependent_backups of `backup_id` (no-op for None)."""
         if backup_id:
+            self._check_writable()
             self._db.execute(self._RECOUNT + " WHERE id = ?", [*_COUNTED, backup_id])
 
     def refresh_all_dependents(self) -> None:
+        self._check_writable()
         self._db.execute(self._RECOUNT, _COUNTED)

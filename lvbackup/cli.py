@@ -828,10 +828,13 @@ def gc(app: App, wait: float) -> None:
 @click.option("--to-config", "to_config", required=True, metavar="FILE",
               type=click.Path(dir_okay=False),
               help="The configuration whose repository and catalog receive the copies.")
+@click.option("--init", "init_target", is_flag=True,
+              help="Create the target repository if it does not exist (without it, a "
+                   "missing one is refused: a typo or an unmounted disk).")
 @wait_option
 @pass_app
 def copy(app: App, backup_ids: tuple[str, ...], every: bool, volume: str | None,
-         to_config: str, wait: float) -> None:
+         to_config: str, init_target: bool, wait: float) -> None:
     """Copy backups into another configuration's repository and catalog (off-site), keeping
     their ids, lineage, timestamps and labels. Only chunks the target lacks are sent;
     parents go first; a rerun resumes an interrupted copy and copies nothing twice.
@@ -841,12 +844,12 @@ def copy(app: App, backup_ids: tuple[str, ...], every: bool, volume: str | None,
 
     \b
     Examples:
-      lvbackup copy --all --to-config /etc/lvbackup/offsite.yaml
+      lvbackup copy --all --to-config /etc/lvbackup/offsite.yaml --init
       lvbackup copy 3f2a --to-config offsite.yaml
     """
     with app.progress("copy") as progress:
         report = copy_backups(app.session(wait), Path(to_config), list(backup_ids), every,
-                              volume, progress).as_dict()
+                              volume, progress, init=init_target).as_dict()
 
     def human(r: dict) -> None:
         present = len(r["already_present"])

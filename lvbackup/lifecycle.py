@@ -55,6 +55,12 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     for status, to in _MOVES.items()
 }
 
+# What the live run that holds a backup in a transitional status is doing, for the "busy"
+# line of a run that finds it so.
+ACTIVITY: Mapping[Status, str] = {Status.CREATING: "being created",
+                                  Status.RESTORING: "being restored",
+                                  Status.DELETING: "being deleted"}
+
 # Children in these states count in their parent's num_dependent_backups.
 COUNTED: tuple[Status, ...] = (Status.AVAILABLE, Status.RESTORING, Status.DELETING,
                                Status.ERROR_DELETING)

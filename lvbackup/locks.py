@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import time
@@ -28,8 +29,7 @@ class FileLock:
     def acquire(self, wait: float = 0.0) -> FileLock:
         """Take the lock, waiting up to `wait` seconds; raise LockedError (exit 75) if held."""
         try:
-            make_private_dirs(self.path.parent)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+            fd = self._open()
         except OSError as e:
             raise UsageError(f"cannot create the lock file {self.path}: {e.strerror}; "
                              "set cache_dir in the configuration") from None
@@ -49,10 +49,24 @@ class FileLock:
                                       "retry later or pass --wait SECONDS") from None
                 time.sleep(0.1)
         if not self.shared:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            # Only a hint for holders() (the kernel's word comes first): a full or
+            # read-only filesystem must not stop the run.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
+
+    def _open(self) -> int:
+        make_private_dirs(self.path.parent)
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
+        except OSError as e:
+            # flock needs no write access: an existing lock file on a filesystem mounted
+            # read-only still locks (reading commands go on; writes fail on their own).
+            if e.errno != errno.EROFS or not self.path.is_file():
+                raise
+            return os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -145,13 +159,23 @@ def volume_lock(lock_dir: Path, volume_id: str, volume_name: str) -> FileLock:
 class RunLock(FileLock):
     """Held for the life of one run; its file is removed when the run ends cleanly."""
 
-    def __init__(self, lock_dir: Path, run_id: str):
-        super().__init__(lock_dir / f"run-{run_id}.lock", f"backup {run_id}")
+    def __init__(self, lock_dir: Path, run_id: str, what: str | None = None):
+        super().__init__(lock_dir / f"run-{run_id}.lock", what or f"backup {run_id}")
 
     def release(self) -> None:
         if self._fd is not None:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):   # gone, or a read-only filesystem
+                self.path.unlink()
         super().release()
+
+
+def hold_backup(lock_dir: Path, backup_id: str, activity: str | None, wait: float) -> RunLock:
+    """The run lock of a backup, taken within `wait` seconds; else LockedError (exit 75)
+    saying it is busy with `activity` (what its status says a live run is doing)."""
+    what = f"backup {backup_id}" + (f" (busy: {activity})" if activity else "")
+    lock = RunLock(lock_dir, backup_id, what)
+    lock.acquire(wait)
+    return lock
 
 
 def is_held(path: Path) -> bool:

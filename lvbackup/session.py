@@ -10,19 +10,24 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from . import events as ev
+from . import reserve
 from .catalog import BackupRecord, Catalog, as_record
 from .config import Config
 from .credentials import FindSecrets, secrets
 from .diskio import AtomicFile
-from .errors import CorruptionError, UsageError
+from .errors import CorruptionError, LvbackupError, UsageError
 from .lifecycle import Status
 from .locks import repository_lock, run_is_alive
 from .permissions import make_private_dirs
 from .repository import lease
+from .repository.backends import open_backend
 from .repository.manifest import Manifest
 from .repository.repo import Repository
+
+T = TypeVar("T")
 
 
 class Session:
@@ -37,6 +42,12 @@ class Session:
         # Where warnings go (failed hooks, an unwritable event log or metrics file).
         self.warn: Callable[[str], None] = ev.stderr_warning
         self._events: ev.Events | None = None
+        self._repository_found = False
+        # Off while `catalog rebuild` fills an empty catalog from the repository.
+        self.warn_empty_catalog = True
+        # Off for commands that store backups: they must not fill the room kept for
+        # delete and gc on a full disk (reserve.py).
+        self.spend_reserve = True
 
     @property
     def events(self) -> ev.Events:
@@ -48,24 +59,105 @@ class Session:
     @property
     def catalog(self) -> Catalog:
         if self._catalog is None:
-            self._catalog = Catalog(self.config.catalog)
+            self.require_repository()
+            self._catalog = self._open_catalog()
+            if self.warn_empty_catalog and self._catalog.empty() and self._has_manifests():
+                self.warn(f"the catalog {self.config.catalog} lists no backups, but the "
+                          f"repository {self.config.repository} holds some (a new, lost or "
+                          "truncated catalog): recover them with 'lvbackup catalog rebuild'")
         return self._catalog
+
+    def _has_manifests(self) -> bool:
+        """Whether the repository holds a backup's manifest (a listing: no key needed)."""
+        try:
+            storage = (self._repo.storage if self._repo is not None
+                       else open_backend(self.config.repository, s3=self.config.s3))
+        except (LvbackupError, OSError):
+            return False
+        try:
+            return next(iter(storage.list("manifests/")), None) is not None
+        except (LvbackupError, OSError):
+            return False
+        finally:
+            if self._repo is None:
+                storage.close()
 
     @property
     def repo(self) -> Repository:
         if self._repo is None:
-            self._repo = open_repository(self.config, self.find_secrets)
+            self.require_repository()
+            self._repo = self._on_full_disk(
+                lambda: open_repository(self.config, self.find_secrets), self.config.cache_dir)
         return self._repo
 
     @property
     def lock_dir(self) -> Path:
+        # Local state that exists already (a map to undo) is reachable without the
+        # repository: unmap and unmount clean up after a repository that went away.
+        if not self.config.lock_dir.exists():
+            self.require_repository()
         return self.config.lock_dir
+
+    def require_repository(self) -> None:
+        """UsageError unless the configured repository exists. Every command but `init`
+        needs one, and none creates a catalog, cache or lock beside a repository that is
+        not there (a typo, or a mount point whose disk is not mounted)."""
+        if self._repository_found:
+            return
+        if not repository_exists(self.config):
+            raise UsageError(f"no repository at {self.config.repository}; run 'lvbackup "
+                             f"init' to create it (or correct repository: in "
+                             f"{self.config.source})")
+        self._repository_found = True
 
     def close(self) -> None:
         if self._catalog is not None:
             self._catalog.close()
         if self._repo is not None:
             self._repo.close()
+        if self._repository_found:
+            # Put back what this run released, if its SQLite files left the room (those of
+            # worker threads may still be open: then the next run puts it back).
+            reserve.fill(self._reserves())
+
+    def _reserves(self) -> list[Path]:
+        return reserve.places(self.config.cache_dir, self.config.catalog,
+                              self.config.repository)
+
+    def keep_reserve(self) -> None:
+        """For a run that stores backups: it never spends the room kept for delete and gc
+        on a full disk, and puts back first what an earlier run left released."""
+        self.spend_reserve = False
+        if repository_exists(self.config):
+            reserve.fill(self._reserves())
+
+    def release_reserve(self) -> bool:
+        """Give the room kept for a full disk back (delete, prune and gc, before they
+        write), unless this run stores backups; whether there was any."""
+        return self.spend_reserve and reserve.release(self._reserves())
+
+    def _open_catalog(self) -> Catalog:
+        """The catalog; on a full or read-only filesystem (no reserve left to release),
+        opened read-only for a run that may spend the reserve: list, show, restore and
+        verify only read it, and a write says why it cannot be made."""
+        path = self.config.catalog
+        try:
+            return self._on_full_disk(lambda: Catalog(path), path.parent)
+        except LvbackupError:
+            if not (self.spend_reserve and path.is_file()
+                    and (reserve.short_of_space(path.parent) or reserve.read_only(path))):
+                raise
+        return Catalog(path, read_only=True)
+
+    def _on_full_disk(self, open_it: Callable[[], T], directory: Path) -> T:
+        """`open_it()`; if it fails on a full filesystem, again with the reserves released
+        (a full disk must not stop list, show, restore, verify, delete and gc)."""
+        try:
+            return open_it()
+        except LvbackupError:
+            if not (reserve.short_of_space(directory) and self.release_reserve()):
+                raise
+        return open_it()
 
     def refuse_if_append_only(self, what: str) -> None:
         if self.config.append_only:
@@ -82,6 +174,7 @@ class Session:
     @contextmanager
     def shared_lock(self) -> Iterator[None]:
         """Held by every run that reads or writes backups: any number at once."""
+        self.require_repository()
         with repository_lock(self.lock_dir, exclusive=False).acquire(self.wait):
             if not self.shared_store:
                 yield
@@ -94,6 +187,7 @@ class Session:
     def exclusive_lock(self, what: str | None = None) -> Iterator[lease.Lease | None]:
         """Held alone on this host; with `what` (gc, prune), on every host: the Lease on a
         shared store, whose check() a long run calls before deleting anything, else None."""
+        self.require_repository()
         with repository_lock(self.lock_dir, exclusive=True).acquire(self.wait):
             if what is None or not self.shared_store:
                 yield None
@@ -102,6 +196,25 @@ class Session:
                 yield held
 
 
+
+
+def repository_exists(config: Config) -> bool:
+    """Whether the configured repository (its config object) exists. Object storage is
+    asked (a round trip) only on a host without a catalog yet; a local one, always: a
+    stat, and the one check that catches an unmounted disk."""
+    remote = isinstance(config.repository, str) and not config.repository.startswith("file:")
+    if remote and config.catalog.exists():
+        return True
+    try:
+        storage = open_backend(config.repository, s3=config.s3)
+    except OSError:
+        return True   # not a missing repository: opening it reports what is wrong
+    try:
+        return storage.exists("config")
+    except OSError:
+        return True
+    finally:
+        storage.close()
 
 
 def open_repository(config: Config, find_secrets: FindSecrets = secrets) -> Repository:
@@ -184,6 +297,8 @@ def recover_dead_runs(session: Session) -> list[BackupRecord]:
     """
     cat = session.catalog
     changed: list[BackupRecord] = []
+    if cat.read_only:
+        return changed   # settled by the next run that can write
     for row in cat.in_states(Status.CREATING, Status.RESTORING, Status.DELETING):
         if run_is_alive(session.lock_dir, row["id"]):
             continue

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 from . import lvm
 from .errors import LvbackupError, UsageError
+from .events import stderr_warning
 from .locks import run_is_alive
 from .timeutil import now_iso
 
@@ -66,17 +67,95 @@ def device_volume_id(resolved: str) -> str:
     return str(uuid.uuid5(_DEVICE_NAMESPACE, resolved))
 
 
-def device_source(path: str) -> SourceFactory:
-    """Any block device or image file; its volume id is derived from its resolved path."""
+def device_source(path: str, warn: Callable[[str], None] = stderr_warning) -> SourceFactory:
+    """Any block device or image file; its volume id is derived from its resolved path.
+    One mounted read-write (an image through a loop device) is read as it changes: that
+    is said, as a warning."""
     @contextmanager
     def open_source(_run_id: str, begin: Begin) -> Iterator[Source]:
         resolved = os.path.realpath(path)
-        check_readable(resolved)
+        st = check_readable(resolved)
         source = Source(path=resolved, volume_id=device_volume_id(resolved),
                         volume_name=resolved)
         begin(source)
+        mounted = mounted_read_write(resolved, st)
+        if mounted:
+            device, where = mounted[0]
+            via = "" if device == resolved else f" (through {device})"
+            warn(f"{resolved} is mounted read-write on {where}{via}: the backup is "
+                 "crash-consistent at best; unmount it or back up a snapshot")
         yield source
     return open_source
+
+
+def mounted_read_write(path: str, st: os.stat_result) -> list[tuple[str, str]]:
+    """(device, mount point) of each read-write mount of the block device `path`, or of a
+    loop device backed by the image file `path`, or of a partition of either."""
+    devices = ({_dev_name(st.st_rdev): st.st_rdev} if stat.S_ISBLK(st.st_mode)
+               else _loop_devices_of(path))
+    numbers: dict[str, str] = {}
+    for name, rdev in devices.items():
+        numbers[f"{os.major(rdev)}:{os.minor(rdev)}"] = name
+        for part in _partitions(rdev):
+            numbers[part] = os.path.realpath(f"/dev/block/{part}")
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split()
+        # "36 35 7:0 / /mnt rw,relatime shared:1 - ext4 /dev/loop0 rw"
+        if len(fields) > 5 and fields[2] in numbers and "rw" in fields[5].split(","):
+            found.append((numbers[fields[2]], _unescape(fields[4])))
+    return found
+
+
+def _dev_name(rdev: int) -> str:
+    return os.path.realpath(f"/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+
+
+def _loop_devices_of(path: str) -> dict[str, int]:
+    """{/dev/loopN: its device number} of the loop devices backed by the file `path`."""
+    found = {}
+    try:
+        names = os.listdir("/sys/block")
+    except OSError:
+        return {}
+    for name in names:
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                backing = f.read().strip()
+            with open(f"/sys/block/{name}/dev") as f:
+                major, minor = f.read().strip().split(":")
+        except (OSError, ValueError):
+            continue   # not attached
+        if os.path.realpath(backing) == path:
+            found[f"/dev/{name}"] = os.makedev(int(major), int(minor))
+    return found
+
+
+def _partitions(rdev: int) -> list[str]:
+    """The "major:minor" of each partition of the block device `rdev`."""
+    base = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(base):
+            with contextlib.suppress(OSError):
+                if os.path.exists(f"{base}/{entry}/partition"):
+                    with open(f"{base}/{entry}/dev") as f:
+                        found.append(f.read().strip())
+    return found
+
+
+def _unescape(field: str) -> str:
+    """A path as /proc/self/mountinfo writes it (space, tab, newline, backslash octal)."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
 
 
 @contextmanager

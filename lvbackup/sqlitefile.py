@@ -11,6 +11,7 @@ both refuse with the setting to change.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import sqlite3
@@ -18,6 +19,24 @@ import tempfile
 from pathlib import Path
 
 from .errors import LvbackupError, UsageError
+
+# A filesystem that takes no more: full, over quota, or mounted read-only.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_SQLITE_NO_ROOM = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_IOERR_WRITE", "SQLITE_IOERR_SHMSIZE")
+
+
+def no_room(e: BaseException, what: str) -> LvbackupError | None:
+    """The one-line error for `what` (e.g. "gc") stopped by a full, over-quota or
+    read-only filesystem (an OSError, or SQLite saying so); None for any other error."""
+    if isinstance(e, OSError) and e.errno in _NO_ROOM:
+        where = f" ({e.filename})" if e.filename else ""
+        return LvbackupError(f"{what} failed: {e.strerror}{where}; free space (delete "
+                             "backups, then 'lvbackup gc') or make the filesystem writable, "
+                             "and run it again")
+    if isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorname", "") in _SQLITE_NO_ROOM:
+        return LvbackupError(f"{what} failed: {e}; free space or make the filesystem "
+                             "writable, and run it again")
+    return None
 
 
 def filesystem_full_hint(path: Path) -> str:

@@ -46,8 +46,8 @@ def chain(tmp_path):
 
 def copy_all_keeping_records(home: Workdir, target: Workdir, recs: list[dict]) -> dict:
     """`copy --all` sends every backup, and the target's catalog keeps their records;
-    its report."""
-    report = home.run_json("copy", "--all", "--to-config", target.config)
+    its report (`--init`: the target may not exist yet)."""
+    report = home.run_json("copy", "--all", "--to-config", target.config, "--init")
     assert report["copied"] == [r["id"] for r in recs] and report["already_present"] == []
     assert report["chunks_sent"] > 0 and report["bytes_sent"] > 0
     theirs = {b["id"]: b for b in target.list()}
@@ -83,7 +83,7 @@ def test_copy_everything_to_s3_keeps_ids_lineage_and_labels_and_reruns_copy_noth
 def test_copying_an_incremental_brings_its_parents_first(chain, tmp_path):
     wd, _, recs, versions = chain
     target = Workdir(tmp_path / "target")
-    report = wd.run_json("copy", recs[2]["id"][:8], "--to-config", target.config)
+    report = wd.run_json("copy", recs[2]["id"][:8], "--to-config", target.config, "--init")
     assert report["copied"] == [r["id"] for r in recs]
     assert [b["id"] for b in target.list()] == [r["id"] for r in recs]
     assert [b["parent_id"] for b in target.list()] == [None, recs[0]["id"], recs[1]["id"]]
@@ -94,7 +94,7 @@ def test_copying_an_incremental_brings_its_parents_first(chain, tmp_path):
 def kill_and_resume(home: Workdir, target: Workdir, rec: dict, data: bytes) -> None:
     """A copy of `rec` killed once two packs are stored leaves no catalog row in the
     target; the rerun copies it, without sending again what was sent."""
-    p = home.run("copy", "--all", "--to-config", target.config,
+    p = home.run("copy", "--all", "--to-config", target.config, "--init",
                  env={"LVBACKUP_FAULT": "pack-pending:2"})
     assert p.returncode == -9, describe(p)
     assert target.list() == []          # the catalog row comes last
@@ -137,6 +137,7 @@ def test_a_job_copies_each_new_backup_offsite_and_the_metrics_say_so(tmp_path, o
     wd = Workdir(tmp_path / "home", metrics=str(prom), jobs={"nightly": {
         "device": str(image), "incremental": True, "copy_to": str(offsite.config)}})
     wd.init("64K")
+    offsite.init("64K")
     first = wd.run_json("run")
     (job,) = first["jobs"]
     assert job["status"] == "ok" and job["copied"] == [job["backup"]["id"]]
@@ -162,6 +163,27 @@ def test_a_job_copies_each_new_backup_offsite_and_the_metrics_say_so(tmp_path, o
     assert failed["backup"]["status"] == "available"
     assert "the backup succeeded, but the copy to" in failed["error"]
     assert f'lvbackup_last_copy_status{{volume="{volume}"}} 0' in prom.read_text()
+
+
+def test_copy_into_a_repository_that_does_not_exist_is_refused_without_init(chain, tmp_path):
+    """A typo or an unmounted disk in the target's config would put the off-site copy on
+    the local disk: refused (exit 2), nothing made, unless --init; a job's copy_to too."""
+    wd, image, recs, versions = chain
+    target = Workdir(tmp_path / "offsite")
+    assert_one_line_error(wd.run("copy", "--all", "--to-config", target.config), 2,
+                          str(target.repo), "copy --init")
+    jobs = wd.config_with("jobs.yaml", jobs={"nightly": {
+        "device": str(image), "incremental": True, "copy_to": str(target.config)}})
+    p = wd.run("--json", "run", config=jobs)
+    assert p.returncode == 2, describe(p)
+    (job,) = json.loads(p.stdout)["jobs"]
+    assert job["backup"]["status"] == "available" and "copy --init" in job["error"]
+    assert not target.repo.exists() and not target.catalog.exists()
+    assert not target.cache.exists()
+
+    report = wd.run_json("copy", "--all", "--to-config", target.config, "--init")
+    assert report["copied"] == [r["id"] for r in recs] + [job["backup"]["id"]]
+    target.assert_restores(recs[2]["id"], versions[2])
 
 
 # --- copies between repositories with other keys ------------------------------------------

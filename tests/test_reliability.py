@@ -430,6 +430,48 @@ def test_locks_left_by_killed_runs_never_block(env, slow_images):
     env.intact()
 
 
+# --- one restore of a backup at a time ------------------------------------------------------
+
+def held_restore(env: Env, bid: str) -> subprocess.Popen:
+    """A restore of `bid` to a pipe nobody reads: it blocks mid-image, holding the backup."""
+    proc = env.popen("restore", bid, "--to-file", "-")
+
+    def restoring() -> bool:
+        return any(r["id"] == bid and r["status"] == "restoring" for r in rows(env.wd))
+
+    wait_for(restoring, "the restoring status", proc)
+    return proc
+
+
+def test_a_backup_being_restored_is_busy_for_verify_and_a_second_restore(env):
+    """verify ID of a backup being restored is never "damage": exit 75 saying it is busy,
+    or with --wait the verification once the restore ends; a second restore of it gets 75
+    (one restore of a backup at a time), and the first completes bit-exact."""
+    wd = env.wd
+    bid, data = next(iter(env.earlier.items()))
+    first = held_restore(env, bid)
+    for args in (("verify", bid), ("verify", bid, "--deep"),
+                 ("restore", bid, "--to-file", wd.path / "second.img")):
+        line = assert_one_line_error(wd.run(*args), 75, bid, "busy: being restored")
+        assert "damage" not in line
+    assert not (wd.path / "second.img").exists()
+    assert wd.verify().returncode == 0          # every available backup: not this one
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and out == data, err
+
+    first = held_restore(env, bid)
+    waiting = env.popen("--json", "verify", bid, "--wait", "120")
+    wait_for(lambda: first.pid in lock_holders(wd.cache / "locks" / f"run-{bid}.lock"),
+             "the restore's run lock", first)
+    time.sleep(0.5)
+    assert waiting.poll() is None, "verify --wait did not wait for the restore"
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and out == data, err
+    code, out, err = finish(waiting)
+    assert code == 0 and json.loads(out)["backups"][0]["ok"] is True, err
+    env.intact()
+
+
 # --- a full disk ----------------------------------------------------------------------------
 
 @pytest.fixture
@@ -523,18 +565,112 @@ def test_disk_full_between_a_pack_and_its_index(tmp_path, tmpfs):
     e.intact()
 
 
+def no_internal_error(p: subprocess.CompletedProcess, code: int = 1) -> str:
+    """A full or read-only filesystem: exit `code` and one line saying so, never an
+    internal error; returns the line with this test's directory left out of it."""
+    line = assert_one_line_error(p, code)
+    assert "internal error" not in line, line
+    return line
+
+
 def test_disk_full_under_the_catalog(tmp_path, tmpfs):
-    """The default layout: repository, catalog and index cache on one filesystem, full."""
-    e = make_env(tmpfs(tmp_path / "fs", "24m"))
-    filler = fill(tmp_path / "fs", 0)
-    for args in (("create", "--device", e.small), ("list",),
-                 ("restore", next(iter(e.earlier)), "--to-file", "-")):
-        p = e.wd.run(*args)
-        # Judge the words, not the paths (this test's own directory says "disk_full").
-        line = assert_one_line_error(p, 1).replace(str(tmp_path), "<tmp>")
-        assert "catalog rebuild" not in line, line
-        assert "space" in line or "full" in line, line
+    """The default layout: repository, catalog and index cache on one filesystem, filled to
+    the last block by something else. list, show, verify and restore work; create fails
+    in one line; delete and gc free space (the reserve was kept for them); then create
+    works again."""
+    fs = tmpfs(tmp_path / "fs", "24m")
+    e = make_env(fs)
+    wd = e.wd
+    assert (wd.cache / "reserve").stat().st_size == 4 * MiB
+    doomed = wd.create(random_image(fs / "doomed.img", 3, 553) and fs / "doomed.img")
+    (fs / "doomed.img").unlink()
+    new = tmp_path / "new.img"
+    data = random_image(new, 4, 554)
+    filler = fill(fs, 0)
+    assert len(wd.list()) == 3
+    for bid, expected in e.earlier.items():
+        assert wd.show(bid)["status"] == "available"
+        assert wd.restore_bytes(bid) == expected
+    for args in (("verify",), ("verify", "--deep")):
+        p = wd.run(*args)
+        assert p.returncode == 0, describe(p)
+    line = no_internal_error(wd.run("create", "--device", new)).replace(str(tmp_path), "<tmp>")
+    assert "catalog rebuild" not in line and ("space" in line or "full" in line), line
+    assert free_bytes(fs) < MiB
+
+    wd.run_json("delete", doomed["id"])
+    assert wd.run_json("gc")["bytes_freed"] >= 3 * MiB
+    assert (wd.cache / "reserve").exists(), "the reserve is put back"
+    assert free_bytes(fs) >= 3 * MiB
     filler.unlink()
+    assert wd.restore_bytes(wd.create(new)["id"]) == data
+    e.intact()
+
+
+def test_disk_full_with_no_reserve_left_still_lists(tmp_path, tmpfs):
+    """Full to the last block and no reserve (made by an older version, or spent): the
+    catalog opens read-only, so list and show work; a write says why it cannot be made."""
+    fs = tmpfs(tmp_path / "fs", "24m")
+    e = make_env(fs)
+    wd = e.wd
+    (wd.cache / "reserve").unlink()
+    filler = fill(fs, 0)
+    bid = next(iter(e.earlier))
+    assert [b["id"] for b in wd.list()] == list(e.earlier)
+    assert wd.show(bid)["id"] == bid
+    no_internal_error(wd.run("protect", bid))
+    filler.unlink()
+    assert wd.run_json("protect", bid)["protected"] is True
+    e.intact()
+
+
+def test_a_read_only_repository(tmp_path, tmpfs):
+    """The repository's filesystem mounted read-only (the catalog and cache elsewhere):
+    every reading command works; gc and create fail in one line, changing nothing."""
+    repo = tmpfs(tmp_path / "wd" / "repo", "24m")
+    e = make_env(tmp_path)
+    wd = e.wd
+    doomed = wd.create(random_image(tmp_path / "doomed.img", 2, 555) and tmp_path / "doomed.img")
+    wd.run_json("delete", doomed["id"])
+    subprocess.run(["mount", "-o", "remount,ro", str(repo)], check=True)
+    try:
+        for bid, expected in e.earlier.items():
+            assert wd.show(bid)["status"] == "available"
+            assert wd.restore_bytes(bid) == expected
+        assert len(wd.list()) == 2
+        assert wd.verify("--deep").returncode == 0
+        line = no_internal_error(wd.run("gc"))
+        assert "gc failed" in line and "Read-only file system" in line, line
+        no_internal_error(wd.run("create", "--device", e.small))
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(repo)], check=True)
+    assert wd.run_json("gc")["packs_deleted"] >= 1
+    e.intact()
+
+
+def test_copy_into_a_full_repository_fails_in_one_line(tmp_path, tmpfs):
+    """A copy never spends the target's reserve and stops in one line; with room again,
+    the rerun completes."""
+    e = make_env(tmp_path)
+    big = tmp_path / "big.img"
+    data = random_image(big, 8, 556)
+    rec = e.wd.create(big)
+    fs = tmpfs(tmp_path / "offsite", "16m")
+    target = Workdir(fs)
+    target.init("64K")
+    filler = fill(fs, 0)
+    line = no_internal_error(e.wd.run("copy", "--all", "--to-config", target.config))
+    assert "full" in line, line
+    filler.unlink()
+    filler = fill(fs, MiB)   # room to open the target, not for the packs
+    line = no_internal_error(e.wd.run("copy", "--all", "--to-config", target.config))
+    assert "copy to" in line and "No space left on device" in line, line
+    assert target.list() == []
+    assert (target.cache / "reserve").stat().st_size == 4 * MiB
+    filler.unlink()
+    report = e.wd.run_json("copy", "--all", "--to-config", target.config)
+    assert rec["id"] in report["copied"] + report["already_present"]
+    assert target.restore_bytes(rec["id"]) == data
     e.intact()
 
 
@@ -720,6 +856,31 @@ def test_deleted_index_cache_is_rebuilt(two):
         assert wd.restore_bytes(bid) == data
 
 
+def test_a_catalog_truncated_to_nothing_warns_until_rebuilt(tmp_path):
+    """A zero-byte catalog is a valid empty database: every command that reads it warns
+    (one line) that the repository holds backups it does not list; a new repository with
+    an empty catalog does not."""
+    e = make_env(tmp_path)
+    wd = e.wd
+    empty = Workdir(tmp_path / "new")
+    empty.init()
+    assert empty.run("list").stderr == ""
+    ids = {r["id"] for r in wd.list()}
+    for suffix in ("-wal", "-shm"):
+        Path(str(wd.catalog) + suffix).unlink(missing_ok=True)
+    wd.catalog.write_bytes(b"")
+    for args in (("list",), ("--quiet", "list"), ("verify",)):
+        p = wd.run(*args)
+        assert p.returncode == 0, describe(p)
+        (line,) = p.stderr.splitlines()
+        assert "catalog rebuild" in line and str(wd.catalog) in line, line
+    p = wd.run("catalog", "rebuild")
+    assert p.returncode == 0 and p.stderr == "", describe(p)
+    assert {r["id"] for r in wd.list()} == ids
+    assert wd.run("list").stderr == ""
+    e.intact()
+
+
 def test_missing_catalog_then_rebuild_recovers_every_backup(tmp_path):
     """The catalog file is lost: `catalog rebuild` recreates every available backup, with
     its lineage, from the manifests alone."""
@@ -731,7 +892,10 @@ def test_missing_catalog_then_rebuild_recovers_every_backup(tmp_path):
     before = {r["id"]: r for r in wd.list()}
     for suffix in ("", "-wal", "-shm"):
         Path(str(wd.catalog) + suffix).unlink(missing_ok=True)
-    assert wd.list() == []                  # a missing catalog is an empty one ...
+    p = wd.run("--json", "list")            # a missing catalog is an empty one, which
+    assert p.returncode == 0 and json.loads(p.stdout) == [], describe(p)   # says so:
+    (line,) = p.stderr.splitlines()
+    assert "warning" in line and "'lvbackup catalog rebuild'" in line and str(wd.repo) in line
     result = wd.run_json("catalog", "rebuild")
     assert result["recovered"] == 3 and result["old_catalog_moved_to"] is None
     after = {r["id"]: r for r in wd.list()}

@@ -3,10 +3,17 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
+from pathlib import Path
+
+import pytest
 
 from lvbackup import sqlitefile
-from lvbackup.errors import EXIT_FAILED, EXIT_USAGE
+from lvbackup.catalog import Catalog
+from lvbackup.errors import EXIT_FAILED, EXIT_USAGE, LvbackupError
+from lvbackup.lifecycle import Status
 
 
 def _ioerror() -> sqlite3.OperationalError:
@@ -31,3 +38,38 @@ def test_io_error_with_shared_mmap_is_a_plain_failure(tmp_path):
     err = sqlitefile.open_error(_ioerror(), tmp_path / "c.db", "catalog", "catalog:", "; advice")
     assert err.exit_code == EXIT_FAILED
     assert str(err).endswith("disk I/O error; advice")
+
+
+def test_no_room_turns_a_full_or_read_only_filesystem_into_one_line(tmp_path):
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        err = sqlitefile.no_room(OSError(code, os.strerror(code), str(tmp_path / "x")), "gc")
+        assert err is not None and err.exit_code == EXIT_FAILED
+        assert str(err).startswith(f"gc failed: {os.strerror(code)} ({tmp_path / 'x'})")
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorname = "SQLITE_FULL"  # type: ignore[attr-defined]
+    assert "database or disk is full" in str(sqlitefile.no_room(full, "copy to x"))
+    assert sqlitefile.no_room(OSError(errno.EIO, "Input/output error"), "gc") is None
+    assert sqlitefile.no_room(_ioerror(), "gc") is None
+
+
+def test_a_read_only_catalog_reads_without_its_shm_and_refuses_writes(tmp_path):
+    """Opened read-only (a full or read-only filesystem): with an empty write-ahead log it
+    needs no -shm file at all, and every write says why it cannot be made."""
+    path = tmp_path / "catalog.db"
+    cat = Catalog(path)
+    cat.insert({"id": "b1", "volume_id": "v", "data_timestamp": "t", "created_at": "t",
+                "updated_at": "t"}, Status.AVAILABLE)
+    cat.close()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    ro = Catalog(path, read_only=True)
+    assert [r["id"] for r in ro.list()] == ["b1"] and not ro.empty()
+    for write in (lambda: ro.transition("b1", Status.RESTORING),
+                  lambda: ro.update("b1", name="x"), lambda: ro.refresh_dependents("b1")):
+        with pytest.raises(LvbackupError, match="cannot be written: its filesystem"):
+            write()
+    ro.close()
+    with pytest.raises(LvbackupError, match="cannot open catalog"):
+        Catalog(tmp_path / "absent.db", read_only=True)
+    # Nothing made beside it (no -wal, no -shm): what a full filesystem could not give.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.db"]

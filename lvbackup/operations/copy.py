@@ -20,6 +20,7 @@ The target's secret is its own (credentials.target_secrets), never this configur
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from ..repository.manifest import (
 )
 from ..repository.repo import Packer, Repository
 from ..session import Session, recover_dead_runs
+from ..sqlitefile import no_room
 from ..timeutil import now_iso
 from .maintenance import init_repository
 
@@ -68,19 +70,29 @@ class CopyReport:
 
 
 def copy_backups(session: Session, to_config: Path, ids: list[str], every: bool,
-                 volume: str | None, progress: Callable[[int, int], None] | None = None
-                 ) -> CopyReport:
+                 volume: str | None, progress: Callable[[int, int], None] | None = None,
+                 init: bool = False) -> CopyReport:
+    """Copy the backups chosen by `ids`, `every` or `volume` into `to_config`'s repository,
+    which must exist unless `init` (then it is created as `init` would)."""
     if bool(ids) + every + bool(volume) != 1:
         raise UsageError("name the backups to copy: IDs, --all or --volume V (one of them)")
     target = Session(load_config(to_config), session.wait, target_secrets)
     target.warn = session.warn
+    session.keep_reserve()   # it stores backups: never in the room kept for delete and gc
+    target.keep_reserve()
     try:
         with session.shared_lock():
             recover_dead_runs(session)
             chosen = _with_ancestors(session, _selected(session, ids, every, volume))
             volumes = sorted({_volume(r) for r in chosen})
             try:
-                report = _into(session, target, to_config, chosen, progress)
+                report = _into(session, target, to_config, chosen, progress, init)
+            except (OSError, sqlite3.Error) as e:
+                _record_metrics(session, volumes, ok=False)
+                failure = no_room(e, f"copy to {to_config}")
+                if failure is None:
+                    raise
+                raise failure from None
             except BaseException:
                 _record_metrics(session, volumes, ok=False)
                 raise
@@ -91,8 +103,15 @@ def copy_backups(session: Session, to_config: Path, ids: list[str], every: bool,
 
 
 def _into(session: Session, target: Session, to_config: Path, chosen: list[BackupRecord],
-          progress: Callable[[int, int], None] | None) -> CopyReport:
-    init_repository(target.config, session.repo.block_size, find_secrets=target_secrets)
+          progress: Callable[[int, int], None] | None, init: bool) -> CopyReport:
+    config = target.config
+    if not init and not Repository.exists(config.repository, config.s3):
+        # A typo, or a mount point whose disk is not mounted, would otherwise put the
+        # off-site copy on the local disk.
+        raise UsageError(f"no repository at {config.repository} (the target in "
+                         f"{to_config}); create it with 'lvbackup copy --init' or "
+                         f"'lvbackup --config {to_config} init'")
+    init_repository(config, session.repo.block_size, find_secrets=target_secrets)
     if target.repo.id == session.repo.id and target.config.catalog == session.config.catalog:
         raise UsageError(f"{to_config} names this configuration's own repository and "
                          "catalog: nothing to copy to")

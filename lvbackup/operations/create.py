@@ -54,6 +54,7 @@ def create_backup(session: Session, open_source: SourceFactory, *, incremental: 
     failure before the backup had a row: then the payload names `source_name`), and
     updates the metrics file. `progress(done, total, {"stored": n, "reused": n})`.
     """
+    session.keep_reserve()   # a full disk stops it with the room kept for delete and gc
     started = time.monotonic()
     run: dict = {"volume": source_name, "record": None}
     try:

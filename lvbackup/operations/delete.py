@@ -6,6 +6,7 @@ from typing import TypedDict
 
 from .. import events as ev
 from ..catalog import (
+    MIN_PREFIX_TO_CHANGE,
     BackupRecord,
     to_record,
 )
@@ -23,9 +24,10 @@ def delete_backup(session: Session, backup_id: str, *, force: bool = False) -> B
     # The lock before the catalog, in every operation: a run that holds the repository
     # exclusively may be in the middle of rewriting the catalog.
     session.refuse_if_append_only("delete")
+    session.release_reserve()   # a full disk: the catalog must take the delete
     with session.shared_lock():
         cat = session.catalog
-        row = cat.resolve(backup_id)
+        row = cat.resolve(backup_id, min_prefix=MIN_PREFIX_TO_CHANGE)
         recover_dead_runs(session)
         return delete_row(session, cat.get(row["id"]), force=force)[0]
 

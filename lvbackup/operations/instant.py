@@ -71,6 +71,7 @@ def instant_restore(session: Session, backup_id: str, *, to: str | None = None,
                          "--to VG/LV")
     if to is not None and not is_lv_name(to):
         raise UsageError(f"--instant restores onto an LV (VG/LV), not onto {to}")
+    session.require_repository()
     devices.load_module()
     volume = "/".join(lvm.split_name(to or new_volume or ""))
     dm_name = dm_name_of(volume)

@@ -167,6 +167,8 @@ def run_jobs(session: Session, names: list[str] | tuple[str, ...] = (), *,
     if unknown:
         raise UsageError(f"no job named {', '.join(unknown)} in {session.config.source} "
                          f"(jobs: {', '.join(jobs)})")
+    session.require_repository()   # one line for the run, not one failure per job
+    session.keep_reserve()    # it stores backups (reserve.py)
     chosen = list(dict.fromkeys(names)) if names else list(jobs)
     results = [run_job(session, jobs[n], progress=progress, log=log) for n in chosen]
     code = worst_exit([r["exit_code"] for r in results])

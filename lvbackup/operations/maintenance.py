@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import reserve
 from ..catalog import (
     Catalog,
     as_record,
@@ -19,6 +21,7 @@ from ..repository.backends import credential_source, open_backend
 from ..repository.keys import Secret
 from ..repository.repo import Repository
 from ..session import Session, check_encryption, recover_dead_runs, refuse_known_encrypted
+from ..sqlitefile import no_room
 from ..timeutil import now_iso
 
 
@@ -53,6 +56,7 @@ def init_repository(config: Config, block_size: int | None, encryption: bool = F
         Catalog(config.catalog).close()
     finally:
         repo.close()
+    reserve.fill(reserve.places(config.cache_dir, config.catalog, config.repository))
     return {"repository": str(config.repository), "catalog": str(config.catalog),
             "repository_id": repo.id, "block_size": repo.block_size, "created": created,
             "encrypted": repo.encrypted}
@@ -93,6 +97,7 @@ def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
     aside (…corrupt-<time>) first.
     """
     session = Session(config, wait)
+    session.warn_empty_catalog = False
     try:
         with session.exclusive_lock():
             repo = session.repo
@@ -156,6 +161,7 @@ def collect_garbage(session: Session, progress: Callable[[int, int], None] | Non
                     ) -> dict:
     """`gc`, with the repository locked exclusively (no backup is writing meanwhile)."""
     session.refuse_if_append_only("gc")
+    session.release_reserve()   # a full disk: room for the index gc writes first
     with session.exclusive_lock("gc") as held:
         # A map starts under the shared lock, so none can start until gc ends; one already
         # running reads chunks that gc might move or delete.
@@ -165,6 +171,13 @@ def collect_garbage(session: Session, progress: Callable[[int, int], None] | Non
         # On a shared store, another host's run may have put packs and not yet referenced
         # them, or be uploading one, should its lease have lapsed: young ones are spared.
         grace = session.config.gc_grace_period if held is not None else 0
-        return gc.collect_garbage(session.repo, session.config.cache_dir, session.lock_dir,
-                                  progress, grace=grace,
-                                  guard=held.check if held is not None else None)
+        try:
+            return gc.collect_garbage(session.repo, session.config.cache_dir,
+                                      session.lock_dir, progress, grace=grace,
+                                      guard=held.check if held is not None else None)
+        except (OSError, sqlite3.Error) as e:
+            # gc writes the new index before it deletes anything: nothing needed is gone.
+            failure = no_room(e, "gc")
+            if failure is None:
+                raise
+            raise failure from None

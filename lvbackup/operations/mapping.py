@@ -44,6 +44,7 @@ class MapInfo(TypedDict):
 def map_backup(session: Session, backup_id: str, *, writable: bool = False) -> MapInfo:
     """Serve a backup as /dev/nbdN, read-only or with writes kept in an overlay outside
     the repository (in cache_dir, discarded at unmap)."""
+    session.require_repository()
     devices.load_module()
     lock_dir = session.lock_dir
     with session.shared_lock():   # no gc while the map starts

@@ -23,6 +23,8 @@ def prune(session: Session, policy: Policy, *, volumes: list[str] | None = None,
     session.refuse_if_append_only("prune")
     report: dict = {"dry_run": dry_run, "policy": policy.as_dict(), "labels": labels or {},
                     "keep": [], "remove": [], "reparented": []}
+    if not dry_run:
+        session.release_reserve()   # a full disk: the catalog must take the deletions
     with session.exclusive_lock("prune") as held:
         cat = session.catalog
         recover_dead_runs(session)

@@ -10,6 +10,7 @@ import uuid
 
 from ..catalog import (
     COLUMNS,
+    MIN_PREFIX_TO_CHANGE,
     BackupRecord,
     as_record,
     to_record,
@@ -84,7 +85,7 @@ def import_record(session: Session, text: str) -> BackupRecord:
 def set_protected(session: Session, backup_id: str, protected: bool) -> BackupRecord:
     """Protect a backup from prune and delete, or lift that protection."""
     cat = session.catalog
-    row = cat.resolve(backup_id)
+    row = cat.resolve(backup_id, min_prefix=MIN_PREFIX_TO_CHANGE)
     if row["status"] == Status.DELETED:
         raise UsageError(f"backup {row['id']} is deleted")
     cat.update(row["id"], protected=int(protected))

@@ -18,8 +18,8 @@ from ..datapath.restore import Restored, restore_blocks
 from ..diskio import ALIGN, pwrite_all
 from ..errors import CorruptionError, LvbackupError, UsageError
 from ..faults import crash_point
-from ..lifecycle import Status
-from ..locks import RunLock, volume_lock
+from ..lifecycle import ACTIVITY, Status
+from ..locks import hold_backup, volume_lock
 from ..repository.manifest import Manifest
 from ..repository.repo import Repository
 from ..session import Session, reason, recover_dead_runs
@@ -73,6 +73,11 @@ def restore_backup(session: Session, backup_id: str, *, to: str | None = None,
                                 .acquire(session.wait))
         recover_dead_runs(session)
         row = cat.get(row["id"])
+        # One run at a time per backup: a second restore waits up to --wait for the first,
+        # then exits 75 (docs/lineage.md, "One restore at a time").
+        stack.enter_context(hold_backup(session.lock_dir, row["id"],
+                                        ACTIVITY.get(Status(row["status"])), session.wait))
+        row = cat.get(row["id"])
         if row["status"] != Status.AVAILABLE:
             raise UsageError(f"Backup status must be available (backup {row['id']} is "
                              f"{row['status']})")
@@ -88,7 +93,6 @@ def restore_backup(session: Session, backup_id: str, *, to: str | None = None,
         target = open_target(to, to_file, manifest.size, force)
         target.fresh = target.fresh or fresh_device
         stack.callback(target.close)
-        stack.enter_context(RunLock(session.lock_dir, row["id"]).acquire())
         cat.transition(row["id"], Status.RESTORING)
         session.events.emit(ev.RESTORE_START,
                             {**to_record(cat.get(row["id"])), "target": target.name})

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from ..catalog import BackupRecord
 from ..datapath.restore import restore_blocks
 from ..errors import CorruptionError
-from ..lifecycle import Status
+from ..lifecycle import ACTIVITY, Status
+from ..locks import hold_backup
 from ..repository.pack import pack_name, read_trailer
 from ..repository.repo import Repository
 from ..session import Session, recover_dead_runs
@@ -19,7 +21,8 @@ def verify_backups(session: Session, ids: list[str], *, deep: bool,
     cat = session.catalog
     with session.shared_lock():
         recover_dead_runs(session)
-        rows = ([cat.resolve(i) for i in ids] if ids else cat.list(status=Status.AVAILABLE))
+        rows = ([_settled(session, cat.resolve(i)) for i in ids] if ids
+                else cat.list(status=Status.AVAILABLE))
         repo = session.repo
         problems = repo.sync_index(session.lock_dir, full=True)
         results = []
@@ -44,6 +47,16 @@ def verify_backups(session: Session, ids: list[str], *, deep: bool,
     # damage marks that do not unseal (planted by name: ignored).
     return {"ok": not problems and all(r["ok"] for r in results), "deep": deep,
             "index_errors": problems, "backups": results}
+
+
+def _settled(session: Session, row: BackupRecord) -> BackupRecord:
+    """A named backup that a live run is restoring (or creating, deleting) is busy, not
+    damaged: wait --wait for that run to end (then its row as it left it), else exit 75."""
+    activity = ACTIVITY.get(Status(row["status"]))
+    if activity is None:
+        return row
+    hold_backup(session.lock_dir, row["id"], activity, session.wait).release()
+    return session.catalog.get(row["id"])
 
 
 def _verify_one(repo: Repository, backup_id: str, deep: bool) -> None:
