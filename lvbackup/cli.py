@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, logsetup
 from .catalog import STATUSES
 from .config import Config, load_config
 from .datapath.pipeline import tune_malloc
@@ -188,6 +188,8 @@ def cli(ctx: click.Context, config_path: str | None, as_json: bool, quiet: bool,
       lvbackup list
     """
     ctx.obj = App(config_path, as_json, quiet, verbose)
+    if verbose:
+        logsetup.verbose()
 
 
 label_option = click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",

@@ -11,9 +11,9 @@ resume; a filesystem on it stays mounted), the NBD device is detached and nbdkit
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +36,8 @@ from .hydrate import (
     save_state,
 )
 from .server import Export, RequestFailed
+
+log = logging.getLogger(__name__)
 
 READY_POLL = 0.2   # seconds between looks at the record while `restore` finishes its setup
 
@@ -125,8 +127,9 @@ class InstantExport(Export):
                 self._switch(self._wait_ready())
         except Exception as e:  # noqa: BLE001 - reported in the state, the log and an event
             message = str(e) or type(e).__name__
-            print(f"lvbackup: instant restore onto {self.state['volume']} stopped: {message}",
-                  file=sys.stderr, flush=True)
+            # In nbdkit's log (its stderr), where no handler is set up: logging's last resort.
+            log.error("lvbackup: instant restore onto %s stopped: %s", self.state["volume"],
+                      message)
             self.state["error"] = message
             with contextlib.suppress(OSError):
                 save_state(self.state_file, self.state)
