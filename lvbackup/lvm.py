@@ -452,5 +452,27 @@ def dm_swap(name: str, table: str, while_suspended: Callable[[], None] | None = 
         _run(["dmsetup", "resume", name], f"resuming {name}")
 
 
+def _parse_open_count(out: str, name: str) -> int | None:
+    # "NAME:OPEN" per device (or "No devices found"); another device's name may hold colons.
+    for line in out.splitlines():
+        found, _, count = line.strip().rpartition(":")
+        if found == name:
+            if not count.isdigit():
+                raise LvmError(f"dmsetup info printed an open count lvbackup cannot read for "
+                               f"{name}: {count!r}")
+            return int(count)
+    return None
+
+
+def dm_open_count(name: str) -> int | None:
+    """How many hold device-mapper device `name` open (a mounted filesystem, a process,
+    another device over it), or None if there is no such device."""
+    # Every device, as dm_table: no failure to tell from "no device".
+    out = _run(["dmsetup", "info", "-c", "--noheadings", "--separator", ":", "-o",
+                "name,open"], "listing device-mapper devices")
+    return _parse_open_count(out, _dm_checked(name))
+
+
 def dm_remove(name: str) -> None:
-    _run(["dmsetup", "remove", _dm_checked(name)], f"removing /dev/mapper/{name}")
+    # --retry: udev may hold the device open for a moment (it probes every new table).
+    _run(["dmsetup", "remove", "--retry", _dm_checked(name)], f"removing /dev/mapper/{name}")
