@@ -433,3 +433,15 @@ def test_cancel_of_a_restore_onto_an_existing_lv_needs_force(served):
     assert not load_state(state_file).get("cancelled_at")
     (status,) = wd.run_json("restore", "--status", "vg/lv")
     assert status["running"] and not status["cancelling"], status
+
+
+def test_dmsetup_open_counts_are_read_by_exact_name():
+    from lvbackup import lvm
+    out = ("lvbackup-restore-vg-lv:1\nlvbackup-restore-vg-lv2:0\nodd:name:with:colons:3\n")
+    assert lvm._parse_open_count(out, "lvbackup-restore-vg-lv") == 1
+    assert lvm._parse_open_count(out, "lvbackup-restore-vg-lv2") == 0
+    assert lvm._parse_open_count(out, "odd:name:with:colons") == 3
+    assert lvm._parse_open_count(out, "lvbackup-restore-vg-l") is None
+    assert lvm._parse_open_count("No devices found\n", "lvbackup-restore-vg-lv") is None
+    with pytest.raises(lvm.LvmError, match="open count"):
+        lvm._parse_open_count("lvbackup-restore-vg-lv:\n", "lvbackup-restore-vg-lv")
