@@ -391,12 +391,14 @@ def test_cancel_release_and_status_follow_the_state(tmp_path):
     _state(wd, "vg/sw", backup, done_at=now_iso())
     _state(wd, "vg/rel", backup, done_at=now_iso(), released_at=now_iso())
     _state(wd, "vg/can", backup, cancelled_at=now_iso())
+    _state(wd, "vg/canold", backup, cancelled_at=now_iso(), created=False)
     # A finished restore's device that cannot be removed now (here: no device-mapper at
     # all) is left for later; --status works on.
     status = {s["volume"]: s for s in wd.run_json("restore", "--status")}
     assert {v: (s["done"], s["released"], s["cancelling"]) for v, s in status.items()} == {
         "vg/run": (False, False, False), "vg/sw": (True, False, False),
-        "vg/rel": (True, True, False), "vg/can": (False, False, True)}, status
+        "vg/rel": (True, True, False), "vg/can": (False, False, True),
+        "vg/canold": (False, False, True)}, status
     human = wd.run("restore", "--status").stdout
     assert "done: restore --release vg/sw" in human and "done, released" in human, human
     assert "cancelling: restore --cancel vg/can" in human, human
@@ -408,6 +410,10 @@ def test_cancel_release_and_status_follow_the_state(tmp_path):
                           "being cancelled", "restore --cancel vg/can")
     assert_one_line_error(wd.run("restore", "--release", "vg/can"), 2,
                           "being cancelled")
+    # A cancel of an existing LV that began (with --force) is finished without it (here it
+    # then needs device-mapper).
+    p = wd.run("restore", "--cancel", "vg/canold")
+    assert "existed before" not in p.stderr and "Traceback" not in p.stderr, describe(p)
     # Released already: nothing to do, and it says where the volume is.
     assert wd.run_json("restore", "--release", "vg/rel")["released"] is True
     p = wd.run("restore", "--release", "vg/rel")

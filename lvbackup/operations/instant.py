@@ -151,9 +151,7 @@ def instant_restore(session: Session, backup_id: str, *, to: str | None = None,
 def _refuse_another(state: InstantState) -> None:
     """A new instant restore onto the LV of `state`'s: only once that one is over."""
     volume = state["volume"]
-    if state.get("cancelled_at"):
-        raise UsageError(f"the instant restore onto {volume} is being cancelled; finish "
-                         f"that first: lvbackup restore --cancel {volume}")
+    _refuse_cancelling(state)
     if not state["done_at"]:
         raise UsageError(f"an instant restore onto {volume} is unfinished; continue it with "
                          f"'lvbackup restore --resume {volume}' or stop it with "
@@ -161,6 +159,12 @@ def _refuse_another(state: InstantState) -> None:
     if not state.get("released_at"):
         raise UsageError(f"{state['device']} (the finished instant restore onto {volume}) is "
                          f"in use: unmount it, then 'lvbackup restore --release {volume}'")
+
+
+def _refuse_cancelling(state: InstantState) -> None:
+    if state.get("cancelled_at"):
+        raise UsageError(f"the instant restore onto {state['volume']} is being cancelled; "
+                         f"finish that: lvbackup restore --cancel {state['volume']}")
 
 
 def _instant_record(session: Session, state: InstantState, state_file: Path) -> MapRecord:
@@ -199,12 +203,11 @@ def _undo(lock_dir: Path, record: MapRecord, state: InstantState, state_file: Pa
 def resume(session: Session, volume: str, rate: int | None = None) -> InstantInfo:
     """Take up an instant restore whose helper died (killed, or the host rebooted): a new
     helper, a new NBD device under the same device-mapper device."""
+    release_idle(session)
     state_file, state = _load(session, volume)
     if state["done_at"]:
         return _info(session, state, state_file)
-    if state.get("cancelled_at"):
-        raise UsageError(f"the instant restore onto {state['volume']} is being cancelled; "
-                         f"finish that: lvbackup restore --cancel {state['volume']}")
+    _refuse_cancelling(state)
     devices.load_module()
     if rate is not None:
         state["rate"] = rate
@@ -318,9 +321,7 @@ def release(session: Session, volume: str) -> InstantInfo:
     with reg.registry(session.lock_dir):
         state = load_state(state_file)
         name = state["volume"]
-        if state.get("cancelled_at"):
-            raise UsageError(f"the instant restore onto {name} is being cancelled; finish "
-                             f"that: lvbackup restore --cancel {name}")
+        _refuse_cancelling(state)
         if not state["done_at"]:
             percent = _hydrated(state_file, state) * 100 // (state["size"] or 1)
             raise UsageError(f"the instant restore onto {name} is not finished ({percent}% "
@@ -371,10 +372,11 @@ def cancel(session: Session, volume: str, *, force: bool = False) -> CancelInfo:
 
 def _check_cancel(state: InstantState, force: bool) -> None:
     name = state["volume"]
-    if state["done_at"] and not state.get("cancelled_at"):
+    begun = bool(state.get("cancelled_at"))   # then only finished, whatever it says
+    if state["done_at"] and not begun:
         raise UsageError(f"the instant restore onto {name} is finished: nothing to cancel "
                          f"(its device goes with 'lvbackup restore --release {name}')")
-    if not state.get("created", False) and not force:
+    if not state.get("created", False) and not force and not begun:
         raise UsageError(f"{name} existed before the instant restore, which has been "
                          "overwriting it since it started: cancelling cannot give it back "
                          "as it was. Let the restore finish, or cancel with --force to "
