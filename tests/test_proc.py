@@ -102,3 +102,13 @@ def test_no_print_based_debug_paths_in_the_package():
                  for n, line in enumerate(path.read_text().splitlines(), 1)
                  if re.search(r"(^|[^.\w])print\(|click\.echo\(", line)]
     assert offenders == []
+
+
+def test_every_external_command_goes_through_the_runner():
+    package = Path(__file__).resolve().parents[1] / "lvbackup"
+    offenders = [f"{path.relative_to(package)}:{n}"
+                 for path in package.rglob("*.py") if path.name != "proc.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if re.search(r"subprocess\.(run|Popen|call|check_call|check_output)\(|"
+                              r"os\.(system|popen|exec\w*|spawn\w*)\(", line)]
+    assert offenders == []
