@@ -336,7 +336,8 @@ def show(app: App, backup_id: str, chain: bool) -> None:
 @click.option("--new-volume", metavar="VG/NAME", help="Create this LV and restore into it.")
 @click.option("--thin-pool", metavar="POOL", help="With --new-volume: a thin LV in this pool.")
 @click.option("--to-file", metavar="PATH|-", help="A new image file, or - for standard output.")
-@click.option("--force", is_flag=True, help="Write to a target that is in use.")
+@click.option("--force", is_flag=True, help="Write to a target that is in use (with --cancel: "
+              "leave an existing LV partly restored).")
 @click.option("--instant", is_flag=True,
               help="With --new-volume or --to VG/LV: return at once with a device that reads "
                    "and writes as the restored volume while a background copy fills the LV; "
