@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, logsetup
 from .catalog import STATUSES
 from .config import Config, load_config
 from .datapath.pipeline import tune_malloc
@@ -25,7 +25,9 @@ from .operations.copy import copy_backups
 from .operations.create import create_backup, select_source
 from .operations.delete import delete_backup
 from .operations.diff import diff_backups
+from .operations.instant import cancel as cancel_instant
 from .operations.instant import instant_restore
+from .operations.instant import release as release_instant
 from .operations.instant import resume as resume_instant
 from .operations.instant import status as instant_status
 from .operations.inventory import create_snapshot, delete_snapshot, list_snapshots
@@ -177,6 +179,8 @@ def _set_global(ctx: click.Context, param: click.Parameter, value: Any) -> None:
         app.config_path = value
     else:
         setattr(app, str(param.name), True)
+        if param.name == "verbose":   # the group's callback, which sets it up, ran already
+            logsetup.verbose()
 
 
 def _global_params() -> list[click.Parameter]:
@@ -261,6 +265,8 @@ def cli(ctx: click.Context, config_path: str | None, as_json: bool, quiet: bool,
       lvbackup list
     """
     ctx.obj = App(config_path, as_json, quiet, verbose)
+    if verbose:
+        logsetup.verbose()
 
 
 label_option = click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
@@ -411,7 +417,8 @@ def show(app: App, backup_id: str, chain: bool) -> None:
                    "output.")
 @click.option("--force", is_flag=True,
               help="Write to a target that is in use; with --to-file, replace an existing "
-                   "file (keeping its mode and owner; never one a mounted loop device uses).")
+                   "file (keeping its mode and owner; never one a mounted loop device uses); "
+                   "with --cancel, leave an existing LV partly restored.")
 @click.option("--instant", is_flag=True,
               help="With --new-volume or --to VG/LV: return at once with a device that reads "
                    "and writes as the restored volume while a background copy fills the LV; "
@@ -423,12 +430,19 @@ def show(app: App, backup_id: str, chain: bool) -> None:
 @click.option("--resume", "resume_of", metavar="VG/NAME",
               help="Take up the instant restore onto VG/NAME after its helper died "
                    "(killed, or the host rebooted).")
+@click.option("--cancel", "cancel_of", metavar="VG/NAME",
+              help="Stop the unfinished instant restore onto VG/NAME and undo it (an LV it "
+                   "created is removed; an existing one, only with --force, is left partly "
+                   "restored).")
+@click.option("--release", "release_of", metavar="VG/NAME",
+              help="Remove the device of the finished instant restore onto VG/NAME: the LV "
+                   "is used under its own name (done by itself once nothing holds it open).")
 @wait_option
 @pass_app
 def restore(app: App, backup_id: str | None, to: str | None, new_volume: str | None,
             thin_pool: str | None, to_file: str | None, force: bool, instant: bool,
             rate: str | None, status_of: str | None, resume_of: str | None,
-            wait: float) -> None:
+            cancel_of: str | None, release_of: str | None, wait: float) -> None:
     """Restore a backup to an LV, a device, a file, or standard output.
 
     With no target, a new LV restore_backup_<id> is created in the volume's VG. With
@@ -443,7 +457,17 @@ def restore(app: App, backup_id: str | None, to: str | None, new_volume: str | N
       mount "$(lvbackup restore 3f2a --new-volume vg0/data --instant)" /srv/data
       lvbackup restore --status vg0/data
       lvbackup restore --resume vg0/data
+      lvbackup restore --release vg0/data
+      lvbackup restore --cancel vg0/data
     """
+    if cancel_of is not None or release_of is not None:
+        if backup_id or to or new_volume or thin_pool or to_file or instant or rate \
+                or status_of is not None or resume_of or (cancel_of and release_of) \
+                or (force and release_of):
+            raise click.UsageError("--cancel and --release take a volume and no backup or "
+                                   "other option (--cancel takes --force)")
+        _end_instant(app, app.session(wait), cancel_of, release_of, force)
+        return
     if status_of is not None or resume_of is not None:
         if backup_id or to or new_volume or thin_pool or to_file or force or instant \
                 or (status_of is not None and (resume_of or rate)):
@@ -494,6 +518,24 @@ def restore(app: App, backup_id: str | None, to: str | None, new_volume: str | N
                    f"{r['target']}")
 
     app.emit(result, human)
+
+
+def _end_instant(app: App, session: Session, cancel_of: str | None, release_of: str | None,
+                 force: bool) -> None:
+    """restore --release VG/NAME, restore --cancel VG/NAME [--force]."""
+    if release_of is not None:
+        info = release_instant(session, release_of)
+        app.emit(info, lambda r: click.echo(f"/dev/{r['volume']}"))
+        return
+    assert cancel_of is not None
+    done = cancel_instant(session, cancel_of, force=force)
+    if done["partly_restored"]:
+        app.warn(f"{done['volume']} is left partly restored: {done['hydrated_bytes']} of "
+                 f"{done['total_bytes']} bytes hold backup {done['backup_id']}'s data (and "
+                 "the writes made through the device), the rest what it held before")
+    app.emit(done, lambda r: click.echo(
+        f"Cancelled the instant restore of backup {r['backup_id']} onto {r['volume']}"
+        + ("; removed the volume it had created" if r["volume_removed"] else "")))
 
 
 @cli.command("map")

@@ -26,6 +26,7 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
+from . import proc
 from .config import Config
 from .diskio import open_file
 from .errors import UsageError
@@ -129,14 +130,17 @@ def passphrase_from_file(path: Path) -> Secret:
 def _from_command(argv: tuple[str, ...]) -> Secret:
     what = f"passphrase_command {argv[0]}"
     try:
-        done = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=_COMMAND_TIMEOUT, check=False)
+        # Through pipes: the passphrase never touches a disk. Not in a session of its own:
+        # a secret store may ask on the terminal.
+        done = proc.run(argv, stdout=proc.PIPE, stderr=proc.PIPE, timeout=_COMMAND_TIMEOUT,
+                        own_session=False)
     except OSError as e:
         raise UsageError(f"cannot run {what}: {e.strerror}") from None
     except subprocess.TimeoutExpired:
         raise UsageError(f"{what} did not finish within {_COMMAND_TIMEOUT} s") from None
     if done.returncode != 0:
         raise UsageError(f"{what} failed with exit status {done.returncode}")
+    assert done.stdout is not None
     value = done.stdout[:_MAX_SECRET].split(b"\n", 1)[0].removesuffix(b"\r")
     if not value:
         raise UsageError(f"{what} printed no passphrase")

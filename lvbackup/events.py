@@ -15,11 +15,9 @@ environment.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import proc
 from .permissions import FILE_MODE, make_private_dirs
 from .timeutil import now_iso
 
@@ -165,24 +164,12 @@ def run_hook(argv: tuple[str, ...] | list[str], stdin_text: str, timeout: float,
     with tempfile.TemporaryFile() as inp, tempfile.TemporaryFile() as err:
         inp.write(stdin_text.encode() + b"\n")
         inp.seek(0)
-        proc = subprocess.Popen(list(argv), stdin=inp, stdout=subprocess.DEVNULL, stderr=err,
-                                env=env, start_new_session=True, close_fds=True)
         try:
-            code = proc.wait(timeout=timeout)
+            code = proc.run(argv, stdin=inp, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                            timeout=timeout).returncode
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
             return None
-        except BaseException:
-            _kill_group(proc)
-            raise
         err.seek(max(0, err.seek(0, os.SEEK_END) - 4096))
         lines = [ln.strip() for ln in err.read().decode(errors="replace").splitlines()
                  if ln.strip()]
     return code, (lines[-1][:200] if lines else "")
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(OSError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)

@@ -42,6 +42,12 @@ POINTS = (
                                # into it not yet made
     "instant-suspended",       # instant restore: its device is suspended, the table of
                                # the LV not yet loaded
+    "instant-cancel-detached", # restore --cancel: the helper stopped, the device-mapper
+                               # device removed; the NBD device, record and LV not yet
+    "instant-cancel-lv-removed",  # restore --cancel: the LV it created is removed, the
+                               # state file not yet
+    "instant-released",        # restore --release: the device removed, the state file
+                               # not yet marked released
 )
 
 

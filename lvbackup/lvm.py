@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from . import proc
 from .changes import ChangeTrackingError
 from .errors import LvbackupError, NotFoundError, UsageError
 from .faults import crash_point
@@ -31,8 +29,6 @@ DEFAULT_SNAPSHOT_SIZE = "20%ORIGIN"
 _NAME = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
 _FIELDS = ("lv_uuid,lv_name,vg_name,lv_size,lv_attr,origin,pool_lv,lv_time,lv_tags,"
            "segtype,lv_role,snap_percent")
-# Cron gives root PATH=/usr/bin:/bin, which lacks the sbin directories lvm2 installs into.
-_SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 # lvm.conf is left alone on purpose: the host's udev synchronisation and its metadata
 # archive in /etc/lvm (what vgcfgrestore needs) must apply to our changes too.
 
@@ -130,14 +126,8 @@ def _parse_time(text: str) -> str:
     return iso(datetime.strptime(text.strip(), "%Y-%m-%d %H:%M:%S %z").astimezone(UTC))
 
 
-def find_tool(name: str) -> str | None:
-    """A system command's path, looked up in PATH and the sbin directories."""
-    path = os.environ.get("PATH", os.defpath) + os.pathsep + os.pathsep.join(_SBIN_DIRS)
-    return shutil.which(name, path=path)
-
-
 def _tool(name: str) -> str:
-    found = find_tool(name)
+    found = proc.find_tool(name)
     if found is None:
         raise UsageError(f"lvm2 is not installed ({name} not found); install the lvm2 package")
     return found
@@ -148,37 +138,17 @@ def _run(argv: list[str], what: str) -> str:
     if os.geteuid() != 0:
         raise UsageError("LVM commands need root: run lvbackup as root")
     env = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1", "LC_ALL": "C"}
-    # Output goes to files, not pipes, so that waiting for the command can be repeated.
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        # Own session: a Ctrl-C on the terminal reaches lvbackup, not the LVM command.
-        proc = subprocess.Popen([exe, *argv[1:]], stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=err, env=env, start_new_session=True)
-        try:
-            proc.wait()
-        except BaseException:
-            # A signal is unwinding lvbackup. Never kill LVM halfway (it may have suspended
-            # a device or be writing metadata): let it finish, then unwind.
-            _wait_uninterrupted(proc)
-            raise
-        out.seek(0)
-        err.seek(0)
-        stdout = out.read().decode(errors="replace")
-        stderr = err.read().decode(errors="replace")
-    if proc.returncode != 0:
-        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    # A signal unwinding lvbackup lets the command finish: LVM killed halfway may leave a
+    # device suspended or its metadata half written.
+    done = proc.run([exe, *argv[1:]], env=env, finish=True)
+    assert done.stdout is not None and done.stderr is not None
+    if done.returncode != 0:
+        lines = [ln.strip() for ln in done.stderr.decode(errors="replace").splitlines()
+                 if ln.strip()]
         errors = [ln for ln in lines if not ln.startswith("WARNING")] or lines
-        detail = errors[-1] if errors else f"exit status {proc.returncode}"
+        detail = errors[-1] if errors else proc.describe_status(done.returncode)
         raise LvmError(f"{what} failed: {detail}")
-    return stdout
-
-
-def _wait_uninterrupted(proc: subprocess.Popen) -> None:
-    while True:
-        try:
-            proc.wait()
-            return
-        except BaseException:  # noqa: BLE001 - a second signal: keep waiting for LVM
-            continue
+    return done.stdout.decode(errors="replace")
 
 
 def list_lvs(select: str | None = None) -> list[LogicalVolume]:
@@ -483,5 +453,27 @@ def dm_swap(name: str, table: str, while_suspended: Callable[[], None] | None = 
         _run(["dmsetup", "resume", name], f"resuming {name}")
 
 
+def _parse_open_count(out: str, name: str) -> int | None:
+    # "NAME:OPEN" per device (or "No devices found"); another device's name may hold colons.
+    for line in out.splitlines():
+        found, _, count = line.strip().rpartition(":")
+        if found == name:
+            if not count.isdigit():
+                raise LvmError(f"dmsetup info printed an open count lvbackup cannot read for "
+                               f"{name}: {count!r}")
+            return int(count)
+    return None
+
+
+def dm_open_count(name: str) -> int | None:
+    """How many hold device-mapper device `name` open (a mounted filesystem, a process,
+    another device over it), or None if there is no such device."""
+    # Every device, as dm_table: no failure to tell from "no device".
+    out = _run(["dmsetup", "info", "-c", "--noheadings", "--separator", ":", "-o",
+                "name,open"], "listing device-mapper devices")
+    return _parse_open_count(out, _dm_checked(name))
+
+
 def dm_remove(name: str) -> None:
-    _run(["dmsetup", "remove", _dm_checked(name)], f"removing /dev/mapper/{name}")
+    # --retry: udev may hold the device open for a moment (it probes every new table).
+    _run(["dmsetup", "remove", "--retry", _dm_checked(name)], f"removing /dev/mapper/{name}")

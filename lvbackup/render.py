@@ -196,7 +196,10 @@ def print_instant(rows: list[dict]) -> None:
     for r in rows:
         total = r["total_bytes"]
         percent = r["hydrated_bytes"] * 100 // total if total else 100
-        state = ("done" if r["done"] else f"copying ({percent}%)" if r["running"]
+        state = (f"cancelling: restore --cancel {r['volume']}" if r["cancelling"]
+                 else "done, released" if r["released"]
+                 else f"done: restore --release {r['volume']}" if r["done"]
+                 else f"copying ({percent}%)" if r["running"]
                  else f"stopped ({percent}%): restore --resume {r['volume']}")
         if r["error"] and not r["done"]:
             state += f"; {r['error']}"

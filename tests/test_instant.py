@@ -37,7 +37,7 @@ from lvbackup.mapping.hydrate import (
 )
 from lvbackup.timeutil import now_iso
 
-from support import Workdir, assert_one_line_error, make_image
+from support import Workdir, assert_one_line_error, describe, make_image
 
 REGION = 64 * 1024   # small regions: many of them in a small image
 GARBAGE = 0xEE       # what the "LV" holds before the restore
@@ -360,3 +360,94 @@ def test_instant_restore_usage_errors(tmp_path):
     assert_one_line_error(wd.run("restore", backup_id, "--to-file", "x", "--rate", "1M"), 2,
                           "--rate goes with")
     assert_one_line_error(wd.run("restore", "--resume", "not a volume"), 2, "VG/LV")
+
+
+# --- the end of an instant restore: --cancel, --release (the state rules; the devices are
+# tests/lvm/test_instant_lvm.py) --------------------------------------------------------------
+
+def _state(wd: Workdir, volume: str, backup: dict, **fields) -> Path:
+    """The state file (and region map, nothing hydrated) of an instant restore onto
+    `volume` of 1 MiB, as `restore --instant` writes them."""
+    vg, name = volume.split("/")
+    dm_name = f"lvbackup-restore-{vg}-{name}"
+    state_file = wd.cache / "instant" / f"{dm_name}.json"
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    RegionMap.create(regions_path(state_file), regions_of(1 << 20, REGION))
+    save_state(state_file, {
+        "format": STATE_FORMAT, "volume": volume, "target": f"/dev/{volume}",
+        "backup_id": backup["id"], "backup": backup, "size": 1 << 20, "region_size": REGION,
+        "fresh": False, "rate": None, "dm_name": dm_name, "device": f"/dev/mapper/{dm_name}",
+        "started_at": now_iso(), "done_at": None, "error": None, "created": True,
+        "lv_uuid": "u", "cancelled_at": None, "released_at": None, **fields})
+    return state_file
+
+
+def test_cancel_release_and_status_follow_the_state(tmp_path):
+    wd = Workdir(tmp_path / "wd")
+    wd.init()
+    make_image(tmp_path / "disk.img", 1, seed=5)
+    backup = wd.create(tmp_path / "disk.img")
+    _state(wd, "vg/run", backup)
+    _state(wd, "vg/sw", backup, done_at=now_iso())
+    _state(wd, "vg/rel", backup, done_at=now_iso(), released_at=now_iso())
+    _state(wd, "vg/can", backup, cancelled_at=now_iso())
+    _state(wd, "vg/canold", backup, cancelled_at=now_iso(), created=False)
+    # A finished restore's device that cannot be removed now (here: no device-mapper at
+    # all) is left for later; --status works on.
+    status = {s["volume"]: s for s in wd.run_json("restore", "--status")}
+    assert {v: (s["done"], s["released"], s["cancelling"]) for v, s in status.items()} == {
+        "vg/run": (False, False, False), "vg/sw": (True, False, False),
+        "vg/rel": (True, True, False), "vg/can": (False, False, True),
+        "vg/canold": (False, False, True)}, status
+    human = wd.run("restore", "--status").stdout
+    assert "done: restore --release vg/sw" in human and "done, released" in human, human
+    assert "cancelling: restore --cancel vg/can" in human, human
+    assert_one_line_error(wd.run("restore", "--release", "vg/run"), 2, "not finished",
+                          "restore --cancel vg/run")
+    assert_one_line_error(wd.run("restore", "--cancel", "vg/sw"), 2, "is finished",
+                          "restore --release vg/sw")
+    assert_one_line_error(wd.run("restore", "--resume", "vg/can"), 2,
+                          "being cancelled", "restore --cancel vg/can")
+    assert_one_line_error(wd.run("restore", "--release", "vg/can"), 2,
+                          "being cancelled")
+    # A cancel of an existing LV that began (with --force) is finished without it (here it
+    # then needs device-mapper).
+    p = wd.run("restore", "--cancel", "vg/canold")
+    assert "existed before" not in p.stderr and "Traceback" not in p.stderr, describe(p)
+    # Released already: nothing to do, and it says where the volume is.
+    assert wd.run_json("restore", "--release", "vg/rel")["released"] is True
+    p = wd.run("restore", "--release", "vg/rel")
+    assert p.returncode == 0 and p.stdout == "/dev/vg/rel\n", describe(p)
+    assert_one_line_error(wd.run("restore", "--cancel", "vg/none"), 2,
+                          "no instant restore onto vg/none")
+    for argv in ((backup["id"], "--cancel", "vg/run"),
+                 ("--cancel", "vg/run", "--release", "vg/run"),
+                 ("--release", "vg/rel", "--force"),
+                 ("--cancel", "vg/run", "--status"),
+                 ("--cancel", "vg/run", "--rate", "1M")):
+        assert_one_line_error(wd.run("restore", *argv), 2, "--cancel and --release")
+
+
+def test_cancel_of_a_restore_onto_an_existing_lv_needs_force(served):
+    """The copy overwrites an existing LV from the start: without --force, cancel refuses
+    and leaves the restore running."""
+    wd, data, target, state_file, record = served
+    p = wd.run("restore", "--cancel", "vg/lv")
+    assert_one_line_error(p, 2, "vg/lv existed before", "cannot give it back as it was",
+                          "--force")
+    assert reg.is_alive(wd.cache / "locks", record["map_id"])
+    assert not load_state(state_file).get("cancelled_at")
+    (status,) = wd.run_json("restore", "--status", "vg/lv")
+    assert status["running"] and not status["cancelling"], status
+
+
+def test_dmsetup_open_counts_are_read_by_exact_name():
+    from lvbackup import lvm
+    out = ("lvbackup-restore-vg-lv:1\nlvbackup-restore-vg-lv2:0\nodd:name:with:colons:3\n")
+    assert lvm._parse_open_count(out, "lvbackup-restore-vg-lv") == 1
+    assert lvm._parse_open_count(out, "lvbackup-restore-vg-lv2") == 0
+    assert lvm._parse_open_count(out, "odd:name:with:colons") == 3
+    assert lvm._parse_open_count(out, "lvbackup-restore-vg-l") is None
+    assert lvm._parse_open_count("No devices found\n", "lvbackup-restore-vg-lv") is None
+    with pytest.raises(lvm.LvmError, match="open count"):
+        lvm._parse_open_count("lvbackup-restore-vg-lv:\n", "lvbackup-restore-vg-lv")

@@ -17,6 +17,7 @@ and `fallback` says why.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import mmap
 import os
@@ -46,6 +47,8 @@ POOL_LOCK_WAIT = 600.0
 SAMPLE_MIN_BLOCKS = 16
 SAMPLE_CAP_BYTES = 256 << 20     # what the default sample may read: a few seconds at most
 COW_USAGE_WARNING = 80.0         # percent of a kept classic snapshot's COW space
+
+log = logging.getLogger(__name__)
 
 Warn = Callable[[str], None]
 
@@ -92,13 +95,23 @@ def plan(base: FileBlocks, lv: lvm.LogicalVolume | None, parent: dict | None,
     `track`, every block, though the identity of what was read is still recorded."""
     scan = "scan" if parent_manifest is not None else "full"
     if lv is None:
+        log.debug("not an LV: every block is read (%s)", scan)
         return Plan(base, scan)
     vg_lvs = lvm.vg_lvs(lv.vg)   # afresh: the parent's snapshot may have changed meanwhile
-    found = (_choose(base, lv, vg_lvs, parent, parent_manifest, block_size, scan,
-                     sample_percent, warn) if track else Plan(base, scan))
+    if track:
+        found = _choose(base, lv, vg_lvs, parent, parent_manifest, block_size, scan,
+                        sample_percent, warn)
+    else:
+        log.debug("%s: change tracking is off, every block is read (%s)", lv.full_name,
+                  scan)
+        found = Plan(base, scan)
+    log.debug("%s: change source %s%s", lv.full_name, found.change_source,
+              f" (fallback: {found.fallback})" if found.fallback else "")
     try:
         return replace(found, identity=source_identity(lv, vg_lvs))
     except ChangeTrackingError:   # no pool in the report: nothing to pair with next time
+        log.debug("%s: its pool is not in the report: nothing to pair the next backup "
+                  "with", lv.full_name)
         return found
 
 
@@ -112,15 +125,24 @@ def _choose(base: FileBlocks, lv: lvm.LogicalVolume, vg_lvs: list[lvm.LogicalVol
                                       block_size, warn)
             bad, sampled = sample_check(base, runs, parent_manifest, block_size, sample_percent)
             if bad is None:
+                log.debug("%s: %s lists the changes since the parent backup %s; the sample "
+                          "check re-read %d bytes it calls unchanged, all equal",
+                          lv.full_name, how, parent["id"], sampled)
                 return Plan(MappedBlocks(base, runs, block_size), how, sampled_bytes=sampled)
             fallback = bad
         except (ChangeTrackingError, lvm.LvmError) as e:
             fallback = str(e)
+        log.debug("%s: LVM's list of changes is not used: %s", lv.full_name, fallback)
+    elif parent is not None:
+        log.debug("%s: the parent backup %s has no manifest to compare with", lv.full_name,
+                  parent["id"])
     if lv.is_thin:
         try:
             runs = _mapped_runs(base, lv, vg_lvs, block_size)
+            log.debug("%s: only the blocks its thin pool maps are read", lv.full_name)
             return Plan(MappedBlocks(base, runs, block_size), scan, fallback)
         except (ChangeTrackingError, lvm.LvmError) as e:
+            log.debug("%s: the pool's mappings cannot be listed: %s", lv.full_name, e)
             fallback = f"{fallback}; " if fallback else ""
             fallback += f"reading every block ({e})"
     return Plan(base, scan, fallback)
@@ -156,6 +178,8 @@ def _parent_snapshot(parent: dict, vg_lvs: list[lvm.LogicalVolume]) -> lvm.Logic
         raise ChangeTrackingError(f"the parent backup {parent['id']} was not read from a "
                                   "snapshot")
     old = next((x for x in vg_lvs if x.uuid == uuid), None)
+    log.debug("the parent backup %s was read from snapshot %s: %s", parent["id"], uuid,
+              old.full_name if old else "gone")
     if old is None:
         raise ChangeTrackingError(f"the parent's snapshot (lv_uuid {uuid}) no longer exists")
     if old.time != parent.get("source_snapshot_time"):
@@ -198,6 +222,8 @@ def pool_metadata(lv: lvm.LogicalVolume, pool: lvm.LogicalVolume) -> Iterator[di
     with lock.acquire(POOL_LOCK_WAIT):
         if lvm.metadata_snap_held(pool.vg, pool.name):
             # Under the lock no live lvbackup holds it: a killed run left it.
+            log.debug("%s: releasing the metadata snapshot a killed run left",
+                      pool.full_name)
             lvm.release_metadata_snap(pool.vg, pool.name)
         lvm.reserve_metadata_snap(pool.vg, pool.name)
         try:

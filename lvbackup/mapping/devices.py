@@ -18,9 +18,10 @@ from pathlib import Path
 
 import lvbackup
 
+from .. import proc
 from ..credentials import without_secrets
 from ..errors import LvbackupError, UsageError
-from ..lvm import find_tool
+from ..proc import find_tool
 
 START_TIMEOUT = 120.0   # seconds for nbdkit to load its Python and open the backup
 STOP_TIMEOUT = 10.0
@@ -39,8 +40,8 @@ def run(argv: list[str], what: str) -> str:
     exe = find_tool(argv[0])
     if exe is None:
         raise UsageError(f"{argv[0]} is not installed; install {_PACKAGES[argv[0]]}")
-    p = subprocess.run([exe, *argv[1:]], stdin=subprocess.DEVNULL, capture_output=True,
-                       env={**without_secrets(os.environ), "LC_ALL": "C"})
+    p = proc.run([exe, *argv[1:]], env={**without_secrets(os.environ), "LC_ALL": "C"})
+    assert p.stdout is not None and p.stderr is not None
     if p.returncode != 0:
         raise LvbackupError(f"{what} failed: {_last_line(p.stderr + p.stdout, p.returncode)}")
     return p.stdout.decode(errors="replace")
@@ -48,7 +49,7 @@ def run(argv: list[str], what: str) -> str:
 
 def _last_line(output: bytes, status: int) -> str:
     lines = [ln.strip() for ln in output.decode(errors="replace").splitlines() if ln.strip()]
-    return lines[-1] if lines else f"exit status {status}"
+    return lines[-1] if lines else proc.describe_status(status)
 
 
 # --- the server ------------------------------------------------------------------------
@@ -76,14 +77,13 @@ def start_server(run_dir: Path, params: dict[str, str], overlay_dir: Path | None
     env = dict(os.environ)
     if overlay_dir is not None:
         env["TMPDIR"] = str(overlay_dir)   # where the cow filter keeps the overlay
+    status: int | None
     with open(run_dir / "log", "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                env=env, start_new_session=True)
-    try:
-        status = proc.wait(START_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        status = None
+        try:
+            status = proc.run(argv, stdout=log, stderr=log, env=env,
+                              timeout=START_TIMEOUT).returncode
+        except subprocess.TimeoutExpired:
+            status = None
     deadline = time.monotonic() + STOP_TIMEOUT
     while status == 0 and time.monotonic() < deadline:
         with contextlib.suppress(OSError, ValueError):

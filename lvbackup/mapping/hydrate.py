@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from ..diskio import AtomicFile
 from ..errors import CorruptionError
@@ -49,6 +49,11 @@ class InstantState(TypedDict):
     started_at: str
     done_at: str | None       # set once the device maps the LV itself
     error: str | None         # why the background copy stopped, if it did
+    # Absent from the files of lvbackup versions before `--cancel` and `--release`:
+    created: NotRequired[bool]            # the restore created the LV (cancel removes it)
+    lv_uuid: NotRequired[str]             # the LV's, so that cancel removes no other
+    cancelled_at: NotRequired[str | None]  # `restore --cancel` began undoing the restore
+    released_at: NotRequired[str | None]   # the device is removed: the LV is used as itself
 
 
 def regions_of(size: int, region_size: int) -> int:

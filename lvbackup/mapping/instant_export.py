@@ -2,7 +2,9 @@
 the restored volume (`hydrate.Hydrator` over the LV and the backup), a background thread
 that hydrates it, and, once every region is in the LV, the switch: the user's
 device-mapper device is given a linear table onto the LV under its feet (suspend, load,
-resume; a filesystem on it stays mounted), the NBD device is detached and nbdkit exits.
+resume; a filesystem on it stays mounted), the NBD device is detached and nbdkit exits,
+after removing the device as well if nothing holds it open (`release_device`, which
+`restore --release` and `restore --status` run too).
 
     nbdkit python .../nbdkit_plugin.py ... export=instant repository=... cache_dir=DIR \
         backup=ID lock=FILE state=<cache_dir>/instant/<name>.json config=FILE
@@ -11,9 +13,9 @@ resume; a filesystem on it stays mounted), the NBD device is detached and nbdkit
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from .. import events as ev
 from .. import lvm, metrics
 from ..datapath.reader import BackupReader
 from ..errors import LvbackupError
+from ..faults import crash_point
 from ..timeutil import now_iso
 from . import devices
 from . import registry as reg
@@ -37,7 +40,12 @@ from .hydrate import (
 )
 from .server import Export, RequestFailed
 
+log = logging.getLogger(__name__)
+
 READY_POLL = 0.2   # seconds between looks at the record while `restore` finishes its setup
+# Seconds the helper waits after the switch before it removes a device nobody opened: the
+# time for whoever asked for a small restore to open the device `restore` printed.
+RELEASE_GRACE = 10.0
 
 
 class InstantExport(Export):
@@ -125,8 +133,9 @@ class InstantExport(Export):
                 self._switch(self._wait_ready())
         except Exception as e:  # noqa: BLE001 - reported in the state, the log and an event
             message = str(e) or type(e).__name__
-            print(f"lvbackup: instant restore onto {self.state['volume']} stopped: {message}",
-                  file=sys.stderr, flush=True)
+            # In nbdkit's log (its stderr), where no handler is set up: logging's last resort.
+            log.error("lvbackup: instant restore onto %s stopped: %s", self.state["volume"],
+                      message)
             self.state["error"] = message
             with contextlib.suppress(OSError):
                 save_state(self.state_file, self.state)
@@ -165,4 +174,33 @@ class InstantExport(Export):
                 devices.detach(device)
             reg.remove(self.lock_dir, record["map_id"])
         shutil.rmtree(record["run_dir"], ignore_errors=True)
+        time.sleep(RELEASE_GRACE)
+        with contextlib.suppress(LvbackupError, OSError), reg.registry(self.lock_dir):
+            release_device(self.state_file)   # unless it is open: then --release, later
         self._shutdown()
+
+
+def release_device(state_file: Path) -> bool:
+    """Remove the device of a finished instant restore (the LV is used under its own name
+    from then on), unless something holds it open; whether it is gone. Call under the
+    registry lock."""
+    state = load_state(state_file)
+    if state.get("released_at"):
+        return True
+    name = state["dm_name"]
+    opened = lvm.dm_open_count(name)
+    if opened:
+        return False
+    if opened is not None:
+        try:
+            expected: str | None = lvm.linear_table(state["target"], state["size"])
+        except OSError:   # the LV is gone
+            expected = None
+        if lvm.dm_table(name) != expected:
+            raise LvbackupError(f"/dev/mapper/{name} does not map {state['volume']} as the "
+                                "finished restore left it; lvbackup leaves it alone")
+        lvm.dm_remove(name)
+        crash_point("instant-released")
+    state["released_at"] = now_iso()
+    save_state(state_file, state)
+    return True

@@ -1,7 +1,9 @@
 """Instant restore onto an LV, for real: the device-mapper device over the kernel's NBD
 client and nbdkit, an ext4 volume mounted and written at once while hydration runs, the
-table swapped onto the LV under the mounted filesystem, and the helper killed with
-SIGKILL mid-hydration then taken up again by `restore --resume` with no write lost.
+table swapped onto the LV under the mounted filesystem, the helper killed with SIGKILL
+mid-hydration then taken up again by `restore --resume` with no write lost, the device
+removed once finished (`--release`, or by itself once nothing holds it open), and
+`--cancel` (killed midway too).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lvbhelpers import Lvb, ct, garbage, mixed, module_vg
+from lvbhelpers import Lvb, assert_refused, ct, garbage, mixed, module_vg
 
 run = ct.run
 
@@ -38,6 +40,12 @@ def _wait(condition, seconds: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.5)
+
+
+def _our_dm_devices() -> list[str]:
+    """lvbackup's device-mapper devices (`dmsetup ls`)."""
+    return [line.split()[0] for line in run(["dmsetup", "ls"]).splitlines()
+            if line.startswith("lvbackup-")]
 
 
 def _gone(pid: int) -> bool:
@@ -132,15 +140,20 @@ def test_instant_ext4_mounted_written_and_switched_under_the_mount(setup):
     for name, data in {**files, **written}.items():
         assert (point / name).read_bytes() == data, name
     (point / "after.txt").write_bytes(b"written after the switch\n")
+    # Mounted, the device stays (the helper left it), and --release refuses.
+    assert_refused(lvb("restore", "--release", f"{vg.name}/fast", check=False),
+                   "is in use (mounted or open): unmount it")
+    status = lvb.json("restore", "--status", f"{vg.name}/fast")
+    assert [(s["done"], s["running"], s["released"], s["hydrated_bytes"]) for s in status] \
+        == [(True, False, False, size)], status
     run(["umount", point])
     run(["fsck.ext4", "-f", "-n", lv])   # clean: exit 0
-    status = lvb.json("restore", "--status", f"{vg.name}/fast")
-    assert [(s["done"], s["running"], s["hydrated_bytes"]) for s in status] == \
-        [(True, False, size)], status
     assert lvb.json("list", "--mapped") == []   # the NBD device and its record are gone
-    # The LV itself holds the filesystem with every write (once the device that maps it,
-    # and holds it open, is removed).
-    run(["dmsetup", "remove", Path(device).name])
+    # Released: no device of lvbackup's left, the LV is used under its own name.
+    p = lvb("restore", "--release", f"{vg.name}/fast")
+    assert p.stdout.decode() == f"/dev/{vg.name}/fast\n"
+    assert _our_dm_devices() == []
+    assert lvb.json("restore", "--status", f"{vg.name}/fast")[0]["released"] is True
     run(["mount", "-o", "ro,noload", lv, point])
     try:
         for name, data in {**files, **written}.items():
@@ -189,12 +202,21 @@ def test_killed_helper_resumes_with_no_write_lost(setup):
     patch = os.urandom(REGION + 512)
     _pwrite(device, patch, 4 * REGION - 512)   # written after the resume, across regions
     expected[4 * REGION - 512:5 * REGION] = patch
-    _wait(lambda: _dm_table(Path(device).name) == _linear_onto(lv, size), 300,
-          "the switch onto the LV")
-    _wait(lambda: _gone(resumed["pid"]), 30, "the helper to exit")
+    held = os.open(device, os.O_RDONLY)   # open across the switch: the helper leaves it
+    try:
+        _wait(lambda: _dm_table(Path(device).name) == _linear_onto(lv, size), 300,
+              "the switch onto the LV")
+        _wait(lambda: _gone(resumed["pid"]), 60, "the helper to exit")
+        assert _read(device, size) == expected
+        assert _our_dm_devices() == [Path(device).name]
+    finally:
+        os.close(held)
     assert _read(lv, size) == expected
-    assert _read(device, size) == expected
     assert lvb.json("list", "--mapped") == []
+    # Nothing holds it open now: the next look at the restores removes the device.
+    (status,) = lvb.json("restore", "--status", f"{vg.name}/target")
+    assert status["done"] and status["released"], status
+    assert _our_dm_devices() == []
 
 
 def test_helper_killed_with_the_device_suspended_for_the_switch(setup):
@@ -218,10 +240,11 @@ def test_helper_killed_with_the_device_suspended_for_the_switch(setup):
     resumed = lvb.json("restore", "--resume", f"{vg.name}/susp")
     pids.append(resumed["pid"])
     lv = vg.path("susp")
-    _wait(lambda: _dm_table(name) == _linear_onto(lv, size), 120, "the switch onto the LV")
-    _wait(lambda: _gone(resumed["pid"]), 30, "the helper to exit")
-    assert "ACTIVE" in run(["dmsetup", "info", name])
-    assert _read(lv, size) == data and _read(info["device"], size) == data
+    # Nothing opened the device: the helper switches it onto the LV (resuming it), then
+    # removes it and exits.
+    _wait(lambda: _gone(resumed["pid"]), 180, "the helper to switch, release and exit")
+    assert _our_dm_devices() == []
+    assert _read(lv, size) == data
 
 
 @pytest.mark.parametrize("point", ["map-server-started", "map-attached"])
@@ -248,9 +271,85 @@ def test_restore_killed_while_it_sets_up_is_resumed(setup, point):
     resumed = lvb.json("restore", "--resume", f"{vg.name}/{tag}")
     pids.append(resumed["pid"])
     lv = vg.path(tag)
-    _wait(lambda: _dm_table(name) == _linear_onto(lv, size), 120, "the switch onto the LV")
-    _wait(lambda: _gone(resumed["pid"]), 30, "the helper to exit")
-    assert _read(lv, size) == data and _read(resumed["device"], size) == data
+    _wait(lambda: _gone(resumed["pid"]), 120, "the helper to switch, release and exit")
+    assert _our_dm_devices() == []
+    assert _read(lv, size) == data
     assert lvb.json("list", "--mapped") == []
     (status,) = lvb.json("restore", "--status", f"{vg.name}/{tag}")
-    assert status["done"] is True and status["hydrated_bytes"] == size
+    assert status["done"] and status["released"] and status["hydrated_bytes"] == size
+
+
+def _faulty(lvb, point: str, *args) -> subprocess.CompletedProcess:
+    """`lvbackup ARGS` killed at crash point `point`."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LVBACKUP_")},
+           "LVBACKUP_FAULT": point}
+    return subprocess.run(lvb.argv(*args), capture_output=True, env=env)
+
+
+def test_cancel_removes_the_new_lv_and_releases_the_backup(setup):
+    """--cancel of a restore into a new LV: refused while the device is open; killed after
+    the device is removed (`instant-cancel-detached`), the restore shows as cancelling
+    and cannot be resumed; a second --cancel finishes: no device, no helper, no LV, and
+    the backup is free (delete runs)."""
+    vg, lvb, base, dm_names, pids = setup
+    size = 16 * MiB
+    data, backup_id = backed_up(lvb, base, size, "cancelnew")
+    volume = f"{vg.name}/cnew"
+    info = lvb.json("restore", backup_id, "--new-volume", volume, "--instant",
+                    "--rate", "64K")
+    dm_names.append(Path(info["device"]).name)
+    pids.append(info["pid"])
+    assert _read(info["device"], MiB) == data[:MiB]
+    held = os.open(info["device"], os.O_RDONLY)
+    try:
+        assert_refused(lvb("restore", "--cancel", volume, check=False),
+                       "is in use (mounted or open): unmount it")
+        assert not _gone(info["pid"])
+    finally:
+        os.close(held)
+    p = _faulty(lvb, "instant-cancel-detached", "restore", "--cancel", volume)
+    assert p.returncode == -9, p
+    assert _gone(info["pid"]) and _our_dm_devices() == []
+    (status,) = lvb.json("restore", "--status", volume)
+    assert status["cancelling"] and not status["running"], status
+    assert_refused(lvb("restore", "--resume", volume, check=False), "being cancelled")
+    assert_refused(lvb("delete", backup_id, check=False), "being restored onto")
+    done = lvb.json("restore", "--cancel", volume)
+    assert done["volume_removed"] and not done["partly_restored"], done
+    assert "cnew" not in [r["lv_name"] for r in vg.lvs()]
+    assert _our_dm_devices() == [] and lvb.json("list", "--mapped") == []
+    assert all(s["volume"] != volume for s in lvb.json("restore", "--status"))
+    assert lvb.row(backup_id)["status"] == "available"
+    lvb("delete", backup_id)   # no longer held
+
+
+def test_cancel_onto_an_existing_lv_needs_force_and_leaves_it_partly_restored(setup):
+    vg, lvb, base, dm_names, pids = setup
+    size = 16 * MiB
+    data, backup_id = backed_up(lvb, base, size, "cancelold")
+    vg.create_lv("cold", size)
+    lv = vg.path("cold")
+    old = garbage(size)
+    _pwrite(lv, old, 0)
+    volume = f"{vg.name}/cold"
+    info = lvb.json("restore", backup_id, "--to", volume, "--instant", "--rate", "64K")
+    dm_names.append(Path(info["device"]).name)
+    pids.append(info["pid"])
+    assert_refused(lvb("restore", "--cancel", volume, check=False),
+                   "cannot give it back as it was")
+    assert not _gone(info["pid"])   # refused: the restore goes on
+    _wait(lambda: lvb.json("restore", "--status", volume)[0]["hydrated_bytes"] > 0, 120,
+          "a region to be copied")
+    p = lvb("--json", "restore", "--cancel", volume, "--force")
+    done = json.loads(p.stdout)
+    assert done["partly_restored"] and not done["volume_removed"], done
+    assert "is left partly restored" in p.stderr.decode(), p.stderr
+    assert _gone(info["pid"]) and _our_dm_devices() == []
+    copied = done["hydrated_bytes"]
+    assert 0 < copied < size
+    now = _read(lv, size)
+    # The regions copied hold the backup's data; the rest what the LV held (but the one
+    # region whose copy may have been under way, unmarked, when the helper was stopped).
+    assert now[:copied] == data[:copied]
+    assert now[copied + REGION:] == old[copied + REGION:]
+    lvb("delete", backup_id)
