@@ -32,3 +32,7 @@ class LockedError(LvbackupError):
 
 class CorruptionError(LvbackupError):
     """Repository data failed its checksum or is missing."""
+
+
+class ChangeTrackingError(LvbackupError):
+    """LVM's record of changes cannot be trusted or read; scan the whole volume instead."""

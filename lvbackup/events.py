@@ -28,6 +28,7 @@ from typing import Any
 
 from . import proc
 from .permissions import FILE_MODE, make_private_dirs
+from .secretenv import without_secrets
 from .timeutil import now_iso
 
 CREATE_START = "backup.create.start"
@@ -157,9 +158,8 @@ def run_hook(argv: tuple[str, ...] | list[str], stdin_text: str, timeout: float,
     Files, not pipes, carry stdin and the output: a hook that ignores its stdin, or leaves
     a child behind holding its stdout, can neither block nor hang lvbackup. Its stdout is
     discarded, so it never mixes with lvbackup's own output (`--json`, `--to-file -`).
-    Its environment is lvbackup's without the secrets (credentials.without_secrets).
+    Its environment is lvbackup's without the secrets (secretenv.without_secrets).
     """
-    from .credentials import without_secrets  # here: it imports config.py, which imports us
     env = {**without_secrets(os.environ), **(extra_env or {})}
     with tempfile.TemporaryFile() as inp, tempfile.TemporaryFile() as err:
         inp.write(stdin_text.encode() + b"\n")

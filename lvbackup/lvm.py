@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from . import proc
-from .changes import ChangeTrackingError
-from .errors import LvbackupError, NotFoundError, UsageError
+from .errors import ChangeTrackingError, LvbackupError, NotFoundError, UsageError
 from .faults import crash_point
 from .timeutil import iso
 

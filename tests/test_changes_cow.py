@@ -10,9 +10,9 @@ import struct
 
 import pytest
 
-from lvbackup.changes import ChangeTrackingError
 from lvbackup.changes.cow import SNAP_MAGIC, ExceptionStore, read_exception_store
 from lvbackup.changes.ranges import Change, Extent
+from lvbackup.errors import ChangeTrackingError
 
 SECTOR = 512
 

@@ -7,8 +7,7 @@ import json
 import pytest
 
 from lvbackup import lvm
-from lvbackup.changes import ChangeTrackingError
-from lvbackup.errors import UsageError
+from lvbackup.errors import ChangeTrackingError, UsageError
 
 
 @pytest.fixture

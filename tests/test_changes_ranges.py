@@ -10,9 +10,9 @@ import random
 
 import pytest
 
-from lvbackup.changes import ChangeTrackingError
 from lvbackup.changes.ranges import Change, Extent, block_runs
 from lvbackup.datapath.blockmap import Kind, Run, checked
+from lvbackup.errors import ChangeTrackingError
 
 
 def random_extents(rng: random.Random, nunits: int, kinds: list[Change]) -> list[Extent]:

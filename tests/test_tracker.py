@@ -12,7 +12,6 @@ import pytest
 from test_datapath import BS, backup, restored
 
 from lvbackup import lvm
-from lvbackup.changes import ChangeTrackingError
 from lvbackup.changes.tracker import (
     SAMPLE_CAP_BYTES,
     SAMPLE_MIN_BLOCKS,
@@ -22,6 +21,7 @@ from lvbackup.changes.tracker import (
 )
 from lvbackup.config import ConfigError, load_config
 from lvbackup.datapath.blockmap import FileBlocks, Kind, Run
+from lvbackup.errors import ChangeTrackingError
 from lvbackup.repository.repo import Repository
 
 NBLOCKS = 64

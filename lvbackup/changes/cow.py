@@ -21,7 +21,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import ChangeTrackingError
+from ..errors import ChangeTrackingError
 from .ranges import Change, Extent
 
 SNAP_MAGIC = 0x70416e53

@@ -20,7 +20,7 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from ..datapath.blockmap import Kind, Run
-from . import ChangeTrackingError
+from ..errors import ChangeTrackingError
 
 
 class Change(IntEnum):

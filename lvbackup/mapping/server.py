@@ -13,11 +13,11 @@ import errno
 from pathlib import Path
 
 from ..config import Config, load_config
-from ..credentials import drop_secrets_from_process
 from ..datapath.reader import BackupReader
 from ..errors import LvbackupError
 from ..repository import lease
 from ..repository.repo import Repository
+from ..secretenv import drop_secrets_from_process
 from ..session import open_repository
 from .registry import hold
 
