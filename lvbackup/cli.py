@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from . import __version__, logsetup
+from . import __version__, faults, logsetup
 from .catalog import STATUSES
 from .config import Config, load_config
 from .datapath.pipeline import tune_malloc
@@ -1253,6 +1253,7 @@ def main() -> None:
         # other code creates for it (SQLite's, gc's scratch database); metrics set their
         # own mode.
         os.umask(0o077)
+        faults.check_requested()
         tune_malloc()
         result = cli.main(prog_name="lvbackup", standalone_mode=False)
         code = result if isinstance(result, int) else 0

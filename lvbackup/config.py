@@ -29,6 +29,14 @@ DEFAULT_STATE_DIR = Path("/var/lib/lvbackup")
 # change_sample: the least share (%) of the blocks a change list calls unchanged that is
 # re-read to check it.
 DEFAULT_SAMPLE_PERCENT = 0.1
+# A classic snapshot's COW size when none is given (lvcreate --size, or a share of the origin).
+DEFAULT_SNAPSHOT_SIZE = "20%ORIGIN"
+
+
+
+def default_workers() -> int:
+    """Worker threads when `workers:` is not set: one per CPU, at most 8."""
+    return min(os.cpu_count() or 1, 8)
 
 
 class ConfigError(UsageError):
@@ -82,8 +90,8 @@ class Config:
     catalog: Path
     cache_dir: Path
     compression_level: int = 1
-    workers: int = 2
-    temp_snapshot_size: str = "20%ORIGIN"
+    workers: int = field(default_factory=lambda: default_workers())
+    temp_snapshot_size: str = DEFAULT_SNAPSHOT_SIZE
     keep_snapshot: bool = False      # keep a volume's snapshot as the next incremental's base
     change_tracking: bool = True     # use LVM's record of changes and of mapped blocks
     change_sample: float = DEFAULT_SAMPLE_PERCENT   # % of unchanged blocks re-read to check
@@ -310,7 +318,7 @@ def _snapshot_size(value: Any) -> str:
     text = str(value).strip()
     if not _SNAPSHOT_SIZE.match(text):
         raise ConfigError("config key 'temp_snapshot_size' must be an LVM size such as 2G, "
-                          "or a share such as 20%ORIGIN")
+                          f"or a share such as {DEFAULT_SNAPSHOT_SIZE}")
     return text
 
 
@@ -368,8 +376,9 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         catalog=catalog,
         cache_dir=cache_dir,
         compression_level=_int(raw.get("compression_level", 1), "compression_level", 1, 19),
-        workers=_int(raw.get("workers", min(os.cpu_count() or 1, 8)), "workers", 1, 64),
-        temp_snapshot_size=_snapshot_size(raw.get("temp_snapshot_size", "20%ORIGIN")),
+        workers=_int(raw.get("workers", default_workers()), "workers", 1, 64),
+        temp_snapshot_size=_snapshot_size(raw.get("temp_snapshot_size",
+                                                  DEFAULT_SNAPSHOT_SIZE)),
         keep_snapshot=_bool(raw.get("keep_snapshot", False), "keep_snapshot"),
         change_tracking=_bool(raw.get("change_tracking", True), "change_tracking"),
         change_sample=_sample(raw.get("change_sample", DEFAULT_SAMPLE_PERCENT)),

@@ -3,7 +3,8 @@
 `LVBACKUP_FAULT=POINT[:N]` makes the process SIGKILL itself the N-th time (default: the
 first) it reaches `crash_point(POINT)`: a real crash at an exact step, as kill -9 would do
 at a lucky moment. `POINT:N:TERM` sends SIGTERM instead, which lvbackup unwinds from.
-Unset, a crash point costs one string comparison.
+Unset, a crash point costs a string comparison and a set lookup; a point the code names
+that POINTS does not list raises, and so does an LVBACKUP_FAULT that names none.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+
+from .errors import UsageError
 
 _SPEC = os.environ.get("LVBACKUP_FAULT", "")
 _POINT, _, _REST = _SPEC.partition(":")
@@ -56,13 +59,26 @@ POINTS = (
 DROP_CHANGES = "drop-changes"
 
 
+def check_requested() -> None:
+    """UsageError if LVBACKUP_FAULT names no crash point: the test that asked for it would
+    pass for the wrong reason. Checked before a command starts."""
+    if _POINT and _POINT not in _KNOWN and _POINT != DROP_CHANGES:
+        raise UsageError(f"LVBACKUP_FAULT={_SPEC}: no crash point is named {_POINT} "
+                         f"(known: {', '.join(POINTS)})")
+
+
 def dropping_changes() -> bool:
     return _POINT == DROP_CHANGES
+
+
+_KNOWN = frozenset(POINTS)
 
 
 def crash_point(name: str) -> None:
     global _seen
     if name != _POINT:
+        if name not in _KNOWN:   # a misspelt point in the code would never fire
+            raise ValueError(f"unknown crash point {name!r}: add it to faults.POINTS")
         return
     with _lock:
         _seen += 1

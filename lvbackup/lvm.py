@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from . import proc
+from .config import DEFAULT_SNAPSHOT_SIZE
 from .errors import ChangeTrackingError, LvbackupError, NotFoundError, UsageError
 from .faults import crash_point
 from .timeutil import iso
@@ -23,7 +24,6 @@ TEMP_TAG = "lvbackup_temp"
 # A temporary snapshot kept (--keep-snapshot) as the base of the next incremental.
 BASE_TAG = "lvbackup_base"
 
-DEFAULT_SNAPSHOT_SIZE = "20%ORIGIN"
 
 _NAME = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
 _FIELDS = ("lv_uuid,lv_name,vg_name,lv_size,lv_attr,origin,pool_lv,lv_time,lv_tags,"

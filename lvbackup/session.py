@@ -67,6 +67,13 @@ class Session:
                           "truncated catalog): recover them with 'lvbackup catalog rebuild'")
         return self._catalog
 
+    def reopen_catalog(self) -> Catalog:
+        """The catalog opened anew (`catalog rebuild`, after moving a corrupt one aside)."""
+        if self._catalog is not None:
+            self._catalog.close()
+            self._catalog = None
+        return self.catalog
+
     def _has_manifests(self) -> bool:
         """Whether the repository holds a backup's manifest (a listing: no key needed)."""
         try:

@@ -183,3 +183,20 @@ def test_gc_crash_then_fresh_cache(repo):
     crash(wd, "gc-index-rewritten", "gc")
     shutil.rmtree(wd.cache)
     intact(repo)
+
+
+def test_a_misspelt_crash_point_is_refused(tmp_path):
+    """A fault the tests ask for that no crash point is named after would never fire (the
+    test would pass for the wrong reason); a point the code names that faults.POINTS does
+    not list, likewise."""
+    from lvbackup import faults
+
+    wd = Workdir(tmp_path / "wd")
+    wd.init()
+    image = tmp_path / "disk.img"
+    make_image(image, 1, seed=1)
+    p = wd.run("create", "--device", image, env={"LVBACKUP_FAULT": "pack-stord"})
+    assert_one_line_error(p, 2, "LVBACKUP_FAULT", "pack-stord")
+    assert wd.list() == []
+    with pytest.raises(ValueError, match="unknown crash point"):
+        faults.crash_point("pack-stord")

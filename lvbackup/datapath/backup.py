@@ -28,10 +28,7 @@ from ..repository import codec
 from ..repository.manifest import HOLE, Entries, Manifest, ManifestWriter, entry
 from ..repository.repo import Packer, Repository
 from .blockmap import BlockSource, Kind, Run, checked, ones
-from .pipeline import BufferPool, ordered_map
-
-SEGMENT = 4 * 1024 * 1024
-DEPTH = 4
+from .pipeline import DEPTH, SEGMENT, BufferPool, ordered_map
 
 Progress = Callable[[int], None]
 

@@ -17,6 +17,11 @@ from typing import TypeVar
 
 from ..diskio import aligned_buffer
 
+# A data path's unit of work (a backup's and a restore's segments), and how many are in
+# flight at once: the memory a run takes is about (DEPTH + workers + 2) segments.
+SEGMENT = 4 * 1024 * 1024
+DEPTH = 4
+
 T = TypeVar("T")
 R = TypeVar("R")
 

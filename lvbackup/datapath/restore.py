@@ -17,10 +17,7 @@ from ..repository.manifest import Entries, Manifest
 from ..repository.pack import ChunkRef
 from ..repository.repo import ChunkError, Repository
 from .blockmap import ones
-from .pipeline import BufferPool, ordered_map
-
-SEGMENT = 4 * 1024 * 1024
-DEPTH = 4
+from .pipeline import DEPTH, SEGMENT, BufferPool, ordered_map
 
 
 class BlockError(CorruptionError):

@@ -112,8 +112,7 @@ def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
                     src = Path(str(config.catalog) + suffix)
                     if src.exists():
                         src.rename(str(moved) + suffix)
-                session._catalog = None
-                cat = session.catalog
+                cat = session.reopen_catalog()
             found, bad = set(), []
             for name, _ in repo.storage.list("manifests/"):
                 backup_id = name.rsplit("/", 1)[1]
