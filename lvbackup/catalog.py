@@ -382,3 +382,12 @@ class Catalog:
     def refresh_all_dependents(self) -> None:
         self._check_writable()
         self._db.execute(self._RECOUNT, _COUNTED)
+
+
+def require_available(row: BackupRecord) -> BackupRecord:
+    """`row`, if its backup is available; UsageError with Cinder's message otherwise (what
+    restore, map, instant restore, diff and export-record check first)."""
+    if row["status"] != Status.AVAILABLE:
+        raise UsageError(f"Backup status must be available (backup {row['id']} is "
+                         f"{row['status']})")
+    return row

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from ..catalog import require_available
 from ..errors import UsageError
-from ..lifecycle import Status
 from ..repository.manifest import Entries, Manifest
 from ..session import Session, recover_dead_runs
 
@@ -32,9 +32,7 @@ def diff_backups(session: Session, backup_id: str, other_id: str | None = None
     if old["volume_id"] != new["volume_id"]:
         raise UsageError(f"backups {new['id']} and {old['id']} are of different volumes")
     for row in (new, old):
-        if row["status"] != Status.AVAILABLE:
-            raise UsageError(f"Backup status must be available (backup {row['id']} is "
-                             f"{row['status']})")
+        require_available(row)
     repo = session.repo
     repo.sync_index(session.lock_dir)
     a, b = repo.manifest(old["id"]), repo.manifest(new["id"])

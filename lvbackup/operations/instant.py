@@ -21,10 +21,9 @@ from typing import TypedDict
 
 from .. import events as ev
 from .. import lvm
-from ..catalog import to_record
+from ..catalog import require_available, to_record
 from ..errors import CorruptionError, LvbackupError, NotFoundError, UsageError
 from ..faults import crash_point
-from ..lifecycle import Status
 from ..mapping import devices
 from ..mapping import registry as reg
 from ..mapping.hydrate import (
@@ -103,9 +102,7 @@ def instant_restore(session: Session, backup_id: str, *, to: str | None = None,
         repo.sync_index(lock_dir)
         with reg.registry(lock_dir):
             row = cat.get(row["id"])
-            if row["status"] != Status.AVAILABLE:
-                raise UsageError(f"Backup status must be available (backup {row['id']} is "
-                                 f"{row['status']})")
+            require_available(row)
             try:
                 size = repo.manifest(row["id"]).size
             except CorruptionError as e:

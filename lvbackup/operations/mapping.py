@@ -15,9 +15,9 @@ import uuid
 from pathlib import Path
 from typing import TypedDict
 
+from ..catalog import require_available
 from ..errors import CorruptionError, LvbackupError, NotFoundError, UsageError
 from ..faults import crash_point
-from ..lifecycle import Status
 from ..mapping import devices
 from ..mapping import registry as reg
 from ..mapping.registry import MapRecord
@@ -55,9 +55,7 @@ def map_backup(session: Session, backup_id: str, *, writable: bool = False) -> M
         repo.sync_index(lock_dir)
         with reg.registry(lock_dir):   # a delete sees this map, or the map sees the delete
             row = cat.get(row["id"])
-            if row["status"] != Status.AVAILABLE:
-                raise UsageError(f"Backup status must be available (backup {row['id']} is "
-                                 f"{row['status']})")
+            require_available(row)
             try:
                 repo.manifest(row["id"])
             except CorruptionError as e:

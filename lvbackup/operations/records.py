@@ -13,6 +13,7 @@ from ..catalog import (
     MIN_PREFIX_TO_CHANGE,
     BackupRecord,
     as_record,
+    require_available,
     to_record,
 )
 from ..errors import CorruptionError, LvbackupError, UsageError
@@ -24,9 +25,7 @@ from ..timeutil import now_iso
 def export_record(session: Session, backup_id: str) -> tuple[str, str]:
     """(the backup's id, base64 of a JSON object with every catalog field of the available
     backup) (rule 19)."""
-    row = session.catalog.resolve(backup_id)
-    if row["status"] != Status.AVAILABLE:
-        raise UsageError(f"Backup status must be available (backup {row['id']} is {row['status']})")
+    row = require_available(session.catalog.resolve(backup_id))
     rec = {k: v for k, v in to_record(row).items() if k in COLUMNS}
     return row["id"], base64.b64encode(json.dumps(rec, sort_keys=True).encode()).decode()
 

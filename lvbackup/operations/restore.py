@@ -11,6 +11,7 @@ from typing import Literal, TypedDict
 from .. import events as ev
 from ..catalog import (
     BackupRecord,
+    require_available,
     to_record,
 )
 from ..datapath.blockmap import ones
@@ -78,9 +79,7 @@ def restore_backup(session: Session, backup_id: str, *, to: str | None = None,
         stack.enter_context(hold_backup(session.lock_dir, row["id"],
                                         ACTIVITY.get(Status(row["status"])), session.wait))
         row = cat.get(row["id"])
-        if row["status"] != Status.AVAILABLE:
-            raise UsageError(f"Backup status must be available (backup {row['id']} is "
-                             f"{row['status']})")
+        require_available(row)
         repo = session.repo
         repo.sync_index(session.lock_dir)
         try:
