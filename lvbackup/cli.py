@@ -94,11 +94,10 @@ def parse_size(text: str) -> int:
 class App:
     """Per-invocation state: global options, the configuration, the open session."""
 
-    def __init__(self, config_path: str | None, as_json: bool, quiet: bool, verbose: bool):
+    def __init__(self, config_path: str | None, as_json: bool, quiet: bool):
         self.config_path = config_path
         self.as_json = as_json
         self.quiet = quiet
-        self.verbose = verbose
         self._config: Config | None = None
         self._session: Session | None = None
 
@@ -177,10 +176,10 @@ def _set_global(ctx: click.Context, param: click.Parameter, value: Any) -> None:
         if app.config_path not in (None, value):
             raise click.UsageError(f"--config given twice: {app.config_path} and {value}")
         app.config_path = value
+    elif param.name == "verbose":   # the group's callback, which sets it up, ran already
+        logsetup.verbose()
     else:
         setattr(app, str(param.name), True)
-        if param.name == "verbose":   # the group's callback, which sets it up, ran already
-            logsetup.verbose()
 
 
 def _global_params() -> list[click.Parameter]:
@@ -264,7 +263,7 @@ def cli(ctx: click.Context, config_path: str | None, as_json: bool, quiet: bool,
       lvbackup create --device /srv/disk.img --incremental
       lvbackup list
     """
-    ctx.obj = App(config_path, as_json, quiet, verbose)
+    ctx.obj = App(config_path, as_json, quiet)
     if verbose:
         logsetup.verbose()
 
@@ -1243,6 +1242,8 @@ def _failure(e: BaseException, verbose: bool) -> tuple[int, str, str | None]:
 def main() -> None:
     """Run the command line (through launcher.main, which handled Ctrl-C until now)."""
     args = sys.argv[1:]
+    # How a failure is reported is read from the words themselves: it may come before click
+    # has parsed them (a bad option), and the global options may follow the command.
     verbose = "-v" in args or "--verbose" in args
     as_json = "--json" in args
     try:
