@@ -337,11 +337,9 @@ def create(app: App, volume: str | None, snapshot: str | None, device: str | Non
       lvbackup --json create --device /srv/vm.img --name nightly --label tier=gold
     """
     label_map = parse_labels(labels)
-    keep_snapshot = keep_snapshot or (app.config.keep_snapshot and bool(volume)
-                                      and not snapshot and not device)
     source, source_name = select_source(app.config, volume=volume, snapshot=snapshot,
                                         device=device, force=force,
-                                        keep_snapshot=keep_snapshot)
+                                        keep_snapshot=keep_snapshot or None)
     session = app.session(wait)
     with app.progress("backup") as progress:
         result = create_backup(session, source, incremental=incremental, name=name,
@@ -706,9 +704,7 @@ def prune(app: App, last: int, hourly: int, daily: int, weekly: int, monthly: in
         raise UsageError("give at least one --keep-* option greater than 0 "
                          "(prune never deletes every backup)")
     label_map = parse_labels(labels)
-    names = list(volumes)
-    names += [os.path.realpath(v) for v in volumes if os.path.exists(v)]
-    report = prune_backups(app.session(wait), policy, volumes=names, labels=label_map,
+    report = prune_backups(app.session(wait), policy, volumes=list(volumes), labels=label_map,
                            dry_run=dry_run)
 
     def human(r: dict) -> None:
@@ -1172,20 +1168,9 @@ def config_check(app: App) -> None:
     Example:
       lvbackup --config ./lvbackup.yaml config check
     """
-    import shutil
-
     import yaml
 
     config = app.config
-    for n, hook in enumerate(config.hooks):
-        exe = hook.command[0]
-        found = (os.access(exe, os.X_OK) if "/" in exe else shutil.which(exe) is not None)
-        if not found:
-            app.warn(f"hooks[{n}].command: {exe} is not an executable (the hook will fail)")
-    for key, path in (("event_log", config.event_log), ("metrics", config.metrics)):
-        if path is not None and not path.parent.is_dir():   # checked, never created here
-            app.warn(f"{key}: the directory {path.parent} does not exist (a typo? lvbackup "
-                     "would create it at the first write)")
     for warning in config_warnings(config):
         app.warn(warning)
     app.emit(effective_config(config),

@@ -206,16 +206,19 @@ def _write_backup(session: Session, source: Source, file: FileBlocks, record: Ba
 
 def select_source(config: Config, *, volume: str | None = None, snapshot: str | None = None,
                   device: str | None = None, force: bool = False,
-                  keep_snapshot: bool = False) -> tuple[SourceFactory, str | None]:
+                  keep_snapshot: bool | None = None) -> tuple[SourceFactory, str | None]:
     """The source `create` and `run` back up: an LVM snapshot (of `volume`, if given), an
     LVM volume (through a temporary snapshot with `force`), or a device or image file.
     Returns its factory and the name it goes by before it is opened (for metrics and the
-    error event of a source that cannot be opened)."""
+    error event of a source that cannot be opened). `keep_snapshot` unset: the
+    configuration's `keep_snapshot:` for a volume read through its own snapshot."""
     if device and (volume or snapshot):
         raise UsageError("--device cannot be combined with --volume or --snapshot")
     if keep_snapshot and not volume or keep_snapshot and snapshot:
         raise UsageError("--keep-snapshot applies to --volume only (it keeps the snapshot "
                          "lvbackup takes of the volume)")
+    if keep_snapshot is None:
+        keep_snapshot = config.keep_snapshot and bool(volume) and not snapshot
     if snapshot:
         return snapshot_source(snapshot, volume, lock_dir=config.lock_dir), None
     if volume:

@@ -92,9 +92,8 @@ def _source(session: Session, job: Job) -> tuple[SourceFactory, str, str, str | 
         return factory, path, path, None
     if job.volume is not None:
         vol = lvm.find_lv(job.volume)
-        keep = session.config.keep_snapshot if job.keep_snapshot is None else job.keep_snapshot
         factory, _ = select_source(session.config, volume=job.volume, force=job.force,
-                                   keep_snapshot=keep)
+                                   keep_snapshot=job.keep_snapshot)
         return factory, vol.uuid, vol.full_name, None
     assert job.snapshot_of is not None
     origin, snap = newest_snapshot(job.snapshot_of)

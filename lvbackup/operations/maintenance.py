@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -68,8 +70,23 @@ def effective_config(config: Config) -> dict:
 
 
 def config_warnings(config: Config) -> list[str]:
-    """`config check`'s warnings about the repository: append_only: on object storage whose
-    bucket does not keep versions (the host's credentials can still overwrite objects)."""
+    """`config check`'s warnings: what the configuration names that will fail (a hook that
+    is not an executable, an event log or metrics file in a directory that does not exist:
+    checked, never created here), and append_only: on object storage whose bucket does not
+    keep versions (the host's credentials can still overwrite objects)."""
+    found = []
+    for n, hook in enumerate(config.hooks):
+        exe = hook.command[0]
+        if not (os.access(exe, os.X_OK) if "/" in exe else shutil.which(exe) is not None):
+            found.append(f"hooks[{n}].command: {exe} is not an executable (the hook will fail)")
+    for key, path in (("event_log", config.event_log), ("metrics", config.metrics)):
+        if path is not None and not path.parent.is_dir():
+            found.append(f"{key}: the directory {path.parent} does not exist (a typo? "
+                         "lvbackup would create it at the first write)")
+    return found + _versioning_warnings(config)
+
+
+def _versioning_warnings(config: Config) -> list[str]:
     if not (config.append_only and str(config.repository).startswith("s3://")):
         return []
     from ..repository.backends.s3 import S3Backend  # boto3: only for object storage

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 
 from ..catalog import BackupRecord
@@ -14,8 +15,9 @@ from .delete import Reparented, delete_row
 
 def prune(session: Session, policy: Policy, *, volumes: list[str] | None = None,
           labels: dict[str, str] | None = None, dry_run: bool = False) -> dict:
-    """Select with `policy` among the available backups (of `volumes`, carrying every one
-    of `labels`) and, unless `dry_run`, delete the others, re-parenting their children.
+    """Select with `policy` among the available backups (of `volumes`: names, ids or id
+    prefixes, or paths of images and devices, however given; carrying every one of
+    `labels`) and, unless `dry_run`, delete the others, re-parenting their children.
 
     Like gc, prune holds the repository lock exclusively: nothing else that writes runs
     meanwhile (a running incremental reads its parent's manifest). Returns a report.
@@ -28,7 +30,9 @@ def prune(session: Session, policy: Policy, *, volumes: list[str] | None = None,
     with session.exclusive_lock("prune") as held:
         cat = session.catalog
         recover_dead_runs(session)
-        rows = cat.list(volumes=volumes or [], status=Status.AVAILABLE, labels=labels)
+        names = list(volumes or [])
+        names += [os.path.realpath(v) for v in names if os.path.exists(v)]
+        rows = cat.list(volumes=names, status=Status.AVAILABLE, labels=labels)
         plan = select(rows, policy)
         by_id = {r["id"]: r for r in rows}
         for bid, why in plan.keep.items():
