@@ -14,7 +14,7 @@ import pytest
 from lvbackup.datapath.backup import ScanStats, write_backup
 from lvbackup.datapath.blockmap import FileBlocks, Kind, Run
 from lvbackup.datapath.reader import BackupReader
-from lvbackup.datapath.restore import BlockError, restore_blocks
+from lvbackup.datapath.unpack import BlockError, restore_blocks
 from lvbackup.errors import LvbackupError, UsageError
 from lvbackup.repository.keys import PASSPHRASE, Secret
 from lvbackup.repository.manifest import PAGE_ENTRIES

@@ -16,7 +16,7 @@ import pytest
 
 from lvbackup.datapath.backup import write_backup
 from lvbackup.datapath.blockmap import FileBlocks
-from lvbackup.datapath.restore import restore_blocks
+from lvbackup.datapath.unpack import restore_blocks
 from lvbackup.repository import lease
 from lvbackup.repository.backends import MemoryBackend
 from lvbackup.repository.codec import PLAIN

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from ..errors import UsageError
 from ..repository.manifest import Manifest
 from ..repository.repo import Repository
-from .restore import fetch_blocks
+from .unpack import fetch_blocks
 
 DEFAULT_CACHE = 32 * 1024 * 1024
 

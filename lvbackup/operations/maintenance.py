@@ -188,7 +188,7 @@ def collect_garbage(session: Session, progress: Callable[[int, int], None] | Non
         # them, or be uploading one, should its lease have lapsed: young ones are spared.
         grace = session.config.gc_grace_period if held is not None else 0
         try:
-            return gc.collect_garbage(session.repo, session.config.cache_dir,
+            return gc.collect(session.repo, session.config.cache_dir,
                                       session.lock_dir, progress, grace=grace,
                                       guard=held.check if held is not None else None)
         except (OSError, sqlite3.Error) as e:

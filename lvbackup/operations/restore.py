@@ -15,7 +15,7 @@ from ..catalog import (
     to_record,
 )
 from ..datapath.blockmap import ones
-from ..datapath.restore import Restored, restore_blocks
+from ..datapath.unpack import Restored, restore_blocks
 from ..diskio import ALIGN, pwrite_all
 from ..errors import CorruptionError, LvbackupError, UsageError
 from ..faults import crash_point

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 
 from ..catalog import BackupRecord
-from ..datapath.restore import restore_blocks
+from ..datapath.unpack import restore_blocks
 from ..errors import CorruptionError
 from ..lifecycle import ACTIVITY, Status
 from ..locks import hold_backup

@@ -33,7 +33,7 @@ REPACK_BELOW = 0.5       # repack a pack when less than this share of its bytes 
 INDEX_ENTRIES = 65536
 
 
-def collect_garbage(repo: Repository, cache_dir: Path, lock_dir: Path,
+def collect(repo: Repository, cache_dir: Path, lock_dir: Path,
                     progress: Callable[[int, int], None] | None = None, *, grace: float = 0,
                     guard: Callable[[], None] | None = None) -> dict:
     """Delete packs no manifest uses and repack mostly-dead ones. Caller holds the lock.
