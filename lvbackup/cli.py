@@ -41,9 +41,9 @@ from .operations.maintenance import (
     init_repository,
     rebuild_catalog,
 )
-from .operations.mapping import map_backup, mapped_backups, mount_backup
-from .operations.mapping import unmap as unmap_backup
-from .operations.mapping import unmount as unmount_backup
+from .operations.nbd import map_backup, mapped_backups, mount_backup
+from .operations.nbd import unmap as unmap_backup
+from .operations.nbd import unmount as unmount_backup
 from .operations.prune import prune as prune_backups
 from .operations.records import export_record as export_backup_record
 from .operations.records import import_record as import_backup_record

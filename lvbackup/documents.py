@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Literal, TypedDict
 
 from .operations.instant import InstantInfo
-from .operations.mapping import MapInfo
+from .operations.nbd import MapInfo
 from .operations.restore import RestoreResult
 
 __all__ = ["InstantInfo", "MapInfo", "RestoreResult"]

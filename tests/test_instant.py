@@ -1,5 +1,5 @@
 """Instant restore without a kernel: the region map, the read/write/hydrate rules against
-plain files (lvbackup/mapping/hydrate.py), the process killed at its crash points, the
+plain files (lvbackup/nbd/hydrate.py), the process killed at its crash points, the
 nbdkit export serving and hydrating a restore for real (spoken to over its socket), a
 restore's backup held against delete and gc, and the command's errors. The devices
 (NBD, device-mapper, the table swap under a mounted filesystem) are tests/lvm/test_instant.py,
@@ -23,12 +23,12 @@ import pytest
 from nbdclient import NbdClient
 
 from lvbackup.errors import CorruptionError, LvbackupError
-from lvbackup.mapping import devices
-from lvbackup.mapping import registry as reg
-from lvbackup.mapping.hydrate import (
+from lvbackup.nbd import devices
+from lvbackup.nbd import registry as reg
+from lvbackup.nbd.hydrate import (
     STATE_FORMAT,
     Hydrator,
-    RegionMap,
+    RegionBitmap,
     hydrated_bytes,
     load_state,
     regions_of,
@@ -51,7 +51,7 @@ def _files(tmp_path: Path, size: int, seed: int = 1) -> tuple[bytes, Path, Path]
     target = tmp_path / "lv"
     target.write_bytes(bytes([GARBAGE]) * (size + 4096))   # an LV may be larger
     regions = tmp_path / "state.regions"
-    RegionMap.create(regions, regions_of(size, REGION))
+    RegionBitmap.create(regions, regions_of(size, REGION))
     return bytes(image), target, regions
 
 
@@ -71,28 +71,28 @@ def _hydrator(image: bytes, target: Path, regions: Path, fresh: bool = False,
               copy=None) -> tuple[Hydrator, Source, int]:
     source = Source(image)
     fd = os.open(target, os.O_RDWR)
-    rmap = RegionMap(regions, regions_of(len(image), REGION))
+    rmap = RegionBitmap(regions, regions_of(len(image), REGION))
     return Hydrator(fd, rmap, len(image), REGION, source.read, copy or source.read,
                     fresh), source, fd
 
 
 def test_region_map_bits_are_durable_and_laid_out_as_documented(tmp_path):
     path = tmp_path / "r.regions"
-    RegionMap.create(path, 20)
+    RegionBitmap.create(path, 20)
     assert path.read_bytes() == bytes(3)
-    rmap = RegionMap(path, 20)
+    rmap = RegionBitmap(path, 20)
     for region in (0, 9, 19):
         rmap.mark(region)
     rmap.mark(9)   # idempotent
     assert path.read_bytes() == bytes([0b0000_0001, 0b0000_0010, 0b0000_1000])
     assert rmap.count == 3 and not rmap.complete
-    again = RegionMap(path, 20, writable=False)
+    again = RegionBitmap(path, 20, writable=False)
     assert [r for r in range(20) if r in again] == [0, 9, 19]
     # The last region is short: hydrated bytes count what it holds.
     size = 19 * REGION + 1000
     assert hydrated_bytes(again, size, REGION) == 2 * REGION + 1000
     with pytest.raises(CorruptionError, match="expected 2"):
-        RegionMap(path, 16)
+        RegionBitmap(path, 16)
 
 
 def test_state_file_round_trip_and_unknown_format(tmp_path):
@@ -154,7 +154,7 @@ def test_a_write_hydrates_its_regions_first_and_is_never_hidden(tmp_path):
         assert h.run(threading.Event(), None)
         h.flush()
         assert target.read_bytes()[:len(image)] == bytes(expected)
-        assert RegionMap(regions, 6, writable=False).complete
+        assert RegionBitmap(regions, 6, writable=False).complete
     finally:
         os.close(fd)
 
@@ -207,10 +207,10 @@ def test_the_copy_stops_when_asked_and_keeps_to_its_rate(tmp_path):
 
 _CRASH = textwrap.dedent("""
     import os, sys
-    from lvbackup.mapping.hydrate import Hydrator, RegionMap, regions_of
+    from lvbackup.nbd.hydrate import Hydrator, RegionBitmap, regions_of
     image = open(sys.argv[1], "rb").read()
     fd = os.open(sys.argv[2], os.O_RDWR)
-    rmap = RegionMap(sys.argv[3], regions_of(len(image), {region}))
+    rmap = RegionBitmap(sys.argv[3], regions_of(len(image), {region}))
     read = lambda offset, length: image[offset:offset + length]
     Hydrator(fd, rmap, len(image), {region}, read, read, False).pwrite(b"W" * 100, {at})
     print("written")
@@ -261,7 +261,7 @@ def served(tmp_path):
     state_file = wd.cache / "instant" / "lvbackup-restore-vg-lv.json"
     state_file.parent.mkdir(parents=True)
     region = 1 << 20
-    RegionMap.create(regions_path(state_file), regions_of(len(data), region))
+    RegionBitmap.create(regions_path(state_file), regions_of(len(data), region))
     save_state(state_file, {
         "format": STATE_FORMAT, "volume": "vg/lv", "target": str(target),
         "backup_id": backup["id"], "backup": backup, "size": len(data),
@@ -310,8 +310,8 @@ def test_the_export_serves_writes_and_hydrates_in_the_background(served):
         backup_id = record["backup_id"]
         assert_one_line_error(wd.run("delete", backup_id), 2, "being restored onto vg/lv")
         assert_one_line_error(wd.run("gc"), 2, "being restored onto vg/lv")
-        regions = RegionMap(regions_path(state_file), 4, writable=False)
-        _wait(lambda: RegionMap(regions_path(state_file), 4, writable=False).complete)
+        regions = RegionBitmap(regions_path(state_file), 4, writable=False)
+        _wait(lambda: RegionBitmap(regions_path(state_file), 4, writable=False).complete)
         regions.close()
     finally:
         client.close()
@@ -372,7 +372,7 @@ def _state(wd: Workdir, volume: str, backup: dict, **fields) -> Path:
     dm_name = f"lvbackup-restore-{vg}-{name}"
     state_file = wd.cache / "instant" / f"{dm_name}.json"
     state_file.parent.mkdir(parents=True, exist_ok=True)
-    RegionMap.create(regions_path(state_file), regions_of(1 << 20, REGION))
+    RegionBitmap.create(regions_path(state_file), regions_of(1 << 20, REGION))
     save_state(state_file, {
         "format": STATE_FORMAT, "volume": volume, "target": f"/dev/{volume}",
         "backup_id": backup["id"], "backup": backup, "size": 1 << 20, "region_size": REGION,

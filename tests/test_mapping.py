@@ -19,8 +19,8 @@ import blake3
 import pytest
 from nbdclient import NbdClient
 
-from lvbackup.mapping import devices
-from lvbackup.mapping import registry as reg
+from lvbackup.nbd import devices
+from lvbackup.nbd import registry as reg
 from lvbackup.repository.backends.local import LocalBackend
 from lvbackup.repository.codec import PLAIN
 from lvbackup.repository.pack import read_trailer

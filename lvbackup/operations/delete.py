@@ -14,7 +14,7 @@ from ..errors import LvbackupError, UsageError
 from ..faults import crash_point
 from ..lifecycle import Status
 from ..locks import RunLock
-from ..mapping.registry import refuse_if_mapped, registry
+from ..nbd.registry import refuse_if_mapped, registry
 from ..repository.manifest import manifest_name
 from ..session import Session, reason, recover_dead_runs
 

@@ -2,7 +2,7 @@
 `--release`.
 
 The device the user gets is a device-mapper device, /dev/mapper/lvbackup-restore-VG-NAME,
-mapped linearly onto /dev/nbdN, which nbdkit serves with `mapping/instant_export.py`: reads
+mapped linearly onto /dev/nbdN, which nbdkit serves with `nbd/instant_export.py`: reads
 of regions not yet copied come from the backup, the rest and every write go to the LV,
 and a background thread copies (hydrates) the regions in order. Once all are in the LV,
 that process swaps the device's table to the LV itself, detaches /dev/nbdN and exits.
@@ -24,13 +24,13 @@ from .. import lvm
 from ..catalog import require_available, to_record
 from ..errors import CorruptionError, LvbackupError, NotFoundError, UsageError
 from ..faults import crash_point
-from ..mapping import devices
-from ..mapping import registry as reg
-from ..mapping.hydrate import (
+from ..nbd import devices
+from ..nbd import registry as reg
+from ..nbd.hydrate import (
     REGION,
     STATE_FORMAT,
     InstantState,
-    RegionMap,
+    RegionBitmap,
     hydrated_bytes,
     load_state,
     regions_of,
@@ -38,12 +38,12 @@ from ..mapping.hydrate import (
     save_state,
     state_path,
 )
-from ..mapping.instant_export import release_device
-from ..mapping.registry import MapRecord
+from ..nbd.instant_export import release_device
+from ..nbd.registry import MapRecord
 from ..session import Session, recover_dead_runs
 from ..targets import create_volume_target, is_lv_name, lv_target
 from ..timeutil import now_iso
-from .mapping import new_record, start
+from .nbd import new_record, start
 
 SECTOR = 512
 
@@ -133,7 +133,7 @@ def instant_restore(session: Session, backup_id: str, *, to: str | None = None,
                 "done_at": None, "error": None, "created": to is None, "lv_uuid": lv.uuid,
                 "cancelled_at": None, "released_at": None}
             state_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            RegionMap.create(regions_path(state_file), regions_of(size, REGION))
+            RegionBitmap.create(regions_path(state_file), regions_of(size, REGION))
             save_state(state_file, state)
             record = _instant_record(session, state, state_file)
             try:
@@ -281,7 +281,7 @@ def _hydrated(state_file: Path, state: InstantState) -> int:
     size, region = state["size"], state["region_size"]
     if state["done_at"]:
         return size
-    regions = RegionMap(regions_path(state_file), regions_of(size, region), writable=False)
+    regions = RegionBitmap(regions_path(state_file), regions_of(size, region), writable=False)
     try:
         return hydrated_bytes(regions, size, region)
     finally:

@@ -17,7 +17,7 @@ from ..config import Config, as_dict
 from ..credentials import FindSecrets, create_key_file, require_strong, secrets
 from ..errors import CorruptionError, LvbackupError, UsageError
 from ..lifecycle import Status
-from ..mapping.registry import refuse_if_mapped, registry
+from ..nbd.registry import refuse_if_mapped, registry
 from ..repository import gc
 from ..repository.backends import credential_source, open_backend
 from ..repository.keys import Secret

@@ -31,7 +31,7 @@ from . import devices
 from . import registry as reg
 from .hydrate import (
     Hydrator,
-    RegionMap,
+    RegionBitmap,
     hydrated_bytes,
     load_state,
     regions_of,
@@ -63,7 +63,7 @@ class InstantExport(Export):
         if st["backup_id"] != self.params["backup"] or st["size"] != self.reader.size:
             raise LvbackupError(f"{self.state_file} is the restore of backup {st['backup_id']}"
                                 f" ({st['size']} bytes), not of {self.params['backup']}")
-        self.regions = RegionMap(regions_path(self.state_file),
+        self.regions = RegionBitmap(regions_path(self.state_file),
                                  regions_of(st["size"], st["region_size"]))
         self.fd = os.open(st["target"], os.O_RDWR | os.O_CLOEXEC)
         if os.lseek(self.fd, 0, os.SEEK_END) < st["size"]:

@@ -1,8 +1,8 @@
 """Map a backup as a block device: `map`, `unmap`, `mount`, `unmount`, `list --mapped`.
 
-A map is an nbdkit process serving the backup (lvbackup/mapping/server.py) and a kernel NBD
+A map is an nbdkit process serving the backup (lvbackup/nbd/server.py) and a kernel NBD
 device attached to it. lvbackup itself does not stay running: the registry
-(lvbackup/mapping/registry.py) records each map, and the server's lock on its record holds
+(lvbackup/nbd/registry.py) records each map, and the server's lock on its record holds
 the backup against delete and gc for as long as the server lives.
 """
 
@@ -18,9 +18,9 @@ from typing import TypedDict
 from ..catalog import require_available
 from ..errors import CorruptionError, LvbackupError, NotFoundError, UsageError
 from ..faults import crash_point
-from ..mapping import devices
-from ..mapping import registry as reg
-from ..mapping.registry import MapRecord
+from ..nbd import devices
+from ..nbd import registry as reg
+from ..nbd.registry import MapRecord
 from ..session import Session, recover_dead_runs
 from ..timeutil import now_iso
 
@@ -94,7 +94,7 @@ def new_record(session: Session, backup_id: str, writable: bool, *,
 
 def start(session: Session, record: MapRecord, export: dict[str, str] | None = None) -> None:
     """Record the map, start its server (with `export`'s parameters: another export than
-    the backup's, see mapping/nbdkit_plugin.py) and attach a free NBD device to it. The
+    the backup's, see nbd/nbdkit_plugin.py) and attach a free NBD device to it. The
     caller marks it ready."""
     lock_dir, config = session.lock_dir, session.config
     reg.save(lock_dir, record)

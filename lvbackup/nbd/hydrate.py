@@ -85,7 +85,7 @@ def save_state(path: Path, state: InstantState) -> None:
         os.write(f.fd, json.dumps(state, indent=1).encode())
 
 
-class RegionMap:
+class RegionBitmap:
     """Which regions of the target hold the restored data: one bit per region in a file
     (region i is bit i % 8, least significant first, of byte i // 8), only ever set, each
     change written in place and synced before `mark` returns."""
@@ -136,7 +136,7 @@ class RegionMap:
         os.close(self._fd)
 
 
-def hydrated_bytes(regions: RegionMap, size: int, region_size: int) -> int:
+def hydrated_bytes(regions: RegionBitmap, size: int, region_size: int) -> int:
     last = regions.regions - 1
     done = regions.count * region_size
     if regions.regions and last in regions:   # the last region may be short
@@ -151,7 +151,7 @@ class Hydrator:
     """The restored volume over `target` (an open file descriptor of the LV): reads,
     writes and flushes as a block device gets them, and the background copy."""
 
-    def __init__(self, target: int, regions: RegionMap, size: int, region_size: int,
+    def __init__(self, target: int, regions: RegionBitmap, size: int, region_size: int,
                  serve: Read, copy: Read, fresh: bool):
         self.target = target
         self.regions = regions

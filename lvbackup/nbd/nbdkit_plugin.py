@@ -6,8 +6,8 @@ nbdkit embeds its own Python, so this file is loaded as a script, not as part of
 lvbackup package: `python=` must match the version it runs under (the interpreter lvbackup
 and its compiled dependencies were installed for) and `path=` (first) puts lvbackup's
 environment on sys.path. Everything else is an export object: `export=instant` (first)
-chooses `lvbackup.mapping.instant_export.InstantExport` (an instant restore's volume, read
-and written), else `lvbackup.mapping.server.Export` (a backup, read-only).
+chooses `lvbackup.nbd.instant_export.InstantExport` (an instant restore's volume, read
+and written), else `lvbackup.nbd.server.Export` (a backup, read-only).
 """
 
 import site
@@ -34,11 +34,11 @@ def config(key, value):
             site.addsitedir(directory)
         sys.path[:] = [p for p in sys.path if p not in before] + before
     elif key == "export" and _export is None and value == "instant":
-        from lvbackup.mapping.instant_export import InstantExport
+        from lvbackup.nbd.instant_export import InstantExport
         _export = InstantExport()
     else:
         if _export is None:
-            from lvbackup.mapping.server import Export
+            from lvbackup.nbd.server import Export
             _export = Export()
         _export.config(key, value)
 

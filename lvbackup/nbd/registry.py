@@ -28,7 +28,7 @@ REGISTRY_WAIT = 60.0   # seconds: the registry lock is only held while a map sta
 
 
 class InstantRef(TypedDict):
-    state: str                # the restore's state file (mapping/hydrate.py)
+    state: str                # the restore's state file (nbd/hydrate.py)
     volume: str               # VG/NAME restored onto
 
 
