@@ -457,32 +457,26 @@ def restore(app: App, backup_id: str | None, to: str | None, new_volume: str | N
       lvbackup restore --release vg0/data
       lvbackup restore --cancel vg0/data
     """
-    if cancel_of is not None or release_of is not None:
-        if backup_id or to or new_volume or thin_pool or to_file or instant or rate \
-                or status_of is not None or resume_of or (cancel_of and release_of) \
-                or (force and release_of):
-            raise click.UsageError("--cancel and --release take a volume and no backup or "
-                                   "other option (--cancel takes --force)")
+    mode = restore_mode({"backup_id": backup_id, "to": to, "new_volume": new_volume,
+                         "thin_pool": thin_pool, "to_file": to_file, "force": force,
+                         "instant": instant, "rate": rate, "status_of": status_of,
+                         "resume_of": resume_of, "cancel_of": cancel_of,
+                         "release_of": release_of})
+    if mode in ("cancel_of", "release_of"):
         _end_instant(app, app.session(wait), cancel_of, release_of, force)
         return
-    if status_of is not None or resume_of is not None:
-        if backup_id or to or new_volume or thin_pool or to_file or force or instant \
-                or (status_of is not None and (resume_of or rate)):
-            raise click.UsageError("--status and --resume take no backup and no other option "
-                                   "(--resume takes --rate)")
-        session = app.session(wait)
-        if status_of is not None:
-            app.emit(instant_status(session, status_of or None), print_instant)
-            return
+    if mode == "status_of":
+        app.emit(instant_status(app.session(wait), status_of or None), print_instant)
+        return
+    if mode == "resume_of":
         assert resume_of is not None
-        info = resume_instant(session, resume_of, parse_size(rate) if rate else None)
+        info = resume_instant(app.session(wait), resume_of, parse_size(rate) if rate else None)
         app.emit(info, lambda r: click.echo(r["device"]))
         return
     if backup_id is None:
-        raise click.UsageError("give the backup to restore (or --status, --resume)")
-    if instant:
-        if to_file is not None:
-            raise click.UsageError("--instant restores onto an LV: --new-volume or --to")
+        raise click.UsageError("give the backup to restore (or --status, --resume, --cancel, "
+                               "--release)")
+    if mode == "instant":
         info = instant_restore(app.session(wait), backup_id, to=to, new_volume=new_volume,
                                thin_pool=thin_pool, force=force,
                                rate=parse_size(rate) if rate else None)
@@ -491,8 +485,6 @@ def restore(app: App, backup_id: str | None, to: str | None, new_volume: str | N
                 f"restore --status {info['volume']})")
         app.emit(info, lambda r: click.echo(r["device"]))
         return
-    if rate is not None:
-        raise click.UsageError("--rate goes with --instant or --resume")
     if sum(x is not None for x in (to, to_file, new_volume)) > 1:
         raise click.UsageError("give one target: --to, --new-volume or --to-file")
     if thin_pool and not new_volume:
@@ -515,6 +507,40 @@ def restore(app: App, backup_id: str | None, to: str | None, new_volume: str | N
                    f"{r['target']}")
 
     app.emit(result, human)
+
+
+# restore's modes: the option that chooses each (None: a plain restore) and the options it
+# takes besides. restore_mode() refuses any other combination, naming the options.
+RESTORE_MODES: dict[str | None, frozenset[str]] = {
+    None: frozenset({"backup_id", "to", "new_volume", "thin_pool", "to_file", "force"}),
+    "instant": frozenset({"backup_id", "to", "new_volume", "thin_pool", "force", "rate"}),
+    "status_of": frozenset(),
+    "resume_of": frozenset({"rate"}),
+    "cancel_of": frozenset({"force"}),
+    "release_of": frozenset(),
+}
+_RESTORE_FLAGS = {"backup_id": "a backup", "to": "--to", "new_volume": "--new-volume",
+                  "thin_pool": "--thin-pool", "to_file": "--to-file", "force": "--force",
+                  "instant": "--instant", "rate": "--rate", "status_of": "--status",
+                  "resume_of": "--resume", "cancel_of": "--cancel", "release_of": "--release"}
+
+
+def restore_mode(given: dict[str, object]) -> str | None:
+    """The mode the options given choose (RESTORE_MODES); UsageError for any option that
+    mode does not take."""
+    used = [name for name, value in given.items() if value is not None and value is not False]
+    chosen = [name for name in used if name in RESTORE_MODES]
+    if len(chosen) > 1:
+        raise click.UsageError(" and ".join(_RESTORE_FLAGS[n] for n in chosen)
+                               + " exclude each other")
+    mode = chosen[0] if chosen else None
+    extra = [n for n in used if n != mode and n not in RESTORE_MODES[mode]]
+    if extra:
+        what = f"restore {_RESTORE_FLAGS[mode]}" if mode else "a plain restore"
+        takes = ", ".join(_RESTORE_FLAGS[n] for n in sorted(RESTORE_MODES[mode])) or "nothing"
+        raise click.UsageError(f"{what} does not take {', '.join(_RESTORE_FLAGS[n] for n in extra)}"
+                               f" (it takes: {takes})")
+    return mode
 
 
 def _end_instant(app: App, session: Session, cancel_of: str | None, release_of: str | None,

@@ -356,9 +356,14 @@ def test_instant_restore_usage_errors(tmp_path):
     assert_one_line_error(wd.run("restore", backup_id, "--instant", "--to", "/dev/sda"), 2,
                           "onto an LV")
     assert_one_line_error(wd.run("restore", backup_id, "--instant", "--to-file", "x"), 2)
-    assert_one_line_error(wd.run("restore", backup_id, "--status"), 2, "take no backup")
+    assert_one_line_error(wd.run("restore", backup_id, "--status"), 2,
+                          "restore --status does not take a backup")
     assert_one_line_error(wd.run("restore", backup_id, "--to-file", "x", "--rate", "1M"), 2,
-                          "--rate goes with")
+                          "a plain restore does not take --rate")
+    assert_one_line_error(wd.run("restore", "--cancel", "vg0/a", "--release", "vg0/a"), 2,
+                          "--cancel and --release exclude each other")
+    assert_one_line_error(wd.run("restore", "--release", "vg0/a", "--force"), 2,
+                          "restore --release does not take --force")
     assert_one_line_error(wd.run("restore", "--resume", "not a volume"), 2, "VG/LV")
 
 
@@ -420,12 +425,15 @@ def test_cancel_release_and_status_follow_the_state(tmp_path):
     assert p.returncode == 0 and p.stdout == "/dev/vg/rel\n", describe(p)
     assert_one_line_error(wd.run("restore", "--cancel", "vg/none"), 2,
                           "no instant restore onto vg/none")
-    for argv in ((backup["id"], "--cancel", "vg/run"),
-                 ("--cancel", "vg/run", "--release", "vg/run"),
-                 ("--release", "vg/rel", "--force"),
-                 ("--cancel", "vg/run", "--status"),
-                 ("--cancel", "vg/run", "--rate", "1M")):
-        assert_one_line_error(wd.run("restore", *argv), 2, "--cancel and --release")
+    for argv, why in (((backup["id"], "--cancel", "vg/run"),
+                       "restore --cancel does not take a backup"),
+                      (("--cancel", "vg/run", "--release", "vg/run"),
+                       "--cancel and --release exclude each other"),
+                      (("--release", "vg/rel", "--force"), "restore --release does not take"),
+                      (("--cancel", "vg/run", "--status"), "exclude each other"),
+                      (("--cancel", "vg/run", "--rate", "1M"),
+                       "restore --cancel does not take --rate")):
+        assert_one_line_error(wd.run("restore", *argv), 2, why)
 
 
 def test_cancel_of_a_restore_onto_an_existing_lv_needs_force(served):
