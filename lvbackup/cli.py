@@ -762,7 +762,8 @@ def parse_budget(ctx: click.Context, param: click.Parameter, text: str | None
     try:
         return parse_duration(text)
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a positive duration (e.g. 30s, 10m, 2h)") from None
+        raise click.BadParameter(f"{text!r} is not a positive duration (e.g. 30s, 10m, "
+                                 "2h)") from None
 
 
 @cli.command()
