@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/lvbackup-scale"))
     ap.add_argument("--max-chunks", "--max", type=int, default=10**5,
                     help="the largest repository built (10^6 takes a while)")
+    ap.add_argument("--min-chunks", "--min", type=int, default=0,
+                    help="the smallest repository built (to run 10^6 alone)")
     ap.add_argument("--max-backups", type=int, default=10**4)
     ap.add_argument("--skip-chunks", action="store_true")
     ap.add_argument("--skip-backups", action="store_true")
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.skip_chunks:
             for n in CHUNKS:
-                if n <= args.max_chunks:
+                if args.min_chunks <= n <= args.max_chunks:
                     chunk_scale(args.work, n, rows)
         if not args.skip_backups:
             backup_scale(args.work, [n for n in BACKUPS if n <= args.max_backups], rows)
