@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -119,24 +119,31 @@ def _iso(t: float) -> str:
 
 
 def sweep(repo: Repository, path: Path, share: Fraction | None, budget: float | None,
-          workers: int) -> SweepResult:
+          workers: int, progress: Callable[[int, int], None] | None = None) -> SweepResult:
     """Read the next `share` of the chunk ids (all that is left of the cycle if None), in
     id order, stopping once `budget` seconds have gone (after one batch at least: every run
-    moves on); save the position."""
+    moves on); save the position. `progress(bytes read, bytes expected)`: the bytes
+    expected are estimated from the share of the id space and the block size."""
     pos = load(path)
     if pos.next >= SPACE:
         pos = Position(cycle=pos.cycle + 1, first_at=pos.first_at, checked=pos.checked)
     start = pos.next
     end = SPACE if share is None else min(SPACE, start + -(-SPACE * share.numerator
                                                           // share.denominator))
+    total = repo.index.count_chunks()
+    expected = total * (end - start) // SPACE * repo.block_size
     began = time.monotonic()
-    checked, damaged, out_of_time = 0, [], False
+    checked, done, damaged, out_of_time = 0, 0, [], False
     reached = start
-    for last, count, bad in ordered_map(lambda b: _check(repo, b), _batches(repo, start, end),
-                                        workers=workers, depth=2 * workers):
+    for last, count, size, bad in ordered_map(lambda b: _check(repo, b),
+                                              _batches(repo, start, end),
+                                              workers=workers, depth=2 * workers):
         checked += count
+        done += size
         damaged += bad
         reached = last + 1
+        if progress:
+            progress(done, max(done, expected))
         if budget is not None and time.monotonic() - began >= budget:
             out_of_time = True
             break
@@ -147,7 +154,7 @@ def sweep(repo: Repository, path: Path, share: Fraction | None, budget: float | 
     pos.covered(start, reached, time.time())
     pos.next = reached
     save(path, pos)
-    return SweepResult(checked, repo.index.count_chunks(), damaged, pos, out_of_time)
+    return SweepResult(checked, total, damaged, pos, out_of_time)
 
 
 def _key(n: int) -> bytes:
@@ -180,9 +187,11 @@ def _batches_left(repo: Repository, start: int, end: int) -> bool:
     return start < end and next(_batches(repo, start, end), None) is not None
 
 
-def _check(repo: Repository, refs: list[ChunkRef]) -> tuple[int, int, list[ChunkError]]:
-    """(the last id of the batch, chunks read, those found damaged): every chunk is read,
-    decoded and checked against its id; read_checked quarantines a damaged copy."""
+def _check(repo: Repository, refs: list[ChunkRef]
+           ) -> tuple[int, int, int, list[ChunkError]]:
+    """(the last id of the batch, chunks read, their bytes, those found damaged): every
+    chunk is read, decoded and checked against its id; read_checked quarantines a damaged
+    copy."""
     bad: list[ChunkError] = []
     todo = refs
     while todo:
@@ -192,4 +201,5 @@ def _check(repo: Repository, refs: list[ChunkRef]) -> tuple[int, int, list[Chunk
         except ChunkError as e:
             bad.append(e)
             todo = [r for r in todo if r.chunk_id != e.ref.chunk_id]
-    return int.from_bytes(refs[-1].chunk_id, "big"), len(refs), bad
+    return (int.from_bytes(refs[-1].chunk_id, "big"), len(refs),
+            sum(r.raw_length for r in refs), bad)

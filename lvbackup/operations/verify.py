@@ -33,7 +33,7 @@ def verify_backups(session: Session, ids: list[str], *, deep: bool,
         repo = session.repo
         bad_index = repo.sync_index(session.lock_dir, full=True)
         swept = (sweep.sweep(repo, sweep.state_path(session.config.cache_dir, repo), sample,
-                             budget, os.cpu_count() or 2) if sampled else None)
+                             budget, os.cpu_count() or 2, progress) if sampled else None)
         damaged = {e.ref.chunk_id: e for e in swept.damaged} if swept else {}
         results = []
         total = sum(r["size"] or 0 for r in rows)
