@@ -1,17 +1,20 @@
 """`verify --deep --sample` and `--max-duration`: a deep verification a part at a time.
 
-Chunk ids are uniformly distributed hashes, so a range of ids holds its share of the chunks.
-A cycle walks the id space once, in id order, through the index cache; each run reads from
-where the last one stopped: the next PERCENT of the id space (the whole rest without
---sample), or less if its time budget runs out. `--sample 5` run daily thus reads every
-chunk once in 20 days. The position lives in the cache directory, one small JSON file per
-repository (`verify-<repository id>.json`, 0600, replaced atomically):
+Every indexed chunk lives in one pack (the one the index cache names), and pack ids are
+uniformly distributed hashes, so a range of pack ids holds its share of the chunks. A
+cycle walks the pack id space once, in id order, through the index cache; each run reads
+from where the last one stopped: the chunks of the packs in the next PERCENT of the id
+space (the whole rest without --sample), or fewer if its time budget runs out. Reading
+by pack keeps the reads sequential (chunks back to back in a pack come in one vectored
+read; on object storage, from the same ranged windows). `--sample 5` run daily reads
+every chunk once in 20 days. The position lives in the cache directory, one small JSON
+file per repository (`verify-<repository id>.json`, 0600, replaced atomically):
 
     cycle        the cycle's number (1, 2, ...)
     started_at   when it began (Unix time)
     first_at     when the first cycle began (chunks never read count from then)
-    next         the next chunk id to read, as a hexadecimal integer (2^256: the cycle is done)
-    checked      [[end, time], ...] sorted by end: ids from the previous end (0 for the
+    next         the next pack id to read, as a hexadecimal integer (2^256: the cycle is done)
+    checked      [[end, time], ...] sorted by end: pack ids from the previous end (0 for the
                  first) up to `end` were last read at `time`
 
 A lost or unreadable file starts a new cycle at the first id.
@@ -34,9 +37,10 @@ from ..repository.pack import ChunkRef
 from ..repository.repo import ChunkError, Repository
 from ..timeutil import iso
 
-SPACE = 1 << 256            # chunk ids are 32 bytes
+SPACE = 1 << 256            # pack ids are 32 bytes
 _ID_BYTES = 32
-_BATCH_CHUNKS = 256         # chunks read per task
+_PACKS = 64                 # pack ids asked of the index cache at once
+_BATCH_CHUNKS = 512         # chunks read per task (one vectored read at most)
 _BATCH_BYTES = 8 << 20      # and at most this many plaintext bytes
 
 
@@ -120,10 +124,10 @@ def _iso(t: float) -> str:
 
 def sweep(repo: Repository, path: Path, share: Fraction | None, budget: float | None,
           workers: int, progress: Callable[[int, int], None] | None = None) -> SweepResult:
-    """Read the next `share` of the chunk ids (all that is left of the cycle if None), in
-    id order, stopping once `budget` seconds have gone (after one batch at least: every run
-    moves on); save the position. `progress(bytes read, bytes expected)`: the bytes
-    expected are estimated from the share of the id space and the block size."""
+    """Read the chunks of the next `share` of the pack ids (all that is left of the cycle
+    if None), in id order, stopping once `budget` seconds have gone (after one pack at
+    least: every run moves on); save the position. `progress(bytes read, bytes expected)`:
+    the bytes expected are estimated from the share of the id space and the block size."""
     pos = load(path)
     if pos.next >= SPACE:
         pos = Position(cycle=pos.cycle + 1, first_at=pos.first_at, checked=pos.checked)
@@ -135,18 +139,19 @@ def sweep(repo: Repository, path: Path, share: Fraction | None, budget: float | 
     began = time.monotonic()
     checked, done, damaged, out_of_time = 0, 0, [], False
     reached = start
-    for last, count, size, bad in ordered_map(lambda b: _check(repo, b),
-                                              _batches(repo, start, end),
-                                              workers=workers, depth=2 * workers):
+    for (pack, last), (count, size, bad) in ordered_map(
+            lambda b: (b[0], _check(repo, b[1])), _batches(repo, start, end),
+            workers=workers, depth=2 * workers):
         checked += count
         done += size
         damaged += bad
-        reached = last + 1
         if progress:
             progress(done, max(done, expected))
-        if budget is not None and time.monotonic() - began >= budget:
-            out_of_time = True
-            break
+        if last:    # the pack's last batch: the position moves past it
+            reached = pack + 1
+            if budget is not None and time.monotonic() - began >= budget:
+                out_of_time = True
+                break
     else:
         reached = end
     if out_of_time and not _batches_left(repo, reached, end):
@@ -161,37 +166,47 @@ def _key(n: int) -> bytes:
     return n.to_bytes(_ID_BYTES, "big")
 
 
-def _batches(repo: Repository, start: int, end: int) -> Iterator[list[ChunkRef]]:
-    """The indexed chunks with ids in [start, end), in id order, a batch at a time."""
+def _batches(repo: Repository, start: int, end: int
+             ) -> Iterator[tuple[tuple[int, bool], list[ChunkRef]]]:
+    """((pack id, whether this is the pack's last batch), chunks in pack order) for the
+    indexed packs with ids in [start, end), in id order."""
     bound = None if end >= SPACE else _key(end)
     cursor = start
-    while True:
-        refs = repo.index.refs_in_range(_key(cursor), bound, _BATCH_CHUNKS)
-        if not refs:
+    while cursor < SPACE:
+        packs = repo.index.packs_in_range(_key(cursor), bound, _PACKS)
+        if not packs:
             return
-        batch: list[ChunkRef] = []
-        size = 0
-        for ref in refs:
-            if batch and size + ref.raw_length > _BATCH_BYTES:
-                yield batch
-                batch, size = [], 0
-            batch.append(ref)
-            size += ref.raw_length
-        yield batch
-        cursor = int.from_bytes(refs[-1].chunk_id, "big") + 1
-        if cursor >= SPACE:
-            return
+        for pack in packs:
+            number = int.from_bytes(pack, "big")
+            groups = _groups(sorted(repo.index.refs_in_pack(pack), key=lambda r: r.offset))
+            for n, group in enumerate(groups):
+                yield (number, n == len(groups) - 1), group
+            if not groups:
+                yield (number, True), []
+        cursor = int.from_bytes(packs[-1], "big") + 1
+
+
+def _groups(refs: list[ChunkRef]) -> list[list[ChunkRef]]:
+    """Batches of at most _BATCH_CHUNKS chunks and _BATCH_BYTES bytes."""
+    out: list[list[ChunkRef]] = []
+    size = 0
+    for ref in refs:
+        if not out or len(out[-1]) == _BATCH_CHUNKS or size + ref.raw_length > _BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(ref)
+        size += ref.raw_length
+    return out
 
 
 def _batches_left(repo: Repository, start: int, end: int) -> bool:
-    return start < end and next(_batches(repo, start, end), None) is not None
+    return start < end and bool(repo.index.packs_in_range(
+        _key(start), None if end >= SPACE else _key(end), 1))
 
 
-def _check(repo: Repository, refs: list[ChunkRef]
-           ) -> tuple[int, int, int, list[ChunkError]]:
-    """(the last id of the batch, chunks read, their bytes, those found damaged): every
-    chunk is read, decoded and checked against its id; read_checked quarantines a damaged
-    copy."""
+def _check(repo: Repository, refs: list[ChunkRef]) -> tuple[int, int, list[ChunkError]]:
+    """(chunks read, their bytes, those found damaged): every chunk is read, decoded and
+    checked against its id; read_checked quarantines a damaged copy."""
     bad: list[ChunkError] = []
     todo = refs
     while todo:
@@ -201,5 +216,4 @@ def _check(repo: Repository, refs: list[ChunkRef]
         except ChunkError as e:
             bad.append(e)
             todo = [r for r in todo if r.chunk_id != e.ref.chunk_id]
-    return (int.from_bytes(refs[-1].chunk_id, "big"), len(refs),
-            sum(r.raw_length for r in refs), bad)
+    return len(refs), sum(r.raw_length for r in refs), bad

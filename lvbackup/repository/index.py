@@ -379,14 +379,13 @@ class ChunkIndex:
                 found[row[0]] = ChunkRef(*row)
         return found
 
-    def refs_in_range(self, start: bytes, end: bytes | None, limit: int) -> list[ChunkRef]:
-        """Up to `limit` indexed chunks with start <= id < end (no bound when None), in id
-        order: `verify --sample` walks the index this way, a range at a time."""
-        bound = "" if end is None else " AND c.id < ?"
-        return [ChunkRef(*row) for row in self._db().execute(
-            "SELECT c.id, c.pack, c.offset, c.length, c.raw_length, c.flags FROM chunks c "
-            "JOIN packs p ON p.id = c.pack WHERE p.indexed = 1 AND c.id >= ?" + bound
-            + " ORDER BY c.id LIMIT ?", [start, *([end] if end is not None else []), limit])]
+    def packs_in_range(self, start: bytes, end: bytes | None, limit: int) -> list[bytes]:
+        """Up to `limit` indexed packs with start <= id < end (no bound when None), in id
+        order: `verify --sample` walks the packs this way, a range at a time."""
+        bound = "" if end is None else " AND id < ?"
+        return [p for (p,) in self._db().execute(
+            "SELECT id FROM packs WHERE indexed = 1 AND id >= ?" + bound + " ORDER BY id "
+            "LIMIT ?", [start, *([end] if end is not None else []), limit])]
 
     def count_chunks(self) -> int:
         return int(self._db().execute("SELECT count(*) FROM chunks c JOIN packs p "
