@@ -21,7 +21,7 @@ def verify_backups(session: Session, ids: list[str], *, deep: bool,
                    progress: Callable[[int, int], None] | None = None) -> dict:
     """Check backups: manifests, index entries and packs; with `deep`, every chunk's hash.
     With `sample` (a share of the chunks) or `budget` (seconds), the deep part reads the
-    next part of the repository's chunks in id order (operations/sweep.py) instead."""
+    next part of the repository's packs in id order (operations/sweep.py) instead."""
     sampled = sample is not None or budget is not None
     if sampled and ids:
         raise UsageError("--sample and --max-duration verify the whole repository: "
