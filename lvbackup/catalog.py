@@ -358,6 +358,28 @@ class Catalog:
         rows = self._rows(" AND ".join(where) or None, args, order_by="created_at, id")
         return [r for r in rows if not labels or has_labels(r, labels)]
 
+    # The ancestors of a backup in one query, nearest first. A parent the catalog lacks ends
+    # it; a cycle (a damaged catalog) is cut where an id repeats, the depth bound ends it.
+    _CHAIN = ("WITH RECURSIVE chain(id, depth) AS (SELECT ?, 0 UNION ALL "
+              "SELECT b.parent_id, c.depth + 1 FROM chain c JOIN backups b ON b.id = c.id "
+              "WHERE b.parent_id IS NOT NULL AND c.depth < (SELECT count(*) FROM backups)) "
+              "SELECT backups.* FROM chain JOIN backups ON backups.id = chain.id "
+              "ORDER BY chain.depth")
+
+    def chain(self, backup_id: str) -> builtins.list[BackupRecord]:
+        """The backup's row, then its parent's, and so on back to its full backup (or to
+        the first parent the catalog does not have)."""
+        rows: list[BackupRecord] = []
+        seen: set[str] = set()
+        for row in self._db.query(self._CHAIN, [backup_id]):
+            if row["id"] in seen:
+                break
+            seen.add(row["id"])
+            rows.append(cast(BackupRecord, row))
+        if not rows:
+            raise NotFoundError(f"backup {backup_id} not found")
+        return rows
+
     def candidates(self, volume_id: str) -> builtins.list[BackupRecord]:
         """Non-deleted backups of a volume: the incremental parent candidates."""
         return list(self._rows("volume_id = ? AND status != 'deleted'", [volume_id]))

@@ -9,6 +9,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ from .render import (
 )
 from .retention import Policy
 from .session import Session
+from .timeutil import parse_duration
 from .units import human_size
 
 EXIT_CODES = """\b
@@ -802,21 +804,55 @@ class _JobsFailed(LvbackupError):
         self.exit_code = exit_code
 
 
+def parse_percent(ctx: click.Context, param: click.Parameter, text: str | None
+                  ) -> Fraction | None:
+    if text is None:
+        return None
+    try:
+        share = Fraction(text.strip()) / 100
+    except (ValueError, ZeroDivisionError):
+        share = Fraction(-1)
+    if not 0 < share <= 1:
+        raise click.BadParameter(f"{text!r} is not a percentage above 0, at most 100 "
+                                 "(e.g. 5)")
+    return share
+
+
+def parse_budget(ctx: click.Context, param: click.Parameter, text: str | None
+                 ) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a positive duration (e.g. 30s, 10m, "
+                                 "2h)") from None
+
+
 @cli.command()
 @click.argument("backup_ids", nargs=-1, metavar="[ID]...")
 @click.option("--deep", is_flag=True, help="Re-read and re-hash every chunk.")
+@click.option("--sample", metavar="PERCENT", callback=parse_percent,
+              help="Deep, but read only the next PERCENT of the chunks: successive runs read "
+                   "every chunk once in 100/PERCENT runs (the position is kept in cache_dir).")
+@click.option("--max-duration", metavar="DURATION", callback=parse_budget,
+              help="Deep, but stop reading chunks after DURATION (e.g. 30s, 10m, 2h); the next "
+                   "run goes on from there.")
 @wait_option
 @pass_app
-def verify(app: App, backup_ids: tuple[str, ...], deep: bool, wait: float) -> None:
+def verify(app: App, backup_ids: tuple[str, ...], deep: bool, sample: Fraction | None,
+           max_duration: float | None, wait: float) -> None:
     """Check backups (all available ones by default); exit 1 if any is damaged.
 
     \b
-    Example:
+    Examples:
       lvbackup verify --deep
+      lvbackup verify --deep --sample 5          # daily: every chunk read in 20 days
+      lvbackup verify --deep --max-duration 2h
     """
     with app.progress("verify") as progress:
-        report = verify_backups(app.session(wait), list(backup_ids), deep=deep,
-                                progress=progress)
+        report = verify_backups(app.session(wait), list(backup_ids), deep=deep, sample=sample,
+                                budget=max_duration, progress=progress)
 
     def human(r: dict) -> None:
         for e in r["index_errors"]:
@@ -824,6 +860,11 @@ def verify(app: App, backup_ids: tuple[str, ...], deep: bool, wait: float) -> No
         for b in r["backups"]:
             click.echo(f"{'ok    ' if b['ok'] else 'FAILED'}  {b['id']}  {b['volume_name']}"
                        + (f"  {b['error']}" if b["error"] else ""))
+        if r["cycle"]:
+            c = r["cycle"]
+            click.echo(f"read {r['chunks_checked']} of {r['chunks_total']} chunks; cycle "
+                       f"{c['number']} is {c['done_percent']:g}% done"
+                       + (" (stopped at --max-duration)" if c["out_of_time"] else ""))
 
     app.emit(report, human)
     if not report["ok"]:

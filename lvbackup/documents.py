@@ -74,11 +74,22 @@ class VerifiedBackup(TypedDict):
     error: str | None
 
 
+class VerifyCycle(TypedDict):
+    number: int
+    done_percent: float
+    started_at: str
+    oldest_unverified_at: str
+    out_of_time: bool
+
+
 class Verify(TypedDict):
     ok: bool
     deep: bool
     index_errors: list[str]
     backups: list[VerifiedBackup]
+    chunks_checked: int | None
+    chunks_total: int | None
+    cycle: VerifyCycle | None
 
 
 class PruneEntry(TypedDict):

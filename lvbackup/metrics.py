@@ -23,12 +23,21 @@ and while an instant restore copies a backup into an LV (`volume` is the LV rest
 
     lvbackup_restore_hydrated_bytes{volume="vg0/data"}          bytes copied into the LV
     lvbackup_restore_total_bytes{volume=...}                    bytes to copy in all
+
+and after every sampled deep verification (`verify --sample` or `--max-duration`), for the
+repository (its location as configured):
+
+    lvbackup_verify_oldest_unverified_age_seconds{repository="/srv/backup"}
+        how long the chunk that has gone longest without being read had gone (at that run)
+    lvbackup_verify_oldest_unverified_timestamp_seconds{repository=...}
+        when it was last read (for an alert that ages between runs: time() - this)
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,9 +68,19 @@ METRICS: dict[str, tuple[str, str]] = {
         ("gauge", "Bytes an instant restore onto the volume has copied into it so far."),
     "lvbackup_restore_total_bytes":
         ("gauge", "Bytes an instant restore onto the volume copies in all."),
+    "lvbackup_verify_oldest_unverified_age_seconds":
+        ("gauge", "Seconds since the repository's least recently verified chunk was read by "
+                  "a deep verification, as of the last sampled verification."),
+    "lvbackup_verify_oldest_unverified_timestamp_seconds":
+        ("gauge", "Unix time the repository's least recently verified chunk was last read "
+                  "(for a chunk never read: when sampled verification began)."),
 }
+# The label of a metric's series: the volume, or for these the repository.
+_REPOSITORY_METRICS = frozenset({"lvbackup_verify_oldest_unverified_age_seconds",
+                                 "lvbackup_verify_oldest_unverified_timestamp_seconds"})
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)\{volume="((?:[^"\\]|\\.)*)"\}\s+(\S+)')
+_SAMPLE = re.compile(
+    r'^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(?:volume|repository)="((?:[^"\\]|\\.)*)"\}\s+(\S+)')
 
 
 def _escape(value: str) -> str:
@@ -94,8 +113,9 @@ def render(samples: dict[str, dict[str, str]]) -> str:
             continue
         out.append(f"# HELP {metric} {help_text}")
         out.append(f"# TYPE {metric} {kind}")
+        label = "repository" if metric in _REPOSITORY_METRICS else "volume"
         for volume in sorted(series):
-            out.append(f'{metric}{{volume="{_escape(volume)}"}} {series[volume]}')
+            out.append(f'{metric}{{{label}="{_escape(volume)}"}} {series[volume]}')
     return "\n".join(out) + "\n" if out else ""
 
 
@@ -136,6 +156,15 @@ def record_hydration(path: Path, lock_dir: Path, volume: str, *, hydrated: int,
     """Update an instant restore's progress series (raises OSError on failure)."""
     _update(path, lock_dir, {volume: {"lvbackup_restore_hydrated_bytes": hydrated,
                                       "lvbackup_restore_total_bytes": total}})
+
+
+def record_verify(path: Path, lock_dir: Path, repository: str, *,
+                  oldest_unverified: float) -> None:
+    """Update a repository's verification series (raises OSError on failure)."""
+    _update(path, lock_dir, {repository: {
+        "lvbackup_verify_oldest_unverified_age_seconds":
+            round(max(0.0, time.time() - oldest_unverified)),
+        "lvbackup_verify_oldest_unverified_timestamp_seconds": round(oldest_unverified)}})
 
 
 def best_effort(path: Path | None, warn: Callable[[str], None],

@@ -142,6 +142,11 @@ def test_verify(env):
     assert shape(env[0], doc.Verify, "verify", "--deep")["ok"] is True
 
 
+def test_verify_sampled(env):
+    r = shape(env[0], doc.Verify, "verify", "--deep", "--sample", "50")
+    assert r["cycle"]["number"] == 1 and r["chunks_checked"] <= r["chunks_total"]
+
+
 def test_diff(env):
     wd, _, full, incr = env
     assert shape(wd, doc.Diff, "diff", incr)["other_id"] == full

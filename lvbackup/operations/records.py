@@ -91,21 +91,6 @@ def set_protected(session: Session, backup_id: str, protected: bool) -> BackupRe
     return to_record(cat.get(row["id"]))
 
 
-def backup_chain(session: Session, backup_id: str) -> list[BackupRecord]:
-    """The backup's row, then its parent's, and so on back to its full backup (the list
-    ends early at a parent the catalog does not have)."""
-    cat = session.catalog
-    chain = [cat.get(backup_id)]
-    seen = {backup_id}
-    while chain[-1]["parent_id"] and chain[-1]["parent_id"] not in seen:
-        parent = cat.find(chain[-1]["parent_id"])
-        if parent is None:
-            break
-        seen.add(parent["id"])
-        chain.append(parent)
-    return chain
-
-
 def list_backups(session: Session, volume: str | None = None, status: str | None = None,
                  labels: dict[str, str] | None = None) -> list[BackupRecord]:
     """Backups (of a volume given by name, id or image path; in a status; with labels)."""
@@ -122,6 +107,6 @@ def show_backup(session: Session, backup_id: str
     """A backup's record, its chain back to its full backup, and its dependents."""
     recover_dead_runs(session)
     rec = to_record(session.catalog.resolve(backup_id))
-    lineage = [to_record(r) for r in backup_chain(session, rec["id"])]
+    lineage = [to_record(r) for r in session.catalog.chain(rec["id"])]
     dependents = [to_record(r) for r in session.catalog.children(rec["id"])]
     return rec, lineage, dependents

@@ -521,6 +521,18 @@ class ChunkIndex:
                 found[row[0]] = ChunkRef(*row)
         return found
 
+    def packs_in_range(self, start: bytes, end: bytes | None, limit: int) -> list[bytes]:
+        """Up to `limit` indexed packs with start <= id < end (no bound when None), in id
+        order: `verify --sample` walks the packs this way, a range at a time."""
+        bound = "" if end is None else " AND id < ?"
+        return [p for (p,) in self._db().execute(
+            "SELECT id FROM packs WHERE indexed = 1 AND id >= ?" + bound + " ORDER BY id "
+            "LIMIT ?", [start, *([end] if end is not None else []), limit])]
+
+    def count_chunks(self) -> int:
+        return int(self._db().execute("SELECT count(*) FROM chunks c JOIN packs p "
+                                      "ON p.id = c.pack WHERE p.indexed = 1").fetchone()[0])
+
     def mark_damaged(self, chunk_id: bytes, pack_id: bytes) -> None:
         """Record a damaged (or missing) copy; the next sync merges every index file
         again, so that another copy they list replaces it."""
