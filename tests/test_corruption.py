@@ -1,9 +1,10 @@
 """Damage in the repository or the catalog is found and reported, never silently used.
 
 A pristine repository holds a full and an incremental backup of one image; each case works on
-a copy of it, damages one file, and checks that `verify --deep` exits 1 naming the damaged
-backup (and for chunk damage the block), that restoring a damaged backup exits 1 with one
-line and no traceback, and that an undamaged backup still restores bit-exactly.
+a copy of it, damages one file, and checks that `verify --deep` exits 3 (damage found, told
+apart from other failures) naming the damaged backup (and for chunk damage the block), that
+restoring a damaged backup exits 3 with one line and no traceback, and that an undamaged
+backup still restores bit-exactly.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from support import (
     flip_byte,
     make_image,
 )
+
+DAMAGED = 3   # the exit status for damage found in backed-up data (docs/operations.md)
 
 
 def block_ids(data: bytes) -> list[bytes | None]:
@@ -77,10 +80,10 @@ def case(pristine, tmp_path) -> Pristine:
 
 def verify_fails(wd: Workdir, bad: dict[str, str | None], good: list[str],
                  deep: bool = True) -> str:
-    """verify exits 1; each bad backup's FAILED line contains its id and the given words;
-    each good one is reported ok. Returns the output."""
+    """verify exits 3 (damage found); each bad backup's FAILED line contains its id and the
+    given words; each good one is reported ok. Returns the output."""
     p = wd.run("verify", *(["--deep"] if deep else []))
-    assert p.returncode == 1, describe(p)
+    assert p.returncode == DAMAGED, describe(p)
     assert "Traceback" not in p.stdout + p.stderr
     err_lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(err_lines) == 1, describe(p)
@@ -100,10 +103,10 @@ def verify_fails(wd: Workdir, bad: dict[str, str | None], good: list[str],
 
 def restore_fails(wd: Workdir, bid: str, *words: str, to_file: bool = False) -> None:
     p = wd.run("restore", bid, "--to-file", "-", binary=True)
-    assert_one_line_error(p, 1, bid, *words)
+    assert_one_line_error(p, DAMAGED, bid, *words)
     if to_file:
         p = wd.run("restore", bid, "--to-file", wd.path / "restored.img")
-        assert_one_line_error(p, 1, bid, *words)
+        assert_one_line_error(p, DAMAGED, bid, *words)
     # A failed restore is not a state change of the backup.
     assert {r["id"]: r["status"] for r in wd.catalog_rows()}[bid] == "available"
 
@@ -175,7 +178,7 @@ def test_flipped_byte_in_an_index_file(case, k):
 
 
 def test_corrupt_index_is_reported_even_when_backups_are_fine(case):
-    """An index file listing a pack no backup needs is still damage worth exit 1."""
+    """An index file listing a pack no backup needs is still damage worth exit 3."""
     index = next(iter(case.indexes[1]))
     storage = LocalBackend(case.wd.repo)
     groups = list(decode_index(index, storage.get(index), PLAIN))
@@ -184,7 +187,7 @@ def test_corrupt_index_is_reported_even_when_backups_are_fine(case):
     case.wd.run_json("delete", case.ids[1])
     flip_byte(case.wd.repo / index, 10)
     p = case.wd.run("verify", "--deep")
-    assert p.returncode == 1, describe(p)
+    assert p.returncode == DAMAGED, describe(p)
     assert Path(index).name in p.stdout
     restores(case.wd, case.ids[0], case.versions[0])
 
@@ -208,7 +211,7 @@ def test_incremental_on_a_damaged_parent_fails_and_a_full_backup_works(case):
     parent = case.ids[1]
     flip_byte(case.wd.repo / "manifests" / parent, 50)
     p = case.wd.run("create", "--device", case.image, "--incremental")
-    assert_one_line_error(p, 1, parent, "full backup")
+    assert_one_line_error(p, DAMAGED, parent, "full backup")
     rows = case.wd.catalog_rows()
     assert len(rows) == 3 and rows[-1]["status"] == "error" and rows[-1]["fail_reason"]
     rec = case.wd.create(case.image)
@@ -261,7 +264,7 @@ def test_restore_onto_existing_target_with_damaged_chunk_fails_loudly(case, tmp_
     target = tmp_path / "target.img"
     target.write_bytes(os.urandom(len(case.versions[1])))
     p = case.wd.run("restore", case.ids[1], "--to", target)
-    assert_one_line_error(p, 1, case.ids[1], "block")
+    assert_one_line_error(p, DAMAGED, case.ids[1], "block")
 
 
 # --- repository config and catalog -----------------------------------------------------------
@@ -270,9 +273,7 @@ def test_corrupt_repository_config(case):
     flip_byte(case.wd.repo / "config", 12)
     for args in (("verify",), ("restore", case.ids[0], "--to-file", "-"), ("gc",),
                  ("init",)):
-        p = case.wd.run(*args)
-        assert p.returncode == 1, describe(p)
-        assert_one_line_error(p, 1, "config", "corrupt")
+        assert_one_line_error(case.wd.run(*args), DAMAGED, "config", "corrupt")
 
 
 def test_corrupt_catalog_then_rebuild(case):
@@ -334,4 +335,4 @@ def test_verify_deep_finds_a_damaged_pack_trailer(case):
     pack = case.wd.repo / next(iter(case.packs[0]))
     flip_byte(pack, pack.stat().st_size - 60)
     p = case.wd.run("verify", "--deep")
-    assert p.returncode == 1, describe(p)
+    assert p.returncode == DAMAGED, describe(p)

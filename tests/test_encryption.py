@@ -163,7 +163,7 @@ def test_the_passphrase_appears_nowhere(tmp_path: Path) -> None:
 
 def _restore_fails(wd: Workdir, backup_id: str, out: Path, *fragments: str) -> None:
     p = wd.run("restore", backup_id, "--to-file", out)
-    assert_one_line_error(p, 1, *fragments)
+    assert_one_line_error(p, 3, *fragments)   # damage found
     assert not out.exists(), "something was restored from a tampered repository"
 
 
@@ -178,7 +178,7 @@ def test_a_flipped_bit_in_a_chunk_is_caught(tmp_path: Path, wd: Workdir) -> None
     flip_byte(pack, 8 + 40)     # inside the first blob's ciphertext
     _restore_fails(wd, rec["id"], tmp_path / "out", "fails authentication")
     p = wd.verify(rec["id"], "--deep")
-    assert p.returncode == 1 and "chunk" in p.stdout + p.stderr, describe(p)
+    assert p.returncode == 3 and "chunk" in p.stdout + p.stderr, describe(p)
 
 
 def test_swapped_chunks_are_caught(tmp_path: Path, wd: Workdir) -> None:
@@ -213,7 +213,7 @@ def test_a_tampered_manifest_or_index_file_is_caught(tmp_path: Path, wd: Workdir
     flip_byte(index, 30)
     shutil.rmtree(wd.cache)     # read the index files again
     p = wd.verify(rec["id"])
-    assert p.returncode == 1 and index.name in p.stdout + p.stderr, describe(p)
+    assert p.returncode == 3 and index.name in p.stdout + p.stderr, describe(p)
 
 
 def test_a_tampered_pack_trailer_is_caught(tmp_path: Path, wd: Workdir) -> None:
@@ -223,7 +223,7 @@ def test_a_tampered_pack_trailer_is_caught(tmp_path: Path, wd: Workdir) -> None:
     size = pack.stat().st_size
     flip_byte(pack, size - 44 - 49 + 33)   # the last trailer entry's offset field
     p = wd.verify(rec["id"])
-    assert p.returncode == 1 and pack.name in p.stdout + p.stderr, describe(p)
+    assert p.returncode == 3 and pack.name in p.stdout + p.stderr, describe(p)
 
 
 def test_a_manifest_from_another_repository_is_caught(tmp_path: Path, wd: Workdir) -> None:

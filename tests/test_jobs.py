@@ -18,12 +18,13 @@ from support import Workdir, apply_change, assert_one_line_error, describe, flip
 
 # --- pure helpers --------------------------------------------------------------------------
 
-def test_worst_exit_ranks_locked_below_failed_below_usage():
+def test_worst_exit_ranks_locked_below_failed_below_usage_below_damage():
     assert worst_exit([]) == 0
     assert worst_exit([0, 0]) == 0
     assert worst_exit([0, 75]) == 75
     assert worst_exit([75, 1, 0]) == 1
     assert worst_exit([1, 2, 75]) == 2
+    assert worst_exit([2, 3, 1, 75]) == 3
 
 
 def _b(days_ago: float, incremental: bool, status: str = "available") -> dict:
@@ -126,18 +127,18 @@ def test_exit_status_is_the_worst_of_the_jobs(tmp_path):
     parent = wd.create(img)
     flip_byte(wd.repo / "manifests" / parent["id"], 20)
     p = wd.run("--json", "run")
-    assert p.returncode == 1, describe(p)
+    assert p.returncode == 3, describe(p)   # damage found in what is backed up
     (job,) = json.loads(p.stdout)["jobs"]
-    assert job["exit_code"] == 1 and job["backup"] is None
+    assert job["exit_code"] == 3 and job["backup"] is None
     p = wd.run("--json", "run", "corrupt", config=wd.config_with(
         "two.yaml", jobs={"corrupt": {"device": str(img), "incremental": True},
                           "absent": {"device": str(tmp_path / "absent.img")}}))
-    assert p.returncode == 1, describe(p)   # only the named job ran
+    assert p.returncode == 3, describe(p)   # only the named job ran
     assert [j["job"] for j in json.loads(p.stdout)["jobs"]] == ["corrupt"]
     p = wd.run("--json", "run", config=wd.config_with(
         "two.yaml", jobs={"corrupt": {"device": str(img), "incremental": True},
                           "absent": {"device": str(tmp_path / "absent.img")}}))
-    assert p.returncode == 2, describe(p)   # 2 is worse than 1
+    assert p.returncode == 3, describe(p)   # damage (3) is worse than a usage error (2)
 
 
 def test_run_of_unknown_job_or_without_jobs_is_a_usage_error(tmp_path):
@@ -184,7 +185,7 @@ def test_metrics_textfile_per_volume(tmp_path):
     # Job b fails next time (its parent is corrupt); a's series are kept.
     bid = [j for j in summary["jobs"] if j["job"] == "b"][0]["backup"]["id"]
     flip_byte(wd.repo / "manifests" / bid, 20)
-    assert wd.run("run", "b").returncode == 1
+    assert wd.run("run", "b").returncode == 3
     samples = _samples(prom)
     assert samples[("lvbackup_last_status", str(b.resolve()))] == 0
     assert samples[("lvbackup_last_success_timestamp_seconds", str(b.resolve()))] == first_success

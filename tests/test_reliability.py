@@ -615,13 +615,13 @@ def test_index_file_missing_or_truncated_then_gc_rebuilds_it(two, damage):
         with open(path, "r+b") as f:
             f.truncate(path.stat().st_size // 2)
     p = wd.verify("--deep")
-    assert p.returncode == 1, describe(p)
+    assert p.returncode == 3, describe(p)
     assert [ln for ln in p.stdout.splitlines() if bad in ln][0].startswith("FAILED")
     assert [ln for ln in p.stdout.splitlines() if good in ln][0].startswith("ok")
     if damage == "truncated":
         assert Path(index).name in p.stdout and "corrupt" in p.stdout
     p = wd.run("restore", bad, "--to-file", "-", binary=True)
-    assert_one_line_error(p, 1, bad, "not in the repository index")
+    assert_one_line_error(p, 3, bad, "not in the repository index")
     assert wd.restore_bytes(good) == good_data
     wd.run_json("gc")
     assert wd.verify("--deep").returncode == 0
@@ -662,10 +662,10 @@ def test_new_backup_after_a_damaged_chunk_is_whole(two, found_by, kind):
     bid, (data, _) = next(iter(kept.items()))
     _damage_a_chunk_of(wd, data)
     if found_by == "verify":
-        assert wd.verify("--deep").returncode == 1
+        assert wd.verify("--deep").returncode == 3
     else:
         p = wd.run("restore", bid, "--to-file", "-", binary=True)
-        assert p.returncode == 1 and b"fails its checksum" in p.stderr, p.stderr
+        assert p.returncode == 3 and b"fails its checksum" in p.stderr, p.stderr
     assert len(wd.files("damaged")) == 1, "the damaged copy is recorded in the repository"
     img = Path([r for r in rows(wd) if r["id"] == bid][0]["volume_name"])
     rec = wd.create(img, *(["--incremental"] if kind == "incremental" else []))
@@ -678,7 +678,7 @@ def test_gc_drops_the_damage_marks_of_packs_it_deletes(two):
     wd, kept = two
     (bid, (data, _)), (other, (other_data, _)) = kept.items()
     _damage_a_chunk_of(wd, data)
-    assert wd.verify("--deep").returncode == 1
+    assert wd.verify("--deep").returncode == 3
     assert len(wd.files("damaged")) == 1
     img = Path([r for r in rows(wd) if r["id"] == bid][0]["volume_name"])
     healed = wd.create(img)
@@ -699,12 +699,12 @@ def test_truncated_manifest_stops_gc_until_deleted(two):
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 10)
     p = wd.verify()
-    assert p.returncode == 1 and "Traceback" not in p.stderr, describe(p)
+    assert p.returncode == 3 and "Traceback" not in p.stderr, describe(p)
     assert [ln for ln in p.stdout.splitlines() if bad in ln][0].startswith("FAILED")
     p = wd.run("restore", bad, "--to-file", "-", binary=True)
-    assert_one_line_error(p, 1, bad, "manifest")
+    assert_one_line_error(p, 3, bad, "manifest")
     packs = set(wd.files("packs"))
-    assert_one_line_error(wd.run("gc"), 1, "gc stopped before deleting anything")
+    assert_one_line_error(wd.run("gc"), 3, "gc stopped before deleting anything")
     assert set(wd.files("packs")) == packs
     wd.run_json("delete", bad)
     assert wd.run_json("gc")["packs_deleted"] == 1
