@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lvbackup import metrics
 from lvbackup.config import Job
 from lvbackup.operations.jobs import full_or_incremental, worst_exit
 
@@ -176,8 +177,8 @@ def test_metrics_textfile_per_volume(tmp_path):
     for img, size in ((a, 2 << 20), (b, 3 << 20)):
         v = str(img.resolve())
         assert samples[("lvbackup_last_status", v)] == 1
-        assert samples[("lvbackup_last_bytes_read", v)] == size
-        assert samples[("lvbackup_last_bytes_stored", v)] > 0
+        assert samples[("lvbackup_last_read_bytes", v)] == size
+        assert samples[("lvbackup_last_stored_bytes", v)] > 0
         assert samples[("lvbackup_last_duration_seconds", v)] >= 0
         assert samples[("lvbackup_last_success_timestamp_seconds", v)] == \
             samples[("lvbackup_last_run_timestamp_seconds", v)]
@@ -205,6 +206,29 @@ def test_metrics_from_create_too(tmp_path):
     assert _samples(prom)[("lvbackup_last_status", str(img.resolve()))] == 0
     wd.create(img)
     assert _samples(prom)[("lvbackup_last_status", str(img.resolve()))] == 1
+
+
+def test_metric_names_follow_prometheus_conventions():
+    """Base units named by the suffix; `_total` only on counters."""
+    for name, (kind, help_text) in metrics.METRICS.items():
+        assert kind in ("gauge", "counter"), name
+        assert name.endswith("_total") == (kind == "counter"), name
+        if "bytes" in name.split("_") or "Bytes" in help_text:
+            assert name.endswith("_bytes"), name
+        if "timestamp" in name or "duration" in name:
+            assert name.endswith("_seconds"), name
+
+
+def test_series_under_a_renamed_metric_leave_the_file(tmp_path):
+    prom, locks = tmp_path / "lvbackup.prom", tmp_path / "locks"
+    prom.write_text('lvbackup_last_bytes_read{volume="vg0/data"} 5\n'
+                    'lvbackup_last_status{volume="vg0/other"} 1\n')
+    metrics.record_backup(prom, locks, "vg0/data", ok=True, ended_at=1.0, duration=2.0,
+                          bytes_read=7, bytes_stored=3)
+    samples = _samples(prom)
+    assert samples[("lvbackup_last_read_bytes", "vg0/data")] == 7
+    assert samples[("lvbackup_last_status", "vg0/other")] == 1
+    assert not [k for k in samples if k[0] == "lvbackup_last_bytes_read"]
 
 
 _LINE = re.compile(r'^(\w+)\{volume="([^"]*)"\} (\S+)$')
