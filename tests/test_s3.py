@@ -16,6 +16,7 @@ import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -31,10 +32,12 @@ from support import (
     apply_change,
     assert_one_line_error,
     describe,
+    lock_holders,
     make_image,
     reused_bytes,
     s3_section,
     s3_settings,
+    wait_until,
 )
 
 
@@ -264,14 +267,6 @@ def own_server(tmp_path):
     server.stop()
 
 
-def wait_until(cond, what: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_the_server_stopped_mid_backup_and_mid_restore(tmp_path, own_server):
     bucket = own_server.new_bucket()
     wd = s3_workdir(tmp_path / "wd", own_server, bucket)
@@ -435,16 +430,25 @@ def test_runs_with_wait_go_ahead_once_the_other_hosts_lease_is_released(tmp_path
     image = tmp_path / "x.img"
     make_image(image, 1, seed=8)
     storage = open_backend(str(wd.repo), s3=s3_settings(s3server))
+    repo_lock = wd.cache / "locks" / "repository.lock"
     with lease.exclusive(storage, "gc"):
         backup = wd.popen("--json", "create", "--device", image, "--wait", "120")
-        time.sleep(1.0)
+        # This host's repository lock is taken just before the lease is asked for.
+        wait_until(lambda: lock_holders(repo_lock).get(backup.pid) == "READ",
+                   "the backup to ask for its lease", backup)
         assert backup.poll() is None, "the backup waits while the exclusive lease is held"
+        released = datetime.now(UTC)
     out, err = backup.communicate(timeout=120)
     assert backup.returncode == 0, err
-    assert json.loads(out)["status"] == "available"
+    doc = json.loads(out)
+    assert doc["status"] == "available"
+    assert datetime.fromisoformat(doc["created_at"]) >= released, "it did not wait"
     with lease.shared(storage, "a restore"):
         gc = wd.popen("--json", "gc", "--wait", "120")
-        time.sleep(1.0)
+        # gc holds the exclusive lease, then waits for the run leases to go.
+        wait_until(lambda: storage.exists(lease.EXCLUSIVE)
+                   and json.loads(storage.get(lease.EXCLUSIVE))["pid"] == gc.pid,
+                   "gc to take the exclusive lease", gc)
         assert gc.poll() is None, "gc waits while a run lease is live"
     out, err = gc.communicate(timeout=120)
     assert gc.returncode == 0, err
