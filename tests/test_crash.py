@@ -36,6 +36,7 @@ from support import (
     describe,
     make_image,
     reused_bytes,
+    wait_until,
 )
 
 NO_PARENT = "No backups available to do an incremental backup."
@@ -82,17 +83,6 @@ def setup(images, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-
-
-def wait_for(cond, what: str, proc, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"the victim ended (exit {proc.returncode}) before {what}:\n"
-                                 f"{err.decode(errors='replace')}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def creating_row_exists(wd: Workdir) -> bool:
@@ -212,7 +202,7 @@ def test_kill_immediately_after_start(setup):
 def test_kill_after_the_first_pack(setup):
     before = set(setup.wd.files("packs"))
     proc = start_victim(setup)
-    wait_for(lambda: new_packs(setup, before), "a pack", proc)
+    wait_until(lambda: new_packs(setup, before), "a pack", proc)
     time.sleep(0.2)   # let it register the pack in the index cache
     kill(proc)
     assert new_packs(setup, before)
@@ -223,7 +213,7 @@ def test_kill_after_two_packs_then_gc(setup):
     wd = setup.wd
     before = set(wd.files("packs"))
     proc = start_victim(setup)
-    wait_for(lambda: len(new_packs(setup, before)) >= 2, "two packs", proc)
+    wait_until(lambda: len(new_packs(setup, before)) >= 2, "two packs", proc)
     kill(proc)
     check_aftermath(setup, before)
     # gc removes what killed runs left in tmp/ and keeps every backup whole. The kill may
@@ -256,9 +246,9 @@ def test_kill_at_a_random_moment(setup):
 def test_sigterm_marks_the_backup_error_and_keeps_its_packs(setup):
     wd = setup.wd
     proc = start_victim(setup)
-    wait_for(lambda: victim_id(setup) is not None, "the creating row", proc)
+    wait_until(lambda: victim_id(setup) is not None, "the creating row", proc)
     bid = victim_id(setup)
-    wait_for(lambda: cache_packs_of(wd, bid), "a pack in the index cache", proc)
+    wait_until(lambda: cache_packs_of(wd, bid), "a pack in the index cache", proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     err = err.decode(errors="replace")
@@ -289,7 +279,7 @@ def test_sigterm_marks_the_backup_error_and_keeps_its_packs(setup):
 def test_concurrent_runs_while_a_backup_is_running(setup, tmp_path):
     wd = setup.wd
     proc = start_victim(setup)
-    wait_for(lambda: creating_row_exists(wd), "the creating row", proc)
+    wait_until(lambda: creating_row_exists(wd), "the creating row", proc)
     # The same volume is busy: exit 75 at once, no row.
     p = wd.run("create", "--device", setup.big)
     assert_one_line_error(p, 75, "locked")
@@ -327,7 +317,7 @@ def test_restore_stopped_midway(setup, sig):
         except sqlite3.Error:
             return False
 
-    wait_for(restoring, "the restoring status", proc)
+    wait_until(restoring, "the restoring status", proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
