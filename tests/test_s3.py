@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import socket
 import subprocess
 import time
 import uuid
@@ -159,6 +160,18 @@ def test_wrong_credentials_exit_2_in_one_line(tmp_path, s3server, s3_bucket, wd)
         line = assert_one_line_error(wrong.run(*args), 2, "refused the credentials",
                                      s3server.endpoint)
         assert "not-the-secret" not in line
+
+
+def test_an_unreachable_endpoint_exits_1_not_as_damage(tmp_path):
+    """A network failure is worth retrying: exit 1, not 3 (damage found)."""
+    with socket.socket() as sock:      # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    wd = Workdir(tmp_path / "wd", repository="s3://bucket/prefix",
+                 s3={"endpoint_url": endpoint, "region": "us-east-1",
+                     "addressing_style": "path", "access_key_id": "x",
+                     "secret_access_key": "not-a-real-secret"})
+    assert_one_line_error(wd.run("verify"), 1, endpoint)
 
 
 def test_a_missing_bucket_exits_2_naming_it(tmp_path, s3server):
