@@ -11,9 +11,14 @@ another test of the file cited last; a parametrized case carries its ids in brac
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
+
+from lvbackup import errors
+
+from support import LVBACKUP, clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
@@ -65,3 +70,19 @@ def test_every_cited_test_exists(where: str, path: Path, name: str | None):
     if name is not None:
         defined = re.search(rf"^\s*(?:async\s+)?def {name}\(", path.read_text(), re.MULTILINE)
         assert defined, f"{where} cites {name}, which {path.relative_to(ROOT)} does not define"
+
+
+def test_help_and_the_docs_say_what_each_exit_status_means():
+    """`lvbackup --help` lists every status errors.py defines; README.md, the user guide and
+    docs/operations.md say which one is damage (3), for scripts to tell it from a failure."""
+    codes = sorted(v for k, v in vars(errors).items() if k.startswith("EXIT_"))
+    assert 3 in codes
+    p = subprocess.run([str(LVBACKUP), "--help"], capture_output=True, text=True,
+                       env=clean_env(), timeout=60)
+    assert p.returncode == 0, p.stderr
+    for code in codes:
+        assert re.search(rf"^ +{code} +\w", p.stdout, re.MULTILINE), f"--help omits {code}"
+    assert re.search(r"^ +3 +damage", p.stdout, re.MULTILINE)
+    for doc in ("README.md", "docs/user-guide.md", "docs/operations.md"):
+        text = " ".join((ROOT / doc).read_text().split())
+        assert re.search(r"\b3\b[ |]*damage found", text), f"{doc} does not name exit 3"
