@@ -453,6 +453,7 @@ def test_delete_marks_deleted_and_hides_from_list(chain, own):
     assert own.restore_bytes(chain.ids[1]) == chain.versions[1]
 
 
+@pytest.mark.slow
 def test_delete_a_parent_with_dependents_is_refused(chain, own):
     p = own.run("delete", chain.ids[0])
     line = assert_one_line_error(p, 2, "Incremental backups exist for this backup.")
@@ -473,6 +474,7 @@ def test_delete_the_whole_chain_newest_first(chain, own):
 
 # --- verify --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_verify_all_and_deep(chain):
     for args in ((), ("--deep",), (chain.ids[1],), (chain.ids[2], "--deep")):
         p = chain.wd.verify(*args)
@@ -574,6 +576,7 @@ def test_import_refuses_an_existing_backup(chain, own):
     assert_one_line_error(p, 2, "Backup already exists in database.")
 
 
+@pytest.mark.slow
 def test_import_into_a_fresh_catalog(chain, own):
     records = {r["id"]: r for r in own.list()}
     texts = {bid: _export(own, bid) for bid in chain.ids}
@@ -596,6 +599,7 @@ def test_import_into_a_fresh_catalog(chain, own):
     assert own.restore_bytes(chain.ids[2]) == chain.versions[2]
 
 
+@pytest.mark.slow
 def test_import_revives_a_deleted_backup(chain, own):
     bid = chain.ids[2]
     text = _export(own, bid)

@@ -27,6 +27,10 @@ from support import (
     write_secret,
 )
 
+# Every test here runs two repositories, most of them encrypted (a key derivation per run)
+# or in object storage: tens of seconds each.
+pytestmark = pytest.mark.slow
+
 KEPT = ("id", "parent_id", "is_incremental", "created_at", "data_timestamp", "labels",
         "name", "volume_id", "volume_name", "size", "block_size")
 

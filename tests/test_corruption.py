@@ -309,6 +309,7 @@ def test_truncated_catalog_then_rebuild(case):
 # Regression test for BUG gc-unreadable-pack: gc drops the index entries of a pack whose
 # trailer is unreadable and deletes the old index files, so backups whose chunks are intact in
 # that pack become unrestorable
+@pytest.mark.slow
 def test_gc_keeps_backups_whose_pack_trailer_is_damaged(tmp_path):
     """A flipped bit in a pack's trailer does not touch chunk data; gc must not turn it into
     unrestorable backups (it may refuse to run, or keep that pack's index entries)."""

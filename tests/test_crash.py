@@ -39,6 +39,9 @@ from support import (
     wait_until,
 )
 
+# Every test here runs the slowed-down victim backup of a 36 MiB image.
+pytestmark = pytest.mark.slow
+
 NO_PARENT = "No backups available to do an incremental backup."
 BIG_MIB = 36
 

@@ -71,6 +71,7 @@ def _jobs_workdir(tmp_path: Path, jobs: dict, **extra) -> Workdir:
     return wd
 
 
+@pytest.mark.slow
 def test_run_makes_fulls_and_incrementals_and_prunes_after_success(tmp_path):
     img = tmp_path / "disk.img"
     make_image(img, 4, seed=81)

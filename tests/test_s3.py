@@ -72,6 +72,7 @@ def random_image(path: Path, mib: int, seed: int) -> bytes:
 
 # --- every command --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_command_against_s3(wd, tmp_path, s3server):
     init = wd.init("64K")
     assert init["created"] and init["repository"] == wd.repo
@@ -213,6 +214,7 @@ def test_kill_9_during_a_backup_to_s3(tmp_path, s3server, s3_bucket, point):
     assert not keys(s3server, bucket, prefix + "locks/")
 
 
+@pytest.mark.slow
 def test_kill_9_during_gc_on_s3_leaves_every_backup_restorable(tmp_path, s3server, s3_bucket):
     wd = s3_workdir(tmp_path / "wd", s3server, s3_bucket)
     wd.init("64K")
@@ -280,6 +282,7 @@ def own_server(tmp_path):
     server.stop()
 
 
+@pytest.mark.slow
 def test_the_server_stopped_mid_backup_and_mid_restore(tmp_path, own_server):
     bucket = own_server.new_bucket()
     wd = s3_workdir(tmp_path / "wd", own_server, bucket)
@@ -323,6 +326,7 @@ def test_the_server_stopped_mid_backup_and_mid_restore(tmp_path, own_server):
 
 # --- hosts sharing one bucket ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_configurations_share_a_bucket_and_gc_one_at_a_time(tmp_path, s3server,
                                                                  s3_bucket):
     one = s3_workdir(tmp_path / "one", s3server, s3_bucket)
@@ -349,6 +353,7 @@ def test_two_configurations_share_a_bucket_and_gc_one_at_a_time(tmp_path, s3serv
             assert w.verify(b["id"], "--deep").returncode == 0
 
 
+@pytest.mark.slow
 def test_a_cache_that_did_not_list_is_never_trusted_past_another_hosts_gc(tmp_path, s3server,
                                                                        s3_bucket):
     """Runs skip listing the index while `index-changes` stands; another host's gc replaces
@@ -389,6 +394,7 @@ def test_an_append_only_host_backs_up_restores_and_releases_its_lease(tmp_path, 
     assert [k for k in keys(s3server, bucket, prefix) if k.startswith(prefix + "locks/")] == []
 
 
+@pytest.mark.slow
 def test_gc_waits_for_a_held_lease_and_takes_over_an_expired_one(tmp_path, s3server,
                                                                  s3_bucket, wd):
     wd.init()
@@ -543,6 +549,7 @@ def cutting_proxy(s3server):
     proxy.stop()
 
 
+@pytest.mark.slow
 def test_a_body_cut_off_mid_transfer_is_fetched_again(tmp_path, s3server, s3_bucket,
                                                       cutting_proxy) -> None:
     """A dropped connection in the middle of a response body (IncompleteRead) is retried
