@@ -185,6 +185,7 @@ def test_a_missing_bucket_exits_2_naming_it(tmp_path, s3server):
 SLOW = {"workers": 1, "compression_level": 19}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["pack-pending", "index-written", "manifest-written"])
 def test_kill_9_during_a_backup_to_s3(tmp_path, s3server, s3_bucket, point):
     wd = s3_workdir(tmp_path / "wd", s3server, s3_bucket)
