@@ -20,7 +20,14 @@ from .catalog import STATUSES
 from .config import Config, load_config
 from .datapath.pipeline import tune_malloc
 from .documents import ExportedRecord
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, LvbackupError, UsageError
+from .errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    CorruptionError,
+    LvbackupError,
+    UsageError,
+)
 from .labels import parse_labels
 from .operations.copy import copy_backups
 from .operations.create import create_backup, select_source
@@ -73,12 +80,13 @@ from .units import human_size
 EXIT_CODES = """\b
 Exit status:
   0   success
-  1   the operation failed (I/O error, corruption found, ...)
+  1   the operation failed (I/O or network error, full disk, ...)
   2   invalid usage, or a request the current state forbids
+  3   damage found in backed-up data (verify, restore, or any command that read it)
   75  the repository or volume is locked by another run (see --wait)
   130 interrupted (Ctrl-C): the work was stopped and cleaned up
   143 terminated (SIGTERM): the work was stopped and cleaned up
-  'run' exits with the worst of its jobs' statuses (2 worst, then 1, then 75).
+  'run' exits with the worst of its jobs' statuses (3 worst, then 2, 1, 75).
 With --json a failure's line on stderr is a JSON object: {"error": ..., "exit_code": ...}.
 Global options (--config, --json, --quiet, --verbose) go before or after the command.
 """
@@ -842,7 +850,7 @@ def parse_budget(ctx: click.Context, param: click.Parameter, text: str | None
 @pass_app
 def verify(app: App, backup_ids: tuple[str, ...], deep: bool, sample: Fraction | None,
            max_duration: float | None, wait: float) -> None:
-    """Check backups (all available ones by default); exit 1 if any is damaged.
+    """Check backups (all available ones by default); exit 3 if any is damaged.
 
     \b
     Examples:
@@ -871,7 +879,7 @@ def verify(app: App, backup_ids: tuple[str, ...], deep: bool, sample: Fraction |
         bad = [b["id"] for b in report["backups"] if not b["ok"]]
         detail = (f"{'backup' if len(bad) == 1 else 'backups'} {', '.join(bad)}" if bad
                   else "the index")
-        raise LvbackupError(f"verify found damage in {detail}")
+        raise CorruptionError(f"verify found damage in {detail}")
 
 
 @cli.command()

@@ -3,6 +3,7 @@
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_DAMAGED = 3          # damage found in backed-up data (verify, restore, ...)
 EXIT_LOCKED = 75
 EXIT_INTERRUPTED = 130    # Ctrl-C (SIGINT)
 EXIT_TERMINATED = 143     # SIGTERM: 128 + 15
@@ -31,7 +32,10 @@ class LockedError(LvbackupError):
 
 
 class CorruptionError(LvbackupError):
-    """Repository data failed its checksum or is missing."""
+    """Repository data failed its checksum or is missing: damage to what is backed up, which
+    scripts tell from other failures by its exit status."""
+
+    exit_code = EXIT_DAMAGED
 
 
 class ChangeTrackingError(LvbackupError):

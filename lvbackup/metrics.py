@@ -10,14 +10,14 @@ a lock file in lvbackup's lock directory, so concurrent runs never lose each oth
     lvbackup_last_run_timestamp_seconds{volume=...}             last backup, ok or not
     lvbackup_last_status{volume=...}                            1 ok, 0 failed
     lvbackup_last_duration_seconds{volume=...}                  of the last backup
-    lvbackup_last_bytes_read{volume=...}                        of the last successful one
-    lvbackup_last_bytes_stored{volume=...}                      of the last successful one
+    lvbackup_last_read_bytes{volume=...}                        of the last successful one
+    lvbackup_last_stored_bytes{volume=...}                      of the last successful one
 
 and after every `copy` (the command, or a job's `copy_to`), for each volume copied:
 
     lvbackup_last_copy_success_timestamp_seconds{volume=...}    last successful copy
     lvbackup_last_copy_status{volume=...}                       1 ok, 0 failed
-    lvbackup_last_copy_bytes_sent{volume=...}                   of the last successful one
+    lvbackup_last_copy_sent_bytes{volume=...}                   of the last successful one
 
 and while an instant restore copies a backup into an LV (`volume` is the LV restored onto):
 
@@ -53,15 +53,15 @@ METRICS: dict[str, tuple[str, str]] = {
         ("gauge", "1 if the volume's last backup succeeded, 0 if it failed."),
     "lvbackup_last_duration_seconds":
         ("gauge", "Duration of the volume's last backup, in seconds."),
-    "lvbackup_last_bytes_read":
+    "lvbackup_last_read_bytes":
         ("gauge", "Bytes read from the volume by its last successful backup."),
-    "lvbackup_last_bytes_stored":
+    "lvbackup_last_stored_bytes":
         ("gauge", "Bytes the volume's last successful backup added to the repository."),
     "lvbackup_last_copy_success_timestamp_seconds":
         ("gauge", "Unix time of the last successful copy of the volume's backups."),
     "lvbackup_last_copy_status":
         ("gauge", "1 if the last copy of the volume's backups succeeded, 0 if it failed."),
-    "lvbackup_last_copy_bytes_sent":
+    "lvbackup_last_copy_sent_bytes":
         ("gauge", "Bytes the last successful copy of the volume's backups stored in the "
                   "target repository."),
     "lvbackup_restore_hydrated_bytes":
@@ -133,9 +133,9 @@ def record_backup(path: Path, lock_dir: Path, volume: str, *, ok: bool, ended_at
     if ok:
         values["lvbackup_last_success_timestamp_seconds"] = ended_at
         if bytes_read is not None:
-            values["lvbackup_last_bytes_read"] = bytes_read
+            values["lvbackup_last_read_bytes"] = bytes_read
         if bytes_stored is not None:
-            values["lvbackup_last_bytes_stored"] = bytes_stored
+            values["lvbackup_last_stored_bytes"] = bytes_stored
     _update(path, lock_dir, {volume: values})
 
 
@@ -147,7 +147,7 @@ def record_copy(path: Path, lock_dir: Path, volumes: list[str], *, ok: bool, end
         values[volume] = {"lvbackup_last_copy_status": 1 if ok else 0}
         if ok:
             values[volume].update({"lvbackup_last_copy_success_timestamp_seconds": ended_at,
-                                   "lvbackup_last_copy_bytes_sent": bytes_sent.get(volume, 0)})
+                                   "lvbackup_last_copy_sent_bytes": bytes_sent.get(volume, 0)})
     _update(path, lock_dir, values)
 
 

@@ -8,7 +8,7 @@ bash scripts/setup.sh
 .venv/bin/ruff check lvbackup tests bench
 .venv/bin/mypy lvbackup
 .venv/bin/lint-imports --no-cache
-.venv/bin/python -m pytest -m "not lvm" tests "$@"
+.venv/bin/python -m pytest -m "not lvm" --durations=20 tests "$@"
 # The command-line suite again, every repository encrypted (docs/security.md).
-LVBACKUP_TEST_ENCRYPTED=1 .venv/bin/python -m pytest -m "not lvm" tests/test_cli.py "$@"
+LVBACKUP_TEST_ENCRYPTED=1 .venv/bin/python -m pytest -m "not lvm" --durations=20 tests/test_cli.py "$@"
 tests/vm/run-lvm-tests

@@ -18,6 +18,8 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +196,57 @@ def assert_one_line_error(p: subprocess.CompletedProcess, code: int, *fragments:
     return lines[0]
 
 
+# --- waiting for other processes ----------------------------------------------------------
+
+def wait_until(predicate: Callable[[], Any], what: str, *procs: subprocess.Popen,
+               timeout: float = 120.0) -> None:
+    """Poll until `predicate()` holds: a deadline instead of a fixed sleep, so that a loaded
+    machine only makes the test slower, never wrong. Fails naming `what` when `timeout`
+    seconds pass first, or when one of `procs` ends before (with what it printed)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        for proc in procs:
+            if proc.poll() is not None:
+                out, err = proc.communicate()
+                text = err.decode(errors="replace") if isinstance(err, bytes) else err
+                raise AssertionError(f"{proc.args} ended (exit {proc.returncode}) before "
+                                     f"{what}:\n{text}")
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.02)
+
+
+def lock_holders(path: Path) -> dict[int, str]:
+    """{pid: 'READ' | 'WRITE'} of the flock locks the kernel lists for the file at `path`."""
+    try:
+        ino = path.stat().st_ino
+    except FileNotFoundError:
+        return {}
+    out = {}
+    with open("/proc/locks") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[1] == "FLOCK" and int(parts[5].rsplit(":", 1)[1]) == ino:
+                out[int(parts[4])] = parts[3]
+    return out
+
+
+def holds_open(pid: int, path: Path) -> bool:
+    """Whether process `pid` has the file at `path` open (a run waiting for a lock keeps
+    the lock file open while it retries)."""
+    target = str(Path(path).resolve())
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except (FileNotFoundError, PermissionError):
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd) == target:
+                return True
+        except OSError:
+            continue   # closed meanwhile
+    return False
+
+
 def reused_bytes(stderr: str) -> int:
     """The 'reused' figure of create's summary line on stderr."""
     m = _SUMMARY.search(stderr)
@@ -272,12 +325,20 @@ class Workdir:
 
     def assert_restores(self, backup_id: str, expected: bytes) -> None:
         """verify --deep of the backup passes and its restored image is bit-exact."""
-        p = self.verify(backup_id, "--deep")
+        self.assert_intact({backup_id: expected}, backup_id)
+
+    def assert_intact(self, expected: Mapping[str, bytes], *verify_args: Any,
+                      env: dict[str, str] | None = None) -> None:
+        """`verify --deep` passes (of every backup, or of those `verify_args` name), then
+        each backup of `expected` ({id: image}) restores bit-exactly."""
+        p = self.run("verify", "--deep", *verify_args, env=env)
         assert p.returncode == 0, describe(p)
-        got = self.restore_bytes(backup_id)
-        assert len(got) == len(expected), (len(got), len(expected))
-        assert got == expected, \
-            f"restore of {backup_id} differs at byte {first_diff(got, expected)}"
+        for backup_id, data in expected.items():
+            p = self.run("restore", backup_id, "--to-file", "-", binary=True, env=env)
+            assert p.returncode == 0, describe(p)
+            assert len(p.stdout) == len(data), (backup_id, len(p.stdout), len(data))
+            assert p.stdout == data, \
+                f"restore of {backup_id} differs at byte {first_diff(p.stdout, data)}"
 
     # looking inside
 

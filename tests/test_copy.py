@@ -3,7 +3,6 @@ S3 (the real SeaweedFS server of tests/s3server.py), as the nightly off-site job
 
 from __future__ import annotations
 
-import filecmp
 import json
 import random
 import shutil
@@ -27,6 +26,10 @@ from support import (
     s3_section,
     write_secret,
 )
+
+# Every test here runs two repositories, most of them encrypted (a key derivation per run)
+# or in object storage: tens of seconds each.
+pytestmark = pytest.mark.slow
 
 KEPT = ("id", "parent_id", "is_incremental", "created_at", "data_timestamp", "labels",
         "name", "volume_id", "volume_name", "size", "block_size")
@@ -205,24 +208,6 @@ def repository(kind: str, path, name: str, **place) -> Workdir:
     return wd
 
 
-def restores_exactly(wd: Workdir, backup_id: str, expected: bytes, tmp_path,
-                     env: dict[str, str] | None = None) -> None:
-    """verify --deep of the backup passes, and restore --to-file writes exactly `expected`."""
-    p = wd.run("verify", backup_id, "--deep", env=env)
-    assert p.returncode == 0, describe(p)
-    out = tmp_path / f"restored-{uuid.uuid4().hex[:8]}.img"
-    p = wd.run("restore", backup_id, "--to-file", out, env=env)
-    assert p.returncode == 0, describe(p)
-    assert filecmp.cmp(out, write_expected(tmp_path, expected), shallow=False)
-    out.unlink()
-
-
-def write_expected(tmp_path, data: bytes):
-    path = tmp_path / "expected.img"
-    path.write_bytes(data)
-    return path
-
-
 def entries_of(wd: Workdir, backup_id: str) -> list[bytes]:
     """A backup's manifest entries, read with the library from a local repository."""
     secrets = ([passphrase_from_file(wd.path / "passphrase")]
@@ -272,7 +257,7 @@ def test_copy_between_repositories_that_name_chunks_differently(
     target = repository(target_kind, tmp_path / "offsite", "offsite", **place)
     report = copy_all_keeping_records(wd, target, recs)
     for rec, data in zip(recs, versions, strict=True):
-        restores_exactly(target, rec["id"], data, tmp_path)
+        target.assert_restores(rec["id"], data)
     assert [b["parent_id"] for b in target.list()] == [None, recs[0]["id"], recs[1]["id"]]
     if where == "local":
         # Same blocks, same digests, other names: the manifests were rewritten.
@@ -296,7 +281,7 @@ def test_copy_between_repositories_that_name_chunks_differently(
     more = wd.run_json("copy", "--volume", str(image), "--to-config", target.config)
     assert more["copied"] == [new["id"]]
     assert 0 < more["bytes_sent"] < report["bytes_sent"] / 5
-    restores_exactly(target, new["id"], image.read_bytes(), tmp_path)
+    target.assert_restores(new["id"], image.read_bytes())
 
 
 def test_copy_between_repositories_under_one_master_key_keeps_every_id(tmp_path):
@@ -317,7 +302,7 @@ def test_copy_between_repositories_under_one_master_key_keeps_every_id(tmp_path)
     assert report["copied"] == [r["id"] for r in recs] and report["chunks_sent"] > 0
     for rec, data in zip(recs, (full, incremental), strict=True):
         assert entries_of(target, rec["id"]) == entries_of(wd, rec["id"])
-        restores_exactly(target, rec["id"], data, tmp_path)
+        target.assert_restores(rec["id"], data)
     assert wd.run_json("copy", "--all", "--to-config", target.config)["chunks_sent"] == 0
 
 
@@ -353,8 +338,8 @@ def test_each_side_takes_its_own_secret_and_a_wrong_or_missing_one_writes_nothin
     env = {"LVBACKUP_TARGET_PASSPHRASE": PASSPHRASES["offsite"]}
     report = wd.run_json("copy", "--all", "--to-config", target.config, env=env)
     assert report["copied"] == [r["id"] for r in recs]
-    restores_exactly(target, recs[2]["id"], versions[2], tmp_path,
-                     env={"LVBACKUP_PASSPHRASE": PASSPHRASES["offsite"]})
+    target.assert_intact({recs[2]["id"]: versions[2]}, recs[2]["id"],
+                         env={"LVBACKUP_PASSPHRASE": PASSPHRASES["offsite"]})
 
     # The source's passphrase from the environment, the target's from its own file.
     write_secret(target.path / "passphrase", PASSPHRASES["offsite"])
@@ -372,7 +357,7 @@ def test_an_interrupted_copy_into_an_encrypted_repository_resumes(tmp_path):
     rec = wd.create(image)
     target = repository("encrypted", tmp_path / "offsite", "offsite")
     kill_and_resume(wd, target, rec, data)
-    restores_exactly(target, rec["id"], data, tmp_path)
+    target.assert_restores(rec["id"], data)
 
     # Killed after the manifest is stored, before the row: the rerun only adds the row.
     changed = apply_change(image, seed=81)
@@ -387,7 +372,7 @@ def test_an_interrupted_copy_into_an_encrypted_repository_resumes(tmp_path):
     assert report["copied"] == [new["id"]] and report["chunks_sent"] == 0
     assert target.pack_bytes() == packs
     assert target.show(new["id"])["parent_id"] == rec["id"]
-    restores_exactly(target, new["id"], changed, tmp_path)
+    target.assert_restores(new["id"], changed)
 
 
 def test_a_job_copies_into_an_encrypted_target(tmp_path):
@@ -406,7 +391,7 @@ def test_a_job_copies_into_an_encrypted_target(tmp_path):
     (second,) = wd.run_json("run")["jobs"]
     assert second["copied"] == [second["backup"]["id"]]
     assert target.show(second["backup"]["id"])["parent_id"] == first["backup"]["id"]
-    restores_exactly(target, second["backup"]["id"], changed, tmp_path)
+    target.assert_restores(second["backup"]["id"], changed)
 
 
 def test_a_renamed_incremental_reads_only_its_changed_blocks(tmp_path, monkeypatch):
@@ -435,4 +420,4 @@ def test_a_renamed_incremental_reads_only_its_changed_blocks(tmp_path, monkeypat
     changed = sum(a != b for a, b in zip(mine, parents, strict=True))
     blocks = {e[16:] for e in mine if e != bytes(48)}
     assert 0 < len([cid for cid in read if cid in blocks]) <= changed < len(blocks) // 4
-    restores_exactly(target, recs[1]["id"], versions[1], tmp_path)
+    target.assert_restores(recs[1]["id"], versions[1])

@@ -1,9 +1,10 @@
 """Damage in the repository or the catalog is found and reported, never silently used.
 
 A pristine repository holds a full and an incremental backup of one image; each case works on
-a copy of it, damages one file, and checks that `verify --deep` exits 1 naming the damaged
-backup (and for chunk damage the block), that restoring a damaged backup exits 1 with one
-line and no traceback, and that an undamaged backup still restores bit-exactly.
+a copy of it, damages one file, and checks that `verify --deep` exits 3 (damage found, told
+apart from other failures) naming the damaged backup (and for chunk damage the block), that
+restoring a damaged backup exits 3 with one line and no traceback, and that an undamaged
+backup still restores bit-exactly.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from support import (
     flip_byte,
     make_image,
 )
+
+DAMAGED = 3   # the exit status for damage found in backed-up data (docs/operations.md)
 
 
 def block_ids(data: bytes) -> list[bytes | None]:
@@ -82,10 +85,10 @@ def case(pristine, tmp_path) -> Pristine:
 
 def verify_fails(wd: Workdir, bad: dict[str, str | None], good: list[str],
                  deep: bool = True) -> str:
-    """verify exits 1; each bad backup's FAILED line contains its id and the given words;
-    each good one is reported ok. Returns the output."""
+    """verify exits 3 (damage found); each bad backup's FAILED line contains its id and the
+    given words; each good one is reported ok. Returns the output."""
     p = wd.run("verify", *(["--deep"] if deep else []))
-    assert p.returncode == 1, describe(p)
+    assert p.returncode == DAMAGED, describe(p)
     assert "Traceback" not in p.stdout + p.stderr
     err_lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(err_lines) == 1, describe(p)
@@ -105,10 +108,10 @@ def verify_fails(wd: Workdir, bad: dict[str, str | None], good: list[str],
 
 def restore_fails(wd: Workdir, bid: str, *words: str, to_file: bool = False) -> None:
     p = wd.run("restore", bid, "--to-file", "-", binary=True)
-    assert_one_line_error(p, 1, bid, *words)
+    assert_one_line_error(p, DAMAGED, bid, *words)
     if to_file:
         p = wd.run("restore", bid, "--to-file", wd.path / "restored.img")
-        assert_one_line_error(p, 1, bid, *words)
+        assert_one_line_error(p, DAMAGED, bid, *words)
     # A failed restore is not a state change of the backup.
     assert {r["id"]: r["status"] for r in wd.catalog_rows()}[bid] == "available"
 
@@ -180,7 +183,7 @@ def test_flipped_byte_in_an_index_file(case, k):
 
 
 def test_corrupt_index_is_reported_even_when_backups_are_fine(case):
-    """An index file listing a pack no backup needs is still damage worth exit 1."""
+    """An index file listing a pack no backup needs is still damage worth exit 3."""
     index = next(iter(case.indexes[1]))
     storage = LocalBackend(case.wd.repo)
     groups = list(decode_index(index, storage.get(index), PLAIN))
@@ -189,7 +192,7 @@ def test_corrupt_index_is_reported_even_when_backups_are_fine(case):
     case.wd.run_json("delete", case.ids[1])
     flip_byte(case.wd.repo / index, 10)
     p = case.wd.run("verify", "--deep")
-    assert p.returncode == 1, describe(p)
+    assert p.returncode == DAMAGED, describe(p)
     assert Path(index).name in p.stdout
     restores(case.wd, case.ids[0], case.versions[0])
 
@@ -213,7 +216,7 @@ def test_incremental_on_a_damaged_parent_fails_and_a_full_backup_works(case):
     parent = case.ids[1]
     flip_byte(case.wd.repo / "manifests" / parent, 50)
     p = case.wd.run("create", "--device", case.image, "--incremental")
-    assert_one_line_error(p, 1, parent, "full backup")
+    assert_one_line_error(p, DAMAGED, parent, "full backup")
     rows = case.wd.catalog_rows()
     assert len(rows) == 3 and rows[-1]["status"] == "error" and rows[-1]["fail_reason"]
     rec = case.wd.create(case.image)
@@ -266,7 +269,7 @@ def test_restore_onto_existing_target_with_damaged_chunk_fails_loudly(case, tmp_
     target = tmp_path / "target.img"
     target.write_bytes(os.urandom(len(case.versions[1])))
     p = case.wd.run("restore", case.ids[1], "--to", target)
-    assert_one_line_error(p, 1, case.ids[1], "block")
+    assert_one_line_error(p, DAMAGED, case.ids[1], "block")
 
 
 # --- repository config and catalog -----------------------------------------------------------
@@ -275,9 +278,7 @@ def test_corrupt_repository_config(case):
     flip_byte(case.wd.repo / "config", 12)
     for args in (("verify",), ("restore", case.ids[0], "--to-file", "-"), ("gc",),
                  ("init",)):
-        p = case.wd.run(*args)
-        assert p.returncode == 1, describe(p)
-        assert_one_line_error(p, 1, "config", "corrupt")
+        assert_one_line_error(case.wd.run(*args), DAMAGED, "config", "corrupt")
 
 
 def test_corrupt_catalog_then_rebuild(case):
@@ -313,6 +314,7 @@ def test_truncated_catalog_then_rebuild(case):
 # Regression test for BUG gc-unreadable-pack: gc drops the index entries of a pack whose
 # trailer is unreadable and deletes the old index files, so backups whose chunks are intact in
 # that pack become unrestorable
+@pytest.mark.slow
 def test_gc_keeps_backups_whose_pack_trailer_is_damaged(tmp_path):
     """A flipped bit in a pack's trailer does not touch chunk data; gc must not turn it into
     unrestorable backups (it may refuse to run, or keep that pack's index entries)."""
@@ -339,7 +341,7 @@ def test_verify_deep_finds_a_damaged_pack_trailer(case):
     pack = case.wd.repo / next(iter(case.packs[0]))
     flip_byte(pack, pack.stat().st_size - 60)
     p = case.wd.run("verify", "--deep")
-    assert p.returncode == 1, describe(p)
+    assert p.returncode == DAMAGED, describe(p)
 
 
 # --- fields out of bounds, re-sealed (an unencrypted repository's checksums stop no one) ------
@@ -375,7 +377,7 @@ def test_config_block_size_out_of_bounds(case, block_size):
     for args in (("create", "--device", case.image), ("verify",), ("gc",),
                  ("restore", case.ids[0], "--to-file", out)):
         p = case.wd.run(*args)
-        assert_one_line_error(p, 1, "config", "block size")
+        assert_one_line_error(p, DAMAGED, "config", "block size")
         assert _snapshot(case.wd) == before, args
         assert not out.exists()
 
@@ -390,7 +392,7 @@ def test_manifest_fields_out_of_bounds(case, field):
     before = _snapshot(case.wd)
     out = case.wd.path / "out.img"
     p = case.wd.run("restore", bid, "--to-file", out)
-    assert_one_line_error(p, 1, bid, "manifest", "corrupt")
+    assert_one_line_error(p, DAMAGED, bid, "manifest", "corrupt")
     assert not out.exists()
     assert _snapshot(case.wd) == before
     verify_fails(case.wd, {bid: "corrupt"}, [case.ids[1]], deep=False)
@@ -412,7 +414,7 @@ def test_index_offset_beyond_sqlite_integer(case):
     (case.wd.repo / old).unlink()
     (case.wd.repo / name).write_bytes(data)
     p = case.wd.run("verify")
-    assert p.returncode == 1 and "Traceback" not in p.stdout + p.stderr, describe(p)
+    assert p.returncode == DAMAGED and "Traceback" not in p.stdout + p.stderr, describe(p)
     assert f"index file {name} is corrupt" in p.stdout
     rec = case.wd.create(case.image)
     restores(case.wd, rec["id"], case.versions[1])

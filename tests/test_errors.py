@@ -36,9 +36,7 @@ def env(base, tmp_path):
 def unharmed(wd: Workdir, bid: str, data: bytes) -> None:
     rows = wd.catalog_rows()
     assert [(r["id"], r["status"]) for r in rows] == [(bid, "available")], rows
-    p = wd.verify("--deep")
-    assert p.returncode == 0, describe(p)
-    assert wd.restore_bytes(bid) == data
+    wd.assert_intact({bid: data})
 
 
 # --- sources -------------------------------------------------------------------------------
@@ -139,8 +137,7 @@ def test_ambiguous_prefix(ambiguous):
         assert_one_line_error(p, 2, "ambiguous")
         assert p.stdout == ""
     assert [r["status"] for r in wd.catalog_rows()] == ["available"] * len(ids)
-    assert wd.verify("--deep").returncode == 0
-    assert wd.restore_bytes(ids[-1]) == data
+    wd.assert_intact({ids[-1]: data})
 
 
 # --- configuration -------------------------------------------------------------------------

@@ -41,10 +41,7 @@ def crash(wd: Workdir, point: str, *args, nth: int = 1) -> None:
 def intact(r: Repo, restore: str | None = None) -> None:
     """verify --deep passes (it re-hashes every chunk of every available backup), and
     `restore` (default: every kept backup) restores bit-exactly."""
-    p = r.wd.verify("--deep")
-    assert p.returncode == 0, describe(p)
-    for bid in [restore] if restore else r.kept:
-        assert r.wd.restore_bytes(bid) == r.kept[bid]
+    r.wd.assert_intact({bid: r.kept[bid] for bid in ([restore] if restore else r.kept)})
 
 
 @pytest.fixture(scope="module")

@@ -206,6 +206,7 @@ def _open_config(config: bytes, slots: dict[str, bytes], store_name: str,
                     lambda: [Secret(PASSPHRASE, PASS.encode(), "t")]).close()
 
 
+@pytest.mark.slow
 def test_repository_config(repo, tmp_path: Path) -> None:
     r, _, _ = repo
     rng = random.Random(4)
@@ -218,6 +219,7 @@ def test_repository_config(repo, tmp_path: Path) -> None:
         bounded(lambda d, m=name: _open_config(d, slots, m, tmp_path), data)
 
 
+@pytest.mark.slow
 def test_key_slots_and_exports(tmp_path: Path) -> None:
     secret = Secret(PASSPHRASE, PASS.encode(), "t")
     r, _ = Repository.init("mem://fuzz-slots", tmp_path, None, lambda: [secret], encrypt=True)

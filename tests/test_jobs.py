@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lvbackup import metrics
 from lvbackup.config import Job
 from lvbackup.operations.jobs import full_or_incremental, worst_exit
 
@@ -18,12 +19,13 @@ from support import Workdir, apply_change, assert_one_line_error, describe, flip
 
 # --- pure helpers --------------------------------------------------------------------------
 
-def test_worst_exit_ranks_locked_below_failed_below_usage():
+def test_worst_exit_ranks_locked_below_failed_below_usage_below_damage():
     assert worst_exit([]) == 0
     assert worst_exit([0, 0]) == 0
     assert worst_exit([0, 75]) == 75
     assert worst_exit([75, 1, 0]) == 1
     assert worst_exit([1, 2, 75]) == 2
+    assert worst_exit([2, 3, 1, 75]) == 3
 
 
 def _b(days_ago: float, incremental: bool, status: str = "available") -> dict:
@@ -69,6 +71,7 @@ def _jobs_workdir(tmp_path: Path, jobs: dict, **extra) -> Workdir:
     return wd
 
 
+@pytest.mark.slow
 def test_run_makes_fulls_and_incrementals_and_prunes_after_success(tmp_path):
     img = tmp_path / "disk.img"
     make_image(img, 4, seed=81)
@@ -126,18 +129,18 @@ def test_exit_status_is_the_worst_of_the_jobs(tmp_path):
     parent = wd.create(img)
     flip_byte(wd.repo / "manifests" / parent["id"], 20)
     p = wd.run("--json", "run")
-    assert p.returncode == 1, describe(p)
+    assert p.returncode == 3, describe(p)   # damage found in what is backed up
     (job,) = json.loads(p.stdout)["jobs"]
-    assert job["exit_code"] == 1 and job["backup"] is None
+    assert job["exit_code"] == 3 and job["backup"] is None
     p = wd.run("--json", "run", "corrupt", config=wd.config_with(
         "two.yaml", jobs={"corrupt": {"device": str(img), "incremental": True},
                           "absent": {"device": str(tmp_path / "absent.img")}}))
-    assert p.returncode == 1, describe(p)   # only the named job ran
+    assert p.returncode == 3, describe(p)   # only the named job ran
     assert [j["job"] for j in json.loads(p.stdout)["jobs"]] == ["corrupt"]
     p = wd.run("--json", "run", config=wd.config_with(
         "two.yaml", jobs={"corrupt": {"device": str(img), "incremental": True},
                           "absent": {"device": str(tmp_path / "absent.img")}}))
-    assert p.returncode == 2, describe(p)   # 2 is worse than 1
+    assert p.returncode == 3, describe(p)   # damage (3) is worse than a usage error (2)
 
 
 def test_run_of_unknown_job_or_without_jobs_is_a_usage_error(tmp_path):
@@ -175,8 +178,8 @@ def test_metrics_textfile_per_volume(tmp_path):
     for img, size in ((a, 2 << 20), (b, 3 << 20)):
         v = str(img.resolve())
         assert samples[("lvbackup_last_status", v)] == 1
-        assert samples[("lvbackup_last_bytes_read", v)] == size
-        assert samples[("lvbackup_last_bytes_stored", v)] > 0
+        assert samples[("lvbackup_last_read_bytes", v)] == size
+        assert samples[("lvbackup_last_stored_bytes", v)] > 0
         assert samples[("lvbackup_last_duration_seconds", v)] >= 0
         assert samples[("lvbackup_last_success_timestamp_seconds", v)] == \
             samples[("lvbackup_last_run_timestamp_seconds", v)]
@@ -184,7 +187,7 @@ def test_metrics_textfile_per_volume(tmp_path):
     # Job b fails next time (its parent is corrupt); a's series are kept.
     bid = [j for j in summary["jobs"] if j["job"] == "b"][0]["backup"]["id"]
     flip_byte(wd.repo / "manifests" / bid, 20)
-    assert wd.run("run", "b").returncode == 1
+    assert wd.run("run", "b").returncode == 3
     samples = _samples(prom)
     assert samples[("lvbackup_last_status", str(b.resolve()))] == 0
     assert samples[("lvbackup_last_success_timestamp_seconds", str(b.resolve()))] == first_success
@@ -204,6 +207,29 @@ def test_metrics_from_create_too(tmp_path):
     assert _samples(prom)[("lvbackup_last_status", str(img.resolve()))] == 0
     wd.create(img)
     assert _samples(prom)[("lvbackup_last_status", str(img.resolve()))] == 1
+
+
+def test_metric_names_follow_prometheus_conventions():
+    """Base units named by the suffix; `_total` only on counters."""
+    for name, (kind, help_text) in metrics.METRICS.items():
+        assert kind in ("gauge", "counter"), name
+        assert name.endswith("_total") == (kind == "counter"), name
+        if "bytes" in name.split("_") or "Bytes" in help_text:
+            assert name.endswith("_bytes"), name
+        if "timestamp" in name or "duration" in name:
+            assert name.endswith("_seconds"), name
+
+
+def test_series_under_a_renamed_metric_leave_the_file(tmp_path):
+    prom, locks = tmp_path / "lvbackup.prom", tmp_path / "locks"
+    prom.write_text('lvbackup_last_bytes_read{volume="vg0/data"} 5\n'
+                    'lvbackup_last_status{volume="vg0/other"} 1\n')
+    metrics.record_backup(prom, locks, "vg0/data", ok=True, ended_at=1.0, duration=2.0,
+                          bytes_read=7, bytes_stored=3)
+    samples = _samples(prom)
+    assert samples[("lvbackup_last_read_bytes", "vg0/data")] == 7
+    assert samples[("lvbackup_last_status", "vg0/other")] == 1
+    assert not [k for k in samples if k[0] == "lvbackup_last_bytes_read"]
 
 
 _LINE = re.compile(r'^(\w+)\{volume="([^"]*)"\} (\S+)$')

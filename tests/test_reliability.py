@@ -20,7 +20,6 @@ import random
 import signal
 import sqlite3
 import subprocess
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,41 +35,17 @@ from support import (
     apply_change,
     assert_one_line_error,
     describe,
+    holds_open,
+    lock_holders,
     make_image,
     reused_bytes,
+    wait_until,
 )
 
 SLOW_MIB = 16      # random data compressed at zstd level 19 by one worker: a few seconds
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-def lock_holders(path: Path) -> dict[int, str]:
-    """{pid: 'READ' | 'WRITE'} of the flock locks the kernel lists for the file at `path`."""
-    try:
-        ino = path.stat().st_ino
-    except FileNotFoundError:
-        return {}
-    out = {}
-    with open("/proc/locks") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 6 and parts[1] == "FLOCK" and int(parts[5].rsplit(":", 1)[1]) == ino:
-                out[int(parts[4])] = parts[3]
-    return out
-
-
-def wait_for(cond, what: str, *procs: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        for proc in procs:
-            if proc.poll() is not None:
-                out, err = proc.communicate()
-                raise AssertionError(f"{proc.args} ended (exit {proc.returncode}) before "
-                                     f"{what}:\n{err.decode(errors='replace')}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
 
 @contextmanager
 def stopped(*procs: subprocess.Popen):
@@ -134,10 +109,7 @@ class Env:
 
     def intact(self) -> None:
         """verify --deep passes and the earlier backups restore bit-exactly."""
-        p = self.wd.verify("--deep")
-        assert p.returncode == 0, describe(p)
-        for bid, data in self.earlier.items():
-            assert self.wd.restore_bytes(bid) == data, f"backup {bid} changed"
+        self.wd.assert_intact(self.earlier)
 
 
 def make_env(path: Path, **config) -> Env:
@@ -184,7 +156,7 @@ def test_same_volume_runs_never_interleave(env, slow_images, tmp_path):
         wd.create(img)
     img.write_bytes(big)
     victim = env.slow_create(img)
-    wait_for(lambda: creating(wd, img), "the victim's creating row", victim)
+    wait_until(lambda: creating(wd, img), "the victim's creating row", victim)
     n_rows = len(rows(wd))
     with stopped(victim):
         assert creating(wd, img), "the victim ended before it could be caught"
@@ -198,7 +170,8 @@ def test_same_volume_runs_never_interleave(env, slow_images, tmp_path):
         assert len(rows(wd)) == n_rows, "a refused run left a row"
         # With --wait the second run waits for the lock instead.
         waiter = env.popen("--json", "create", "--device", img, "--wait", "120")
-        time.sleep(2)
+        wait_until(lambda: holds_open(waiter.pid, volume_lock),
+                   "the waiting run to reach the volume lock", waiter)
         assert waiter.poll() is None, "the waiting run gave up while the lock was held"
         assert len(rows(wd)) == n_rows, "the waiting run started before the lock was free"
         assert list(lock_holders(volume_lock)) == [victim.pid]
@@ -235,7 +208,7 @@ def test_prune_refused_by_a_busy_volume_deletes_nothing(env, slow_images, tmp_pa
         wd.create(img)
     img.write_bytes(big)
     victim = env.slow_create(img)
-    wait_for(lambda: creating(wd, img), "the victim's creating row", victim)
+    wait_until(lambda: creating(wd, img), "the victim's creating row", victim)
     with stopped(victim):
         before = {r["id"]: (r["status"], r["parent_id"]) for r in rows(wd)}
         p = wd.run("prune", "--keep-last", "1")
@@ -257,7 +230,7 @@ def test_different_volumes_proceed_in_parallel(env, slow_images):
     assert p.returncode == -signal.SIGKILL, describe(p)
     pa = env.slow_create(a)
     pb = env.slow_create(b)
-    wait_for(lambda: creating(wd, a) and creating(wd, b), "both creating rows", pa, pb)
+    wait_until(lambda: creating(wd, a) and creating(wd, b), "both creating rows", pa, pb)
     repo_lock = wd.cache / "locks" / "repository.lock"
     with stopped(pa, pb):
         assert creating(wd, a) and creating(wd, b)
@@ -370,7 +343,7 @@ def test_exclusive_commands_lock_out_every_other_run(env, command, tmp_path):
         def holds(holder: subprocess.Popen = holder) -> bool:
             return lock_holders(repo_lock).get(holder.pid) == "WRITE" or holder.poll() is not None
 
-        wait_for(holds, f"{command} to take the lock", timeout=120)
+        wait_until(holds, f"{command} to take the lock", timeout=120)
         holder.send_signal(signal.SIGSTOP)
         if lock_holders(repo_lock).get(holder.pid) == "WRITE":
             break
@@ -387,7 +360,8 @@ def test_exclusive_commands_lock_out_every_other_run(env, command, tmp_path):
             assert_one_line_error(p, 75, "repository", "locked", f"(pid {holder.pid})")
         assert len(rows(wd)) == n_rows
         waiter = env.popen("--json", "create", "--device", env.small, "--wait", "120")
-        time.sleep(1.5)
+        wait_until(lambda: holds_open(waiter.pid, repo_lock),
+                   "the waiting run to reach the repository lock", waiter)
         assert waiter.poll() is None, "the waiting run gave up while the lock was held"
     finally:
         holder.send_signal(signal.SIGCONT)
@@ -413,7 +387,7 @@ def test_locks_left_by_killed_runs_never_block(env, slow_images):
     assert repo_lock.read_text().strip().isdigit()
     # A backup killed while it held its volume lock and its run lock.
     victim = env.slow_create(a)
-    wait_for(lambda: creating(wd, a), "the creating row", victim)
+    wait_until(lambda: creating(wd, a), "the creating row", victim)
     dead = creating(wd, a)["id"]
     victim.kill()
     victim.communicate()
@@ -439,7 +413,7 @@ def held_restore(env: Env, bid: str) -> subprocess.Popen:
     def restoring() -> bool:
         return any(r["id"] == bid and r["status"] == "restoring" for r in rows(env.wd))
 
-    wait_for(restoring, "the restoring status", proc)
+    wait_until(restoring, "the restoring status", proc)
     return proc
 
 
@@ -461,7 +435,7 @@ def test_a_backup_being_restored_is_busy_for_verify_and_a_second_restore(env):
 
     first = held_restore(env, bid)
     waiting = env.popen("--json", "verify", bid, "--wait", "120")
-    wait_for(lambda: first.pid in lock_holders(wd.cache / "locks" / f"run-{bid}.lock"),
+    wait_until(lambda: first.pid in lock_holders(wd.cache / "locks" / f"run-{bid}.lock"),
              "the restore's run lock", first)
     time.sleep(0.5)
     assert waiting.poll() is None, "verify --wait did not wait for the restore"
@@ -686,7 +660,7 @@ def test_source_shrinking_during_the_backup(env, tmp_path):
     # reached when it is stopped: it reads at most a few 4 MiB segments ahead.
     random_image(img, SLOW_MIB, 561, sparse_tail_mib=48)
     victim = env.slow_create(img)
-    wait_for(lambda: creating(wd, img), "the creating row", victim)
+    wait_until(lambda: creating(wd, img), "the creating row", victim)
     with stopped(victim), open(img, "r+b") as f:
         f.truncate(48 * MiB)
     code, _, err = finish(victim)
@@ -751,18 +725,16 @@ def test_index_file_missing_or_truncated_then_gc_rebuilds_it(two, damage):
         with open(path, "r+b") as f:
             f.truncate(path.stat().st_size // 2)
     p = wd.verify("--deep")
-    assert p.returncode == 1, describe(p)
+    assert p.returncode == 3, describe(p)
     assert [ln for ln in p.stdout.splitlines() if bad in ln][0].startswith("FAILED")
     assert [ln for ln in p.stdout.splitlines() if good in ln][0].startswith("ok")
     if damage == "truncated":
         assert Path(index).name in p.stdout and "corrupt" in p.stdout
     p = wd.run("restore", bad, "--to-file", "-", binary=True)
-    assert_one_line_error(p, 1, bad, "not in the repository index")
+    assert_one_line_error(p, 3, bad, "not in the repository index")
     assert wd.restore_bytes(good) == good_data
     wd.run_json("gc")
-    assert wd.verify("--deep").returncode == 0
-    assert wd.restore_bytes(bad) == bad_data
-    assert wd.restore_bytes(good) == good_data
+    wd.assert_intact({bad: bad_data, good: good_data})
 
 
 def _damage_a_chunk_of(wd: Workdir, data: bytes) -> None:
@@ -798,10 +770,10 @@ def test_new_backup_after_a_damaged_chunk_is_whole(two, found_by, kind):
     bid, (data, _) = next(iter(kept.items()))
     _damage_a_chunk_of(wd, data)
     if found_by == "verify":
-        assert wd.verify("--deep").returncode == 1
+        assert wd.verify("--deep").returncode == 3
     else:
         p = wd.run("restore", bid, "--to-file", "-", binary=True)
-        assert p.returncode == 1 and b"fails its checksum" in p.stderr, p.stderr
+        assert p.returncode == 3 and b"fails its checksum" in p.stderr, p.stderr
     assert len(wd.files("damaged")) == 1, "the damaged copy is recorded in the repository"
     img = Path([r for r in rows(wd) if r["id"] == bid][0]["volume_name"])
     rec = wd.create(img, *(["--incremental"] if kind == "incremental" else []))
@@ -814,7 +786,7 @@ def test_gc_drops_the_damage_marks_of_packs_it_deletes(two):
     wd, kept = two
     (bid, (data, _)), (other, (other_data, _)) = kept.items()
     _damage_a_chunk_of(wd, data)
-    assert wd.verify("--deep").returncode == 1
+    assert wd.verify("--deep").returncode == 3
     assert len(wd.files("damaged")) == 1
     img = Path([r for r in rows(wd) if r["id"] == bid][0]["volume_name"])
     healed = wd.create(img)
@@ -835,25 +807,22 @@ def test_truncated_manifest_stops_gc_until_deleted(two):
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 10)
     p = wd.verify()
-    assert p.returncode == 1 and "Traceback" not in p.stderr, describe(p)
+    assert p.returncode == 3 and "Traceback" not in p.stderr, describe(p)
     assert [ln for ln in p.stdout.splitlines() if bad in ln][0].startswith("FAILED")
     p = wd.run("restore", bad, "--to-file", "-", binary=True)
-    assert_one_line_error(p, 1, bad, "manifest")
+    assert_one_line_error(p, 3, bad, "manifest")
     packs = set(wd.files("packs"))
-    assert_one_line_error(wd.run("gc"), 1, "gc stopped before deleting anything")
+    assert_one_line_error(wd.run("gc"), 3, "gc stopped before deleting anything")
     assert set(wd.files("packs")) == packs
     wd.run_json("delete", bad)
     assert wd.run_json("gc")["packs_deleted"] == 1
-    assert wd.verify("--deep").returncode == 0
-    assert wd.restore_bytes(good) == good_data
+    wd.assert_intact({good: good_data})
 
 
 def test_deleted_index_cache_is_rebuilt(two):
     wd, kept = two
     subprocess.run(["rm", "-rf", str(wd.cache)], check=True)
-    assert wd.verify("--deep").returncode == 0
-    for bid, (data, _) in kept.items():
-        assert wd.restore_bytes(bid) == data
+    wd.assert_intact({bid: data for bid, (data, _) in kept.items()})
 
 
 def test_a_catalog_truncated_to_nothing_warns_until_rebuilt(tmp_path):

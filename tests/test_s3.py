@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import socket
 import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -31,10 +33,12 @@ from support import (
     apply_change,
     assert_one_line_error,
     describe,
+    lock_holders,
     make_image,
     reused_bytes,
     s3_section,
     s3_settings,
+    wait_until,
 )
 
 
@@ -68,6 +72,7 @@ def random_image(path: Path, mib: int, seed: int) -> bytes:
 
 # --- every command --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_command_against_s3(wd, tmp_path, s3server):
     init = wd.init("64K")
     assert init["created"] and init["repository"] == wd.repo
@@ -158,6 +163,18 @@ def test_wrong_credentials_exit_2_in_one_line(tmp_path, s3server, s3_bucket, wd)
         assert "not-the-secret" not in line
 
 
+def test_an_unreachable_endpoint_exits_1_not_as_damage(tmp_path):
+    """A network failure is worth retrying: exit 1, not 3 (damage found)."""
+    with socket.socket() as sock:      # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    wd = Workdir(tmp_path / "wd", repository="s3://bucket/prefix",
+                 s3={"endpoint_url": endpoint, "region": "us-east-1",
+                     "addressing_style": "path", "access_key_id": "x",
+                     "secret_access_key": "not-a-real-secret"})
+    assert_one_line_error(wd.run("verify"), 1, endpoint)
+
+
 def test_a_missing_bucket_exits_2_naming_it(tmp_path, s3server):
     wd = s3_workdir(tmp_path / "wd", s3server, "no-such-bucket-here")
     assert_one_line_error(wd.run("init"), 2, "bucket no-such-bucket-here does not exist")
@@ -168,6 +185,7 @@ def test_a_missing_bucket_exits_2_naming_it(tmp_path, s3server):
 SLOW = {"workers": 1, "compression_level": 19}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["pack-pending", "index-written", "manifest-written"])
 def test_kill_9_during_a_backup_to_s3(tmp_path, s3server, s3_bucket, point):
     wd = s3_workdir(tmp_path / "wd", s3server, s3_bucket)
@@ -197,6 +215,7 @@ def test_kill_9_during_a_backup_to_s3(tmp_path, s3server, s3_bucket, point):
     assert not keys(s3server, bucket, prefix + "locks/")
 
 
+@pytest.mark.slow
 def test_kill_9_during_gc_on_s3_leaves_every_backup_restorable(tmp_path, s3server, s3_bucket):
     wd = s3_workdir(tmp_path / "wd", s3server, s3_bucket)
     wd.init("64K")
@@ -264,14 +283,7 @@ def own_server(tmp_path):
     server.stop()
 
 
-def wait_until(cond, what: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
+@pytest.mark.slow
 def test_the_server_stopped_mid_backup_and_mid_restore(tmp_path, own_server):
     bucket = own_server.new_bucket()
     wd = s3_workdir(tmp_path / "wd", own_server, bucket)
@@ -315,6 +327,7 @@ def test_the_server_stopped_mid_backup_and_mid_restore(tmp_path, own_server):
 
 # --- hosts sharing one bucket ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_configurations_share_a_bucket_and_gc_one_at_a_time(tmp_path, s3server,
                                                                  s3_bucket):
     one = s3_workdir(tmp_path / "one", s3server, s3_bucket)
@@ -341,6 +354,7 @@ def test_two_configurations_share_a_bucket_and_gc_one_at_a_time(tmp_path, s3serv
             assert w.verify(b["id"], "--deep").returncode == 0
 
 
+@pytest.mark.slow
 def test_a_cache_that_did_not_list_is_never_trusted_past_another_hosts_gc(tmp_path, s3server,
                                                                        s3_bucket):
     """Runs skip listing the index while `index-changes` stands; another host's gc replaces
@@ -381,6 +395,7 @@ def test_an_append_only_host_backs_up_restores_and_releases_its_lease(tmp_path, 
     assert [k for k in keys(s3server, bucket, prefix) if k.startswith(prefix + "locks/")] == []
 
 
+@pytest.mark.slow
 def test_gc_waits_for_a_held_lease_and_takes_over_an_expired_one(tmp_path, s3server,
                                                                  s3_bucket, wd):
     wd.init()
@@ -435,16 +450,25 @@ def test_runs_with_wait_go_ahead_once_the_other_hosts_lease_is_released(tmp_path
     image = tmp_path / "x.img"
     make_image(image, 1, seed=8)
     storage = open_backend(str(wd.repo), s3=s3_settings(s3server))
+    repo_lock = wd.cache / "locks" / "repository.lock"
     with lease.exclusive(storage, "gc"):
         backup = wd.popen("--json", "create", "--device", image, "--wait", "120")
-        time.sleep(1.0)
+        # This host's repository lock is taken just before the lease is asked for.
+        wait_until(lambda: lock_holders(repo_lock).get(backup.pid) == "READ",
+                   "the backup to ask for its lease", backup)
         assert backup.poll() is None, "the backup waits while the exclusive lease is held"
+        released = datetime.now(UTC)
     out, err = backup.communicate(timeout=120)
     assert backup.returncode == 0, err
-    assert json.loads(out)["status"] == "available"
+    doc = json.loads(out)
+    assert doc["status"] == "available"
+    assert datetime.fromisoformat(doc["created_at"]) >= released, "it did not wait"
     with lease.shared(storage, "a restore"):
         gc = wd.popen("--json", "gc", "--wait", "120")
-        time.sleep(1.0)
+        # gc holds the exclusive lease, then waits for the run leases to go.
+        wait_until(lambda: storage.exists(lease.EXCLUSIVE)
+                   and json.loads(storage.get(lease.EXCLUSIVE))["pid"] == gc.pid,
+                   "gc to take the exclusive lease", gc)
         assert gc.poll() is None, "gc waits while a run lease is live"
     out, err = gc.communicate(timeout=120)
     assert gc.returncode == 0, err
@@ -526,6 +550,7 @@ def cutting_proxy(s3server):
     proxy.stop()
 
 
+@pytest.mark.slow
 def test_a_body_cut_off_mid_transfer_is_fetched_again(tmp_path, s3server, s3_bucket,
                                                       cutting_proxy) -> None:
     """A dropped connection in the middle of a response body (IncompleteRead) is retried

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lvbackup.errors import EXIT_DAMAGED
 from lvbackup.operations.sweep import SPACE, Position
 
 from support import Workdir, apply_change, assert_one_line_error, describe, make_image
@@ -145,7 +146,7 @@ def test_a_damaged_chunk_in_the_slice_is_found_and_quarantined(wd, pristine):
             assert p.returncode == 0, describe(p)
             continue
         if k == slice_of:
-            assert_one_line_error(p, 1, "verify found damage", pristine[1][0][:8])
+            assert_one_line_error(p, EXIT_DAMAGED, "verify found damage", pristine[1][0][:8])
             r = json.loads(p.stdout)
             bad = [b for b in r["backups"] if not b["ok"]]
             assert bad and "block " in bad[0]["error"]

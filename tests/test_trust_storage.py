@@ -17,6 +17,7 @@ import pytest
 from lvbackup.datapath.backup import write_backup
 from lvbackup.datapath.blockmap import FileBlocks
 from lvbackup.datapath.unpack import restore_blocks
+from lvbackup.errors import EXIT_DAMAGED
 from lvbackup.repository import lease
 from lvbackup.repository.backends import MemoryBackend
 from lvbackup.repository.codec import PLAIN
@@ -98,7 +99,7 @@ def test_planted_damage_marks_are_ignored_and_reported(wd: Workdir, tmp_path: Pa
     again = wd.create(img)
     assert again["stored_bytes"] == 0, again
     p = wd.verify("--deep")
-    assert p.returncode == 1 and "Traceback" not in p.stderr, describe(p)
+    assert p.returncode == EXIT_DAMAGED and "Traceback" not in p.stderr, describe(p)
     for name in planted:
         assert f"damage mark {name}" in p.stdout, describe(p)
     assert [ln for ln in p.stdout.splitlines() if ln.startswith("ok")] != []
@@ -115,7 +116,7 @@ def test_a_real_damage_mark_is_honoured_by_a_fresh_cache(wd: Workdir, tmp_path: 
     pack = packs(wd)[0]
     _, offset, length, _, _ = trailer(pack)[0]
     flip_byte(pack, offset + length // 2)
-    assert wd.verify("--deep").returncode == 1
+    assert wd.verify("--deep").returncode == EXIT_DAMAGED
     assert len(wd.files("damaged")) == 1
     shutil.rmtree(wd.cache)
     again = wd.create(img)

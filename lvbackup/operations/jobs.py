@@ -21,6 +21,7 @@ from .. import lvm
 from ..catalog import BackupRecord
 from ..config import JOB_LABEL, Job
 from ..errors import (
+    EXIT_DAMAGED,
     EXIT_FAILED,
     EXIT_LOCKED,
     EXIT_OK,
@@ -36,16 +37,17 @@ from .copy import copy_backups
 from .create import create_backup, newest_snapshot, select_source
 from .prune import prune
 
-# Worst last: a locked run (retry later) is less alarming than a failure, and an error that
-# needs a person (bad configuration, an in-use volume without force) the most.
-_SEVERITY = {EXIT_OK: 0, EXIT_LOCKED: 1, EXIT_FAILED: 2, EXIT_USAGE: 3}
+# Worst last: a locked run (retry later) is less alarming than a failure, an error that
+# needs a person (bad configuration, an in-use volume without force) more, and damage to
+# what is already backed up the most.
+_SEVERITY = {EXIT_OK: 0, EXIT_LOCKED: 1, EXIT_FAILED: 2, EXIT_USAGE: 3, EXIT_DAMAGED: 4}
 
 ProgressFactory = Callable[[str], AbstractContextManager[Callable[..., None] | None]]
 
 
 def worst_exit(codes: list[int]) -> int:
     """The run's exit status: 0 if every job succeeded (or had nothing to do), else the
-    worst of the jobs' statuses, in the order 75 < 1 < 2 (others rank with 1)."""
+    worst of the jobs' statuses, in the order 75 < 1 < 2 < 3 (others rank with 1)."""
     return max(codes, key=lambda c: _SEVERITY.get(c, _SEVERITY[EXIT_FAILED]), default=EXIT_OK)
 
 

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import CorruptionError, LvbackupError
+from ..errors import CorruptionError
 from ..faults import crash_point
 from ..locks import RunLock
 from .index import DAMAGED_PREFIX, announce_change, parse_damaged_name
@@ -137,7 +137,7 @@ def _mark(repo: Repository, db: sqlite3.Connection) -> None:
                 db.executemany("INSERT OR IGNORE INTO live VALUES (?)",
                                [(cid,) for _, _, cid in entries.chunks()])
         except CorruptionError as e:
-            raise LvbackupError(f"gc stopped before deleting anything: {e}") from None
+            raise CorruptionError(f"gc stopped before deleting anything: {e}") from None
 
 
 def _load_packs(repo: Repository, db: sqlite3.Connection,
