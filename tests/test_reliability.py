@@ -435,9 +435,10 @@ def test_a_backup_being_restored_is_busy_for_verify_and_a_second_restore(env):
 
     first = held_restore(env, bid)
     waiting = env.popen("--json", "verify", bid, "--wait", "120")
-    wait_until(lambda: first.pid in lock_holders(wd.cache / "locks" / f"run-{bid}.lock"),
-             "the restore's run lock", first)
-    time.sleep(0.5)
+    run_lock = wd.cache / "locks" / f"run-{bid}.lock"
+    wait_until(lambda: first.pid in lock_holders(run_lock), "the restore's run lock", first)
+    wait_until(lambda: holds_open(waiting.pid, run_lock), "verify waiting for the lock",
+               waiting)
     assert waiting.poll() is None, "verify --wait did not wait for the restore"
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0 and out == data, err
