@@ -1319,7 +1319,10 @@ def main() -> None:
         result = cli.main(prog_name="lvbackup", standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except BaseException as e:  # noqa: BLE001 - never a traceback unless asked for
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # one Ctrl-C: one line, then exit
         code = exit_status(e, verbose, as_json)
+    # The command is done: a Ctrl-C now changes nothing (and must not end in a traceback).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         sys.stdout.flush()
     except BrokenPipeError:

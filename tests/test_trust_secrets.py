@@ -128,8 +128,10 @@ def test_copy_refuses_a_downgraded_target(tmp_path):
     assert_one_line_error(p, 2, "not encrypted", "used it encrypted")
     shutil.rmtree(other.repo)
     p = source.run("copy", rec["id"], "--to-config", other.config)
+    assert_one_line_error(p, 2, "no repository", "--init")
+    p = source.run("copy", rec["id"], "--to-config", other.config, "--init")
     assert_one_line_error(p, 2, "not encrypted", "used it encrypted")
-    assert not other.repo.exists()
+    assert not (other.repo / "config").exists()
 
 
 # --- 4. helpers see no secrets --------------------------------------------------------------
