@@ -18,3 +18,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, _interrupted_early)
     from .cli import main as run  # cli.main() installs the handlers of a running command
     run()
+
+
+if __name__ == "__main__":   # bin/lvbackup: python3 -m lvbackup.launcher
+    main()
