@@ -17,6 +17,7 @@ import pytest
 
 from support import (
     BLOCK_SIZE,
+    ENCRYPTED,
     OUTPUT_FIELDS,
     RECORD_FIELDS,
     UTC_ISO,
@@ -661,8 +662,13 @@ def test_catalog_rebuild_recovers_every_backup(chain, own):
 
 # --- in-process (CliRunner) --------------------------------------------------------------
 
+# `init` as the suite runs it: encrypted under LVBACKUP_TEST_ENCRYPTED=1, where the passphrase
+# in the environment refuses an unencrypted repository.
+INIT = ("init", *(["--encryption"] if ENCRYPTED else []))
+
+
 def test_in_process_init_and_empty_list(invoke, workdir):
-    r = invoke("--json", "init", "--block-size", "64K")
+    r = invoke("--json", *INIT, "--block-size", "64K")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["block_size"] == 64 * KiB
     r = invoke("--json", "list")
@@ -670,7 +676,7 @@ def test_in_process_init_and_empty_list(invoke, workdir):
 
 
 def test_in_process_errors_map_to_exit_2(invoke, workdir):
-    assert invoke("init").exit_code == 0
+    assert invoke(*INIT).exit_code == 0
     r = invoke("show", "0123")
     assert r.exit_code == 2
     assert "not found" in r.stderr and "Traceback" not in r.output
@@ -700,7 +706,7 @@ def test_relative_config_paths_are_relative_to_the_config_file(workdir, tmp_path
     sub.mkdir()
     cfg = sub / "rel.yaml"
     cfg.write_text("repository: ../relrepo\ncatalog: cat.db\n")
-    assert workdir.run("init", config=cfg).returncode == 0
+    assert workdir.run(*INIT, config=cfg).returncode == 0
     assert (tmp_path / "relrepo" / "config").is_file() and (sub / "cat.db").is_file()
 
 
