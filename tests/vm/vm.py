@@ -426,7 +426,7 @@ def make_data_disk(path: Path) -> None:
 
 
 def run(argv: list[str]) -> int:
-    timeout = env_int("LVBACKUP_VM_TIMEOUT", 1500)
+    timeout = env_int("LVBACKUP_VM_TIMEOUT", 3600)
     verbose = os.environ.get("LVBACKUP_VM_VERBOSE") == "1"
     if not shutil.which("qemu-system-x86_64"):
         raise VMError("qemu-system-x86_64 not found: install qemu-system-x86 (scripts/setup.sh)")
