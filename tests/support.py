@@ -254,6 +254,19 @@ def reused_bytes(stderr: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
+def job_and_two_backups(root: Path, seed: int, **job: Any) -> tuple[Workdir, Path, str, str]:
+    """A repository with a job `nightly` (`job` added to it) that backs up an image, and
+    two backups of that image: (workdir, image, full id, incremental id)."""
+    img = root / "disk.img"
+    make_image(img, 3, seed=seed)
+    wd = Workdir(root / "wd", jobs={"nightly": {"device": str(img), "incremental": True,
+                                                **job}})
+    wd.init("64K")
+    full = wd.create(img)
+    incr = wd.create(img, "--incremental")
+    return wd, img, full["id"], incr["id"]
+
+
 class Workdir:
     """A directory with a config file (repository and catalog inside it) and helpers that
     run `lvbackup --config <it> ...`. The cache (index cache, locks) is <dir>/cache."""

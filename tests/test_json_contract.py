@@ -14,7 +14,7 @@ import pytest
 
 from lvbackup import documents as doc
 
-from support import Workdir, describe, make_image, write_secret
+from support import Workdir, describe, job_and_two_backups, write_secret
 
 
 def conforms(value: Any, hint: Any, where: str = "$") -> None:
@@ -63,14 +63,7 @@ def conforms(value: Any, hint: Any, where: str = "$") -> None:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """Two backups (full, incremental) of an image and a job that backs it up."""
-    root = tmp_path_factory.mktemp("contract")
-    img = root / "disk.img"
-    make_image(img, 3, seed=71)
-    wd = Workdir(root / "wd", jobs={"nightly": {"device": str(img), "incremental": True}})
-    wd.init("64K")
-    full = wd.create(img)
-    incr = wd.create(img, "--incremental")
-    return wd, img, full["id"], incr["id"]
+    return job_and_two_backups(tmp_path_factory.mktemp("contract"), seed=71)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from support import Workdir, assert_one_line_error, describe, make_image
+from support import assert_one_line_error, describe, job_and_two_backups
 
 CRON = Path(__file__).resolve().parent.parent / "contrib" / "cron" / "lvbackup"
 
@@ -18,15 +18,7 @@ CRON = Path(__file__).resolve().parent.parent / "contrib" / "cron" / "lvbackup"
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A repository with a job and two backups of an image (full, incremental)."""
-    root = tmp_path_factory.mktemp("quiet")
-    img = root / "disk.img"
-    make_image(img, 3, seed=61)
-    wd = Workdir(root / "wd", jobs={"nightly": {"device": str(img), "incremental": True,
-                                                "keep": {"last": 5}}})
-    wd.init("64K")
-    full = wd.create(img)
-    incr = wd.create(img, "--incremental")
-    return wd, img, full["id"], incr["id"]
+    return job_and_two_backups(tmp_path_factory.mktemp("quiet"), seed=61, keep={"last": 5})
 
 
 @pytest.fixture
