@@ -27,7 +27,10 @@ EXAMPLE = ROOT / "lvbackup.yaml.example"
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()):
-    for name, cmd in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):   # the root imports each command's module here
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, name
         yield prefix + (name,), cmd
         if isinstance(cmd, click.Group):
             yield from _commands(cmd, prefix + (name,))
