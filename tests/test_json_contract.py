@@ -12,7 +12,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import pytest
 
-from lvbackup import documents as doc
+from lvbackup.cli import documents as doc
 
 from support import Workdir, describe, job_and_two_backups, write_secret
 

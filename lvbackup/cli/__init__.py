@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .. import __version__, faults, logsetup
+from .. import __version__
+from ..base import faults
+from ..base.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, LvbackupError, UsageError
 from ..datapath.pipeline import tune_malloc
-from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, LvbackupError, UsageError
+from . import logsetup
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -77,7 +79,7 @@ class App:
     def warn(self, message: str) -> None:
         """One line on stderr (above a progress bar, if one is shown), even with --quiet:
         a failed hook or an unwritable metrics file is worth a cron mail."""
-        from ..render import err_console
+        from .render import err_console
         err_console().print(f"lvbackup: warning: {message}", markup=False, highlight=False,
                           soft_wrap=True)
 
@@ -101,8 +103,8 @@ class App:
         if self.quiet or not sys.stderr.isatty():
             yield None
             return
-        from ..progressbar import progress_bar
-        from ..render import err_console
+        from .progressbar import progress_bar
+        from .render import err_console
         with progress_bar(label, err_console()) as update:
             yield update
 

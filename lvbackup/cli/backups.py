@@ -8,19 +8,19 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..catalog import STATUSES
-from ..labels import parse_labels
+from ..base.labels import parse_labels
+from ..base.units import human_size
+from ..catalog.catalog import STATUSES
 from ..operations.delete import delete_backup
 from ..operations.diff import diff_backups
 from ..operations.records import export_record as export_backup_record
 from ..operations.records import import_record as import_backup_record
 from ..operations.records import list_backups, set_protected, show_backup
-from ..render import count, print_lineage, print_maps, print_records
-from ..units import human_size
 from . import App, command, label_option, pass_app, read_text_input, wait_option
+from .render import count, print_lineage, print_maps, print_records
 
 if TYPE_CHECKING:
-    from ..documents import ExportedRecord
+    from .documents import ExportedRecord
 
 
 @command("list")

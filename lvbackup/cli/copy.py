@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
+from ..base.units import human_size
 from ..operations.copy import copy_backups
-from ..render import count
-from ..units import human_size
 from . import App, command, pass_app, wait_option
+from .render import count
 
 
 @command()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from ..labels import parse_labels
+from ..base.labels import parse_labels
+from ..base.units import human_size
 from ..operations.create import create_backup, select_source
-from ..render import print_record
-from ..units import human_size
 from . import App, command, pass_app, wait_option
+from .render import print_record
 
 
 @command()

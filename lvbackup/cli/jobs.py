@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from ..errors import LvbackupError
+from ..base.errors import LvbackupError
+from ..base.units import human_size
 from ..operations.jobs import run_jobs
-from ..render import Col, count, print_table, short
-from ..units import human_size
 from . import App, command, pass_app, wait_option
+from .render import Col, count, print_table, short
 
 
 @command("run")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from ..errors import UsageError
+from ..base.errors import UsageError
 from ..operations.key import add_key, change_passphrase, export_key, import_key, list_keys
-from ..render import count
 from . import App, group, pass_app, read_text_input
+from .render import count
 
 
 @group()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import click
 
+from ..base.units import human_size
 from ..operations.maintenance import collect_garbage, init_repository, rebuild_catalog
-from ..render import count
-from ..units import human_size
 from . import App, command, group, parse_size, pass_app, wait_option
+from .render import count
 
 
 @command()

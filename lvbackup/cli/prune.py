@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from ..errors import UsageError
-from ..labels import parse_labels
+from ..base.errors import UsageError
+from ..base.labels import parse_labels
+from ..catalog.retention import Policy
 from ..operations.prune import prune as prune_backups
-from ..render import Col, count, print_table, short, when
-from ..retention import Policy
 from . import App, command, label_option, pass_app, wait_option
+from .render import Col, count, print_table, short, when
 
 
 def _keep_option(kind: str, what: str):

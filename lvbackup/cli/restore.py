@@ -11,9 +11,9 @@ from ..operations.instant import release as release_instant
 from ..operations.instant import resume as resume_instant
 from ..operations.instant import status as instant_status
 from ..operations.restore import RestoreResult, restore_backup
-from ..render import print_instant
 from ..session import Session
 from . import App, command, parse_size, pass_app, wait_option
+from .render import print_instant
 
 
 @command()

@@ -6,9 +6,9 @@ from fractions import Fraction
 
 import click
 
-from ..errors import CorruptionError
+from ..base.errors import CorruptionError
+from ..base.timeutil import parse_duration
 from ..operations.verify import verify_backups
-from ..timeutil import parse_duration
 from . import App, command, pass_app, wait_option
 
 

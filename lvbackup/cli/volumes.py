@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import click
 
+from ..base.units import human_size
 from ..operations.inventory import create_snapshot, delete_snapshot, list_snapshots
 from ..operations.inventory import volumes as list_volumes
-from ..render import Col, print_lvs, print_table, short, when
-from ..units import human_size
 from . import App, command, group, pass_app
+from .render import Col, print_lvs, print_table, short, when
 
 
 @command()
