@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from lvbackup.catalog.catalog.catalog import Catalog
 
 from lvbackup.base.lifecycle import Status
 from lvbackup.base.timeutil import iso
+from lvbackup.catalog.catalog import Catalog
 from lvbackup.config import load_config
 from lvbackup.operations.records import list_backups, show_backup
 from lvbackup.session import Session

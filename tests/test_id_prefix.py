@@ -4,9 +4,9 @@ must not pick another backup); an ambiguous prefix names its candidates on one l
 from __future__ import annotations
 
 import pytest
-from lvbackup.catalog.catalog.catalog import Catalog
 
 from lvbackup.base.lifecycle import Status
+from lvbackup.catalog.catalog import Catalog
 
 from support import Workdir, assert_one_line_error, make_image
 

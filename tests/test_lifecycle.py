@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lvbackup.catalog.catalog.catalog import STATUSES, BackupRecord, Catalog
 
 from lvbackup.base.lifecycle import INITIAL, TRANSITIONS, IllegalTransition, Status
+from lvbackup.catalog.catalog import STATUSES, BackupRecord, Catalog
 
 from support import STATUSES as DOCUMENTED_STATUSES
 

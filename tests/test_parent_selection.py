@@ -8,9 +8,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from lvbackup.catalog.catalog.lineage import choose_parent
 
 from lvbackup.base.errors import EXIT_USAGE, UsageError
+from lvbackup.catalog.lineage import choose_parent
 
 NO_PARENT = "No backups available to do an incremental backup."
 

@@ -291,9 +291,8 @@ def test_catalog_write_after_a_read_in_a_transaction(tmp_path):
     commits. A fixed catalog makes the other writer wait (busy timeout), not fail."""
     import threading
 
-    from lvbackup.catalog.catalog.catalog import Catalog
-
     from lvbackup.base.lifecycle import Status
+    from lvbackup.catalog.catalog import Catalog
 
     path = tmp_path / "catalog.db"
     a = Catalog(path)

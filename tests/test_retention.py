@@ -8,7 +8,8 @@ import sqlite3
 import uuid
 
 import pytest
-from lvbackup.catalog.catalog.retention import Policy, new_parents, select
+
+from lvbackup.catalog.retention import Policy, new_parents, select
 
 from support import Workdir, assert_one_line_error, describe
 
@@ -225,7 +226,8 @@ def test_catalog_rebuild_after_prune_records_the_orphan_as_full(lineage):
 def test_migration_adds_labels_and_protection_to_an_old_catalog(workdir, make_image, tmp_path):
     """A catalog made before m002 (only m001 applied) gains the columns on first use."""
     import sqlite_utils
-    from lvbackup.catalog.catalog.catalog import migrations
+
+    from lvbackup.catalog.catalog import migrations
 
     workdir.init("64K")
     img = tmp_path / "disk.img"

@@ -9,11 +9,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from lvbackup.catalog.catalog.catalog import Catalog
 
 from lvbackup.base import sqlitefile
 from lvbackup.base.errors import EXIT_FAILED, EXIT_USAGE, LvbackupError
 from lvbackup.base.lifecycle import Status
+from lvbackup.catalog.catalog import Catalog
 
 
 def _ioerror() -> sqlite3.OperationalError:
