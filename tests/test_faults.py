@@ -1,4 +1,4 @@
-"""Crashes at exact steps (lvbackup/faults.py: LVBACKUP_FAULT=POINT[:N] makes the process
+"""Crashes at exact steps (lvbackup/base/faults.py: LVBACKUP_FAULT=POINT[:N] makes the process
 SIGKILL itself there). After each crash: the next command settles the catalog truthfully,
 every `available` backup verifies --deep, the backups restore bit-exactly, and a rerun
 succeeds, reusing what the dead run had recorded.

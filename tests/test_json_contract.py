@@ -1,5 +1,5 @@
 """One JSON contract (docs/json.md): each command's --json document has exactly the keys,
-and values of the types, that lvbackup/documents.py declares; a failure under --json is one
+and values of the types, that lvbackup/cli/documents.py declares; a failure under --json is one
 JSON line on stderr ({"error", "exit_code"}) with the exit status unchanged."""
 
 from __future__ import annotations

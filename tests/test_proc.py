@@ -82,10 +82,10 @@ def test_verbose_create_logs_the_commands_it_ran_and_no_secret(tmp_path):
     log = p.stderr
     assert passphrase not in log and passphrase not in p.stdout
     # The passphrase command (its argv), and the hook, each with status and duration.
-    assert re.search(rf"lvbackup\.proc: cat {re.escape(str(secret))}: exit status 0, "
+    assert re.search(rf"lvbackup\.base\.proc: cat {re.escape(str(secret))}: exit status 0, "
                      r"\d+\.\d{3} s", log), log
-    assert re.search(rf"lvbackup\.proc: {re.escape(str(hook))}: exit status 4, \d+\.\d{{3}} s",
-                     log), log
+    assert re.search(rf"lvbackup\.base\.proc: {re.escape(str(hook))}: exit status 4, "
+                     r"\d+\.\d{3} s", log), log
     # What the change tracker decided, and why.
     assert "lvbackup.volumes.changes.tracker: not an LV: every block is read (full)" in log, log
     quiet = wd.run("create", "--device", image)
