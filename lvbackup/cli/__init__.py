@@ -203,7 +203,6 @@ wait_option = click.option("--wait", type=click.FloatRange(min=0), default=0.0,
                            help="Wait this long for a lock held by another run, then exit 75.")
 
 
-
 def command(name: str | None = None) -> Callable[[Callable[..., Any]], Command]:
     """A command of a group module (it takes the global options after its name too)."""
     return click.command(name, cls=Command)
