@@ -2,8 +2,8 @@
 
 The command line imports a command's module only when that command runs (lvbackup/cli/),
 so `--version` and a small command like `list` no longer load the whole program. Prints,
-for each case, the best of N wall times (the least disturbed by other load), and the
-interpreter's own start (`python -c pass`) to subtract.
+for each case, the best of N wall times and the mean CPU time, and the interpreter's own
+start (`python -c pass`) to subtract.
 
     .venv/bin/python bench/startup.py [--repeat 7]
 """
@@ -11,6 +11,7 @@ interpreter's own start (`python -c pass`) to subtract.
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import sys
 import tempfile
@@ -20,14 +21,19 @@ from pathlib import Path
 from benchlib import lvbackup_cmd, write_lvbackup_config
 
 
-def best_of(argv: list[str], repeat: int, cwd: str) -> float:
-    times = []
+def measure(argv: list[str], repeat: int, cwd: str) -> tuple[float, float]:
+    """(best wall time, mean CPU time (user + system)) of `repeat` runs: the CPU time is
+    what the start-up costs, the least disturbed by other load on a shared machine."""
+    walls = []
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     for _ in range(repeat):
         start = time.perf_counter()
         subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
                        cwd=cwd)
-        times.append(time.perf_counter() - start)
-    return min(times)
+        walls.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return min(walls), cpu / repeat
 
 
 def main() -> None:
@@ -48,7 +54,8 @@ def main() -> None:
         # From a directory of its own: `python -c` puts the current directory first on
         # sys.path, and a checkout there would be imported instead of the installed package.
         for name, argv in cases.items():
-            print(f"{name:34} {best_of(argv, args.repeat, tmp):6.3f} s", flush=True)
+            wall, cpu = measure(argv, args.repeat, tmp)
+            print(f"{name:34} wall {wall:6.3f} s  cpu {cpu:6.3f} s", flush=True)
 
 
 if __name__ == "__main__":
