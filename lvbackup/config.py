@@ -18,11 +18,11 @@ from typing import Any
 
 import yaml
 
-from .errors import UsageError
+from .base.errors import UsageError
+from .base.labels import check_label
+from .base.permissions import refuse_writable_by_others
+from .catalog.retention import KINDS, Policy
 from .events import DEFAULT_HOOK_TIMEOUT, Hook, matching_events
-from .labels import check_label
-from .permissions import refuse_writable_by_others
-from .retention import KINDS, Policy
 
 DEFAULT_CONFIG_PATH = Path("/etc/lvbackup/lvbackup.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/lvbackup")

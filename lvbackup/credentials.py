@@ -23,12 +23,12 @@ import stat
 import subprocess
 from pathlib import Path
 
-from . import proc
+from .base import proc
+from .base.diskio import open_file
+from .base.errors import UsageError
+from .base.secretenv import NEW_PASSPHRASE_ENV, PASSPHRASE_ENV, TARGET_PASSPHRASE_ENV
 from .config import Config
-from .diskio import open_file
-from .errors import UsageError
 from .repository.keys import KEY_FILE, PASSPHRASE, Secret
-from .secretenv import NEW_PASSPHRASE_ENV, PASSPHRASE_ENV, TARGET_PASSPHRASE_ENV
 
 MIN_PASSPHRASE = 8        # characters, for a passphrase a new key slot is made for
 _COMMAND_TIMEOUT = 60

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import proc
-from .permissions import FILE_MODE, make_private_dirs
-from .secretenv import without_secrets
-from .timeutil import now_iso
+from .base import proc
+from .base.permissions import FILE_MODE, make_private_dirs
+from .base.secretenv import without_secrets
+from .base.timeutil import now_iso
 
 CREATE_START = "backup.create.start"
 CREATE_PROGRESS = "backup.createprogress"

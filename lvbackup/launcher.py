@@ -1,5 +1,6 @@
 """The `lvbackup` command's entry point: Ctrl-C is handled before anything heavy is
-imported (importing the command line takes a good part of a second)."""
+imported (the command line's root group; its command's modules load when it runs, with a
+Ctrl-C held until they have)."""
 
 import os
 import signal

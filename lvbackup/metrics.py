@@ -41,8 +41,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .diskio import AtomicFile
-from .locks import FileLock
+from .base.diskio import AtomicFile
+from .base.locks import FileLock
 
 METRICS: dict[str, tuple[str, str]] = {
     "lvbackup_last_success_timestamp_seconds":

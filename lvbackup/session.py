@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from . import events as ev
-from . import reserve
-from .catalog import BackupRecord, Catalog, as_record
+from .base import reserve
+from .base.diskio import AtomicFile
+from .base.errors import CorruptionError, LvbackupError, UsageError
+from .base.lifecycle import Status
+from .base.locks import repository_lock, run_is_alive
+from .base.permissions import make_private_dirs
+from .catalog.catalog import BackupRecord, Catalog, as_record
 from .config import Config
 from .credentials import FindSecrets, secrets
-from .diskio import AtomicFile
-from .errors import CorruptionError, LvbackupError, UsageError
-from .lifecycle import Status
-from .locks import repository_lock, run_is_alive
-from .permissions import make_private_dirs
 from .repository import lease
 from .repository.backends import open_backend
 from .repository.manifest import Manifest

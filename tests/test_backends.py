@@ -19,8 +19,8 @@ from pathlib import Path
 import blake3
 import pytest
 
-from lvbackup import diskio
-from lvbackup.errors import CorruptionError, UsageError
+from lvbackup.base import diskio
+from lvbackup.base.errors import CorruptionError, UsageError
 from lvbackup.repository.backends import (
     Backend,
     Conflict,

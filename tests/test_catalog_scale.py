@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from lvbackup.catalog import Catalog
+from lvbackup.base.lifecycle import Status
+from lvbackup.base.timeutil import iso
+from lvbackup.catalog.catalog import Catalog
 from lvbackup.config import load_config
-from lvbackup.lifecycle import Status
 from lvbackup.operations.records import list_backups, show_backup
 from lvbackup.session import Session
-from lvbackup.timeutil import iso
 
 from support import Workdir, describe
 

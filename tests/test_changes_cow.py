@@ -10,9 +10,9 @@ import struct
 
 import pytest
 
-from lvbackup.changes.cow import SNAP_MAGIC, ExceptionStore, read_exception_store
-from lvbackup.changes.ranges import Change, Extent
-from lvbackup.errors import ChangeTrackingError
+from lvbackup.base.errors import ChangeTrackingError
+from lvbackup.volumes.changes.cow import SNAP_MAGIC, ExceptionStore, read_exception_store
+from lvbackup.volumes.changes.ranges import Change, Extent
 
 SECTOR = 512
 

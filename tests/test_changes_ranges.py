@@ -10,9 +10,9 @@ import random
 
 import pytest
 
-from lvbackup.changes.ranges import Change, Extent, block_runs
+from lvbackup.base.errors import ChangeTrackingError
 from lvbackup.datapath.blockmap import Kind, Run, checked
-from lvbackup.errors import ChangeTrackingError
+from lvbackup.volumes.changes.ranges import Change, Extent, block_runs
 
 
 def random_extents(rng: random.Random, nunits: int, kinds: list[Change]) -> list[Extent]:

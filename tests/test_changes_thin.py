@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lvbackup.changes.ranges import Change, Extent, block_runs
-from lvbackup.changes.thin import parse_delta, parse_mappings
+from lvbackup.base.errors import ChangeTrackingError
 from lvbackup.datapath.blockmap import Kind, Run
-from lvbackup.errors import ChangeTrackingError
+from lvbackup.volumes.changes.ranges import Change, Extent, block_runs
+from lvbackup.volumes.changes.thin import parse_delta, parse_mappings
 
 DELTA = """\
 <superblock uuid="" time="3" transaction="5" data_block_size="128" nr_data_blocks="1600">

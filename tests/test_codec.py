@@ -14,7 +14,7 @@ import pytest
 import xxhash
 import zstandard
 
-from lvbackup.errors import CorruptionError
+from lvbackup.base.errors import CorruptionError
 from lvbackup.repository.codec import (
     FLAG_RAW,
     FLAG_ZSTD,

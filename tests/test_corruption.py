@@ -18,7 +18,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from lvbackup.errors import CorruptionError
+from lvbackup.base.errors import CorruptionError
 from lvbackup.repository.backends import LocalBackend
 from lvbackup.repository.codec import PLAIN, seal, unseal
 from lvbackup.repository.index import decode_index, encode_index

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from lvbackup.base.errors import LvbackupError, UsageError
 from lvbackup.datapath.backup import ScanStats, write_backup
 from lvbackup.datapath.blockmap import FileBlocks, Kind, Run
 from lvbackup.datapath.reader import BackupReader
 from lvbackup.datapath.unpack import BlockError, restore_blocks
-from lvbackup.errors import LvbackupError, UsageError
 from lvbackup.repository.keys import PASSPHRASE, Secret
 from lvbackup.repository.manifest import PAGE_ENTRIES
 from lvbackup.repository.repo import Repository

@@ -13,7 +13,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from lvbackup import diskio
+from lvbackup.base import diskio
 from lvbackup.repository import repo as repo_mod
 from lvbackup.repository.backends import LocalBackend
 from lvbackup.repository.codec import FLAG_RAW, PLAIN

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lvbackup import errors
+from lvbackup.base import errors
 
 from support import LVBACKUP, clean_env
 

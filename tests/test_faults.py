@@ -1,4 +1,4 @@
-"""Crashes at exact steps (lvbackup/faults.py: LVBACKUP_FAULT=POINT[:N] makes the process
+"""Crashes at exact steps (lvbackup/base/faults.py: LVBACKUP_FAULT=POINT[:N] makes the process
 SIGKILL itself there). After each crash: the next command settles the catalog truthfully,
 every `available` backup verifies --deep, the backups restore bit-exactly, and a rerun
 succeeds, reusing what the dead run had recorded.
@@ -186,7 +186,7 @@ def test_a_misspelt_crash_point_is_refused(tmp_path):
     """A fault the tests ask for that no crash point is named after would never fire (the
     test would pass for the wrong reason); a point the code names that faults.POINTS does
     not list, likewise."""
-    from lvbackup import faults
+    from lvbackup.base import faults
 
     wd = Workdir(tmp_path / "wd")
     wd.init()

@@ -19,7 +19,7 @@ import pytest
 import xxhash
 import zstandard
 
-from lvbackup.errors import CorruptionError
+from lvbackup.base.errors import CorruptionError
 from lvbackup.repository.backends import LocalBackend, MissingObject
 from lvbackup.repository.codec import FLAG_RAW, FLAG_ZSTD, PLAIN, seal, unseal
 from lvbackup.repository.index import INDEX_MAGIC, decode_index, encode_index

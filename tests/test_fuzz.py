@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from lvbackup.errors import CorruptionError, LvbackupError
+from lvbackup.base.errors import CorruptionError, LvbackupError
 from lvbackup.operations.records import parse_record
 from lvbackup.repository.backends import MemoryBackend
 from lvbackup.repository.codec import PLAIN, Codec

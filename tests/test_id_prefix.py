@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lvbackup.catalog import Catalog
-from lvbackup.lifecycle import Status
+from lvbackup.base.lifecycle import Status
+from lvbackup.catalog.catalog import Catalog
 
 from support import Workdir, assert_one_line_error, make_image
 

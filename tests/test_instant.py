@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from nbdclient import NbdClient
 
-from lvbackup.errors import CorruptionError, LvbackupError
+from lvbackup.base.errors import CorruptionError, LvbackupError
+from lvbackup.base.timeutil import now_iso
 from lvbackup.nbd import devices
 from lvbackup.nbd import registry as reg
 from lvbackup.nbd.hydrate import (
@@ -35,7 +36,6 @@ from lvbackup.nbd.hydrate import (
     regions_path,
     save_state,
 )
-from lvbackup.timeutil import now_iso
 
 from support import Workdir, assert_one_line_error, describe, make_image, wait_until
 
@@ -454,7 +454,7 @@ def test_cancel_of_a_restore_onto_an_existing_lv_needs_force(served):
 
 
 def test_dmsetup_open_counts_are_read_by_exact_name():
-    from lvbackup import lvm
+    from lvbackup.volumes import lvm
     out = ("lvbackup-restore-vg-lv:1\nlvbackup-restore-vg-lv2:0\nodd:name:with:colons:3\n")
     assert lvm._parse_open_count(out, "lvbackup-restore-vg-lv") == 1
     assert lvm._parse_open_count(out, "lvbackup-restore-vg-lv2") == 0

@@ -1,5 +1,5 @@
 """One JSON contract (docs/json.md): each command's --json document has exactly the keys,
-and values of the types, that lvbackup/documents.py declares; a failure under --json is one
+and values of the types, that lvbackup/cli/documents.py declares; a failure under --json is one
 JSON line on stderr ({"error", "exit_code"}) with the exit status unchanged."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import pytest
 
-from lvbackup import documents as doc
+from lvbackup.cli import documents as doc
 
 from support import Workdir, describe, job_and_two_backups, write_secret
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from lvbackup.catalog import STATUSES, BackupRecord, Catalog
-from lvbackup.lifecycle import INITIAL, TRANSITIONS, IllegalTransition, Status
+from lvbackup.base.lifecycle import INITIAL, TRANSITIONS, IllegalTransition, Status
+from lvbackup.catalog.catalog import STATUSES, BackupRecord, Catalog
 
 from support import STATUSES as DOCUMENTED_STATUSES
 
@@ -85,7 +85,7 @@ def test_illegal_transition_raises_and_changes_nothing(catalog, frm, to):
 
 
 def test_an_illegal_transition_is_a_bug_not_a_user_error():
-    from lvbackup.errors import LvbackupError
+    from lvbackup.base.errors import LvbackupError
     assert not issubclass(IllegalTransition, LvbackupError)
 
 

@@ -19,12 +19,12 @@ import blake3
 import pytest
 from nbdclient import NbdClient
 
+from lvbackup.base.timeutil import now_iso
 from lvbackup.nbd import devices
 from lvbackup.nbd import registry as reg
 from lvbackup.repository.backends.local import LocalBackend
 from lvbackup.repository.codec import PLAIN
 from lvbackup.repository.pack import read_trailer
-from lvbackup.timeutil import now_iso
 
 from support import BLOCK_SIZE, MiB, Workdir, assert_one_line_error, make_image, s3_section
 

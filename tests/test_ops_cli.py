@@ -11,6 +11,7 @@ import re
 import select
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,10 @@ EXAMPLE = ROOT / "lvbackup.yaml.example"
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()):
-    for name, cmd in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):   # the root imports each command's module here
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, name
         yield prefix + (name,), cmd
         if isinstance(cmd, click.Group):
             yield from _commands(cmd, prefix + (name,))
@@ -43,6 +47,25 @@ def test_every_command_help_has_an_example():
         result = runner.invoke(cli, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output)
         assert "Example" in result.output, f"'lvbackup {' '.join(path)} --help' has no example"
+
+
+def test_a_command_imports_only_its_own_module():
+    """Start-up (docs/performance.md): importing the command line loads no operation,
+    --version loads nothing more, and a command loads its own group's module only."""
+    from lvbackup.cli import COMMANDS
+    code = ("import sys; from click.testing import CliRunner; import lvbackup.cli as c; "
+            "ops = lambda: [m for m in sys.modules if m.startswith('lvbackup.operations')]; "
+            "assert ops() == [], ops(); "
+            "assert CliRunner().invoke(c.cli, ['--version']).exit_code == 0; "
+            "assert ops() == [] and 'lvbackup.catalog.catalog' not in sys.modules; "
+            "assert CliRunner().invoke(c.cli, ['config', 'check', '--help']).exit_code == 0; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('lvbackup.cli.'))))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=clean_env(), cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    loaded = {m.removeprefix("lvbackup.cli.") for m in p.stdout.split()}
+    groups = {target.split(":")[0] for target in COMMANDS.values()}
+    assert loaded & groups == {"config"}, loaded
 
 
 def test_top_level_help_lists_the_exit_codes():

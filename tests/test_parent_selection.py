@@ -1,4 +1,4 @@
-"""The incremental parent (docs/lineage.md, rules 5-8): lvbackup.lineage.choose_parent.
+"""The incremental parent (docs/lineage.md, rules 5-8): lvbackup.catalog.lineage.choose_parent.
 
 Candidates are crafted rows with ISO 8601 UTC timestamps as the catalog stores them.
 """
@@ -9,8 +9,8 @@ import itertools
 
 import pytest
 
-from lvbackup.errors import EXIT_USAGE, UsageError
-from lvbackup.lineage import choose_parent
+from lvbackup.base.errors import EXIT_USAGE, UsageError
+from lvbackup.catalog.lineage import choose_parent
 
 NO_PARENT = "No backups available to do an incremental backup."
 

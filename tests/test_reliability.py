@@ -195,7 +195,7 @@ def test_same_volume_runs_never_interleave(env, slow_images, tmp_path):
 def test_prune_refused_by_a_busy_volume_deletes_nothing(env, slow_images, tmp_path):
     from uuid import uuid5
 
-    from lvbackup.sources import _DEVICE_NAMESPACE as NS
+    from lvbackup.volumes.sources import _DEVICE_NAMESPACE as NS
 
     wd = env.wd
     _, big, _, _ = slow_images
@@ -291,8 +291,8 @@ def test_catalog_write_after_a_read_in_a_transaction(tmp_path):
     commits. A fixed catalog makes the other writer wait (busy timeout), not fail."""
     import threading
 
-    from lvbackup.catalog import Catalog
-    from lvbackup.lifecycle import Status
+    from lvbackup.base.lifecycle import Status
+    from lvbackup.catalog.catalog import Catalog
 
     path = tmp_path / "catalog.db"
     a = Catalog(path)

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from lvbackup.retention import Policy, new_parents, select
+from lvbackup.catalog.retention import Policy, new_parents, select
 
 from support import Workdir, assert_one_line_error, describe
 
@@ -227,7 +227,7 @@ def test_migration_adds_labels_and_protection_to_an_old_catalog(workdir, make_im
     """A catalog made before m002 (only m001 applied) gains the columns on first use."""
     import sqlite_utils
 
-    from lvbackup.catalog import migrations
+    from lvbackup.catalog.catalog import migrations
 
     workdir.init("64K")
     img = tmp_path / "disk.img"

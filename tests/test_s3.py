@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from s3server import SECRET_KEY, SeaweedServer
 
-from lvbackup.errors import CorruptionError
+from lvbackup.base.errors import CorruptionError
 from lvbackup.repository import lease
 from lvbackup.repository.backends import open_backend
 

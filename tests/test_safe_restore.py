@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lvbackup.sources import device_volume_id
-from lvbackup.targets import loop_devices_of, loop_in_use
+from lvbackup.volumes.sources import device_volume_id
+from lvbackup.volumes.targets import loop_devices_of, loop_in_use
 
 from support import MiB, Workdir, assert_one_line_error, describe, make_image
 

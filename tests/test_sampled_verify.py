@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lvbackup.errors import EXIT_DAMAGED
+from lvbackup.base.errors import EXIT_DAMAGED
 from lvbackup.operations.sweep import SPACE, Position
 
 from support import Workdir, apply_change, assert_one_line_error, describe, make_image

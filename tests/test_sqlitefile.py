@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lvbackup import sqlitefile
-from lvbackup.catalog import Catalog
-from lvbackup.errors import EXIT_FAILED, EXIT_USAGE, LvbackupError
-from lvbackup.lifecycle import Status
+from lvbackup.base import sqlitefile
+from lvbackup.base.errors import EXIT_FAILED, EXIT_USAGE, LvbackupError
+from lvbackup.base.lifecycle import Status
+from lvbackup.catalog.catalog import Catalog
 
 
 def _ioerror() -> sqlite3.OperationalError:

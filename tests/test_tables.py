@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from lvbackup.progressbar import columns
-from lvbackup.render import Col, cut, fit_columns
+from lvbackup.cli.progressbar import columns
+from lvbackup.cli.render import Col, cut, fit_columns
 
 from support import Workdir, describe, make_image
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from lvbackup.base.errors import EXIT_DAMAGED
 from lvbackup.datapath.backup import write_backup
 from lvbackup.datapath.blockmap import FileBlocks
 from lvbackup.datapath.unpack import restore_blocks
-from lvbackup.errors import EXIT_DAMAGED
 from lvbackup.repository import lease
 from lvbackup.repository.backends import MemoryBackend
 from lvbackup.repository.codec import PLAIN

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import xxhash
 
-from ..faults import crash_point
+from ..base.faults import crash_point
 from ..repository import codec
 from ..repository.manifest import HOLE, Entries, Manifest, ManifestWriter, entry
 from ..repository.repo import Packer, Repository

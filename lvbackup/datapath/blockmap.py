@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from enum import IntEnum
 from typing import NamedTuple, Protocol
 
-from ..diskio import PageCacheView
-from ..errors import LvbackupError, UsageError
+from ..base.diskio import PageCacheView
+from ..base.errors import LvbackupError, UsageError
 
 
 class Kind(IntEnum):

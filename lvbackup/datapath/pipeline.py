@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
-from ..diskio import aligned_buffer
+from ..base.diskio import aligned_buffer
 
 # A data path's unit of work (a backup's and a restore's segments), and how many are in
 # flight at once: the memory a run takes is about (DEPTH + workers + 2) segments.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from ..errors import UsageError
+from ..base.errors import UsageError
 from ..repository.manifest import Manifest
 from ..repository.repo import Repository
 from .unpack import fetch_blocks

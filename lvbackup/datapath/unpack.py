@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from ..errors import CorruptionError
+from ..base.errors import CorruptionError
 from ..repository.manifest import Entries, Manifest
 from ..repository.pack import ChunkRef
 from ..repository.repo import ChunkError, Repository

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import lvbackup
 
-from .. import proc
-from ..errors import LvbackupError, UsageError
-from ..proc import find_tool
-from ..secretenv import without_secrets
+from ..base import proc
+from ..base.errors import LvbackupError, UsageError
+from ..base.proc import find_tool
+from ..base.secretenv import without_secrets
 
 START_TIMEOUT = 120.0   # seconds for nbdkit to load its Python and open the backup
 STOP_TIMEOUT = 10.0

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NotRequired, TypedDict
 
-from ..diskio import AtomicFile
-from ..errors import CorruptionError
-from ..faults import crash_point
+from ..base.diskio import AtomicFile
+from ..base.errors import CorruptionError
+from ..base.faults import crash_point
 
 REGION = 4 << 20          # bytes per region: one bit of the region map
 STATE_FORMAT = 1

@@ -22,11 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import events as ev
-from .. import lvm, metrics
+from .. import metrics
+from ..base.errors import LvbackupError
+from ..base.faults import crash_point
+from ..base.timeutil import now_iso
 from ..datapath.reader import BackupReader
-from ..errors import LvbackupError
-from ..faults import crash_point
-from ..timeutil import now_iso
+from ..volumes import lvm
 from . import devices
 from . import registry as reg
 from .hydrate import (

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NotRequired, TypedDict
 
-from ..diskio import AtomicFile
-from ..errors import LvbackupError, UsageError
-from ..locks import FileLock, has_open, holders, is_held
+from ..base.diskio import AtomicFile
+from ..base.errors import LvbackupError, UsageError
+from ..base.locks import FileLock, has_open, holders, is_held
 from . import devices
 
 REGISTRY_WAIT = 60.0   # seconds: the registry lock is only held while a map starts or ends

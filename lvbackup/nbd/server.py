@@ -12,12 +12,12 @@ import contextlib
 import errno
 from pathlib import Path
 
+from ..base.errors import LvbackupError
+from ..base.secretenv import drop_secrets_from_process
 from ..config import Config, load_config
 from ..datapath.reader import BackupReader
-from ..errors import LvbackupError
 from ..repository import lease
 from ..repository.repo import Repository
-from ..secretenv import drop_secrets_from_process
 from ..session import open_repository
 from .registry import hold
 

@@ -27,14 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..catalog import BackupRecord, as_record
+from ..base.errors import CorruptionError, UsageError
+from ..base.faults import crash_point
+from ..base.lifecycle import Status
+from ..base.locks import RunLock
+from ..base.sqlitefile import no_room
+from ..base.timeutil import now_iso
+from ..catalog.catalog import BackupRecord, as_record
 from ..config import load_config
 from ..credentials import target_secrets
 from ..datapath.pipeline import ordered_map
-from ..errors import CorruptionError, UsageError
-from ..faults import crash_point
-from ..lifecycle import Status
-from ..locks import RunLock
 from ..metrics import best_effort, record_copy
 from ..repository import codec
 from ..repository.manifest import (
@@ -46,8 +48,6 @@ from ..repository.manifest import (
 )
 from ..repository.repo import Packer, Repository
 from ..session import Session, recover_dead_runs
-from ..sqlitefile import no_room
-from ..timeutil import now_iso
 from .maintenance import init_repository
 
 # A step holds at most this many bytes of blocks (64 blocks of 128 KiB), and workers +

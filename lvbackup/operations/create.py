@@ -10,31 +10,31 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 from .. import events as ev
-from .. import lvm
-from ..catalog import (
+from ..base.errors import CorruptionError, LvbackupError, UsageError
+from ..base.lifecycle import Status
+from ..base.locks import RunLock, volume_lock
+from ..base.timeutil import now_iso
+from ..catalog.catalog import (
     BackupRecord,
     as_record,
     to_record,
 )
-from ..changes import tracker
+from ..catalog.lineage import choose_parent
 from ..config import Config
 from ..datapath.backup import ScanStats, write_backup
 from ..datapath.blockmap import FileBlocks
-from ..errors import CorruptionError, LvbackupError, UsageError
-from ..lifecycle import Status
-from ..lineage import choose_parent
-from ..locks import RunLock, volume_lock
 from ..metrics import best_effort, record_backup
 from ..repository.repo import Packer
 from ..session import Session, reason, recover_dead_runs
-from ..sources import (
+from ..volumes import lvm
+from ..volumes.changes import tracker
+from ..volumes.sources import (
     Source,
     SourceFactory,
     device_source,
     snapshot_source,
     volume_source,
 )
-from ..timeutil import now_iso
 
 
 @dataclass

@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import TypedDict
 
 from .. import events as ev
-from ..catalog import (
+from ..base.errors import LvbackupError, UsageError
+from ..base.faults import crash_point
+from ..base.lifecycle import Status
+from ..base.locks import RunLock
+from ..catalog.catalog import (
     MIN_PREFIX_TO_CHANGE,
     BackupRecord,
     to_record,
 )
-from ..errors import LvbackupError, UsageError
-from ..faults import crash_point
-from ..lifecycle import Status
-from ..locks import RunLock
 from ..nbd.registry import refuse_if_mapped, registry
 from ..repository.manifest import manifest_name
 from ..session import Session, reason, recover_dead_runs

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from ..catalog import require_available
-from ..errors import UsageError
+from ..base.errors import UsageError
+from ..catalog.catalog import require_available
 from ..repository.manifest import Entries, Manifest
 from ..session import Session, recover_dead_runs
 

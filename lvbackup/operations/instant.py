@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import TypedDict
 
 from .. import events as ev
-from .. import lvm
-from ..catalog import require_available, to_record
-from ..errors import CorruptionError, LvbackupError, NotFoundError, UsageError
-from ..faults import crash_point
+from ..base.errors import CorruptionError, LvbackupError, NotFoundError, UsageError
+from ..base.faults import crash_point
+from ..base.timeutil import now_iso
+from ..catalog.catalog import require_available, to_record
 from ..nbd import devices
 from ..nbd import registry as reg
 from ..nbd.hydrate import (
@@ -41,8 +41,8 @@ from ..nbd.hydrate import (
 from ..nbd.instant_export import release_device
 from ..nbd.registry import MapRecord
 from ..session import Session, recover_dead_runs
-from ..targets import create_volume_target, is_lv_name, lv_target
-from ..timeutil import now_iso
+from ..volumes import lvm
+from ..volumes.targets import create_volume_target, is_lv_name, lv_target
 from .nbd import new_record, start
 
 SECTOR = 512

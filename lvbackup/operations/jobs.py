@@ -17,10 +17,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
 
-from .. import lvm
-from ..catalog import BackupRecord
-from ..config import JOB_LABEL, Job
-from ..errors import (
+from ..base.errors import (
     EXIT_DAMAGED,
     EXIT_FAILED,
     EXIT_LOCKED,
@@ -29,10 +26,13 @@ from ..errors import (
     LvbackupError,
     UsageError,
 )
-from ..lifecycle import Status
+from ..base.lifecycle import Status
+from ..base.timeutil import parse_iso, utcnow
+from ..catalog.catalog import BackupRecord
+from ..config import JOB_LABEL, Job
 from ..session import Session
-from ..sources import SourceFactory
-from ..timeutil import parse_iso, utcnow
+from ..volumes import lvm
+from ..volumes.sources import SourceFactory
 from .copy import copy_backups
 from .create import create_backup, newest_snapshot, select_source
 from .prune import prune

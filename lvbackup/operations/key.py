@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..base.errors import UsageError
+from ..base.faults import crash_point
 from ..credentials import create_key_file, new_passphrase, secrets, write_private_file
-from ..errors import UsageError
-from ..faults import crash_point
 from ..repository.keys import (
     PASSPHRASE,
     Secret,

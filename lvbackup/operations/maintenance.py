@@ -8,23 +8,23 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import reserve
-from ..catalog import (
+from ..base import reserve
+from ..base.errors import CorruptionError, LvbackupError, UsageError
+from ..base.lifecycle import Status
+from ..base.sqlitefile import no_room
+from ..base.timeutil import now_iso
+from ..catalog.catalog import (
     Catalog,
     as_record,
 )
 from ..config import Config, as_dict
 from ..credentials import FindSecrets, create_key_file, require_strong, secrets
-from ..errors import CorruptionError, LvbackupError, UsageError
-from ..lifecycle import Status
 from ..nbd.registry import refuse_if_mapped, registry
 from ..repository import gc
 from ..repository.backends import credential_source, open_backend
 from ..repository.keys import Secret
 from ..repository.repo import Repository
 from ..session import Session, check_encryption, recover_dead_runs, refuse_known_encrypted
-from ..sqlitefile import no_room
-from ..timeutil import now_iso
 
 
 def init_repository(config: Config, block_size: int | None, encryption: bool = False,

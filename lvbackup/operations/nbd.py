@@ -15,14 +15,14 @@ import uuid
 from pathlib import Path
 from typing import TypedDict
 
-from ..catalog import require_available
-from ..errors import CorruptionError, LvbackupError, NotFoundError, UsageError
-from ..faults import crash_point
+from ..base.errors import CorruptionError, LvbackupError, NotFoundError, UsageError
+from ..base.faults import crash_point
+from ..base.timeutil import now_iso
+from ..catalog.catalog import require_available
 from ..nbd import devices
 from ..nbd import registry as reg
 from ..nbd.registry import MapRecord
 from ..session import Session, recover_dead_runs
-from ..timeutil import now_iso
 
 ATTACH_TRIES = 3        # free devices tried, in case another tool takes one meanwhile
 PARTITION_WAIT = 10.0   # seconds for a partition's device node to appear

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 
-from ..catalog import BackupRecord
-from ..lifecycle import Status
-from ..locks import volume_lock
-from ..retention import Policy, new_parents, select
+from ..base.lifecycle import Status
+from ..base.locks import volume_lock
+from ..catalog.catalog import BackupRecord
+from ..catalog.retention import Policy, new_parents, select
 from ..session import Session, recover_dead_runs
 from .delete import Reparented, delete_row
 

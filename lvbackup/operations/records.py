@@ -8,7 +8,10 @@ import json
 import os
 import uuid
 
-from ..catalog import (
+from ..base.errors import CorruptionError, LvbackupError, UsageError
+from ..base.lifecycle import Status
+from ..base.timeutil import now_iso
+from ..catalog.catalog import (
     COLUMNS,
     MIN_PREFIX_TO_CHANGE,
     BackupRecord,
@@ -16,10 +19,7 @@ from ..catalog import (
     require_available,
     to_record,
 )
-from ..errors import CorruptionError, LvbackupError, UsageError
-from ..lifecycle import Status
 from ..session import Session, recover_dead_runs
-from ..timeutil import now_iso
 
 
 def export_record(session: Session, backup_id: str) -> tuple[str, str]:

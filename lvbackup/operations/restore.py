@@ -9,23 +9,23 @@ from contextlib import ExitStack
 from typing import Literal, TypedDict
 
 from .. import events as ev
-from ..catalog import (
+from ..base.diskio import ALIGN, pwrite_all
+from ..base.errors import CorruptionError, LvbackupError, UsageError
+from ..base.faults import crash_point
+from ..base.lifecycle import ACTIVITY, Status
+from ..base.locks import hold_backup, volume_lock
+from ..catalog.catalog import (
     BackupRecord,
     require_available,
     to_record,
 )
 from ..datapath.blockmap import ones
 from ..datapath.unpack import Restored, restore_blocks
-from ..diskio import ALIGN, pwrite_all
-from ..errors import CorruptionError, LvbackupError, UsageError
-from ..faults import crash_point
-from ..lifecycle import ACTIVITY, Status
-from ..locks import hold_backup, volume_lock
 from ..repository.manifest import Manifest
 from ..repository.repo import Repository
 from ..session import Session, reason, recover_dead_runs
-from ..sources import device_volume_id
-from ..targets import Target, create_volume_target, is_lv_name, lv_target, open_target
+from ..volumes.sources import device_volume_id
+from ..volumes.targets import Target, create_volume_target, is_lv_name, lv_target, open_target
 
 
 class RestoreResult(TypedDict):

@@ -31,11 +31,11 @@ from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 
+from ..base.diskio import AtomicFile
+from ..base.timeutil import iso
 from ..datapath.pipeline import ordered_map
-from ..diskio import AtomicFile
 from ..repository.pack import ChunkRef
 from ..repository.repo import ChunkError, Repository
-from ..timeutil import iso
 
 SPACE = 1 << 256            # pack ids are 32 bytes
 _ID_BYTES = 32

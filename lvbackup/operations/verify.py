@@ -6,11 +6,11 @@ import os
 from collections.abc import Callable
 from fractions import Fraction
 
-from ..catalog import BackupRecord
+from ..base.errors import CorruptionError, UsageError
+from ..base.lifecycle import ACTIVITY, Status
+from ..base.locks import hold_backup
+from ..catalog.catalog import BackupRecord
 from ..datapath.unpack import restore_blocks
-from ..errors import CorruptionError, UsageError
-from ..lifecycle import ACTIVITY, Status
-from ..locks import hold_backup
 from ..metrics import best_effort, record_verify
 from ..repository.pack import pack_name, read_trailer
 from ..repository.repo import ChunkError, Repository

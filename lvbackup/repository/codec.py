@@ -36,7 +36,7 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ..errors import CorruptionError
+from ..base.errors import CorruptionError
 
 FLAG_RAW = 0
 FLAG_ZSTD = 1

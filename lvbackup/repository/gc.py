@@ -18,9 +18,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import CorruptionError
-from ..faults import crash_point
-from ..locks import RunLock
+from ..base.errors import CorruptionError
+from ..base.faults import crash_point
+from ..base.locks import RunLock
 from .index import DAMAGED_PREFIX, announce_change, parse_damaged_name
 from .manifest import Manifest
 from .pack import ChunkRef, pack_name, read_trailer

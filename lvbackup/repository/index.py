@@ -41,10 +41,10 @@ from pathlib import Path
 
 import blake3
 
-from ..errors import CorruptionError, LvbackupError, UsageError
-from ..permissions import create_private_file, make_private_dirs
-from ..sqlitefile import open_error
-from ..timeutil import now_iso
+from ..base.errors import CorruptionError, LvbackupError, UsageError
+from ..base.permissions import create_private_file, make_private_dirs
+from ..base.sqlitefile import open_error
+from ..base.timeutil import now_iso
 from .backends import Backend, Conflict, MissingObject, ObjectExists
 from .codec import Codec
 from .pack import ENTRY, MAX_PACK_BYTES, ChunkRef, pack_name, parse_entries

@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from ..errors import CorruptionError, UsageError
+from ..base.errors import CorruptionError, UsageError
 from .backends import Backend
 from .codec import NONCE_LEN, key_check, seal, unseal
 

@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import LockedError, LvbackupError
-from ..locks import pid_alive
+from ..base.errors import LockedError, LvbackupError
+from ..base.locks import pid_alive
 from .backends import Backend, Conflict, MissingObject, ObjectExists
 
 EXCLUSIVE = "locks/exclusive"

@@ -40,7 +40,7 @@ from typing import IO, cast
 import blake3
 import zstandard
 
-from ..errors import CorruptionError
+from ..base.errors import CorruptionError
 from .backends import Backend, MissingObject
 from .codec import Codec
 

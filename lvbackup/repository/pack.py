@@ -28,8 +28,8 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
-from ..diskio import aligned_buffer
-from ..errors import CorruptionError
+from ..base.diskio import aligned_buffer
+from ..base.errors import CorruptionError
 from .backends import Backend
 from .codec import Buffer, Codec
 from .manifest import MAX_BLOCK_SIZE

@@ -23,12 +23,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
+from ..base.diskio import ALIGN
+from ..base.errors import CorruptionError, UsageError
+from ..base.faults import crash_point
+from ..base.locks import run_is_alive
+from ..base.timeutil import now_iso
 from ..config import S3Settings
-from ..diskio import ALIGN
-from ..errors import CorruptionError, UsageError
-from ..faults import crash_point
-from ..locks import run_is_alive
-from ..timeutil import now_iso
 from . import codec
 from .backends import Backend, MissingObject, ObjectExists, open_backend
 from .backends.appendonly import AppendOnlyBackend

@@ -139,7 +139,7 @@ def test_lvm_errors(site):
     nopath.mkdir(exist_ok=True)
     # lvbackup also looks in the sbin directories (cron's PATH lacks them): hide those too.
     missing = subprocess.Popen(
-        [sys.executable, "-c", "import sys, lvbackup.proc as m; m._SBIN_DIRS = (); "
+        [sys.executable, "-c", "import sys, lvbackup.base.proc as m; m._SBIN_DIRS = (); "
          "from lvbackup.cli import main; sys.argv[0] = 'lvbackup'; main()",
          "--config", lvb.config, "volumes"],
         env={**os.environ, "PATH": str(nopath)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from ...base.errors import UsageError
 from ...config import S3Settings
-from ...errors import UsageError
 from .base import Backend, Capabilities, Conflict, MissingObject, ObjectExists
 from .local import LocalBackend
 from .memory import MemoryBackend

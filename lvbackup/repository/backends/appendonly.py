@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ...errors import UsageError
+from ...base.errors import UsageError
 from .base import Backend, Capabilities, Data, ObjectExists
 
 

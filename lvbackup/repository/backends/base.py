@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...errors import CorruptionError, LvbackupError
+from ...base.errors import CorruptionError, LvbackupError
 
 Data = bytes | bytearray | memoryview
 

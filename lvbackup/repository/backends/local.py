@@ -17,9 +17,9 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-from ...diskio import ALIGN, AtomicFile, aligned_buffer, fsync_dir, pwrite_all
-from ...errors import UsageError
-from ...permissions import DIR_MODE, FILE_MODE, make_private_dirs, refuse_writable_tree
+from ...base.diskio import ALIGN, AtomicFile, aligned_buffer, fsync_dir, pwrite_all
+from ...base.errors import UsageError
+from ...base.permissions import DIR_MODE, FILE_MODE, make_private_dirs, refuse_writable_tree
 from .base import (
     Backend,
     Capabilities,

@@ -37,8 +37,8 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
+from ...base.errors import LvbackupError, UsageError
 from ...config import S3Settings
-from ...errors import LvbackupError, UsageError
 from .base import (
     Backend,
     Capabilities,

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Iterator
 from enum import IntEnum
 from typing import NamedTuple
 
-from ..datapath.blockmap import Kind, Run
-from ..errors import ChangeTrackingError
+from ...base.errors import ChangeTrackingError
+from ...datapath.blockmap import Kind, Run
 
 
 class Change(IntEnum):

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 
+from ..base.errors import LvbackupError, UsageError
+from ..base.locks import run_is_alive
+from ..base.timeutil import now_iso
+from ..events import stderr_warning
 from . import lvm
-from .errors import LvbackupError, UsageError
-from .events import stderr_warning
-from .locks import run_is_alive
-from .timeutil import now_iso
 
 # Fixed namespace so that the same path always maps to the same volume id.
 _DEVICE_NAMESPACE = uuid.UUID("5b0f9d3e-6c55-4b8e-9a8e-2f6f3f1c7d10")

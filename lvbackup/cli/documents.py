@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Literal, TypedDict
 
-from .operations.instant import InstantInfo
-from .operations.nbd import MapInfo
-from .operations.restore import RestoreResult
+from ..operations.instant import InstantInfo
+from ..operations.nbd import MapInfo
+from ..operations.restore import RestoreResult
 
 __all__ = ["InstantInfo", "MapInfo", "RestoreResult"]
 

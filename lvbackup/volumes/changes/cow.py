@@ -21,7 +21,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import ChangeTrackingError
+from ...base.errors import ChangeTrackingError
 from .ranges import Change, Extent
 
 SNAP_MAGIC = 0x70416e53

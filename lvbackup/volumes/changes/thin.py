@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, cast
 
-from ..errors import ChangeTrackingError
+from ...base.errors import ChangeTrackingError
 from .ranges import Change, Extent, validated
 
 SECTOR = 512

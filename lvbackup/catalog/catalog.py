@@ -20,11 +20,11 @@ from typing import Any, TypedDict, cast
 import sqlite_utils
 from sqlite_utils import Migrations
 
-from .errors import LvbackupError, NotFoundError, UsageError
-from .lifecycle import COUNTED, Status, check_initial, check_transition
-from .permissions import create_private_file, make_private_dirs, refuse_writable_by_others
-from .sqlitefile import open_error
-from .timeutil import now_iso
+from ..base.errors import LvbackupError, NotFoundError, UsageError
+from ..base.lifecycle import COUNTED, Status, check_initial, check_transition
+from ..base.permissions import create_private_file, make_private_dirs, refuse_writable_by_others
+from ..base.sqlitefile import open_error
+from ..base.timeutil import now_iso
 
 STATUSES = tuple(s.value for s in Status)
 FAIL_REASON_MAX = 255

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..base.errors import UsageError
+from ..base.lifecycle import Status
 from .catalog import BackupRecord
-from .errors import UsageError
-from .lifecycle import Status
 
 NO_PARENT = "No backups available to do an incremental backup."
 

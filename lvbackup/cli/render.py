@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
-from .catalog import BackupRecord
-from .units import human_size
+from ..base.units import human_size
+from ..catalog.catalog import BackupRecord
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -20,9 +20,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
+from ..base.lifecycle import Status
+from ..base.timeutil import parse_iso
 from .catalog import BackupRecord
-from .lifecycle import Status
-from .timeutil import parse_iso
 
 KINDS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 

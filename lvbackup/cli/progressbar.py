@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from .units import human_size
+from ..base.units import human_size
 
 # The backup's "new X, stored Y" (30 more characters) only where it fits on the line.
 WIDE = 110
