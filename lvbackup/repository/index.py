@@ -47,7 +47,7 @@ from ..sqlitefile import open_error
 from ..timeutil import now_iso
 from .backends import Backend, Conflict, MissingObject, ObjectExists
 from .codec import Codec
-from .pack import ENTRY, MAX_PACK_BYTES, ChunkRef, pack_name, parse_entries
+from .pack import ENTRY, MAX_PACK_BYTES, ChunkRef, entry_rows, pack_name
 
 INDEX_MAGIC = b"LVBIDX01"
 _GROUP = struct.Struct("<32sI")
@@ -208,6 +208,13 @@ def encode_index(groups: Iterable[tuple[bytes, list[ChunkRef]]], codec: Codec
 
 def decode_index(name: str, data: bytes, codec: Codec
                  ) -> Iterator[tuple[bytes, list[ChunkRef]]]:
+    for pack_id, rows in index_groups(name, data, codec):
+        yield pack_id, [ChunkRef(cid, pack_id, *rest) for cid, *rest in rows]
+
+
+def index_groups(name: str, data: bytes, codec: Codec
+                 ) -> Iterator[tuple[bytes, list[tuple[bytes, int, int, int, int]]]]:
+    """An index file's groups: (pack id, its entries as `pack.entry_rows` gives them)."""
     payload = codec.unseal(INDEX_MAGIC, data, f"index file {name}", INDEX_SEAL_NAME)
     pos = 0
     while pos < len(payload):
@@ -218,9 +225,9 @@ def decode_index(name: str, data: bytes, codec: Codec
         end = pos + count * ENTRY.size
         if end > len(payload):
             raise CorruptionError(f"index file {name} is corrupt (truncated group)")
-        refs = parse_entries(payload[pos:end], pack_id, MAX_PACK_BYTES, f"index file {name}")
+        rows = entry_rows(payload[pos:end], pack_id, MAX_PACK_BYTES, f"index file {name}")
         pos = end
-        yield pack_id, refs
+        yield pack_id, rows
 
 
 @contextmanager
@@ -374,44 +381,67 @@ class ChunkIndex:
         db.execute("ATTACH DATABASE ? AS staging", (str(staging),))
         try:
             db.executescript(_STAGING)
-            ok = {name: self._stage(db, name, storage, codec) for name in files}
-            # One sort, in an index that holds every column: the duplicates and the ordered
-            # insert below both read it in order, without a lookup or another sort.
-            db.execute("CREATE INDEX staging.by_id ON chunks(id, pack, offset, length, raw, flags)")
+            staged = {name: self._stage(db, name, storage, codec) for name in files}
             with _transaction(db):
-                lost = self._displace_lost(db, storage)
+                lost = False
+                if not self._fill_cold(db, sum(n for n in staged.values() if n > 0)):
+                    # One sort, in an index that holds every column: the duplicates and the
+                    # ordered insert below both read it in order, without a lookup or
+                    # another sort.
+                    db.execute("CREATE INDEX staging.by_id "
+                               "ON chunks(id, pack, offset, length, raw, flags)")
+                    lost = self._displace_lost(db, storage)
+                    db.execute("INSERT INTO chunks SELECT * FROM staging.chunks WHERE true "
+                               "ORDER BY id" + _REPLACE_DAMAGED)
                 db.execute("INSERT INTO packs SELECT id, NULL, 1 FROM staging.packs WHERE true "
                            "ON CONFLICT(id) DO UPDATE SET indexed = 1")
-                cold = db.execute("SELECT NOT EXISTS (SELECT 1 FROM chunks)").fetchone()[0]
-                if cold:  # an index built after the table, in one sort, not row by row
-                    db.execute("DROP INDEX chunks_pack")
-                db.execute("INSERT INTO chunks SELECT * FROM staging.chunks WHERE true "
-                           "ORDER BY id" + _REPLACE_DAMAGED)
-                if cold:
-                    db.execute(_PACK_INDEX)
                 db.executemany("INSERT OR REPLACE INTO index_files VALUES (?, ?, ?)",
-                               [(name, stamp, int(ok[name])) for name, stamp in files.items()])
+                               [(name, stamp, int(staged[name] >= 0))
+                                for name, stamp in files.items()])
         finally:
             db.execute("DETACH DATABASE staging")
             staging.unlink(missing_ok=True)
         return lost
 
     @staticmethod
-    def _stage(db: sqlite3.Connection, name: str, storage: Backend, codec: Codec) -> bool:
-        """Stage one index file's entries; False (and nothing staged) if it is corrupt."""
+    def _fill_cold(db: sqlite3.Connection, staged: int) -> bool:
+        """Fill an empty cache with the `staged` entries in id order, and build the pack
+        index after them, in one sort. False, and nothing done, if the cache is not empty
+        or two staged entries share an id (rare: the general path chooses between them)."""
+        if not db.execute("SELECT NOT EXISTS (SELECT 1 FROM chunks)").fetchone()[0]:
+            return False
+        db.execute("SAVEPOINT cold")
+        try:
+            db.execute("DROP INDEX chunks_pack")
+            inserted = db.execute("INSERT INTO chunks SELECT * FROM staging.chunks WHERE true "
+                                  "ORDER BY id ON CONFLICT(id) DO NOTHING").rowcount
+            if inserted != staged:
+                db.execute("ROLLBACK TO cold")
+                return False
+            db.execute(_PACK_INDEX)
+        finally:
+            db.execute("RELEASE cold")
+        return True
+
+    @staticmethod
+    def _stage(db: sqlite3.Connection, name: str, storage: Backend, codec: Codec) -> int:
+        """Stage one index file's entries; how many, or -1 (and nothing staged) if it is
+        corrupt."""
+        staged = 0
         db.execute("SAVEPOINT one_file")
         try:
-            for pack_id, refs in decode_index(name, storage.get(name), codec):
+            for pack_id, rows in index_groups(name, storage.get(name), codec):
                 db.execute("INSERT OR IGNORE INTO staging.packs VALUES (?)", (pack_id,))
-                db.executemany("INSERT INTO staging.chunks VALUES (?, ?, ?, ?, ?, ?)",
-                               [(r.chunk_id, pack_id, r.offset, r.length, r.raw_length,
-                                 r.flags) for r in refs])
+                # The pack id in the statement: each row binds only what it unpacked.
+                db.executemany("INSERT INTO staging.chunks VALUES "
+                               f"(?1, X'{pack_id.hex()}', ?2, ?3, ?4, ?5)", rows)
+                staged += len(rows)
         except CorruptionError:
             db.execute("ROLLBACK TO one_file")
-            return False
+            return -1
         finally:
             db.execute("RELEASE one_file")
-        return True
+        return staged
 
     @staticmethod
     def _create_changes(storage: Backend) -> str | None:
