@@ -29,6 +29,7 @@ are recorded as lost: never reused, and replaced by any other copy of their chun
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import secrets
 import sqlite3
@@ -53,6 +54,7 @@ from .pack import ENTRY, MAX_PACK_BYTES, ChunkRef, entry_rows, pack_name
 INDEX_MAGIC = b"LVBIDX01"
 _GROUP = struct.Struct("<32sI")
 _BATCH = 500
+_ROWS_PER_INSERT = 199   # rows bound in one statement (5 items each: under SQLite's 999)
 
 # A chunk's pack is the pack's number in `packs`, not its 32-byte id: the table, its sort
 # when built and the index by pack are half the size. Numbers are never reused.
@@ -467,8 +469,7 @@ class ChunkIndex:
             for pack_id, rows in index_groups(name, storage.get(name), codec):
                 db.execute("INSERT OR IGNORE INTO staging.packs VALUES (?)", (pack_id,))
                 # The pack id in the statement: each row binds only what it unpacked.
-                db.executemany("INSERT INTO staging.chunks VALUES "
-                               f"(?1, X'{pack_id.hex()}', ?2, ?3, ?4, ?5)", rows)
+                _insert_rows(db, "staging.chunks", f"(?, X'{pack_id.hex()}', ?, ?, ?, ?)", rows)
                 staged += len(rows)
         except CorruptionError:
             db.execute("ROLLBACK TO one_file")
@@ -642,6 +643,23 @@ class ChunkIndex:
         if db is not None:
             db.close()
             self._local.db = None
+
+
+def _insert_rows(db: sqlite3.Connection, table: str, values: str,
+                 rows: list[tuple[bytes, int, int, int, int]]) -> None:
+    """Insert `rows` into `table`, each as the `values` clause with its items bound to the
+    ?s: _ROWS_PER_INSERT rows a statement, which halves the cost of executemany's one."""
+    if not rows:
+        return
+    flat = list(itertools.chain.from_iterable(rows))
+    width = len(flat) // len(rows)
+    full = len(rows) - len(rows) % _ROWS_PER_INSERT
+    many = f"INSERT INTO {table} VALUES " + ",".join([values] * _ROWS_PER_INSERT)
+    for i in range(0, full * width, _ROWS_PER_INSERT * width):
+        db.execute(many, flat[i:i + _ROWS_PER_INSERT * width])
+    if full < len(rows):
+        db.execute(f"INSERT INTO {table} VALUES " + ",".join([values] * (len(rows) - full)),
+                   flat[full * width:])
 
 
 def _quoted(path: Path) -> str:
