@@ -186,7 +186,7 @@ def test_reader_serves_any_range(repo):
         assert reader.read(off, length) == data[off:off + length]
     assert reader.read(len(data) - 10, 10) == data[-10:]
     assert reader.read(0, len(data)) == data
-    assert reader._cached <= 4 * BS + BS, "the cache stays bounded"
+    assert reader._cache.weight <= 4 * BS, "the cache stays bounded"
     with pytest.raises(UsageError, match="outside"):
         reader.read(len(data) - 10, 11)
 

@@ -190,7 +190,8 @@ def test_swapped_chunks_are_caught(tmp_path: Path, wd: Workdir) -> None:
     rec = wd.create(tmp_path / "img")
     (cache,) = wd.cache.glob("index-*.sqlite")
     rows = sqlite3.connect(cache).execute(
-        "SELECT pack, offset, length FROM chunks ORDER BY pack, offset").fetchall()
+        "SELECT p.id, c.offset, c.length FROM chunks c JOIN packs p ON p.n = c.pack "
+        "ORDER BY p.id, c.offset").fetchall()
     by_len: dict[tuple[bytes, int], list[int]] = {}
     for pack, off, ln in rows:
         by_len.setdefault((pack, ln), []).append(off)

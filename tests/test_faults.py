@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 from dataclasses import dataclass
 
 import pytest
@@ -180,6 +181,21 @@ def test_gc_crash_then_fresh_cache(repo):
     crash(wd, "gc-index-rewritten", "gc")
     shutil.rmtree(wd.cache)
     intact(repo)
+
+
+def test_cold_index_cache_crash(repo):
+    """Killed while it fills an empty index cache (the entries in, not committed): the
+    next command finds the cache as it was, empty, and builds it whole."""
+    wd = repo.wd
+    shutil.rmtree(wd.cache)
+    crash(wd, "index-cache-filled", "verify")
+    intact(repo)
+    db = sqlite3.connect(f"file:{wd.cache_db()}?mode=ro", uri=True)
+    try:
+        assert db.execute("SELECT count(*) FROM chunks").fetchone()[0] > 0
+        assert db.execute("SELECT count(*) FROM index_files WHERE ok = 1").fetchone()[0] > 0
+    finally:
+        db.close()
 
 
 def test_a_misspelt_crash_point_is_refused(tmp_path):

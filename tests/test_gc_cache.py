@@ -12,8 +12,8 @@ from support import Workdir, apply_change, describe, make_image
 def cached_entries(wd: Workdir) -> set[tuple[bytes, bytes, int, int]]:
     (path,) = wd.cache.glob("index-*.sqlite")
     with sqlite3.connect(path) as db:
-        return set(db.execute("SELECT c.id, c.pack, c.offset, c.length FROM chunks c "
-                              "JOIN packs p ON p.id = c.pack WHERE p.indexed = 1"))
+        return set(db.execute("SELECT c.id, p.id, c.offset, c.length FROM chunks c "
+                              "JOIN packs p ON p.n = c.pack WHERE p.indexed = 1"))
 
 
 def test_the_cache_gc_leaves_is_the_cache_built_anew(tmp_path: Path) -> None:

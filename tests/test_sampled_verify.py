@@ -42,7 +42,7 @@ def chunks_by_pack(wd: Workdir) -> dict[int, int]:
     db = sqlite3.connect(f"file:{wd.cache_db()}?mode=ro", uri=True)
     try:
         return {int.from_bytes(p, "big"): n for p, n in db.execute(
-            "SELECT pack, count(*) FROM chunks GROUP BY pack")}
+            "SELECT p.id, count(*) FROM chunks c JOIN packs p ON p.n = c.pack GROUP BY p.id")}
     finally:
         db.close()
 
@@ -125,8 +125,8 @@ def _flip_a_chunk(wd: Workdir) -> tuple[int, bytes]:
     pack = max(packs, key=lambda p: packs[p]).to_bytes(32, "big")
     db = sqlite3.connect(f"file:{wd.cache_db()}?mode=ro", uri=True)
     try:
-        rows = db.execute("SELECT id, offset, length FROM chunks WHERE pack = ? ORDER BY offset",
-                          (pack,)).fetchall()
+        rows = db.execute("SELECT c.id, c.offset, c.length FROM chunks c JOIN packs p "
+                          "ON p.n = c.pack WHERE p.id = ? ORDER BY c.offset", (pack,)).fetchall()
     finally:
         db.close()
     chunk, offset, length = rows[len(rows) // 2]

@@ -4,7 +4,7 @@ Table `backups`: one row per backup; its columns are the JSON field names of a b
 record (docs/format.md, "Manifests"). The catalog is an index: every available backup's manifest
 carries its record, so `catalog rebuild` recreates it from the repository alone.
 A row's status changes only through `Catalog.transition` (or `put`), which refuses a move
-that lvbackup.lifecycle does not allow.
+that lvbackup.base.lifecycle does not allow.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ _V1_COLUMNS: dict[str, type] = {
     "size": int, "block_size": int, "stored_bytes": int, "num_dependent_backups": int,
 }
 
-# How the backup found what changed (lvbackup.changes.tracker) and what it read; the
+# How the backup found what changed (lvbackup.volumes.changes.tracker) and what it read; the
 # snapshot it read (by lv_uuid, creation time and thin pool lv_uuid), to pair with next time.
 _V3_COLUMNS: dict[str, type] = {
     "change_source": str, "change_fallback": str, "bytes_read": int,

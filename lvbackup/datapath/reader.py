@@ -9,9 +9,9 @@ damaged chunk raises BlockError for the range, never yields wrong data.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 
 from ..base.errors import UsageError
+from ..base.lru import LRU
 from ..repository.manifest import Manifest
 from ..repository.repo import Repository
 from .unpack import fetch_blocks
@@ -25,9 +25,7 @@ class BackupReader:
         self.manifest = manifest
         self.size = manifest.size
         self.block_size = manifest.block_size
-        self._cache: OrderedDict[int, bytes] = OrderedDict()   # block index -> its bytes
-        self._cached = 0
-        self._limit = cache_bytes
+        self._cache: LRU[int, bytes] = LRU(cache_bytes)   # block index -> its bytes
         self._lock = threading.Lock()
 
     def read(self, offset: int, length: int) -> bytes:
@@ -48,9 +46,8 @@ class BackupReader:
     def _blocks(self, first: int, count: int) -> list[bytes]:
         bs = self.block_size
         with self._lock:
-            found = {b: self._cache[b] for b in range(first, first + count) if b in self._cache}
-            for b in found:
-                self._cache.move_to_end(b)
+            found = {b: data for b in range(first, first + count)
+                     if (data := self._cache.get(b)) is not None}
         missing = [b for b in range(first, first + count) if b not in found]
         if missing:
             lo, hi = missing[0], missing[-1] + 1
@@ -66,8 +63,4 @@ class BackupReader:
         with self._lock:
             for b, data in blocks.items():
                 if b not in self._cache:
-                    self._cache[b] = data
-                    self._cached += len(data)
-            while self._cached > self._limit and self._cache:
-                _, old = self._cache.popitem(last=False)
-                self._cached -= len(old)
+                    self._cache.put(b, data, len(data))

@@ -33,7 +33,6 @@ import json
 import struct
 import tempfile
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, cast
 
@@ -41,6 +40,7 @@ import blake3
 import zstandard
 
 from ..base.errors import CorruptionError
+from ..base.lru import LRU
 from .backends import Backend, MissingObject
 from .codec import Codec
 
@@ -265,7 +265,7 @@ class Manifest:
             raise CorruptionError(f"{self.what} is corrupt (bad header, or the manifest of "
                                   "another backup)")
         self._check_bounds()
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache: LRU[int, bytes] = LRU(_PAGE_CACHE)
         self._last_miss = -1   # the last page that was not in the cache
         self._lock = threading.Lock()
         self._v1_table: IO[bytes] | None = None
@@ -422,7 +422,6 @@ class Manifest:
         with self._lock:
             page = self._cache.get(p)
             if page is not None:
-                self._cache.move_to_end(p)
                 return page
             # A reader going through the pages in order (an incremental against its
             # parent) gets the next ones in the same batch: stored together, they come in
@@ -438,10 +437,7 @@ class Manifest:
             pages = self._pages(p, 1)   # a damaged page ahead is not this reader's concern
         with self._lock:
             for i, got in enumerate(pages):
-                self._cache[p + i] = got
-                self._cache.move_to_end(p + i)
-            while len(self._cache) > _PAGE_CACHE:
-                self._cache.popitem(last=False)
+                self._cache.put(p + i, got)
             # The next miss of an in-order reader is the page after this batch.
             self._last_miss = p + len(pages) - 1
         return pages[0]

@@ -24,6 +24,7 @@ bytes, then N * 49 before them) to rebuild the index; its blobs are checked chun
 from __future__ import annotations
 
 import ctypes
+import operator
 import struct
 from collections.abc import Callable
 from typing import NamedTuple
@@ -37,6 +38,7 @@ from .manifest import MAX_BLOCK_SIZE
 PACK_MAGIC = b"LVBPACK1"
 PACK_END = b"LVBPEND1"
 ENTRY = struct.Struct("<32sQIIB")
+_OFFSET, _LENGTH, _RAW = (operator.itemgetter(i) for i in (1, 2, 3))   # of an ENTRY
 FOOTER = struct.Struct("<I32s8s")
 # Far above any pack (a writer fills one to 16 MiB and one block): the end of the byte
 # range an index file may place a chunk at, where the pack's own size is not at hand.
@@ -145,17 +147,29 @@ def read_trailer(storage: Backend, pack_id: bytes, codec: Codec) -> list[ChunkRe
 
 def parse_entries(entries: Buffer, pack_id: bytes, end: int, what: str) -> list[ChunkRef]:
     """The refs that trailer entries (from a trailer or an index file, `what`) give for
-    the chunks of a pack whose blobs end by `end`: each blob must lie between the pack's
-    magic and `end`, and hold at most a block, or CorruptionError (nothing is sized,
-    cached or read from a number alone)."""
-    refs = [ChunkRef(cid, pack_id, off, ln, raw, fl)
-            for cid, off, ln, raw, fl in ENTRY.iter_unpack(entries)]
-    for r in refs:
-        if r.offset < len(PACK_MAGIC) or r.offset + r.length > end:
-            raise CorruptionError(f"{what} is corrupt (chunk {r.chunk_id.hex()} at offset "
-                                  f"{r.offset}, {r.length} bytes, lies outside pack "
-                                  f"{pack_id.hex()})")
-        if r.raw_length > MAX_BLOCK_SIZE:
-            raise CorruptionError(f"{what} is corrupt (chunk {r.chunk_id.hex()} claims "
-                                  f"{r.raw_length} bytes)")
-    return refs
+    the chunks of a pack whose blobs end by `end` (see `entry_rows`)."""
+    return [ChunkRef(cid, pack_id, off, ln, raw, fl)
+            for cid, off, ln, raw, fl in entry_rows(entries, pack_id, end, what)]
+
+
+def entry_rows(entries: Buffer, pack_id: bytes, end: int, what: str
+               ) -> list[tuple[bytes, int, int, int, int]]:
+    """Trailer entries as (chunk id, offset, length, raw length, flags), checked: each
+    blob must lie between the pack's magic and `end`, and hold at most a block, or
+    CorruptionError (nothing is sized, cached or read from a number alone). Plain tuples,
+    for the index cache, which stores millions of them."""
+    rows = list(ENTRY.iter_unpack(entries))
+    # Checked in bulk (map over C functions), then, if that fails, one by one for the
+    # first bad entry's message.
+    if not rows or (min(map(_OFFSET, rows)) >= len(PACK_MAGIC)
+                    and max(map(_RAW, rows)) <= MAX_BLOCK_SIZE
+                    and max(map(operator.add, map(_OFFSET, rows), map(_LENGTH, rows))) <= end):
+        return rows
+    for cid, off, ln, raw, _ in rows:
+        if off < len(PACK_MAGIC) or off + ln > end:
+            raise CorruptionError(f"{what} is corrupt (chunk {cid.hex()} at offset "
+                                  f"{off}, {ln} bytes, lies outside pack {pack_id.hex()})")
+        if raw > MAX_BLOCK_SIZE:
+            raise CorruptionError(f"{what} is corrupt (chunk {cid.hex()} claims "
+                                  f"{raw} bytes)")
+    return rows

@@ -13,12 +13,12 @@ import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
 from ...base.diskio import ALIGN, AtomicFile, aligned_buffer, fsync_dir, pwrite_all
 from ...base.errors import UsageError
+from ...base.lru import LRU
 from ...base.permissions import DIR_MODE, FILE_MODE, make_private_dirs, refuse_writable_tree
 from .base import (
     Backend,
@@ -70,7 +70,7 @@ class LocalBackend(Backend):
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fds: LRU[str, int] = LRU(self._MAX_OPEN, lambda _, fd: os.close(fd))
         self._lock = threading.Lock()
 
     @classmethod
@@ -121,16 +121,12 @@ class LocalBackend(Backend):
         with self._lock:
             fd = self._fds.get(name)
             if fd is not None:
-                self._fds.move_to_end(name)
                 return fd
             try:
                 fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise missing(name) from None
-            self._fds[name] = fd
-            if len(self._fds) > self._MAX_OPEN:
-                _, old = self._fds.popitem(last=False)
-                os.close(old)
+            self._fds.put(name, fd)
             return fd
 
     def _stat(self, name: str) -> os.stat_result:
@@ -188,7 +184,7 @@ class LocalBackend(Backend):
     def delete(self, name: str) -> None:
         path = self._path(name)
         with self._lock:
-            fd = self._fds.pop(name, None)
+            fd = self._fds.pop(name)
             if fd is not None:
                 os.close(fd)
         path.unlink(missing_ok=True)
@@ -210,6 +206,5 @@ class LocalBackend(Backend):
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in self._fds.clear():
                 os.close(fd)
-            self._fds.clear()

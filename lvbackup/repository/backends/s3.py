@@ -20,7 +20,6 @@ import random
 import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import IO, Any, NoReturn, TypeVar, cast
@@ -38,6 +37,7 @@ from botocore.exceptions import (
 )
 
 from ...base.errors import LvbackupError, UsageError
+from ...base.lru import LRU
 from ...config import S3Settings
 from .base import (
     Backend,
@@ -154,7 +154,6 @@ class _Window:
         self.name = name
         self.start = start
         self.data = memoryview(b"")
-        self.cost = READ_AHEAD      # bytes it counts for: all it may hold, until it came
         self.failed = False
         self.ready = threading.Event()
 
@@ -176,25 +175,20 @@ class _ReadAhead:
     def __init__(self, fetch: Callable[[str, int, int, bool], tuple[bytes, int]]):
         self._fetch = fetch     # (name, offset, length, exact) -> (bytes, the object's size)
         self._lock = threading.Lock()
-        self._windows: OrderedDict[tuple[str, int], _Window] = OrderedDict()   # LRU first
-        self._kept = 0                    # bytes the windows hold (or will)
+        # Weighed by the bytes they hold (or will); one dropped still serves its readers.
+        self._windows: LRU[tuple[str, int], _Window] = LRU(READ_AHEAD_BYTES)
         # Of the objects read last: where the last read ended and how many reads in a row
         # went forward, their sizes once known, and the last window fetched ahead.
-        self._ends: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._ends: LRU[str, tuple[int, int]] = LRU(64, self._forget_sizes)
         self._sizes: dict[str, int] = {}
         self._ahead: dict[str, int] = {}
 
     def read(self, name: str, offset: int, length: int) -> memoryview:
         first, last = offset // READ_AHEAD, (offset + length - 1) // READ_AHEAD
         with self._lock:
-            end, streak = self._ends.get(name, (None, 0))
+            end, streak = self._ends.peek(name) or (None, 0)
             streak = streak + 1 if end is not None and 0 <= offset - end <= _GAP else 0
-            self._ends[name] = offset + length, streak
-            self._ends.move_to_end(name)
-            if len(self._ends) > 64:
-                gone = self._ends.popitem(last=False)[0]
-                self._sizes.pop(gone, None)
-                self._ahead.pop(gone, None)
+            self._ends.put(name, (offset + length, streak))
             keys = [(name, k) for k in range(first, last + 1)]
             if length >= _SCAN or streak >= 2 or all(key in self._windows for key in keys):
                 windows = [self._window(key) for key in keys]
@@ -237,9 +231,9 @@ class _ReadAhead:
         finally:
             with self._lock:
                 window.data = memoryview(data)
-                if self._windows.get((window.name, window.start // READ_AHEAD)) is window:
-                    self._kept -= window.cost - len(data)
-                window.cost = len(data)
+                key = (window.name, window.start // READ_AHEAD)
+                if self._windows.peek(key) is window:
+                    self._windows.reweigh(key, len(data))
                 if size is not None and window.name in self._ends:
                     self._sizes[window.name] = size
             window.ready.set()
@@ -248,24 +242,21 @@ class _ReadAhead:
         """Window (object, k), and whether the caller is to fetch it (under the lock)."""
         window = self._windows.get(key)
         if window is not None:
-            self._windows.move_to_end(key)
             return window, False
-        window = self._windows[key] = _Window(key[0], key[1] * READ_AHEAD)
-        self._kept += window.cost
-        while self._kept > READ_AHEAD_BYTES:
-            self._drop(next(iter(self._windows)))   # its readers still hold it
+        window = _Window(key[0], key[1] * READ_AHEAD)
+        self._windows.put(key, window, READ_AHEAD)   # all it may hold, until it came
         return window, True
 
-    def _drop(self, key: tuple[str, int]) -> None:
-        self._kept -= self._windows.pop(key).cost
+    def _forget_sizes(self, name: str, _: object) -> None:
+        self._sizes.pop(name, None)
+        self._ahead.pop(name, None)
 
     def forget(self, name: str) -> None:
         with self._lock:
             for key in [key for key in self._windows if key[0] == name]:
-                self._drop(key)
-            self._ends.pop(name, None)
-            self._sizes.pop(name, None)
-            self._ahead.pop(name, None)
+                self._windows.pop(key)
+            self._ends.pop(name)
+            self._forget_sizes(name, None)
 
 
 def _token(etag: str, modified: Any) -> str:
