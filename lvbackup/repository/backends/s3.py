@@ -14,6 +14,7 @@ naming it. Throttling and transient errors are retried with backoff by botocore 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import os
 import random
@@ -21,7 +22,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import IO, Any, NoReturn, TypeVar, cast
 
@@ -44,11 +45,13 @@ from .base import (
     Capabilities,
     Conflict,
     Data,
+    Held,
     MissingObject,
     ObjectExists,
     check_name,
     check_prefix,
     check_span,
+    holds_no_backup,
     missing,
     short_read,
 )
@@ -69,6 +72,8 @@ _AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
                 "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed", "403"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _REFUSED = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+_NO_LOCK = {"ObjectLockConfigurationNotFoundError", "ObjectLockConfigurationNotFound"}
+DELETE_BATCH = 1000                 # keys a DeleteObjects request takes at most
 
 # botocore retries a request until its response's headers arrive; a body cut off after
 # them (a dropped connection, a proxy's timeout) is asked for again here, as often and with
@@ -83,6 +88,29 @@ T = TypeVar("T")
 
 class Unreachable(LvbackupError):
     """The S3 endpoint did not answer (or kept failing) after botocore's retries."""
+
+
+class _Version:
+    """One stored version of an object, from a listing of versions."""
+    __slots__ = ("id", "etag", "modified", "size", "marker", "latest")
+
+    def __init__(self, entry: dict[str, Any], marker: bool):
+        self.id: str = entry["VersionId"]
+        self.etag: str = str(entry.get("ETag", ""))
+        self.modified: float = entry["LastModified"].timestamp()
+        self.size: int = int(entry.get("Size", 0))
+        self.marker = marker
+        self.latest: bool = bool(entry.get("IsLatest"))
+
+
+def _newest_first(versions: list[_Version]) -> list[_Version]:
+    # Times are whole seconds: at a tie the current one first, then an object before a
+    # delete marker (a reader as of that second gets the data, never less).
+    return sorted(versions, key=lambda v: (v.modified, v.latest, not v.marker), reverse=True)
+
+
+def _utc(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC)
 
 
 def parse_location(rest: str) -> tuple[str, str]:
@@ -296,17 +324,46 @@ class S3Backend(Backend):
                               request_checksum_calculation="when_required",
                               response_checksum_validation="when_required"))
         self._read_ahead = _ReadAhead(self._get_range)
+        self.lock = settings.object_lock
+        self._versioned: bool | None = True if self.lock else None
+        # Under --as-of: the version of each object as the repository stood then.
+        self.as_of = settings.as_of
+        self._pinned: dict[str, _Version] | None = None
 
     @classmethod
     def open(cls, rest: str, create: bool, settings: S3Settings) -> S3Backend:
         bucket, prefix = parse_location(rest)
         backend = cls(bucket, prefix, settings)
-        if create:
+        if backend.as_of is not None:
+            if create:
+                raise UsageError("--as-of opens a repository read-only: it cannot create one")
+            backend._pin(backend.as_of)
+        elif create and not backend.lock:
             # Fails early, in one line, on a missing bucket or refused credentials, before
             # a put that some stores answer by creating the bucket. A repository that is
             # opened is read first (its config), which fails the same way: no request more.
             backend._call("", lambda: backend._client.head_bucket(Bucket=bucket))
+        elif backend.lock:
+            backend.check_lock_configuration()
         return backend
+
+    def check_lock_configuration(self) -> None:
+        """Refuse a bucket without Object Lock (it cannot keep a version from deletion),
+        before anything is written to it; the bucket's own settings are never changed."""
+        try:
+            reply = self._client.get_object_lock_configuration(Bucket=self.bucket)
+            enabled = reply.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled")
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) not in _NO_LOCK:
+                self._raise("", e)
+            enabled = None
+        except BotoCoreError as e:
+            raise Unreachable(f"S3 endpoint {self.endpoint} failed: {e}") from None
+        if enabled != "Enabled":
+            raise UsageError(f"s3.object_lock is set but bucket {self.bucket} has no Object "
+                             "Lock; Object Lock is chosen when a bucket is created: create a "
+                             "new one with it (aws s3api create-bucket --bucket NAME "
+                             "--object-lock-enabled-for-bucket) and use that")
 
     def versioning_enabled(self) -> bool:
         """Whether the bucket keeps every version of an object (versioning, which Object
@@ -314,6 +371,151 @@ class S3Backend(Backend):
         may overwrite (docs/security.md)."""
         reply = self._call("", lambda: self._client.get_bucket_versioning(Bucket=self.bucket))
         return reply.get("Status") == "Enabled"
+
+    # --- versions ---------------------------------------------------------------------------
+
+    def _versions(self, prefix: str = "") -> dict[str, list[_Version]]:
+        """Every version and delete marker under the repository's prefix (+ `prefix`),
+        by object name, newest first."""
+        found: dict[str, list[_Version]] = {}
+        pages = iter(self._client.get_paginator("list_object_versions").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + prefix))
+        while True:
+            page = self._call("", lambda: next(pages, None))
+            if page is None:
+                break
+            for kind, marker in (("Versions", False), ("DeleteMarkers", True)):
+                entries: Any = page.get(kind, [])
+                for entry in entries:
+                    name = entry["Key"][len(self.prefix):]
+                    found.setdefault(name, []).append(_Version(entry, marker))
+        return {name: _newest_first(vs) for name, vs in found.items()}
+
+    def _pin(self, when: float) -> None:
+        """Read every object as it stood at `when`: its newest version not newer."""
+        pinned: dict[str, _Version] = {}
+        for name, versions in self._versions().items():
+            then = next((v for v in versions if v.modified <= when), None)
+            if then is not None and not then.marker and not holds_no_backup(name):
+                pinned[name] = then
+        if "config" not in pinned:
+            raise UsageError(f"--as-of {_utc(when):%Y-%m-%dT%H:%M:%SZ}: no repository "
+                             f"existed at s3://{self.bucket}/{self.prefix} then")
+        self._pinned = pinned
+
+    def _version_of(self, name: str) -> dict[str, Any]:
+        """The VersionId argument that reads `name` as of --as-of ({} for the current)."""
+        if self._pinned is None or holds_no_backup(name):
+            return {}
+        found = self._pinned.get(name)
+        if found is None:
+            raise missing(name)
+        return {"VersionId": found.id}
+
+    def _writable(self, name: str) -> None:
+        if self._pinned is not None and not holds_no_backup(name):
+            raise UsageError(f"--as-of: the repository is read-only; {name} cannot be "
+                             "written")
+
+    def _lock_args(self, name: str) -> dict[str, Any]:
+        if self.lock is None or holds_no_backup(name):
+            return {}
+        return {"ObjectLockMode": self.lock.mode.upper(),
+                "ObjectLockRetainUntilDate": _utc(time.time() + self.lock.seconds)}
+
+    def _is_versioned(self) -> bool:
+        if self._versioned is None:
+            self._versioned = self.versioning_enabled()
+        return self._versioned
+
+    def _drop_versions(self, doomed: list[tuple[str, str]]) -> list[str]:
+        """Delete these (name, version id)s, a batch per request; the names of those the
+        store refused (locked)."""
+        refused = []
+        for start in range(0, len(doomed), DELETE_BATCH):
+            batch = doomed[start:start + DELETE_BATCH]
+            reply = self._call("", partial(
+                self._client.delete_objects, Bucket=self.bucket, Delete={
+                    "Quiet": True, "Objects": [{"Key": self.prefix + name, "VersionId": vid}
+                                               for name, vid in batch]}))
+            refused += [e["Key"][len(self.prefix):] for e in reply.get("Errors", [])]
+        return refused
+
+    def _drop_past(self, name: str, *, also: str | None = None) -> None:
+        """Delete the past versions of coordination object `name` (then version `also`),
+        so that renewing a lease does not pile up versions in a versioned bucket."""
+        if not self._is_versioned():
+            return
+        past = [(name, v.id) for v in self._versions(name).get(name, []) if not v.latest]
+        if also is not None:
+            past.append((name, also))
+        self._drop_versions(past)
+
+    def extend_locks(self) -> int:
+        if self.lock is None:
+            return 0
+        now = time.time()
+        horizon = now + self.lock.seconds / 2
+        until = _utc(now + self.lock.seconds)
+        extended = 0
+        for name, _ in self.list(""):
+            if holds_no_backup(name):
+                continue
+            head = self._head(name)
+            # A lock is never shorter than put time + days: only older objects are asked.
+            if head["LastModified"].timestamp() + self.lock.seconds > horizon:
+                continue
+            current = head.get("ObjectLockRetainUntilDate")
+            if current is not None and current.timestamp() > horizon:
+                continue
+            self._call(name, partial(
+                self._client.put_object_retention, Bucket=self.bucket, Key=self._key(name),
+                VersionId=head["VersionId"], Retention=cast(Any, {
+                    "Mode": self.lock.mode.upper(), "RetainUntilDate": until})))
+            extended += 1
+        return extended
+
+    def release_expired(self) -> Held:
+        if self.lock is None:
+            return Held()
+        now = time.time()
+        doomed: list[tuple[str, str]] = []
+        held: list[tuple[int, float]] = []
+        for name, versions in self._versions().items():
+            past = [v for v in versions if v.marker or not v.latest]
+            expired: list[_Version] = []
+            kept: list[_Version] = []
+            for v in past:
+                if v.marker:
+                    continue
+                until = v.modified + self.lock.seconds
+                if until <= now and not holds_no_backup(name):
+                    # The lock may have been extended: its own date says.
+                    head = self._call(name, partial(
+                        self._client.head_object, Bucket=self.bucket, Key=self._key(name),
+                        VersionId=v.id))
+                    found = head.get("ObjectLockRetainUntilDate")
+                    until = found.timestamp() if found is not None else 0.0
+                (expired if until <= now else kept).append(v)
+                if until > now:
+                    held.append((v.size, until))
+            doomed += [(name, v.id) for v in expired]
+            # Markers go with the last version they hide: else the object would come back.
+            if not kept:
+                doomed += [(name, v.id) for v in past if v.marker]
+        refused = self._drop_versions(doomed)
+        return Held(objects=len(held) + len(refused), bytes=sum(size for size, _ in held),
+                    until=max((u for _, u in held), default=None))
+
+    def overwritten(self) -> Sequence[tuple[str, float]]:
+        found = []
+        for name, versions in self._versions().items():
+            kept = [v for v in versions if not v.marker]
+            if (holds_no_backup(name) or not versions or versions[0].marker or len(kept) < 2):
+                continue
+            if kept[0].etag != kept[1].etag:
+                found.append((name, kept[0].modified))
+        return sorted(found)
 
     # --- errors ----------------------------------------------------------------------------
 
@@ -353,9 +555,11 @@ class S3Backend(Backend):
 
     def put(self, name: str, data: Data, *, if_match: str | None = None) -> None:
         key = self._key(name)
+        self._writable(name)
         self._read_ahead.forget(name)
         view = memoryview(data).cast("B")
         cond: dict[str, Any] = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+        cond.update(self._lock_args(name))
         try:
             if len(view) <= MULTIPART_OVER:
                 self._call(name, lambda: self._client.put_object(
@@ -369,8 +573,9 @@ class S3Backend(Backend):
             raise ObjectExists(f"repository object {name} exists already") from None
 
     def _put_parts(self, name: str, key: str, view: memoryview, cond: dict[str, Any]) -> None:
+        locked = self._lock_args(name)
         upload = self._call(name, lambda: self._client.create_multipart_upload(
-            Bucket=self.bucket, Key=key))["UploadId"]
+            Bucket=self.bucket, Key=key, **locked))["UploadId"]
         try:
             parts: list[Any] = []
             for number, start in enumerate(range(0, len(view), PART_SIZE), 1):
@@ -380,9 +585,10 @@ class S3Backend(Backend):
                                                 Body=_Body.of(body), ContentLength=len(body)
                                                 ))["ETag"]
                 parts.append({"ETag": etag, "PartNumber": number})
+            done = {k: v for k, v in cond.items() if k not in locked}
             self._call(name, lambda: self._client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload,
-                MultipartUpload={"Parts": parts}, **cond))
+                MultipartUpload={"Parts": parts}, **done))
         except BaseException:
             # Best effort: what is left is aborted by remove_incomplete() later.
             with contextlib.suppress(BotoCoreError, ClientError):
@@ -392,21 +598,34 @@ class S3Backend(Backend):
 
     def replace(self, name: str, data: Data, token: str) -> None:
         self.put(name, data, if_match=_etag(token))
+        if holds_no_backup(name):
+            self._drop_past(name)
 
     def delete(self, name: str) -> None:
+        # In a versioned bucket this leaves a delete marker, which a lock never refuses:
+        # the locked versions go when release_expired() finds their lock ended.
         key = self._key(name)
+        self._writable(name)
         self._read_ahead.forget(name)
-        self._call(name, lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+        reply = self._call(name, lambda: self._client.delete_object(Bucket=self.bucket,
+                                                                     Key=key))
+        if holds_no_backup(name):
+            self._drop_past(name, also=reply.get("VersionId"))
 
     def delete_if(self, name: str, token: str) -> None:
         key = self._key(name)
+        self._writable(name)
         try:
-            self._call(name, lambda: self._client.delete_object(
+            reply = self._call(name, lambda: self._client.delete_object(
                 Bucket=self.bucket, Key=key, IfMatch=_etag(token)))
         except Conflict:
             raise Conflict(f"repository object {name} changed since it was read") from None
+        if holds_no_backup(name):
+            self._drop_past(name, also=reply.get("VersionId"))
 
     def remove_incomplete(self, older_than: float) -> int:
+        if self._pinned is not None:
+            return 0
         cutoff = time.time() - older_than
         removed = 0
         pages = self._call("", lambda: list(self._client.get_paginator(
@@ -428,8 +647,9 @@ class S3Backend(Backend):
 
     def get(self, name: str) -> bytes:
         key = self._key(name)
+        then = self._version_of(name)
         return self._call(name, lambda: self._whole(
-            name, lambda: self._client.get_object(Bucket=self.bucket, Key=key)))[0]
+            name, lambda: self._client.get_object(Bucket=self.bucket, Key=key, **then)))[0]
 
     def _whole(self, name: str, request: Callable[[], Any]) -> tuple[bytes, Any]:
         """A GET's body, all of it, and its reply: a body cut off is fetched again."""
@@ -469,9 +689,11 @@ class S3Backend(Backend):
         """One GET of `length` bytes from `offset` (fewer if the object ends before, unless
         `exact`), and the object's size."""
         key = self._key(name)
+        then = self._version_of(name)
         try:
             data, reply = self._whole(name, lambda: self._client.get_object(
-                Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"))
+                Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}",
+                **then))
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") == "InvalidRange":
                 raise short_read(name, offset, length, self.size(name)) from None
@@ -485,8 +707,9 @@ class S3Backend(Backend):
 
     def _head(self, name: str) -> dict[str, Any]:
         key = self._key(name)
+        then = self._version_of(name)
         return dict(self._call(name, lambda: self._client.head_object(Bucket=self.bucket,
-                                                                       Key=key)))
+                                                                       Key=key, **then)))
 
     def size(self, name: str) -> int:
         return int(self._head(name)["ContentLength"])
@@ -507,6 +730,11 @@ class S3Backend(Backend):
 
     def list(self, prefix: str) -> Iterator[tuple[str, str]]:
         full = self.prefix + check_prefix(prefix)
+        if self._pinned is not None and not holds_no_backup(prefix):
+            for name, v in list(self._pinned.items()):
+                if name.startswith(prefix):
+                    yield name, _token(v.etag, _utc(v.modified))
+            return
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=full)
         it = iter(pages)
