@@ -29,6 +29,7 @@ from .errors import (
     UsageError,
 )
 from .labels import parse_labels
+from .operations import as_of
 from .operations.copy import copy_backups
 from .operations.create import create_backup, select_source
 from .operations.delete import delete_backup
@@ -110,11 +111,14 @@ class App:
         self.quiet = quiet
         self._config: Config | None = None
         self._session: Session | None = None
+        self.as_of: float | None = None     # --as-of: the repository as it stood then
 
     @property
     def config(self) -> Config:
         if self._config is None:
             self._config = load_config(self.config_path)
+            if self.as_of is not None:
+                self._config = as_of.pinned(self._config, self.as_of)
         return self._config
 
     def session(self, wait: float = 0.0) -> Session:
@@ -209,6 +213,12 @@ class Command(click.Command):
         super().__init__(*args, **kwargs)
         self.params.extend(_global_params())
 
+    def invoke(self, ctx: click.Context) -> Any:
+        app = ctx.find_object(App)
+        if app is not None and app.as_of is not None:
+            as_of.check_command(ctx.command_path.split(" ", 1)[1], app.config)
+        return super().invoke(ctx)
+
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         super().format_epilog(ctx, formatter)
         formatter.write_paragraph()
@@ -259,10 +269,13 @@ wait_option = click.option("--wait", type=click.FloatRange(min=0), default=0.0,
 @click.option("--quiet", "-q", is_flag=True,
               help="Print nothing on success (for cron); a failure still prints its line.")
 @click.option("--verbose", "-v", is_flag=True, help="Explain more; tracebacks on internal errors.")
+@click.option("--as-of", "as_of_time", metavar="TIME",
+              help="Read the repository as it stood at TIME (ISO 8601 UTC; an S3 bucket with "
+                   "versioning or Object Lock); only reading commands run.")
 @click.version_option(__version__, prog_name="lvbackup")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, as_json: bool, quiet: bool,
-        verbose: bool) -> None:
+        verbose: bool, as_of_time: str | None) -> None:
     """Back up LVM logical volumes, their snapshots, and any block device or image file:
     full and incremental, deduplicated, compressed and verifiable.
 
@@ -276,6 +289,11 @@ def cli(ctx: click.Context, config_path: str | None, as_json: bool, quiet: bool,
     ctx.obj = App(config_path, as_json, quiet)
     if verbose:
         logsetup.verbose()
+    if as_of_time is not None:
+        try:
+            ctx.obj.as_of = as_of.parse_as_of(as_of_time)
+        except LvbackupError as e:
+            ctx.exit(exit_status(e, as_json=as_json))
 
 
 label_option = click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",

@@ -7,6 +7,7 @@ repository an attacker holding the host's credentials overwrote and deleted.
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -152,3 +153,131 @@ def test_create_refuses_a_repository_whose_bucket_has_no_lock(tmp_path, s3server
     p = locked.run("create", "--device", tmp_path / "disk.img")
     assert_one_line_error(p, 2, "Object Lock")
     assert plain.list() == [], describe(p)
+
+
+# --- --as-of ------------------------------------------------------------------------------------
+
+def utc_text(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def a_second_boundary() -> str:
+    """A time (whole seconds) after everything written so far and before anything written
+    next: object times are whole seconds."""
+    time.sleep(1.1)
+    mark = utc_text(time.time())
+    time.sleep(1.1)
+    return mark
+
+
+def fresh_host(wd: Workdir, path: Path) -> Workdir:
+    """Another host: the same repository and settings, a new catalog and cache."""
+    return Workdir(path, repository=wd.repo, s3=wd.place["s3"], **wd.extra)
+
+
+def attack(server, wd: Workdir) -> None:
+    """What a script holding the host's own credentials can do: overwrite every manifest
+    and delete every pack (and index file)."""
+    bucket, prefix = prefix_of(wd)
+    client = server.client()
+    for v in versions(server, wd)[0]:
+        if not v["IsLatest"]:
+            continue
+        name = name_of(wd, v["Key"])
+        if name.startswith("manifests/"):
+            client.put_object(Bucket=bucket, Key=v["Key"], Body=b"encrypted by ransomware")
+        elif name.startswith(("packs/", "index/")):
+            client.delete_object(Bucket=bucket, Key=v["Key"])
+            with pytest.raises(client.exceptions.ClientError):
+                client.delete_object(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"])
+
+
+@pytest.mark.slow
+def test_recovery_after_an_attack_from_a_new_host(wd, tmp_path, s3server):
+    wd.init()
+    disk = tmp_path / "disk.img"
+    first_image = make_image(disk, 3, seed=11)
+    first = wd.create(disk)
+    second_image = make_image(disk, 3, seed=12)
+    second = wd.create(disk, "--incremental")
+    before = a_second_boundary()
+    attack(s3server, wd)
+    # The attack shows: the backups cannot be read any more as the repository stands.
+    assert wd.verify("--deep").returncode != 0
+
+    host = fresh_host(wd, tmp_path / "new-host")
+    assert host.run("--as-of", before, "catalog", "rebuild").returncode == 0
+    listed = host.run_json("--as-of", before, "list")
+    assert {r["id"] for r in listed} == {first["id"], second["id"]}
+    p = host.run("--as-of", before, "verify", "--deep")
+    assert p.returncode == 0, describe(p)
+    for rec, image in ((first, first_image), (second, second_image)):
+        p = host.run("--as-of", before, "restore", rec["id"], "--to-file", "-", binary=True)
+        assert p.returncode == 0, describe(p)
+        assert p.stdout == image
+
+
+def test_as_of_reads_what_was_deleted_since(wd, tmp_path, s3server):
+    wd.init()
+    disk = tmp_path / "disk.img"
+    image = make_image(disk, 1, seed=21)
+    rec = wd.create(disk)
+    before = a_second_boundary()
+    assert wd.run("delete", rec["id"]).returncode == 0
+    p = wd.run("gc")
+    assert p.returncode == 0, describe(p)
+    assert wd.list() == []
+    # This host's catalog says what it did (deleted); a new one, rebuilt as of then, has it.
+    host = fresh_host(wd, tmp_path / "new-host")
+    assert host.run("--as-of", before, "catalog", "rebuild").returncode == 0
+    assert host.run_json("--as-of", before, "show", rec["id"])["status"] == "available"
+    p = host.run("--as-of", before, "restore", rec["id"], "--to-file", "-", binary=True)
+    assert p.returncode == 0, describe(p)
+    assert p.stdout == image
+
+
+WRITERS = [("create", "--device", "{disk}"), ("delete", "{id}"), ("gc",),
+           ("prune", "--keep-last", "1"), ("init",), ("run",), ("protect", "{id}"),
+           ("key", "add"), ("snapshot", "list"), ("import-record", "-")]
+
+
+def test_as_of_refuses_writers(wd, tmp_path):
+    wd.init()
+    disk = tmp_path / "disk.img"
+    make_image(disk, 1, seed=31)
+    rec = wd.create(disk)
+    before = a_second_boundary()
+    for argv in WRITERS:
+        args = [a.format(disk=disk, id=rec["id"]) for a in argv]
+        assert_one_line_error(wd.run("--as-of", before, *args), 2, "--as-of", "read-only")
+    assert [r["id"] for r in wd.list()] == [rec["id"]]
+
+
+@pytest.mark.parametrize(("when", "fragment"), [
+    ("yesterday", "not a time"), ("2026-13-01T00:00:00Z", "not a time"),
+    ("2999-01-01T00:00:00Z", "future")])
+def test_as_of_bad_times(wd, when, fragment):
+    wd.init()
+    assert_one_line_error(wd.run("--as-of", when, "list"), 2, "--as-of", fragment)
+
+
+def test_as_of_before_the_repository_existed(wd):
+    early = utc_text(time.time() - 3600)
+    wd.init()
+    assert_one_line_error(wd.run("--as-of", early, "list"), 2, "--as-of", "no repository")
+
+
+def test_as_of_on_a_local_repository(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.init()
+    assert_one_line_error(wd.run("--as-of", utc_text(time.time()), "list"), 2, "--as-of",
+                          "S3")
+
+
+def test_as_of_catalog_rebuild_wants_a_new_catalog(wd, tmp_path):
+    wd.init()
+    make_image(tmp_path / "disk.img", 1, seed=41)
+    wd.create(tmp_path / "disk.img")
+    before = a_second_boundary()
+    assert_one_line_error(wd.run("--as-of", before, "catalog", "rebuild"), 2,
+                          "new catalog", str(wd.catalog))

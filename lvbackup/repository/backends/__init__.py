@@ -12,12 +12,12 @@ from types import ModuleType
 
 from ...config import S3Settings
 from ...errors import UsageError
-from .base import Backend, Capabilities, Conflict, MissingObject, ObjectExists
+from .base import Backend, Capabilities, Conflict, MissingObject, ObjectExists, ReadOnly
 from .local import LocalBackend
 from .memory import MemoryBackend
 
 __all__ = ["Backend", "Capabilities", "Conflict", "LocalBackend", "MemoryBackend",
-           "MissingObject", "ObjectExists", "credential_source", "open_backend"]
+           "MissingObject", "ObjectExists", "ReadOnly", "credential_source", "open_backend"]
 
 
 def _s3_module() -> ModuleType:

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...errors import CorruptionError, LvbackupError
+from ...errors import CorruptionError, LvbackupError, UsageError
 
 Data = bytes | bytearray | memoryview
 
@@ -29,6 +29,10 @@ class MissingObject(CorruptionError):
 
 class ObjectExists(LvbackupError):
     """A put refused because the name is taken: a put never replaces an object."""
+
+
+class ReadOnly(UsageError):
+    """A write to a repository opened as it stood at a past time (--as-of)."""
 
 
 class Conflict(LvbackupError):

@@ -48,6 +48,7 @@ from .base import (
     Held,
     MissingObject,
     ObjectExists,
+    ReadOnly,
     check_name,
     check_prefix,
     check_span,
@@ -414,8 +415,8 @@ class S3Backend(Backend):
 
     def _writable(self, name: str) -> None:
         if self._pinned is not None and not holds_no_backup(name):
-            raise UsageError(f"--as-of: the repository is read-only; {name} cannot be "
-                             "written")
+            raise ReadOnly(f"--as-of: the repository is read-only; {name} cannot be "
+                           "written")
 
     def _lock_args(self, name: str) -> dict[str, Any]:
         if self.lock is None or holds_no_backup(name):
