@@ -35,6 +35,7 @@ POINTS = (
     "gc-index-rewritten",      # gc: old and new index files both exist
     "gc-old-index-deleted",    # gc: only the new index exists, dead packs remain
     "gc-pack-deleted",         # gc: some dead packs are deleted
+    "lock-extended",           # gc / run: some objects' Object Lock is extended, not all
     "metadata-reserved",       # backup: a thin pool's metadata snapshot is reserved
     "key-slot-stored",         # init --encryption / key change-passphrase: a new key slot
                                # is stored; the config / the old slot's deletion is not

@@ -281,3 +281,129 @@ def test_as_of_catalog_rebuild_wants_a_new_catalog(wd, tmp_path):
     before = a_second_boundary()
     assert_one_line_error(wd.run("--as-of", before, "catalog", "rebuild"), 2,
                           "new catalog", str(wd.catalog))
+
+
+# --- gc, lock extension ---------------------------------------------------------------------
+
+def shorten(server, wd: Workdir, seconds: float) -> int:
+    """Shorten every governance lock under the repository (what bypass permission allows),
+    to now + `seconds`: as if the objects were written long ago. How many."""
+    bucket, _ = prefix_of(wd)
+    client = server.client()
+    until = datetime.now(UTC) + timedelta(seconds=seconds)
+    n = 0
+    for v in versions(server, wd)[0]:
+        head = client.head_object(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"])
+        if head.get("ObjectLockMode") == "GOVERNANCE":
+            client.put_object_retention(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"],
+                                        Retention={"Mode": "GOVERNANCE",
+                                                   "RetainUntilDate": until},
+                                        BypassGovernanceRetention=True)
+            n += 1
+    return n
+
+
+def retention(server, wd: Workdir) -> dict[str, tuple[bool, datetime | None]]:
+    """name -> (current?, retain-until) of every version (by name and version id)."""
+    bucket, _ = prefix_of(wd)
+    client = server.client()
+    out = {}
+    for v in versions(server, wd)[0]:
+        head = client.head_object(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"])
+        out[f"{name_of(wd, v['Key'])}@{v['VersionId']}"] = (
+            v["IsLatest"], head.get("ObjectLockRetainUntilDate"))
+    return out
+
+
+@pytest.fixture
+def gov(tmp_path, s3server, locked_bucket) -> Workdir:
+    wd = locked_workdir(tmp_path / "gov", s3server, locked_bucket)
+    wd.place["s3"] = {**wd.place["s3"], "object_lock": {"mode": "governance", "days": 2}}
+    wd.config = wd.config_with("lvbackup.yaml", **wd.extra)
+    return wd
+
+
+def test_gc_extends_the_locks_of_kept_objects_and_holds_deleted_ones(gov, tmp_path, s3server):
+    wd = gov
+    wd.init()
+    disk = tmp_path / "disk.img"
+    make_image(disk, 2, seed=51)
+    gone = wd.create(disk)
+    kept_image = make_image(disk, 2, seed=52)
+    kept = wd.create(disk)
+    assert wd.run("delete", gone["id"]).returncode == 0
+    assert shorten(s3server, wd, 3600) > 0       # within days/2: due for extension
+    stats = wd.run_json("gc")
+    assert stats["packs_deleted"] >= 1
+    assert stats["locks_extended"] > 0
+    # The deleted backup's objects are held (hidden by delete markers), not extended.
+    assert stats["locked_objects_held"] >= 2 and stats["locked_bytes_held"] > 0
+    horizon = datetime.now(UTC) + timedelta(days=2) - timedelta(minutes=5)
+    soon = datetime.now(UTC) + timedelta(hours=2)
+    for name, (current, until) in retention(s3server, wd).items():
+        if name.startswith(("locks/", "index-changes")):
+            continue
+        if current:
+            assert until is not None and until > horizon, name
+        else:
+            assert until is not None and until < soon, name
+    assert datetime.fromisoformat(stats["locked_until"]) < soon
+    wd.assert_restores(kept["id"], kept_image)
+    # Nothing left to extend: a second gc asks for no extension.
+    again = wd.run_json("gc")
+    assert again["locks_extended"] == 0
+    assert again["locked_objects_held"] == stats["locked_objects_held"]
+
+
+def test_gc_releases_past_versions_once_their_lock_ends(gov, tmp_path, s3server):
+    wd = gov
+    wd.init()
+    disk = tmp_path / "disk.img"
+    make_image(disk, 1, seed=61)
+    gone = wd.create(disk)
+    assert wd.run("delete", gone["id"]).returncode == 0
+    shorten(s3server, wd, 2)
+    time.sleep(3)
+    first = wd.run_json("gc")      # deletes (markers) the packs; their locks have ended
+    assert first["locked_objects_held"] == 0
+    second = wd.run_json("gc")
+    assert second["locked_objects_held"] == 0
+    found, markers = versions(s3server, wd)
+    left = {name_of(wd, v["Key"]) for v in found + markers}
+    assert not any(n.startswith(("packs/", "manifests/")) for n in left), left
+
+
+def test_delete_prune_gc_never_fail_on_locked_objects(wd, tmp_path):
+    wd.init()
+    disk = tmp_path / "disk.img"
+    make_image(disk, 1, seed=71)
+    recs = [wd.create(disk)]
+    make_image(disk, 1, seed=72)
+    recs.append(wd.create(disk))
+    make_image(disk, 1, seed=73)
+    recs.append(wd.create(disk))
+    assert wd.run("delete", recs[0]["id"]).returncode == 0
+    p = wd.run("prune", "--keep-last", "1")
+    assert p.returncode == 0, describe(p)
+    stats = wd.run_json("gc")
+    assert stats["locked_objects_held"] > 0
+    held_until = datetime.fromisoformat(stats["locked_until"])
+    assert held_until > datetime.now(UTC) + timedelta(days=DAYS - 1)
+    p = wd.run("gc")
+    assert p.returncode == 0 and "Object Lock still holds" in p.stdout, describe(p)
+    assert [r["id"] for r in wd.list() if r["status"] == "available"] == [recs[2]["id"]]
+
+
+def test_lock_extension_killed_midway_completes_on_the_next_gc(gov, tmp_path, s3server):
+    wd = gov
+    wd.init()
+    make_image(tmp_path / "disk.img", 2, seed=81)
+    wd.create(tmp_path / "disk.img")
+    n = shorten(s3server, wd, 3600)
+    p = wd.run("gc", env={"LVBACKUP_FAULT": "lock-extended:2"})
+    assert p.returncode == -9, describe(p)
+    stats = wd.run_json("gc")
+    assert stats["locks_extended"] == n - 2
+    horizon = datetime.now(UTC) + timedelta(days=1)
+    assert all(until > horizon for name, (current, until) in retention(s3server, wd).items()
+               if current and not name.startswith(("locks/", "index-changes")))

@@ -40,6 +40,7 @@ from botocore.exceptions import (
 
 from ...config import S3Settings
 from ...errors import LvbackupError, UsageError
+from ...faults import crash_point
 from .base import (
     Backend,
     Capabilities,
@@ -453,28 +454,45 @@ class S3Backend(Backend):
         self._drop_versions(past)
 
     def extend_locks(self) -> int:
-        if self.lock is None:
+        if self.lock is None or self._pinned is not None:
             return 0
+        lock = self.lock
         now = time.time()
-        horizon = now + self.lock.seconds / 2
-        until = _utc(now + self.lock.seconds)
+        horizon = now + lock.seconds / 2
+        retention = cast(Any, {"Mode": lock.mode.upper(),
+                               "RetainUntilDate": _utc(now + lock.seconds)})
         extended = 0
-        for name, _ in self.list(""):
-            if holds_no_backup(name):
+        # S3 sets one object version's retention per request: there is no batch form.
+        for name, modified in self._current():
+            # A compliance lock is never shorter than put time + days (nobody can shorten
+            # it): a young object needs no request. A governance lock may have been
+            # shortened (with bypass permission): each object's own date is asked.
+            if lock.mode == "compliance" and modified + lock.seconds > horizon:
                 continue
             head = self._head(name)
-            # A lock is never shorter than put time + days: only older objects are asked.
-            if head["LastModified"].timestamp() + self.lock.seconds > horizon:
-                continue
             current = head.get("ObjectLockRetainUntilDate")
             if current is not None and current.timestamp() > horizon:
                 continue
             self._call(name, partial(
                 self._client.put_object_retention, Bucket=self.bucket, Key=self._key(name),
-                VersionId=head["VersionId"], Retention=cast(Any, {
-                    "Mode": self.lock.mode.upper(), "RetainUntilDate": until})))
+                VersionId=head["VersionId"], Retention=retention,
+                BypassGovernanceRetention=False))
             extended += 1
+            crash_point("lock-extended")
         return extended
+
+    def _current(self) -> Iterator[tuple[str, float]]:
+        """(name, time put) of every current object that holds a backup."""
+        pages = iter(self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix))
+        while True:
+            page = self._call("", lambda: next(pages, None))
+            if page is None:
+                return
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(self.prefix):]
+                if not holds_no_backup(name):
+                    yield name, obj["LastModified"].timestamp()
 
     def release_expired(self) -> Held:
         if self.lock is None:
@@ -489,9 +507,10 @@ class S3Backend(Backend):
             for v in past:
                 if v.marker:
                     continue
-                until = v.modified + self.lock.seconds
-                if until <= now and not holds_no_backup(name):
-                    # The lock may have been extended: its own date says.
+                until = 0.0
+                if not holds_no_backup(name):
+                    # Its own date: a lock may have been extended (or, in governance
+                    # mode, shortened) since it was put.
                     head = self._call(name, partial(
                         self._client.head_object, Bucket=self.bucket, Key=self._key(name),
                         VersionId=v.id))
