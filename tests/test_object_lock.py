@@ -407,3 +407,83 @@ def test_lock_extension_killed_midway_completes_on_the_next_gc(gov, tmp_path, s3
     horizon = datetime.now(UTC) + timedelta(days=1)
     assert all(until > horizon for name, (current, until) in retention(s3server, wd).items()
                if current and not name.startswith(("locks/", "index-changes")))
+
+
+# --- the alarm, copy, encryption with append_only ------------------------------------------------
+
+def test_verify_reports_objects_overwritten_behind_its_back(wd, tmp_path, s3server):
+    wd.init()
+    make_image(tmp_path / "disk.img", 1, seed=91)
+    rec = wd.create(tmp_path / "disk.img")
+    p = wd.run("--json", "verify")
+    assert p.returncode == 0, describe(p)
+    before = a_second_boundary()
+    bucket, prefix = prefix_of(wd)
+    client = s3server.client()
+    key = f"{prefix}manifests/{rec['id']}"
+    client.put_object(Bucket=bucket, Key=key, Body=b"not a manifest")
+    at = client.head_object(Bucket=bucket, Key=key)["LastModified"]
+    p = wd.run("--json", "verify")
+    assert p.returncode == 3, describe(p)
+    report = __import__("json").loads(p.stdout)
+    assert report["ok"] is False
+    assert report["overwritten"] == [{"object": f"manifests/{rec['id']}",
+                                      "overwritten_at": at.astimezone(UTC).isoformat(
+                                          timespec="microseconds")}]
+    p = wd.run("verify")
+    assert f"manifests/{rec['id']} was overwritten at" in p.stdout, describe(p)
+    assert "overwritten" in p.stderr
+    # As of before the overwrite, nothing had been: the view verifies clean.
+    host = fresh_host(wd, tmp_path / "new-host")
+    assert host.run("--as-of", before, "catalog", "rebuild").returncode == 0
+    p = host.run("--as-of", before, "verify", "--deep")
+    assert p.returncode == 0, describe(p)
+
+
+def test_copy_into_a_locked_repository_locks_what_it_writes(tmp_path, s3server, s3_bucket,
+                                                             locked_bucket):
+    source = Workdir(tmp_path / "src", repository=f"s3://{s3_bucket}/src-{uuid.uuid4().hex[:8]}",
+                     s3=s3_section(s3server))
+    source.init()
+    image = make_image(tmp_path / "disk.img", 1, seed=101)
+    rec = source.create(tmp_path / "disk.img")
+    target = locked_workdir(tmp_path / "dst", s3server, locked_bucket)
+    target.init()
+    p = source.run("copy", rec["id"], "--to-config", target.config)
+    assert p.returncode == 0, describe(p)
+    bucket, _ = prefix_of(target)
+    client = s3server.client()
+    found = [v for v in versions(s3server, target)[0]
+             if name_of(target, v["Key"]).startswith(("packs/", "manifests/", "index/"))]
+    assert {name_of(target, v["Key"]).split("/")[0] for v in found} == {
+        "packs", "manifests", "index"}
+    for v in found:
+        head = client.head_object(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"])
+        assert head.get("ObjectLockMode") == "COMPLIANCE", v["Key"]
+    target.assert_restores(rec["id"], image)
+
+
+def test_encrypted_append_only_locked_host(tmp_path, s3server, locked_bucket):
+    wd = locked_workdir(tmp_path / "wd", s3server, locked_bucket, append_only=True)
+    env = {"LVBACKUP_PASSPHRASE": "correct horse battery staple 42"}
+    p = wd.run("--json", "init", "--encryption", env=env)
+    assert p.returncode == 0, describe(p)
+    disk = tmp_path / "disk.img"
+    image = make_image(disk, 1, seed=111)
+    p = wd.run("--json", "create", "--device", disk, env=env)
+    assert p.returncode == 0, describe(p)
+    rid = __import__("json").loads(p.stdout)["id"]
+    assert_one_line_error(wd.run("delete", rid, env=env), 2, "append_only")
+    assert_one_line_error(wd.run("gc", env=env), 2, "append_only")
+    bucket, _ = prefix_of(wd)
+    client = s3server.client()
+    names = set()
+    for v in versions(s3server, wd)[0]:
+        name = name_of(wd, v["Key"])
+        names.add(name.split("/")[0])
+        if not (name.startswith("locks/") or name == "index-changes"):
+            head = client.head_object(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"])
+            assert head.get("ObjectLockMode") == "COMPLIANCE", name
+    assert "keys" in names or any(n.startswith("key") for n in names), names
+    p = wd.run("restore", rid, "--to-file", "-", binary=True, env=env)
+    assert p.returncode == 0 and p.stdout == image, describe(p)

@@ -528,12 +528,16 @@ class S3Backend(Backend):
                     until=max((u for _, u in held), default=None))
 
     def overwritten(self) -> Sequence[tuple[str, float]]:
+        if self.lock is None and not self._is_versioned():
+            return []
         found = []
         for name, versions in self._versions().items():
-            kept = [v for v in versions if not v.marker]
-            if (holds_no_backup(name) or not versions or versions[0].marker or len(kept) < 2):
+            # Under --as-of: what had been overwritten by then (what the view reads).
+            then = [v for v in versions if self.as_of is None or v.modified <= self.as_of]
+            if holds_no_backup(name) or not then or then[0].marker:
                 continue
-            if kept[0].etag != kept[1].etag:
+            kept = [v for v in then if not v.marker]
+            if len(kept) > 1 and kept[0].etag != kept[1].etag:
                 found.append((name, kept[0].modified))
         return sorted(found)
 
