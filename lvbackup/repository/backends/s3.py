@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import IO, Any, NoReturn, TypeVar, cast
 
@@ -76,6 +77,7 @@ _MISSING = {"NoSuchKey", "404", "NotFound"}
 _REFUSED = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _NO_LOCK = {"ObjectLockConfigurationNotFoundError", "ObjectLockConfigurationNotFound"}
 DELETE_BATCH = 1000                 # keys a DeleteObjects request takes at most
+UPKEEP_THREADS = 8                  # lock extension and release: one small request each
 
 # botocore retries a request until its response's headers arrive; a body cut off after
 # them (a dropped connection, a proxy's timeout) is asked for again here, as often and with
@@ -461,25 +463,26 @@ class S3Backend(Backend):
         horizon = now + lock.seconds / 2
         retention = cast(Any, {"Mode": lock.mode.upper(),
                                "RetainUntilDate": _utc(now + lock.seconds)})
-        extended = 0
-        # S3 sets one object version's retention per request: there is no batch form.
-        for name, modified in self._current():
-            # A compliance lock is never shorter than put time + days (nobody can shorten
-            # it): a young object needs no request. A governance lock may have been
-            # shortened (with bypass permission): each object's own date is asked.
-            if lock.mode == "compliance" and modified + lock.seconds > horizon:
-                continue
+
+        def extend(name: str) -> bool:
             head = self._head(name)
             current = head.get("ObjectLockRetainUntilDate")
             if current is not None and current.timestamp() > horizon:
-                continue
+                return False
             self._call(name, partial(
                 self._client.put_object_retention, Bucket=self.bucket, Key=self._key(name),
-                VersionId=head["VersionId"], Retention=retention,
-                BypassGovernanceRetention=False))
-            extended += 1
+                VersionId=head["VersionId"], Retention=retention))
             crash_point("lock-extended")
-        return extended
+            return True
+
+        # A compliance lock is never shorter than put time + days (nobody can shorten it):
+        # a young object needs no request. A governance lock may have been shortened (with
+        # bypass permission): each object's own date is asked. S3 sets one version's
+        # retention per request (there is no batch form): they go UPKEEP_THREADS at a time.
+        due = [name for name, modified in self._current()
+               if lock.mode != "compliance" or modified + lock.seconds <= horizon]
+        with ThreadPoolExecutor(UPKEEP_THREADS) as pool:
+            return sum(pool.map(extend, due))
 
     def _current(self) -> Iterator[tuple[str, float]]:
         """(name, time put) of every current object that holds a backup."""
@@ -498,33 +501,30 @@ class S3Backend(Backend):
         if self.lock is None:
             return Held()
         now = time.time()
-        doomed: list[tuple[str, str]] = []
-        held: list[tuple[int, float]] = []
-        for name, versions in self._versions().items():
-            past = [v for v in versions if v.marker or not v.latest]
-            expired: list[_Version] = []
-            kept: list[_Version] = []
-            for v in past:
-                if v.marker:
-                    continue
-                until = 0.0
-                if not holds_no_backup(name):
-                    # Its own date: a lock may have been extended (or, in governance
-                    # mode, shortened) since it was put.
-                    head = self._call(name, partial(
-                        self._client.head_object, Bucket=self.bucket, Key=self._key(name),
-                        VersionId=v.id))
-                    found = head.get("ObjectLockRetainUntilDate")
-                    until = found.timestamp() if found is not None else 0.0
-                (expired if until <= now else kept).append(v)
-                if until > now:
-                    held.append((v.size, until))
-            doomed += [(name, v.id) for v in expired]
-            # Markers go with the last version they hide: else the object would come back.
-            if not kept:
-                doomed += [(name, v.id) for v in past if v.marker]
+        history = self._versions()
+
+        def until(name: str, version: _Version) -> float:
+            # Its own date: a lock may have been extended (or, in governance mode,
+            # shortened) since it was put.
+            head = self._call(name, partial(self._client.head_object, Bucket=self.bucket,
+                                            Key=self._key(name), VersionId=version.id))
+            found = head.get("ObjectLockRetainUntilDate")
+            return found.timestamp() if found is not None else 0.0
+
+        past = [(name, v) for name, versions in history.items() for v in versions
+                if not v.marker and not v.latest]
+        with ThreadPoolExecutor(UPKEEP_THREADS) as pool:
+            dates = list(pool.map(lambda p: 0.0 if holds_no_backup(p[0]) else until(*p),
+                                  past))
+        held = [(v, u) for (name, v), u in zip(past, dates, strict=True) if u > now]
+        doomed = [(name, v.id) for (name, v), u in zip(past, dates, strict=True) if u <= now]
+        # Markers go with the last version they hide: else the object would come back.
+        keeps = {v.id for v, _ in held}
+        for name, versions in history.items():
+            if not any(v.id in keeps for v in versions):
+                doomed += [(name, v.id) for v in versions if v.marker]
         refused = self._drop_versions(doomed)
-        return Held(objects=len(held) + len(refused), bytes=sum(size for size, _ in held),
+        return Held(objects=len(held) + len(refused), bytes=sum(v.size for v, _ in held),
                     until=max((u for _, u in held), default=None))
 
     def overwritten(self) -> Sequence[tuple[str, float]]:
