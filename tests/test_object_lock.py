@@ -215,6 +215,11 @@ def test_recovery_after_an_attack_from_a_new_host(wd, tmp_path, s3server):
         p = host.run("--as-of", before, "restore", rec["id"], "--to-file", "-", binary=True)
         assert p.returncode == 0, describe(p)
         assert p.stdout == image
+    # The recovered backups copied out into a clean repository, which restores them.
+    clean = Workdir(tmp_path / "clean")
+    p = host.run("--as-of", before, "copy", "--all", "--to-config", clean.config, "--init")
+    assert p.returncode == 0, describe(p)
+    clean.assert_restores(second["id"], second_image)
 
 
 def test_as_of_reads_what_was_deleted_since(wd, tmp_path, s3server):
@@ -487,3 +492,20 @@ def test_encrypted_append_only_locked_host(tmp_path, s3server, locked_bucket):
     assert "keys" in names or any(n.startswith("key") for n in names), names
     p = wd.run("restore", rid, "--to-file", "-", binary=True, env=env)
     assert p.returncode == 0 and p.stdout == image, describe(p)
+
+
+def test_run_extends_the_locks(gov, tmp_path, s3server):
+    wd = gov
+    disk = tmp_path / "disk.img"
+    make_image(disk, 1, seed=121)
+    config = wd.config_with("jobs.yaml", **wd.extra, jobs={"disk": {"device": str(disk)}})
+    wd.init()
+    wd.create(disk)
+    n = shorten(s3server, wd, 3600)
+    p = wd.run("run", config=config)
+    assert p.returncode == 0, describe(p)
+    horizon = datetime.now(UTC) + timedelta(days=1)
+    current = [(name, until) for name, (latest, until) in retention(s3server, wd).items()
+               if latest and not name.startswith(("locks/", "index-changes"))]
+    assert len(current) >= n
+    assert all(until > horizon for _, until in current), current
