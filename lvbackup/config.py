@@ -65,6 +65,19 @@ class Job:
 
 
 S3_ADDRESSING = ("auto", "path", "virtual")
+OBJECT_LOCK_MODES = ("compliance", "governance")
+
+
+@dataclass(frozen=True)
+class ObjectLock:
+    """`s3.object_lock`: every object holding a backup is written locked in `mode` until at
+    least `days` days after it was written (or last extended)."""
+    mode: str
+    days: int
+
+    @property
+    def seconds(self) -> int:
+        return self.days * 86400
 DEFAULT_GC_GRACE = 6 * 3600
 
 
@@ -77,11 +90,18 @@ class S3Settings:
     addressing_style: str = "auto"
     access_key_id: str | None = field(default=None, repr=False)
     secret_access_key: str | None = field(default=None, repr=False)
+    object_lock: ObjectLock | None = None
+    # Not a key of the file: `--as-of` (seconds since the epoch), which reads every object
+    # as it stood then.
+    as_of: float | None = None
 
     def public(self, source: str) -> dict[str, Any]:
         """What `config check` shows: everything but the secrets, and where they come from."""
+        lock = self.object_lock
         return {"endpoint_url": self.endpoint_url, "region": self.region,
-                "addressing_style": self.addressing_style, "credentials": source}
+                "addressing_style": self.addressing_style, "credentials": source,
+                "object_lock": None if lock is None else {"mode": lock.mode,
+                                                          "days": lock.days}}
 
 
 @dataclass(frozen=True)
@@ -138,6 +158,8 @@ def _s3(value: Any) -> S3Settings:
         if k not in _S3_KEYS:
             raise ConfigError(f"config key 's3': unknown key '{k}' (expected "
                               f"{', '.join(_S3_KEYS)})")
+        if k == "object_lock":
+            continue
         if v is not None and (not isinstance(v, str) or not v.strip()):
             raise ConfigError(f"config key 's3.{k}' must be a non-empty string")
     style = raw.get("addressing_style") or "auto"
@@ -149,7 +171,27 @@ def _s3(value: Any) -> S3Settings:
                           "together: give both or neither")
     return S3Settings(endpoint_url=raw.get("endpoint_url"), region=raw.get("region"),
                       addressing_style=style, access_key_id=raw.get("access_key_id"),
-                      secret_access_key=raw.get("secret_access_key"))
+                      secret_access_key=raw.get("secret_access_key"),
+                      object_lock=_object_lock(raw.get("object_lock")))
+
+
+def _object_lock(value: Any) -> ObjectLock | None:
+    if value is None:
+        return None
+    raw = _mapping(value, "s3.object_lock")
+    for k in raw:
+        if k not in ("mode", "days"):
+            raise ConfigError(f"config key 's3.object_lock': unknown key '{k}' (expected "
+                              "mode, days)")
+    mode = raw.get("mode")
+    if mode not in OBJECT_LOCK_MODES:
+        raise ConfigError(f"config key 's3.object_lock.mode' must be one of "
+                          f"{', '.join(OBJECT_LOCK_MODES)}")
+    days = raw.get("days")
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 36500:
+        raise ConfigError("config key 's3.object_lock.days' must be a positive whole number "
+                          "of days (at most 36500)")
+    return ObjectLock(mode=mode, days=days)
 
 
 def _int(value: Any, key: str, low: int, high: int) -> int:
@@ -163,7 +205,8 @@ _KEYS = ("repository", "catalog", "cache_dir", "compression_level", "workers",
          "event_log", "metrics", "hooks", "jobs", "passphrase_file", "passphrase_command",
          "key_file", "append_only", "s3", "gc_grace_period")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_S3_KEYS = ("endpoint_url", "region", "addressing_style", "access_key_id", "secret_access_key")
+_S3_KEYS = ("endpoint_url", "region", "addressing_style", "access_key_id", "secret_access_key",
+            "object_lock")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _JOB_KEYS = ("volume", "snapshot_of", "device", "force", "incremental", "full_every", "keep",
              "labels", "keep_snapshot", "copy_to")
@@ -367,6 +410,10 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     cache_dir = (_path(raw["cache_dir"], "cache_dir", base) if "cache_dir" in raw
                  else catalog.parent / "cache")
     append_only = _bool(raw.get("append_only", False), "append_only")
+    s3 = _s3(raw.get("s3"))
+    if s3.object_lock is not None and not str(repository).lower().startswith("s3://"):
+        raise ConfigError("config key 's3.object_lock' needs a repository in S3 "
+                          f"(s3://BUCKET/PREFIX); {repository} is not")
     jobs = _jobs(raw.get("jobs"), base)
     if append_only and any(job.keep for job in jobs.values()):
         raise ConfigError("config key 'append_only': no job may have 'keep:' (retention "
@@ -393,7 +440,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
                             if raw.get("passphrase_command") is not None else None),
         key_file=_optional_path(raw, "key_file", base),
         append_only=append_only,
-        s3=_s3(raw.get("s3")),
+        s3=s3,
         gc_grace_period=_int(raw.get("gc_grace_period", DEFAULT_GC_GRACE), "gc_grace_period",
                              0, 10 * 365 * 86400),
         source=str(cfg_path) if raw or explicit else "defaults",

@@ -160,9 +160,10 @@ class SeaweedServer:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def new_bucket(self) -> str:
+    def new_bucket(self, locked: bool = False) -> str:
+        """A new bucket; `locked`: with Object Lock (hence versioning) enabled."""
         name = f"lvb-{uuid.uuid4().hex[:12]}"
-        self.client().create_bucket(Bucket=name)
+        self.client().create_bucket(Bucket=name, ObjectLockEnabledForBucket=locked)
         return name
 
     def stop(self) -> None:

@@ -126,7 +126,8 @@ def test_config_check_says_where_credentials_come_from_and_never_prints_them(
     assert SECRET_KEY not in p.stdout + p.stderr
     assert s3_section(s3server)["access_key_id"] not in p.stdout + p.stderr
     doc = wd.run_json("config", "check")
-    assert set(doc["s3"]) == {"endpoint_url", "region", "addressing_style", "credentials"}
+    assert set(doc["s3"]) == {"endpoint_url", "region", "addressing_style", "credentials",
+                             "object_lock"}
     assert doc["repository"] == wd.repo
     assert doc["s3"]["credentials"].startswith("the configuration file")
     assert doc["s3"]["endpoint_url"] == s3server.endpoint

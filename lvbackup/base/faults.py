@@ -37,6 +37,7 @@ POINTS = (
     "gc-pack-deleted",         # gc: some dead packs are deleted
     "index-cache-filled",      # an empty index cache: its entries are in, the pack index
                                # and the commit not yet
+    "lock-extended",           # gc / run: some objects' Object Lock is extended, not all
     "metadata-reserved",       # backup: a thin pool's metadata snapshot is reserved
     "key-slot-stored",         # init --encryption / key change-passphrase: a new key slot
                                # is stored; the config / the old slot's deletion is not

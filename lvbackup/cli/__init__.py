@@ -60,12 +60,16 @@ class App:
         self.quiet = quiet
         self._config: Config | None = None
         self._session: Session | None = None
+        self.as_of: float | None = None     # --as-of: the repository as it stood then
 
     @property
     def config(self) -> Config:
         if self._config is None:
             from ..config import load_config
             self._config = load_config(self.config_path)
+            if self.as_of is not None:
+                from ..operations import as_of
+                self._config = as_of.pinned(self._config, self.as_of)
         return self._config
 
     def session(self, wait: float = 0.0) -> Session:
@@ -163,6 +167,13 @@ class Command(click.Command):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.params.extend(_global_params())
+
+    def invoke(self, ctx: click.Context) -> Any:
+        app = ctx.find_object(App)
+        if app is not None and app.as_of is not None:
+            from ..operations import as_of
+            as_of.check_command(ctx.command_path.split(" ", 1)[1], app.config)
+        return super().invoke(ctx)
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         super().format_epilog(ctx, formatter)
@@ -269,10 +280,13 @@ COMMANDS = {
 @click.option("--quiet", "-q", is_flag=True,
               help="Print nothing on success (for cron); a failure still prints its line.")
 @click.option("--verbose", "-v", is_flag=True, help="Explain more; tracebacks on internal errors.")
+@click.option("--as-of", "as_of_time", metavar="TIME",
+              help="Read the repository as it stood at TIME (ISO 8601 UTC; an S3 bucket with "
+                   "versioning or Object Lock); only reading commands run.")
 @click.version_option(__version__, prog_name="lvbackup")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, as_json: bool, quiet: bool,
-        verbose: bool) -> None:
+        verbose: bool, as_of_time: str | None) -> None:
     """Back up LVM logical volumes, their snapshots, and any block device or image file:
     full and incremental, deduplicated, compressed and verifiable.
 
@@ -286,6 +300,12 @@ def cli(ctx: click.Context, config_path: str | None, as_json: bool, quiet: bool,
     ctx.obj = App(config_path, as_json, quiet)
     if verbose:
         logsetup.verbose()
+    if as_of_time is not None:
+        from ..operations import as_of
+        try:
+            ctx.obj.as_of = as_of.parse_as_of(as_of_time)
+        except LvbackupError as e:
+            ctx.exit(exit_status(e, as_json=as_json))
 
 
 label_option = click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",

@@ -74,6 +74,11 @@ class VerifiedBackup(TypedDict):
     error: str | None
 
 
+class Overwritten(TypedDict):
+    object: str
+    overwritten_at: str
+
+
 class VerifyCycle(TypedDict):
     number: int
     done_percent: float
@@ -86,6 +91,7 @@ class Verify(TypedDict):
     ok: bool
     deep: bool
     index_errors: list[str]
+    overwritten: list[Overwritten]
     backups: list[VerifiedBackup]
     chunks_checked: int | None
     chunks_total: int | None
@@ -164,6 +170,10 @@ class Gc(TypedDict):
     packs_spared_young: int
     bytes_freed: int
     unreadable_packs: list[str]
+    locks_extended: int
+    locked_objects_held: int
+    locked_bytes_held: int
+    locked_until: str | None
 
 
 class Copy(TypedDict):

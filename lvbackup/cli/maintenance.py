@@ -60,6 +60,9 @@ def gc(app: App, wait: float) -> None:
         click.echo(f"Deleted {count(s['packs_deleted'], 'pack')}, "
                    f"repacked {s['packs_repacked']}, "
                    f"freed {human_size(s['bytes_freed'])}")
+        if s["locked_objects_held"]:
+            click.echo(f"Object Lock still holds {count(s['locked_objects_held'], 'object')} "
+                       f"({human_size(s['locked_bytes_held'])}) until {s['locked_until']}")
 
     app.emit(stats, human)
 

@@ -10,6 +10,7 @@ from ..base.errors import CorruptionError
 from ..base.timeutil import parse_duration
 from ..operations.verify import verify_backups
 from . import App, command, pass_app, wait_option
+from .render import count
 
 
 def parse_percent(ctx: click.Context, param: click.Parameter, text: str | None
@@ -65,6 +66,9 @@ def verify(app: App, backup_ids: tuple[str, ...], deep: bool, sample: Fraction |
     def human(r: dict) -> None:
         for e in r["index_errors"]:
             click.echo(f"FAILED  {e}")
+        for o in r["overwritten"]:
+            click.echo(f"FAILED  {o['object']} was overwritten at {o['overwritten_at']}, not "
+                       "by lvbackup (an attack?)")
         for b in r["backups"]:
             click.echo(f"{'ok    ' if b['ok'] else 'FAILED'}  {b['id']}  {b['volume_name']}"
                        + (f"  {b['error']}" if b["error"] else ""))
@@ -78,5 +82,8 @@ def verify(app: App, backup_ids: tuple[str, ...], deep: bool, sample: Fraction |
     if not report["ok"]:
         bad = [b["id"] for b in report["backups"] if not b["ok"]]
         detail = (f"{'backup' if len(bad) == 1 else 'backups'} {', '.join(bad)}" if bad
-                  else "the index")
+                  else "the index" if report["index_errors"] else "the repository")
+        if report["overwritten"]:
+            detail += (f" ({count(len(report['overwritten']), 'object')} overwritten behind "
+                       "lvbackup's back: see docs/security.md)")
         raise CorruptionError(f"verify found damage in {detail}")

@@ -172,5 +172,11 @@ def run_jobs(session: Session, names: list[str] | tuple[str, ...] = (), *,
     session.keep_reserve()    # it stores backups (reserve.py)
     chosen = list(dict.fromkeys(names)) if names else list(jobs)
     results = [run_job(session, jobs[n], progress=progress, log=log) for n in chosen]
+    # Under Object Lock, what the kept backups need stays locked (gc may never run here,
+    # as on an append_only host).
+    try:
+        session.repo.storage.extend_locks()
+    except LvbackupError as e:
+        session.warn(f"the Object Lock of the repository's objects was not extended: {e}")
     code = worst_exit([r["exit_code"] for r in results])
     return {"ok": code == EXIT_OK, "exit_code": code, "jobs": results}

@@ -25,6 +25,7 @@ from ..repository.backends import credential_source, open_backend
 from ..repository.keys import Secret
 from ..repository.repo import Repository
 from ..session import Session, check_encryption, recover_dead_runs, refuse_known_encrypted
+from .as_of import check_new_catalog
 
 
 def init_repository(config: Config, block_size: int | None, encryption: bool = False,
@@ -113,6 +114,8 @@ def rebuild_catalog(config: Config, wait: float = 0.0) -> dict:
     but no longer claim to be restorable. A catalog that SQLite cannot read is moved
     aside (…corrupt-<time>) first.
     """
+    if config.s3.as_of is not None:
+        check_new_catalog(config)
     session = Session(config, wait)
     session.warn_empty_catalog = False
     try:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import UTC, datetime
 from fractions import Fraction
 
 from ..base.errors import CorruptionError, UsageError
 from ..base.lifecycle import ACTIVITY, Status
 from ..base.locks import hold_backup
+from ..base.timeutil import iso
 from ..catalog.catalog import BackupRecord
 from ..datapath.unpack import restore_blocks
 from ..metrics import best_effort, record_verify
@@ -60,9 +62,14 @@ def verify_backups(session: Session, ids: list[str], *, deep: bool,
     # marks that do not unseal (planted by name: ignored), and chunks a sampled read found
     # damaged.
     problems = [*problems, *(str(e) for e in damaged.values())]
-    report = {"ok": not problems and all(r["ok"] for r in results), "deep": deep or sampled,
-              "index_errors": problems, "backups": results, "chunks_checked": None,
-              "chunks_total": None, "cycle": None}
+    # Objects replaced behind lvbackup's back (it never replaces one that holds a backup),
+    # where the store keeps versions: the alarm that the host's credentials were used
+    # against its backups (docs/security.md).
+    overwritten = [{"object": name, "overwritten_at": iso(datetime.fromtimestamp(when, UTC))}
+                   for name, when in repo.storage.overwritten()]
+    report = {"ok": not problems and not overwritten and all(r["ok"] for r in results),
+              "deep": deep or sampled, "index_errors": problems, "overwritten": overwritten,
+              "backups": results, "chunks_checked": None, "chunks_total": None, "cycle": None}
     if swept:
         report.update(chunks_checked=swept.checked, chunks_total=swept.total,
                       cycle=swept.report())

@@ -16,11 +16,13 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..base.errors import CorruptionError
 from ..base.faults import crash_point
 from ..base.locks import RunLock
+from ..base.timeutil import iso
 from .index import DAMAGED_PREFIX, announce_change, parse_damaged_name
 from .manifest import Manifest
 from .pack import ChunkRef, pack_name, read_trailer
@@ -94,10 +96,18 @@ def collect(repo: Repository, cache_dir: Path, lock_dir: Path,
         fates = dict(db.execute("SELECT fate, count(*) FROM pack GROUP BY fate").fetchall())
         db.close()
         repo.index.after_gc(storage, work)
+        # Under Object Lock: what stays is kept locked, what went is freed once unlocked.
+        check()
+        extended = storage.extend_locks()
+        held = storage.release_expired()
         return {"packs_deleted": fates.get("delete", 0), "packs_repacked": fates.get("repack", 0),
                 "packs_kept": fates.get("keep", 0) + fates.get("new", 0),
                 "packs_spared_young": young,
-                "bytes_freed": freed - repacked_bytes, "unreadable_packs": unreadable}
+                "bytes_freed": freed - repacked_bytes, "unreadable_packs": unreadable,
+                "locks_extended": extended, "locked_objects_held": held.objects,
+                "locked_bytes_held": held.bytes,
+                "locked_until": None if held.until is None else iso(
+                    datetime.fromtimestamp(held.until, UTC))}
     finally:
         db.close()
         work.unlink(missing_ok=True)

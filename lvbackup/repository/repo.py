@@ -30,7 +30,7 @@ from ..base.locks import run_is_alive
 from ..base.timeutil import now_iso
 from ..config import S3Settings
 from . import codec
-from .backends import Backend, MissingObject, ObjectExists, open_backend
+from .backends import Backend, MissingObject, ObjectExists, ReadOnly, open_backend
 from .backends.appendonly import AppendOnlyBackend
 from .codec import PLAIN, Codec, CodecError, SealingCodec, Verdict, key_check, seal, unseal
 from .index import ChunkIndex, announce_change, encode_index, encode_mark
@@ -312,7 +312,7 @@ class Repository:
             announce_change(self.storage)
         except ObjectExists:
             pass  # found damaged before: the first mark stands
-        except OSError:
+        except (OSError, ReadOnly):
             pass
 
     def pack_exists(self, pack_id: bytes) -> bool:

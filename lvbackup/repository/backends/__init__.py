@@ -12,12 +12,12 @@ from types import ModuleType
 
 from ...base.errors import UsageError
 from ...config import S3Settings
-from .base import Backend, Capabilities, Conflict, MissingObject, ObjectExists
+from .base import Backend, Capabilities, Conflict, MissingObject, ObjectExists, ReadOnly
 from .local import LocalBackend
 from .memory import MemoryBackend
 
 __all__ = ["Backend", "Capabilities", "Conflict", "LocalBackend", "MemoryBackend",
-           "MissingObject", "ObjectExists", "credential_source", "open_backend"]
+           "MissingObject", "ObjectExists", "ReadOnly", "credential_source", "open_backend"]
 
 
 def _s3_module() -> ModuleType:
@@ -57,6 +57,10 @@ def open_backend(location: str | Path, create: bool = False,
     """The backend for `location`; with `create`, make it (a local directory) and check
     that it can be written to."""
     found = _scheme(location)
+    settings = s3 or S3Settings()
+    if settings.as_of is not None and (found is None or found[0] != "s3"):
+        raise UsageError(f"--as-of needs a repository in a versioned S3 bucket; {location} "
+                         "keeps no past versions")
     if found is None:
         return LocalBackend.open(Path(location), create)
     scheme, rest = found
@@ -64,7 +68,7 @@ def open_backend(location: str | Path, create: bool = False,
     if opener is None:
         raise UsageError(f"repository location {location}: unknown scheme {scheme!r}; "
                          f"known: {', '.join(sorted(_SCHEMES))}, or a plain path")
-    return opener(rest, create, s3 or S3Settings())
+    return opener(rest, create, settings)
 
 
 def credential_source(location: str | Path, s3: S3Settings) -> str:

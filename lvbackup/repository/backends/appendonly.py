@@ -12,10 +12,10 @@ storage grants no delete, the lease is left to expire).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from ...base.errors import UsageError
-from .base import Backend, Capabilities, Data, ObjectExists
+from .base import Backend, Capabilities, Data, Held, ObjectExists, holds_no_backup
 
 
 class AppendOnlyError(UsageError):
@@ -23,7 +23,7 @@ class AppendOnlyError(UsageError):
 
 
 def _coordination(name: str, what: str = "replaced") -> str:
-    if name.startswith("locks/") or name == "index-changes":
+    if holds_no_backup(name):
         return name
     raise AppendOnlyError(f"append_only: is set: repository object {name} cannot be {what}")
 
@@ -81,6 +81,16 @@ class AppendOnlyBackend(Backend):
 
     def delete(self, name: str) -> None:
         self.inner.delete(_coordination(name, "deleted"))
+
+    def extend_locks(self) -> int:
+        # A longer lock removes nothing: what append_only: is for.
+        return self.inner.extend_locks()
+
+    def release_expired(self) -> Held:
+        raise AppendOnlyError("append_only: is set: past versions cannot be deleted")
+
+    def overwritten(self) -> Sequence[tuple[str, float]]:
+        return self.inner.overwritten()
 
     def remove_incomplete(self, older_than: float) -> int:
         # Unfinished puts are not objects: removing them destroys nothing stored.

@@ -14,11 +14,11 @@ than assume.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...base.errors import CorruptionError, LvbackupError
+from ...base.errors import CorruptionError, LvbackupError, UsageError
 
 Data = bytes | bytearray | memoryview
 
@@ -29,6 +29,10 @@ class MissingObject(CorruptionError):
 
 class ObjectExists(LvbackupError):
     """A put refused because the name is taken: a put never replaces an object."""
+
+
+class ReadOnly(UsageError):
+    """A write to a repository opened as it stood at a past time (--as-of)."""
 
 
 class Conflict(LvbackupError):
@@ -51,6 +55,21 @@ class Capabilities:
     token_resolution: float = 0.0
     """Seconds within which an object deleted and put again with the same bytes may keep
     its token (stores that date objects to the second)."""
+
+
+def holds_no_backup(name: str) -> bool:
+    """Coordination objects (leases, the index-changes marker): renewed and released all
+    the time, they are never locked nor pinned to a past time, and append_only: lets them
+    be replaced and deleted."""
+    return name.startswith("locks/") or name == "index-changes"
+
+
+@dataclass(frozen=True)
+class Held:
+    """Versions of objects gc would remove that their Object Lock still keeps."""
+    objects: int = 0
+    bytes: int = 0
+    until: float | None = None      # when the last of them can go (seconds since the epoch)
 
 
 def check_name(name: str) -> str:
@@ -147,6 +166,23 @@ class Backend(ABC):
     def delete_if(self, name: str, token: str) -> None:
         """Delete the object only if its token is still `token` (Conflict if not)."""
         raise NotImplementedError(f"{type(self).__name__} has no conditional delete")
+
+    def extend_locks(self) -> int:
+        """Where objects are written locked (S3 Object Lock): extend the lock of every
+        current object whose lock ends within half the configured days, to now + days;
+        how many were extended. Elsewhere nothing is locked."""
+        return 0
+
+    def release_expired(self) -> Held:
+        """Where objects are written locked: delete the past versions (deleted or
+        overwritten objects) whose lock has ended, and say what is still held."""
+        return Held()
+
+    def overwritten(self) -> Sequence[tuple[str, float]]:
+        """(name, when) of every object whose current version replaced an earlier one, or
+        deleted it, where the store keeps versions: lvbackup never does either to an
+        object that holds a backup, so each is a sign of an attack."""
+        return []
 
     @abstractmethod
     def remove_incomplete(self, older_than: float) -> int:

@@ -14,13 +14,15 @@ naming it. Throttling and transient errors are retried with backoff by botocore 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import os
 import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import IO, Any, NoReturn, TypeVar, cast
 
@@ -37,6 +39,7 @@ from botocore.exceptions import (
 )
 
 from ...base.errors import LvbackupError, UsageError
+from ...base.faults import crash_point
 from ...base.lru import LRU
 from ...config import S3Settings
 from .base import (
@@ -44,11 +47,14 @@ from .base import (
     Capabilities,
     Conflict,
     Data,
+    Held,
     MissingObject,
     ObjectExists,
+    ReadOnly,
     check_name,
     check_prefix,
     check_span,
+    holds_no_backup,
     missing,
     short_read,
 )
@@ -69,6 +75,9 @@ _AUTH_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
                 "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed", "403"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _REFUSED = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+_NO_LOCK = {"ObjectLockConfigurationNotFoundError", "ObjectLockConfigurationNotFound"}
+DELETE_BATCH = 1000                 # keys a DeleteObjects request takes at most
+UPKEEP_THREADS = 8                  # lock extension and release: one small request each
 
 # botocore retries a request until its response's headers arrive; a body cut off after
 # them (a dropped connection, a proxy's timeout) is asked for again here, as often and with
@@ -83,6 +92,29 @@ T = TypeVar("T")
 
 class Unreachable(LvbackupError):
     """The S3 endpoint did not answer (or kept failing) after botocore's retries."""
+
+
+class _Version:
+    """One stored version of an object, from a listing of versions."""
+    __slots__ = ("id", "etag", "modified", "size", "marker", "latest")
+
+    def __init__(self, entry: dict[str, Any], marker: bool):
+        self.id: str = entry["VersionId"]
+        self.etag: str = str(entry.get("ETag", ""))
+        self.modified: float = entry["LastModified"].timestamp()
+        self.size: int = int(entry.get("Size", 0))
+        self.marker = marker
+        self.latest: bool = bool(entry.get("IsLatest"))
+
+
+def _newest_first(versions: list[_Version]) -> list[_Version]:
+    # Times are whole seconds: at a tie the current one first, then an object before a
+    # delete marker (a reader as of that second gets the data, never less).
+    return sorted(versions, key=lambda v: (v.modified, v.latest, not v.marker), reverse=True)
+
+
+def _utc(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC)
 
 
 def parse_location(rest: str) -> tuple[str, str]:
@@ -287,17 +319,46 @@ class S3Backend(Backend):
                               request_checksum_calculation="when_required",
                               response_checksum_validation="when_required"))
         self._read_ahead = _ReadAhead(self._get_range)
+        self.lock = settings.object_lock
+        self._versioned: bool | None = True if self.lock else None
+        # Under --as-of: the version of each object as the repository stood then.
+        self.as_of = settings.as_of
+        self._pinned: dict[str, _Version] | None = None
 
     @classmethod
     def open(cls, rest: str, create: bool, settings: S3Settings) -> S3Backend:
         bucket, prefix = parse_location(rest)
         backend = cls(bucket, prefix, settings)
-        if create:
+        if backend.as_of is not None:
+            if create:
+                raise UsageError("--as-of opens a repository read-only: it cannot create one")
+            backend._pin(backend.as_of)
+        elif create and not backend.lock:
             # Fails early, in one line, on a missing bucket or refused credentials, before
             # a put that some stores answer by creating the bucket. A repository that is
             # opened is read first (its config), which fails the same way: no request more.
             backend._call("", lambda: backend._client.head_bucket(Bucket=bucket))
+        elif backend.lock:
+            backend.check_lock_configuration()
         return backend
+
+    def check_lock_configuration(self) -> None:
+        """Refuse a bucket without Object Lock (it cannot keep a version from deletion),
+        before anything is written to it; the bucket's own settings are never changed."""
+        try:
+            reply = self._client.get_object_lock_configuration(Bucket=self.bucket)
+            enabled = reply.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled")
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) not in _NO_LOCK:
+                self._raise("", e)
+            enabled = None
+        except BotoCoreError as e:
+            raise Unreachable(f"S3 endpoint {self.endpoint} failed: {e}") from None
+        if enabled != "Enabled":
+            raise UsageError(f"s3.object_lock is set but bucket {self.bucket} has no Object "
+                             "Lock; Object Lock is chosen when a bucket is created: create a "
+                             "new one with it (aws s3api create-bucket --bucket NAME "
+                             "--object-lock-enabled-for-bucket) and use that")
 
     def versioning_enabled(self) -> bool:
         """Whether the bucket keeps every version of an object (versioning, which Object
@@ -305,6 +366,171 @@ class S3Backend(Backend):
         may overwrite (docs/security.md)."""
         reply = self._call("", lambda: self._client.get_bucket_versioning(Bucket=self.bucket))
         return reply.get("Status") == "Enabled"
+
+    # --- versions ---------------------------------------------------------------------------
+
+    def _versions(self, prefix: str = "") -> dict[str, list[_Version]]:
+        """Every version and delete marker under the repository's prefix (+ `prefix`),
+        by object name, newest first."""
+        found: dict[str, list[_Version]] = {}
+        pages = iter(self._client.get_paginator("list_object_versions").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + prefix))
+        while True:
+            page = self._call("", lambda: next(pages, None))
+            if page is None:
+                break
+            for kind, marker in (("Versions", False), ("DeleteMarkers", True)):
+                entries: Any = page.get(kind, [])
+                for entry in entries:
+                    name = entry["Key"][len(self.prefix):]
+                    found.setdefault(name, []).append(_Version(entry, marker))
+        return {name: _newest_first(vs) for name, vs in found.items()}
+
+    def _pin(self, when: float) -> None:
+        """Read every object as it stood at `when`: its newest version not newer."""
+        pinned: dict[str, _Version] = {}
+        for name, versions in self._versions().items():
+            then = next((v for v in versions if v.modified <= when), None)
+            if then is not None and not then.marker and not holds_no_backup(name):
+                pinned[name] = then
+        if "config" not in pinned:
+            raise UsageError(f"--as-of {_utc(when):%Y-%m-%dT%H:%M:%SZ}: no repository "
+                             f"existed at s3://{self.bucket}/{self.prefix} then")
+        self._pinned = pinned
+
+    def _version_of(self, name: str) -> dict[str, Any]:
+        """The VersionId argument that reads `name` as of --as-of ({} for the current)."""
+        if self._pinned is None or holds_no_backup(name):
+            return {}
+        found = self._pinned.get(name)
+        if found is None:
+            raise missing(name)
+        return {"VersionId": found.id}
+
+    def _writable(self, name: str) -> None:
+        if self._pinned is not None and not holds_no_backup(name):
+            raise ReadOnly(f"--as-of: the repository is read-only; {name} cannot be "
+                           "written")
+
+    def _lock_args(self, name: str) -> dict[str, Any]:
+        if self.lock is None or holds_no_backup(name):
+            return {}
+        return {"ObjectLockMode": self.lock.mode.upper(),
+                "ObjectLockRetainUntilDate": _utc(time.time() + self.lock.seconds)}
+
+    def _is_versioned(self) -> bool:
+        if self._versioned is None:
+            self._versioned = self.versioning_enabled()
+        return self._versioned
+
+    def _drop_versions(self, doomed: list[tuple[str, str]]) -> list[str]:
+        """Delete these (name, version id)s, a batch per request; the names of those the
+        store refused (locked)."""
+        refused = []
+        for start in range(0, len(doomed), DELETE_BATCH):
+            batch = doomed[start:start + DELETE_BATCH]
+            reply = self._call("", partial(
+                self._client.delete_objects, Bucket=self.bucket, Delete={
+                    "Quiet": True, "Objects": [{"Key": self.prefix + name, "VersionId": vid}
+                                               for name, vid in batch]}))
+            refused += [e["Key"][len(self.prefix):] for e in reply.get("Errors", [])]
+        return refused
+
+    def _drop_past(self, name: str, *, also: str | None = None) -> None:
+        """Delete the past versions of coordination object `name` (then version `also`),
+        so that renewing a lease does not pile up versions in a versioned bucket."""
+        if not self._is_versioned():
+            return
+        past = [(name, v.id) for v in self._versions(name).get(name, []) if not v.latest]
+        if also is not None:
+            past.append((name, also))
+        self._drop_versions(past)
+
+    def extend_locks(self) -> int:
+        if self.lock is None or self._pinned is not None:
+            return 0
+        lock = self.lock
+        now = time.time()
+        horizon = now + lock.seconds / 2
+        retention = cast(Any, {"Mode": lock.mode.upper(),
+                               "RetainUntilDate": _utc(now + lock.seconds)})
+
+        def extend(name: str) -> bool:
+            head = self._head(name)
+            current = head.get("ObjectLockRetainUntilDate")
+            if current is not None and current.timestamp() > horizon:
+                return False
+            self._call(name, partial(
+                self._client.put_object_retention, Bucket=self.bucket, Key=self._key(name),
+                VersionId=head["VersionId"], Retention=retention))
+            crash_point("lock-extended")
+            return True
+
+        # A compliance lock is never shorter than put time + days (nobody can shorten it):
+        # a young object needs no request. A governance lock may have been shortened (with
+        # bypass permission): each object's own date is asked. S3 sets one version's
+        # retention per request (there is no batch form): they go UPKEEP_THREADS at a time.
+        due = [name for name, modified in self._current()
+               if lock.mode != "compliance" or modified + lock.seconds <= horizon]
+        with ThreadPoolExecutor(UPKEEP_THREADS) as pool:
+            return sum(pool.map(extend, due))
+
+    def _current(self) -> Iterator[tuple[str, float]]:
+        """(name, time put) of every current object that holds a backup."""
+        pages = iter(self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix))
+        while True:
+            page = self._call("", lambda: next(pages, None))
+            if page is None:
+                return
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(self.prefix):]
+                if not holds_no_backup(name):
+                    yield name, obj["LastModified"].timestamp()
+
+    def release_expired(self) -> Held:
+        if self.lock is None:
+            return Held()
+        now = time.time()
+        history = self._versions()
+
+        def until(name: str, version: _Version) -> float:
+            # Its own date: a lock may have been extended (or, in governance mode,
+            # shortened) since it was put.
+            head = self._call(name, partial(self._client.head_object, Bucket=self.bucket,
+                                            Key=self._key(name), VersionId=version.id))
+            found = head.get("ObjectLockRetainUntilDate")
+            return found.timestamp() if found is not None else 0.0
+
+        past = [(name, v) for name, versions in history.items() for v in versions
+                if not v.marker and not v.latest]
+        with ThreadPoolExecutor(UPKEEP_THREADS) as pool:
+            dates = list(pool.map(lambda p: 0.0 if holds_no_backup(p[0]) else until(*p),
+                                  past))
+        held = [(v, u) for (name, v), u in zip(past, dates, strict=True) if u > now]
+        doomed = [(name, v.id) for (name, v), u in zip(past, dates, strict=True) if u <= now]
+        # Markers go with the last version they hide: else the object would come back.
+        keeps = {v.id for v, _ in held}
+        for name, versions in history.items():
+            if not any(v.id in keeps for v in versions):
+                doomed += [(name, v.id) for v in versions if v.marker]
+        refused = self._drop_versions(doomed)
+        return Held(objects=len(held) + len(refused), bytes=sum(v.size for v, _ in held),
+                    until=max((u for _, u in held), default=None))
+
+    def overwritten(self) -> Sequence[tuple[str, float]]:
+        if self.lock is None and not self._is_versioned():
+            return []
+        found = []
+        for name, versions in self._versions().items():
+            # Under --as-of: what had been overwritten by then (what the view reads).
+            then = [v for v in versions if self.as_of is None or v.modified <= self.as_of]
+            if holds_no_backup(name) or not then or then[0].marker:
+                continue
+            kept = [v for v in then if not v.marker]
+            if len(kept) > 1 and kept[0].etag != kept[1].etag:
+                found.append((name, kept[0].modified))
+        return sorted(found)
 
     # --- errors ----------------------------------------------------------------------------
 
@@ -344,9 +570,11 @@ class S3Backend(Backend):
 
     def put(self, name: str, data: Data, *, if_match: str | None = None) -> None:
         key = self._key(name)
+        self._writable(name)
         self._read_ahead.forget(name)
         view = memoryview(data).cast("B")
         cond: dict[str, Any] = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+        cond.update(self._lock_args(name))
         try:
             if len(view) <= MULTIPART_OVER:
                 self._call(name, lambda: self._client.put_object(
@@ -360,8 +588,9 @@ class S3Backend(Backend):
             raise ObjectExists(f"repository object {name} exists already") from None
 
     def _put_parts(self, name: str, key: str, view: memoryview, cond: dict[str, Any]) -> None:
+        locked = self._lock_args(name)
         upload = self._call(name, lambda: self._client.create_multipart_upload(
-            Bucket=self.bucket, Key=key))["UploadId"]
+            Bucket=self.bucket, Key=key, **locked))["UploadId"]
         try:
             parts: list[Any] = []
             for number, start in enumerate(range(0, len(view), PART_SIZE), 1):
@@ -371,9 +600,10 @@ class S3Backend(Backend):
                                                 Body=_Body.of(body), ContentLength=len(body)
                                                 ))["ETag"]
                 parts.append({"ETag": etag, "PartNumber": number})
+            done = {k: v for k, v in cond.items() if k not in locked}
             self._call(name, lambda: self._client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload,
-                MultipartUpload={"Parts": parts}, **cond))
+                MultipartUpload={"Parts": parts}, **done))
         except BaseException:
             # Best effort: what is left is aborted by remove_incomplete() later.
             with contextlib.suppress(BotoCoreError, ClientError):
@@ -383,21 +613,34 @@ class S3Backend(Backend):
 
     def replace(self, name: str, data: Data, token: str) -> None:
         self.put(name, data, if_match=_etag(token))
+        if holds_no_backup(name):
+            self._drop_past(name)
 
     def delete(self, name: str) -> None:
+        # In a versioned bucket this leaves a delete marker, which a lock never refuses:
+        # the locked versions go when release_expired() finds their lock ended.
         key = self._key(name)
+        self._writable(name)
         self._read_ahead.forget(name)
-        self._call(name, lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+        reply = self._call(name, lambda: self._client.delete_object(Bucket=self.bucket,
+                                                                     Key=key))
+        if holds_no_backup(name):
+            self._drop_past(name, also=reply.get("VersionId"))
 
     def delete_if(self, name: str, token: str) -> None:
         key = self._key(name)
+        self._writable(name)
         try:
-            self._call(name, lambda: self._client.delete_object(
+            reply = self._call(name, lambda: self._client.delete_object(
                 Bucket=self.bucket, Key=key, IfMatch=_etag(token)))
         except Conflict:
             raise Conflict(f"repository object {name} changed since it was read") from None
+        if holds_no_backup(name):
+            self._drop_past(name, also=reply.get("VersionId"))
 
     def remove_incomplete(self, older_than: float) -> int:
+        if self._pinned is not None:
+            return 0
         cutoff = time.time() - older_than
         removed = 0
         pages = self._call("", lambda: list(self._client.get_paginator(
@@ -419,8 +662,9 @@ class S3Backend(Backend):
 
     def get(self, name: str) -> bytes:
         key = self._key(name)
+        then = self._version_of(name)
         return self._call(name, lambda: self._whole(
-            name, lambda: self._client.get_object(Bucket=self.bucket, Key=key)))[0]
+            name, lambda: self._client.get_object(Bucket=self.bucket, Key=key, **then)))[0]
 
     def _whole(self, name: str, request: Callable[[], Any]) -> tuple[bytes, Any]:
         """A GET's body, all of it, and its reply: a body cut off is fetched again."""
@@ -460,9 +704,11 @@ class S3Backend(Backend):
         """One GET of `length` bytes from `offset` (fewer if the object ends before, unless
         `exact`), and the object's size."""
         key = self._key(name)
+        then = self._version_of(name)
         try:
             data, reply = self._whole(name, lambda: self._client.get_object(
-                Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"))
+                Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}",
+                **then))
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") == "InvalidRange":
                 raise short_read(name, offset, length, self.size(name)) from None
@@ -476,8 +722,9 @@ class S3Backend(Backend):
 
     def _head(self, name: str) -> dict[str, Any]:
         key = self._key(name)
+        then = self._version_of(name)
         return dict(self._call(name, lambda: self._client.head_object(Bucket=self.bucket,
-                                                                       Key=key)))
+                                                                       Key=key, **then)))
 
     def size(self, name: str) -> int:
         return int(self._head(name)["ContentLength"])
@@ -498,6 +745,11 @@ class S3Backend(Backend):
 
     def list(self, prefix: str) -> Iterator[tuple[str, str]]:
         full = self.prefix + check_prefix(prefix)
+        if self._pinned is not None and not holds_no_backup(prefix):
+            for name, v in list(self._pinned.items()):
+                if name.startswith(prefix):
+                    yield name, _token(v.etag, _utc(v.modified))
+            return
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=full)
         it = iter(pages)
