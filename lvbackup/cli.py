@@ -26,13 +26,21 @@ from .errors import (
     EXIT_USAGE,
     CorruptionError,
     LvbackupError,
+    NotFoundError,
     UsageError,
 )
 from .labels import parse_labels
 from .operations.copy import copy_backups
-from .operations.create import create_backup, select_source
+from .operations.create import create_backup, quiesce_of, select_source
 from .operations.delete import delete_backup
 from .operations.diff import diff_backups
+from .operations.groups import (
+    create_group,
+    delete_group,
+    group_backups,
+    one_group,
+    restore_group,
+)
 from .operations.instant import cancel as cancel_instant
 from .operations.instant import instant_restore
 from .operations.instant import release as release_instant
@@ -62,6 +70,7 @@ from .render import (
     Col,
     count,
     err_console,
+    print_group,
     print_instant,
     print_lineage,
     print_lvs,
@@ -317,7 +326,11 @@ def init(app: App, block_size: str | None, encryption: bool) -> None:
 
 
 @cli.command()
-@click.option("--volume", metavar="VG/LV", help="Back up an LVM volume.")
+@click.option("--volume", "volumes", metavar="VG/LV", multiple=True,
+              help="Back up an LVM volume (with --group: repeatable, the group's members).")
+@click.option("--group", metavar="NAME",
+              help="Back up the volumes given as one consistency group: snapshots taken at "
+                   "one instant, their filesystems frozen meanwhile.")
 @click.option("--snapshot", metavar="VG/SNAP|UUID",
               help="Back up an LVM snapshot (classic or thin).")
 @click.option("--device", metavar="PATH", help="Back up a block device or image file.")
@@ -334,9 +347,10 @@ def init(app: App, block_size: str | None, encryption: bool) -> None:
               help="Label the backup (repeatable); list and prune filter on labels.")
 @wait_option
 @pass_app
-def create(app: App, volume: str | None, snapshot: str | None, device: str | None,
-           incremental: bool, force: bool, keep_snapshot: bool, name: str | None,
-           description: str | None, labels: tuple[str, ...], wait: float) -> None:
+def create(app: App, volumes: tuple[str, ...], group: str | None, snapshot: str | None,
+           device: str | None, incremental: bool, force: bool, keep_snapshot: bool,
+           name: str | None, description: str | None, labels: tuple[str, ...],
+           wait: float) -> None:
     """Back up a volume, a snapshot or a device, and print the new backup record.
 
     \b
@@ -345,8 +359,21 @@ def create(app: App, volume: str | None, snapshot: str | None, device: str | Non
       lvbackup create --volume vg0/data --force --incremental
       lvbackup create --volume vg0/thin --force --incremental --keep-snapshot
       lvbackup --json create --device /srv/vm.img --name nightly --label tier=gold
+      lvbackup create --group db --volume vg0/db --volume vg0/wal --force --incremental
     """
     label_map = parse_labels(labels)
+    if group is not None:
+        if snapshot or device or name or description:
+            raise click.UsageError("--group takes volumes (--volume), not --snapshot, "
+                                   "--device, --name or --description")
+        app.emit(create_group(app.session(wait), group, list(volumes), incremental=incremental,
+                              force=force, keep_snapshot=keep_snapshot, labels=label_map,
+                              quiesce=quiesce_of(app.config), progress=app.progress),
+                 print_group)
+        return
+    if len(volumes) > 1:
+        raise click.UsageError("--volume is given once (several volumes: --group NAME)")
+    volume = volumes[0] if volumes else None
     source, source_name = select_source(app.config, volume=volume, snapshot=snapshot,
                                         device=device, force=force,
                                         keep_snapshot=keep_snapshot or None)
@@ -370,10 +397,12 @@ def create(app: App, volume: str | None, snapshot: str | None, device: str | Non
 @click.option("--status", type=click.Choice(STATUSES), help="Only backups in this status.")
 @click.option("--mapped", is_flag=True,
               help="List mapped backups instead (lvbackup map): device, backup, mount points.")
+@click.option("--group", metavar="NAME|ID",
+              help="Only the members of this group's backups (a group name or group id).")
 @label_option
 @pass_app
 def list_(app: App, volume: str | None, status: str | None, mapped: bool,
-          labels: tuple[str, ...]) -> None:
+          group: str | None, labels: tuple[str, ...]) -> None:
     """List backups (deleted ones only with --status deleted), with their lineage.
 
     \b
@@ -381,13 +410,17 @@ def list_(app: App, volume: str | None, status: str | None, mapped: bool,
       lvbackup list --volume vg0/data --status available
       lvbackup list --label job=nightly-data
       lvbackup list --mapped
+      lvbackup list --group db
     """
     if mapped:
-        if volume or status or labels:
+        if volume or status or labels or group:
             raise click.UsageError("--mapped takes no other option")
         app.emit(mapped_backups(app.session()), print_maps)
         return
     rows = list_backups(app.session(), volume, status, parse_labels(labels))
+    if group is not None:
+        members = {m["id"] for m in group_backups(app.session(), group)}
+        rows = [r for r in rows if r["id"] in members]
     app.emit(rows, print_records)
 
 
@@ -405,8 +438,15 @@ def show(app: App, backup_id: str, chain: bool) -> None:
     Examples:
       lvbackup show 3f2a
       lvbackup --json show 3f2a --chain
+      lvbackup show 9c1e   # a group backup's id: the group and its members
     """
-    rec, lineage, dependents = show_backup(app.session(), backup_id)
+    try:
+        rec, lineage, dependents = show_backup(app.session(), backup_id)
+    except NotFoundError:
+        if chain or not app.session().catalog.group(backup_id):
+            raise
+        app.emit(one_group(app.session(), backup_id), print_group)
+        return
     if chain:
         app.emit(lineage, print_records)
         return
@@ -441,6 +481,8 @@ def show(app: App, backup_id: str, chain: bool) -> None:
               help="Stop the unfinished instant restore onto VG/NAME and undo it (an LV it "
                    "created is removed; an existing one, only with --force, is left partly "
                    "restored).")
+@click.option("--group", "group_of", metavar="ID",
+              help="Restore every member of this group backup to a new LV, all or nothing.")
 @click.option("--release", "release_of", metavar="VG/NAME",
               help="Remove the device of the finished instant restore onto VG/NAME: the LV "
                    "is used under its own name (done by itself once nothing holds it open).")
@@ -449,7 +491,8 @@ def show(app: App, backup_id: str, chain: bool) -> None:
 def restore(app: App, backup_id: str | None, to: str | None, new_volume: str | None,
             thin_pool: str | None, to_file: str | None, force: bool, instant: bool,
             rate: str | None, status_of: str | None, resume_of: str | None,
-            cancel_of: str | None, release_of: str | None, wait: float) -> None:
+            cancel_of: str | None, release_of: str | None, group_of: str | None,
+            wait: float) -> None:
     """Restore a backup to an LV, a device, a file, or standard output.
 
     With no target, a new LV restore_backup_<id> is created in the volume's VG. With
@@ -466,12 +509,19 @@ def restore(app: App, backup_id: str | None, to: str | None, new_volume: str | N
       lvbackup restore --resume vg0/data
       lvbackup restore --release vg0/data
       lvbackup restore --cancel vg0/data
+      lvbackup restore --group 9c1e
     """
     mode = restore_mode({"backup_id": backup_id, "to": to, "new_volume": new_volume,
                          "thin_pool": thin_pool, "to_file": to_file, "force": force,
                          "instant": instant, "rate": rate, "status_of": status_of,
                          "resume_of": resume_of, "cancel_of": cancel_of,
-                         "release_of": release_of})
+                         "release_of": release_of, "group_of": group_of})
+    if mode == "group_of":
+        assert group_of is not None
+        app.emit(restore_group(app.session(wait), group_of), lambda g: click.echo("\n".join(
+            f"Restored backup {r['backup_id']} to new volume {r['target']}"
+            for r in g["restored"])))
+        return
     if mode in ("cancel_of", "release_of"):
         _end_instant(app, app.session(wait), cancel_of, release_of, force)
         return
@@ -528,11 +578,13 @@ RESTORE_MODES: dict[str | None, frozenset[str]] = {
     "resume_of": frozenset({"rate"}),
     "cancel_of": frozenset({"force"}),
     "release_of": frozenset(),
+    "group_of": frozenset(),
 }
 _RESTORE_FLAGS = {"backup_id": "a backup", "to": "--to", "new_volume": "--new-volume",
                   "thin_pool": "--thin-pool", "to_file": "--to-file", "force": "--force",
                   "instant": "--instant", "rate": "--rate", "status_of": "--status",
-                  "resume_of": "--resume", "cancel_of": "--cancel", "release_of": "--release"}
+                  "resume_of": "--resume", "cancel_of": "--cancel", "release_of": "--release",
+                  "group_of": "--group"}
 
 
 def restore_mode(given: dict[str, object]) -> str | None:
@@ -658,18 +710,30 @@ def unmount(app: App, mountpoint: str) -> None:
 
 
 @cli.command()
-@click.argument("backup_id")
+@click.argument("backup_id", required=False)
+@click.option("--group", "group_id", metavar="ID",
+              help="Delete every member of this group backup, or none.")
 @click.option("--force", is_flag=True,
               help="Delete whatever its status (not if it has dependents).")
 @wait_option
 @pass_app
-def delete(app: App, backup_id: str, force: bool, wait: float) -> None:
+def delete(app: App, backup_id: str | None, group_id: str | None, force: bool,
+           wait: float) -> None:
     """Delete a backup (its data is reclaimed by the next 'lvbackup gc').
 
     \b
     Example:
       lvbackup delete 3f2a
+      lvbackup delete --group 9c1e
     """
+    if (backup_id is None) == (group_id is None):
+        raise click.UsageError("give the backup to delete, or --group ID")
+    if group_id is not None:
+        app.emit(delete_group(app.session(wait), group_id, force=force),
+                 lambda g: click.echo(f"Deleted group backup {g['group_id']}: "
+                                      f"{count(len(g['backups']), 'backup')}"))
+        return
+    assert backup_id is not None
     rec = delete_backup(app.session(wait), backup_id, force=force)
     app.emit(rec, lambda r: click.echo(f"Deleted backup {r['id']}"))
 
