@@ -117,46 +117,50 @@ def _instant(session: Session, lvs: list[lvm.LogicalVolume], group_id: str,
     config = session.config
     for mountpoint in thaw_leftovers(session.lock_dir):
         session.warn(f"thawed {mountpoint}, left frozen by a run that was killed")
-    mounts = _mountpoints(session, lvs)
-    snaps: list[lvm.LogicalVolume] = []
+    mounts = {lv.full_name: _mountpoints(session, lv) for lv in lvs}
+    # Classic members first, their I/O held (lvm.hold_io); thin ones last, each thawed for
+    # its own lvcreate (which cannot snapshot a suspended thin volume) while the others
+    # stay frozen: with one thin member, that is still one instant (docs/reliability.md).
+    order = sorted(range(len(lvs)), key=lambda i: lvs[i].is_thin)
+    held = [lvm.dm_device_name(lv) for lv in lvs if lv.is_active and not lv.is_thin]
+    made: dict[int, lvm.LogicalVolume] = {}
     try:
-        with quiesced(quiesce), frozen(mounts, config.freeze_timeout, session.lock_dir,
-                                       group_id):
+        with quiesced(quiesce), frozen([m for ms in mounts.values() for m in ms], held,
+                                       sorted({lv.vg for lv in lvs}), config.freeze_timeout,
+                                       session.lock_dir, group_id) as freeze:
             crash_point("group-frozen")
-            for lv in lvs:
-                snaps.append(make_temporary_snapshot(lv, group_id, config.temp_snapshot_size))
+            for i in order:
+                lv = lvs[i]
+                with freeze.opened(mounts[lv.full_name] if lv.is_thin else []):
+                    made[i] = make_temporary_snapshot(lv, group_id, config.temp_snapshot_size)
                 crash_point("group-snapshot-made")
         crash_point("group-thawed")
     except BaseException:
-        for snap in snaps:
+        for snap in made.values():
             _remove_quietly(snap)
         raise
-    return snaps
+    return [made[i] for i in range(len(lvs))]
 
 
-def _mountpoints(session: Session, lvs: list[lvm.LogicalVolume]) -> list[str]:
-    """The read-write mount points of the members' filesystems, to freeze. One that holds
-    lvbackup's lock directory or LVM's metadata backups is refused: lvcreate (and the
-    watchdog's record) would wait on it until the freeze timed out."""
+def _mountpoints(session: Session, lv: lvm.LogicalVolume) -> list[str]:
+    """The read-write mount point of the member's filesystem, to freeze (one per
+    filesystem, however often it is mounted). One that holds lvbackup's lock directory or
+    LVM's metadata backups is refused: lvcreate (and the watchdog's record) would wait on
+    it until the freeze timed out."""
     needed = {}
     for path in (session.lock_dir, "/etc/lvm"):
         with contextlib.suppress(OSError):
             needed[os.stat(path).st_dev] = str(path)
-    found: list[str] = []
-    for lv in lvs:
-        try:
-            st = os.stat(lv.path)
-        except OSError:
-            continue   # not active: not mounted either
-        for _device, where in mounted_read_write(lv.path, st):
-            with contextlib.suppress(OSError):
-                if os.stat(where).st_dev in needed:
-                    raise UsageError(f"{lv.full_name} is mounted on {where}, which holds "
-                                     f"{needed[os.stat(where).st_dev]}: it cannot be frozen "
-                                     "for a group backup")
-            if where not in found:
-                found.append(where)
-    return found
+    try:
+        st = os.stat(lv.path)
+    except OSError:
+        return []   # not active: not mounted either
+    for _device, where in mounted_read_write(lv.path, st):
+        if st.st_rdev in needed:
+            raise UsageError(f"{lv.full_name} is mounted on {where}, which holds "
+                             f"{needed[st.st_rdev]}: it cannot be frozen for a group backup")
+        return [where]
+    return []
 
 
 def _member_source(lv: lvm.LogicalVolume, snap: lvm.LogicalVolume, keep: bool):
