@@ -24,6 +24,7 @@ from ..errors import LvbackupError, UsageError
 from ..faults import crash_point
 from ..freeze import frozen, thaw_leftovers
 from ..locks import RunLock
+from ..metrics import best_effort, record_group
 from ..quiesce import Quiesce, quiesced
 from ..session import Session
 from ..sources import (
@@ -65,6 +66,26 @@ def create_group(session: Session, name: str, volumes: list[str], *, incremental
         raise UsageError("a group names each volume once")
     session.require_repository()
     session.keep_reserve()
+    try:
+        doc = _create_group(session, name, specs, incremental=incremental, force=force,
+                            keep_snapshot=keep_snapshot, labels=labels, quiesce=quiesce,
+                            progress=progress)
+    except BaseException:
+        _group_metrics(session, name, ok=False)
+        raise
+    _group_metrics(session, name, ok=True)
+    return doc
+
+
+def _group_metrics(session: Session, name: str, *, ok: bool) -> None:
+    ended = time.time()
+    best_effort(session.config.metrics, session.warn, lambda path: record_group(
+        path, session.lock_dir, name, ok=ok, ended_at=ended))
+
+
+def _create_group(session: Session, name: str, specs: list[str], *, incremental: bool,
+                  force: bool, keep_snapshot: bool, labels: dict[str, str] | None,
+                  quiesce: Quiesce | None, progress: ProgressFactory | None) -> dict:
     group_id = str(uuid.uuid4())
     started = time.monotonic()
     with RunLock(session.lock_dir, group_id).acquire():
