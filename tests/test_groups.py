@@ -90,10 +90,10 @@ def test_failing_pre_snapshot_skips_the_block_and_still_runs_post(tmp_path):
     ran = []
     commands = Quiesce(pre=["sh", "-c", f"echo pre >> {log}; echo nope >&2; exit 3"],
                        post=["sh", "-c", f"echo post >> {log}"])
-    with pytest.raises(LvbackupError, match="pre_snapshot command sh failed: exit status 3 "
-                                            r"\(nope\); no snapshot was taken"):
-        with quiesced(commands):
-            ran.append(1)
+    refused = pytest.raises(LvbackupError, match="pre_snapshot command sh failed: exit "
+                                                 r"status 3 \(nope\); no snapshot was taken")
+    with refused, quiesced(commands):
+        ran.append(1)
     assert ran == [] and log.read_text().split() == ["pre", "post"]
 
 
@@ -105,9 +105,9 @@ def test_failing_post_snapshot_is_a_warning(tmp_path):
 
 
 def test_a_freeze_that_cannot_start_fails_and_leaves_no_record(tmp_path):
-    with pytest.raises(LvbackupError, match="cannot freeze .*/gone"):
-        with frozen([str(tmp_path / "gone")], [], [], 5, tmp_path, "run1"):
-            pytest.fail("the block ran without a freeze")
+    refused = pytest.raises(LvbackupError, match="cannot freeze .*/gone")
+    with refused, frozen([str(tmp_path / "gone")], [], [], 5, tmp_path, "run1"):
+        pytest.fail("the block ran without a freeze")
     assert list(tmp_path.glob(FREEZE_RECORD_GLOB)) == []
 
 

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from lvbhelpers import Lvb, MiB, assert_refused, describe, module_vg, ok_json, temp_snapshots
-
 from lvbackup.freeze import freeze, thaw
+
+from lvbhelpers import Lvb, MiB, assert_refused, describe, module_vg, ok_json, temp_snapshots
 
 pytestmark = pytest.mark.lvm
 
