@@ -159,13 +159,19 @@ def test_failing_pre_snapshot_takes_no_snapshot_and_freezes_nothing(site):
     site.flag.write_text("")
     site.log.write_text("")
     try:
-        p = site.lvb.parallel(group_args(site, "failing"))[0]
+        # A group, and a single volume through its temporary snapshot, at once.
+        p, single = site.lvb.parallel(group_args(site, "failing"),
+                                      ("create", "--volume", site.group[0], "--force"))
     finally:
         site.flag.unlink()
     assert_refused(p, "pre_snapshot", code=1)
+    assert_refused(single, "pre_snapshot", code=1)
     assert temp_snapshots(site.vg) == []
     assert not any(is_frozen(p) for p in site.mounts.values())
-    assert site.log.read_text().split() == ["post"]   # post_snapshot runs once pre ran
+    assert site.log.read_text().split() == ["post", "post"]   # post runs once pre ran
+    single_errors = [e["payload"] for e in events(site) if e["event"] == "backup.create.error"
+                     and e["payload"]["group_id"] is None]
+    assert len(single_errors) == 1 and "pre_snapshot" in single_errors[0]["reason"]
     errors = [e["payload"] for e in events(site) if e["event"] == "backup.create.error"
               and e["payload"]["group_name"] == "failing"]
     assert [e["volume_name"] for e in errors] == site.group, errors
