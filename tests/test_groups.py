@@ -195,3 +195,14 @@ def test_group_usage_errors(tmp_path, args, message):
     p = wd.run(*args)
     assert p.returncode == 2, describe(p)
     assert_one_line_error(p, 2, message)
+
+
+def test_group_metrics_name_the_group(tmp_path):
+    from lvbackup.metrics import read_samples, record_group
+    path = tmp_path / "lvbackup.prom"
+    record_group(path, tmp_path, "db", ok=True, ended_at=1000.0)
+    record_group(path, tmp_path, "web", ok=False, ended_at=2000.0)
+    text = path.read_text()
+    assert 'lvbackup_group_last_success_timestamp_seconds{group="db"} 1000' in text
+    assert 'lvbackup_group_last_status{group="web"} 0' in text
+    assert read_samples(path)["lvbackup_group_last_status"] == {"db": "1", "web": "0"}
