@@ -206,3 +206,34 @@ def test_group_metrics_name_the_group(tmp_path):
     assert 'lvbackup_group_last_success_timestamp_seconds{group="db"} 1000' in text
     assert 'lvbackup_group_last_status{group="web"} 0' in text
     assert read_samples(path)["lvbackup_group_last_status"] == {"db": "1", "web": "0"}
+
+
+def test_a_freeze_past_its_timeout_fails_the_block(tmp_path):
+    import time
+    refused = pytest.raises(LvbackupError, match=r"outlasted freeze_timeout \(0.5 s\)")
+    with refused, frozen([], [], [], 0.5, tmp_path, "run4"):
+        time.sleep(1.5)
+    assert list(tmp_path.glob(FREEZE_RECORD_GLOB)) == []
+
+
+KILLED_PARENT = """
+import os, signal, sys
+from pathlib import Path
+from lvbackup.freeze import frozen
+with frozen([], [], [], 60, Path(sys.argv[1]), "run5"):
+    print(open(next(Path(sys.argv[1]).glob("freeze-*.json"))).read(), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_watchdog_ends_the_freeze_when_lvbackup_is_killed(tmp_path):
+    import time
+    p = subprocess.run([sys.executable, "-c", KILLED_PARENT, str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == -9, p.stderr
+    assert json.loads(p.stdout)["pid"] > 0   # the record was there while frozen
+    deadline = time.monotonic() + 30
+    # The watchdog outlived its parent, saw its pipe end, released and removed its record.
+    while list(tmp_path.glob(FREEZE_RECORD_GLOB)):
+        assert time.monotonic() < deadline, "the watchdog did not end the freeze"
+        time.sleep(0.1)
