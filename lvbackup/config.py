@@ -31,6 +31,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/lvbackup")
 DEFAULT_SAMPLE_PERCENT = 0.1
 # A classic snapshot's COW size when none is given (lvcreate --size, or a share of the origin).
 DEFAULT_SNAPSHOT_SIZE = "20%ORIGIN"
+DEFAULT_FREEZE_TIMEOUT = 10.0   # seconds (freeze_timeout:)
 
 
 
@@ -45,9 +46,11 @@ class ConfigError(UsageError):
 
 @dataclass(frozen=True)
 class Job:
-    """One entry of `jobs:` (`lvbackup run`): exactly one of volume, snapshot_of, device."""
+    """One entry of `jobs:` (`lvbackup run`): exactly one of volume, volumes, snapshot_of,
+    device."""
     name: str
     volume: str | None = None        # VG/LV, read directly, or through a temporary snapshot
+    volumes: tuple[str, ...] = ()    # VG/LVs: a consistency group named after the job
     snapshot_of: str | None = None   # VG/LV: back up its newest snapshot
     device: str | None = None        # a block device or image file
     force: bool = False
@@ -58,10 +61,12 @@ class Job:
     labels: dict[str, str] = field(default_factory=dict)
     keep_snapshot: bool | None = None   # None: the configuration's keep_snapshot
     copy_to: Path | None = None      # another configuration: the backup is copied there
+    pre_snapshot: tuple[str, ...] | None = None    # argv; None: the configuration's
+    post_snapshot: tuple[str, ...] | None = None
 
     @property
     def source(self) -> str:
-        return self.volume or self.snapshot_of or self.device or ""
+        return self.volume or ",".join(self.volumes) or self.snapshot_of or self.device or ""
 
 
 S3_ADDRESSING = ("auto", "path", "virtual")
@@ -119,6 +124,11 @@ class Config:
     metrics: Path | None = None
     hooks: tuple[Hook, ...] = ()
     jobs: dict[str, Job] = field(default_factory=dict)
+    # Quiesce commands (argv) run before a volume's snapshot is taken and after it (or,
+    # for a group, around the freeze); a failing pre_snapshot aborts the backup.
+    pre_snapshot: tuple[str, ...] | None = None
+    post_snapshot: tuple[str, ...] | None = None
+    freeze_timeout: float = DEFAULT_FREEZE_TIMEOUT   # seconds a group's filesystems stay frozen
     # An encrypted repository's secret (credentials.py): never a command-line argument.
     passphrase_file: Path | None = None
     passphrase_command: tuple[str, ...] | None = None   # argv, run without a shell
@@ -203,13 +213,15 @@ def _int(value: Any, key: str, low: int, high: int) -> int:
 _KEYS = ("repository", "catalog", "cache_dir", "compression_level", "workers",
          "temp_snapshot_size", "keep_snapshot", "change_tracking", "change_sample",
          "event_log", "metrics", "hooks", "jobs", "passphrase_file", "passphrase_command",
-         "key_file", "append_only", "s3", "gc_grace_period")
+         "key_file", "append_only", "s3", "gc_grace_period", "pre_snapshot", "post_snapshot",
+         "freeze_timeout")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _S3_KEYS = ("endpoint_url", "region", "addressing_style", "access_key_id", "secret_access_key",
             "object_lock")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_JOB_KEYS = ("volume", "snapshot_of", "device", "force", "incremental", "full_every", "keep",
-             "labels", "keep_snapshot", "copy_to")
+_JOB_KEYS = ("volume", "volumes", "snapshot_of", "device", "force", "incremental",
+             "full_every", "keep", "labels", "keep_snapshot", "copy_to", "pre_snapshot",
+             "post_snapshot")
 _HOOK_KEYS = ("on", "command", "timeout")
 # The label every backup made by `lvbackup run` carries: the name of its job.
 JOB_LABEL = "job"
@@ -284,28 +296,30 @@ def _job(name: Any, raw: Any, base: Path) -> Job:
     for k in raw:
         if k not in _JOB_KEYS:
             raise ConfigError(f"config key '{key}': unknown key '{k}'")
-    given = [k for k in ("volume", "snapshot_of", "device") if raw.get(k) is not None]
+    given = [k for k in ("volume", "volumes", "snapshot_of", "device") if raw.get(k) is not None]
     if len(given) != 1:
         raise ConfigError(f"config key '{key}' needs exactly one source: volume: VG/LV, "
-                          "snapshot_of: VG/LV or device: PATH")
+                          "volumes: [VG/LV, ...], snapshot_of: VG/LV or device: PATH")
     src = given[0]
     spec = raw[src]
-    if not isinstance(spec, str) or not spec.strip():
+    if src == "volumes":
+        spec = tuple(_volume_name(v, f"{key}.volumes")
+                     for v in _strings(spec, f"{key}.volumes", "volume names VG/LV"))
+        if len(set(spec)) != len(spec):
+            raise ConfigError(f"config key '{key}.volumes' names a volume twice")
+    elif not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"config key '{key}.{src}' must be a non-empty string")
-    if src == "device":
+    elif src == "device":
         spec = str(_path(spec, f"{key}.device", base))
     else:
-        vg_lv = spec.removeprefix("/dev/").split("/")
-        if len(vg_lv) != 2 or not all(vg_lv):
-            raise ConfigError(f"config key '{key}.{src}' must be a volume name VG/LV")
-        spec = "/".join(vg_lv)
+        spec = _volume_name(spec, f"{key}.{src}")
     force = _bool(raw.get("force", False), f"{key}.force")
-    if force and src != "volume":
+    if force and src not in ("volume", "volumes"):
         raise ConfigError(f"config key '{key}.force' applies only to a 'volume:' source")
     keep_snapshot = None
     if raw.get("keep_snapshot") is not None:
         keep_snapshot = _bool(raw["keep_snapshot"], f"{key}.keep_snapshot")
-        if keep_snapshot and src != "volume":
+        if keep_snapshot and src not in ("volume", "volumes"):
             raise ConfigError(f"config key '{key}.keep_snapshot' applies only to a 'volume:' "
                               "source")
     incremental = _bool(raw.get("incremental", False), f"{key}.incremental")
@@ -347,7 +361,29 @@ def _job(name: Any, raw: Any, base: Path) -> Job:
                if raw.get("copy_to") is not None else None)
     return Job(name=name, **{src: spec}, force=force, incremental=incremental,
                full_every=every, full_every_days=every_days, keep=keep, labels=labels,
-               keep_snapshot=keep_snapshot, copy_to=copy_to)
+               keep_snapshot=keep_snapshot, copy_to=copy_to,
+               pre_snapshot=_argv(raw, "pre_snapshot", f"{key}."),
+               post_snapshot=_argv(raw, "post_snapshot", f"{key}."))
+
+
+def _volume_name(spec: Any, key: str) -> str:
+    vg_lv = spec.removeprefix("/dev/").split("/") if isinstance(spec, str) else []
+    if len(vg_lv) != 2 or not all(vg_lv):
+        raise ConfigError(f"config key '{key}' must be a volume name VG/LV")
+    return "/".join(vg_lv)
+
+
+def _argv(raw: dict, name: str, prefix: str = "") -> tuple[str, ...] | None:
+    if raw.get(name) is None:
+        return None
+    return _strings(raw[name], prefix + name, "arguments (argv, no shell)")
+
+
+def _freeze_timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 600:
+        raise ConfigError("config key 'freeze_timeout' must be a number of seconds from 0 "
+                          "to 600")
+    return float(value)
 
 
 def _jobs(value: Any, base: Path) -> dict[str, Job]:
@@ -441,6 +477,9 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         key_file=_optional_path(raw, "key_file", base),
         append_only=append_only,
         s3=s3,
+        pre_snapshot=_argv(raw, "pre_snapshot"),
+        post_snapshot=_argv(raw, "post_snapshot"),
+        freeze_timeout=_freeze_timeout(raw.get("freeze_timeout", DEFAULT_FREEZE_TIMEOUT)),
         gc_grace_period=_int(raw.get("gc_grace_period", DEFAULT_GC_GRACE), "gc_grace_period",
                              0, 10 * 365 * 86400),
         source=str(cfg_path) if raw or explicit else "defaults",
@@ -472,4 +511,6 @@ def as_dict(config: Config, credentials: str) -> dict[str, Any]:
         for src in ("volume", "snapshot_of", "device"):
             if job[src] is None:
                 job.pop(src)
+        if not job["volumes"]:
+            job.pop("volumes")
     return out

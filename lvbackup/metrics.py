@@ -19,6 +19,11 @@ and after every `copy` (the command, or a job's `copy_to`), for each volume copi
     lvbackup_last_copy_status{volume=...}                       1 ok, 0 failed
     lvbackup_last_copy_sent_bytes{volume=...}                   of the last successful one
 
+and after every group backup (`create --group`; its members have their volumes' series):
+
+    lvbackup_group_last_success_timestamp_seconds{group="db"}   last successful one
+    lvbackup_group_last_status{group=...}                       1 ok, 0 failed
+
 and while an instant restore copies a backup into an LV (`volume` is the LV restored onto):
 
     lvbackup_restore_hydrated_bytes{volume="vg0/data"}          bytes copied into the LV
@@ -64,6 +69,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "lvbackup_last_copy_sent_bytes":
         ("gauge", "Bytes the last successful copy of the volume's backups stored in the "
                   "target repository."),
+    "lvbackup_group_last_success_timestamp_seconds":
+        ("gauge", "Unix time of the group's last successful group backup."),
+    "lvbackup_group_last_status":
+        ("gauge", "1 if the group's last group backup succeeded, 0 if it failed."),
     "lvbackup_restore_hydrated_bytes":
         ("gauge", "Bytes an instant restore onto the volume has copied into it so far."),
     "lvbackup_restore_total_bytes":
@@ -79,8 +88,11 @@ METRICS: dict[str, tuple[str, str]] = {
 _REPOSITORY_METRICS = frozenset({"lvbackup_verify_oldest_unverified_age_seconds",
                                  "lvbackup_verify_oldest_unverified_timestamp_seconds"})
 
+_GROUP_METRICS = frozenset({"lvbackup_group_last_success_timestamp_seconds",
+                            "lvbackup_group_last_status"})
+
 _SAMPLE = re.compile(
-    r'^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(?:volume|repository)="((?:[^"\\]|\\.)*)"\}\s+(\S+)')
+    r'^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(?:volume|repository|group)="((?:[^"\\]|\\.)*)"\}\s+(\S+)')
 
 
 def _escape(value: str) -> str:
@@ -113,7 +125,8 @@ def render(samples: dict[str, dict[str, str]]) -> str:
             continue
         out.append(f"# HELP {metric} {help_text}")
         out.append(f"# TYPE {metric} {kind}")
-        label = "repository" if metric in _REPOSITORY_METRICS else "volume"
+        label = ("repository" if metric in _REPOSITORY_METRICS
+                 else "group" if metric in _GROUP_METRICS else "volume")
         for volume in sorted(series):
             out.append(f'{metric}{{{label}="{_escape(volume)}"}} {series[volume]}')
     return "\n".join(out) + "\n" if out else ""
@@ -137,6 +150,14 @@ def record_backup(path: Path, lock_dir: Path, volume: str, *, ok: bool, ended_at
         if bytes_stored is not None:
             values["lvbackup_last_stored_bytes"] = bytes_stored
     _update(path, lock_dir, {volume: values})
+
+
+def record_group(path: Path, lock_dir: Path, group: str, *, ok: bool, ended_at: float) -> None:
+    """Update group `group`'s series (raises OSError on failure)."""
+    values: dict[str, float] = {"lvbackup_group_last_status": 1 if ok else 0}
+    if ok:
+        values["lvbackup_group_last_success_timestamp_seconds"] = ended_at
+    _update(path, lock_dir, {group: values})
 
 
 def record_copy(path: Path, lock_dir: Path, volumes: list[str], *, ok: bool, ended_at: float,

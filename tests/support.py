@@ -37,7 +37,7 @@ RECORD_FIELDS = ("id", "name", "description", "volume_id", "volume_name", "snaps
                  "updated_at", "status", "fail_reason", "size", "block_size", "stored_bytes",
                  "num_dependent_backups", "labels", "protected", "change_source",
                  "change_fallback", "bytes_read", "source_snapshot_id", "source_snapshot_time",
-                 "source_pool_id")
+                 "source_pool_id", "group_id", "group_name")
 OUTPUT_FIELDS = RECORD_FIELDS + ("has_dependent_backups",)
 STATUSES = ("creating", "available", "error", "restoring", "deleting", "deleted",
             "error_deleting")

@@ -589,7 +589,8 @@ DOC_RECORD_FIELDS = ("id", "name", "description", "volume_id", "volume_name", "s
                      "created_at", "updated_at", "status", "fail_reason", "size", "block_size",
                      "stored_bytes", "num_dependent_backups", "has_dependent_backups",
                      "labels", "protected", "change_source", "change_fallback", "bytes_read",
-                     "source_snapshot_id", "source_snapshot_time", "source_pool_id")
+                     "source_snapshot_id", "source_snapshot_time", "source_pool_id",
+                     "group_id", "group_name")
 
 
 def doc_unseal(magic: bytes, data: bytes) -> bytes:

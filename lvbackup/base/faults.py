@@ -50,6 +50,9 @@ POINTS = (
                                # the LV not yet loaded
     "instant-cancel-detached", # restore --cancel: the helper stopped, the device-mapper
                                # device removed; the NBD device, record and LV not yet
+    "group-frozen",            # create --group: every filesystem is frozen, no snapshot yet
+    "group-snapshot-made",     # create --group: a member's snapshot is made, still frozen
+    "group-thawed",            # create --group: thawed, the snapshots exist, nothing read
     "instant-cancel-lv-removed",  # restore --cancel: the LV it created is removed, the
                                # state file not yet
     "instant-released",        # restore --release: the device removed, the state file

@@ -1,5 +1,6 @@
 """The one way lvbackup runs an external command: LVM and dmsetup (through lvm.py only),
-thin_delta, nbdkit, nbd-client, modprobe, blkid, mount, hooks, `passphrase_command`.
+thin_delta, nbdkit, nbd-client, modprobe, blkid, mount, hooks, `passphrase_command`, the
+`pre_snapshot`/`post_snapshot` commands, and the freeze watchdog (started, not waited for).
 
 An argv list, never a shell. Each run is logged at DEBUG (`--verbose`) with its argv, exit
 status and duration; never its input, output or environment, which may hold a secret (a
@@ -88,6 +89,16 @@ def run(argv: Sequence[str], *, stdin: Stream = DEVNULL, stdout: Stream = CAPTUR
         return subprocess.CompletedProcess(
             argv, proc.returncode, _output(stdout, out, piped[0]),
             _output(stderr, err, piped[1]))
+
+
+def spawn(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """Start `argv` in a session of its own, with pipes to its input and output, and leave
+    it running: a helper that must outlive lvbackup (the freeze watchdog, lvbackup.volumes.freeze).
+    OSError if it cannot start."""
+    argv = list(argv)
+    log.debug("starting %s", shlex.join(argv))
+    return subprocess.Popen(argv, stdin=PIPE, stdout=PIPE, stderr=DEVNULL,
+                            start_new_session=True)
 
 
 def describe_status(code: int) -> str:

@@ -50,9 +50,14 @@ _V3_COLUMNS: dict[str, type] = {
     "source_snapshot_id": str, "source_snapshot_time": str, "source_pool_id": str,
 }
 
+# A consistency group (`create --group`): the id of the group backup a member belongs to,
+# and the group's name, which its next group backups share (their parents are found there).
+_V4_COLUMNS: dict[str, type] = {"group_id": str, "group_name": str}
+
 # Every column, as the JSON field names of a record. `labels` is a JSON object of strings
 # (stored as JSON text); `protected` backups are never pruned or deleted.
-COLUMNS: dict[str, type] = {**_V1_COLUMNS, "labels": dict, "protected": bool, **_V3_COLUMNS}
+COLUMNS: dict[str, type] = {**_V1_COLUMNS, "labels": dict, "protected": bool, **_V3_COLUMNS,
+                            **_V4_COLUMNS}
 
 
 
@@ -87,6 +92,8 @@ class BackupRecord(TypedDict, total=False):
     source_snapshot_id: str | None
     source_snapshot_time: str | None
     source_pool_id: str | None
+    group_id: str | None
+    group_name: str | None
     has_dependent_backups: bool
 
 
@@ -123,6 +130,22 @@ def m003_change_tracking(db: sqlite_utils.Database) -> None:
     for name, kind in _V3_COLUMNS.items():
         if name not in have:
             table.add_column(name, kind)
+
+
+@migrations()
+def m004_groups(db: sqlite_utils.Database) -> None:
+    table = db.table("backups")
+    have = set(table.columns_dict)
+    for name, kind in _V4_COLUMNS.items():
+        if name not in have:
+            table.add_column(name, kind)
+    table.create_index(["group_id"], if_not_exists=True)
+    table.create_index(["group_name"], if_not_exists=True)
+
+
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern (ESCAPE '\\') matching what starts with `prefix`."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def row_labels(row: Mapping[str, Any]) -> dict[str, str]:
@@ -277,7 +300,7 @@ class Catalog:
         where = "id LIKE ? ESCAPE '\\'"
         if not include_deleted:
             where += " AND status != 'deleted'"
-        like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        like = _like_prefix(prefix)
         rows = list(self._rows(where, [like], order_by="id", limit=_CANDIDATES + 1))
         exact = [r for r in rows if r["id"] == prefix]
         if exact:
@@ -380,9 +403,30 @@ class Catalog:
             raise NotFoundError(f"backup {backup_id} not found")
         return rows
 
-    def candidates(self, volume_id: str) -> builtins.list[BackupRecord]:
-        """Non-deleted backups of a volume: the incremental parent candidates."""
-        return list(self._rows("volume_id = ? AND status != 'deleted'", [volume_id]))
+    def candidates(self, volume_id: str, group_name: str | None = None
+                   ) -> builtins.list[BackupRecord]:
+        """Non-deleted backups of a volume: the incremental parent candidates; with
+        `group_name`, only those made as members of that group's backups."""
+        if group_name is None:
+            return list(self._rows("volume_id = ? AND status != 'deleted'", [volume_id]))
+        return list(self._rows("volume_id = ? AND group_name = ? AND status != 'deleted'",
+                               [volume_id, group_name]))
+
+    def group(self, ref: str, include_deleted: bool = False) -> builtins.list[BackupRecord]:
+        """The members of the group backups `ref` names: a group name (all its group
+        backups), or the id of one group backup or a unique prefix of it; oldest first."""
+        ref = ref.strip()
+        live = "" if include_deleted else " AND status != 'deleted'"
+        rows = list(self._rows(f"group_name = ?{live}", [ref], order_by="created_at, id"))
+        if rows or not ref:
+            return rows
+        rows = list(self._rows(f"group_id LIKE ? ESCAPE '\\'{live}",
+                               [_like_prefix(ref.lower())], order_by="created_at, id"))
+        ids = sorted({r["group_id"] or "" for r in rows})
+        if len(ids) > 1:
+            raise NotFoundError(f"group id prefix {ref} is ambiguous: it matches "
+                                f"{', '.join(ids)}; give more characters")
+        return rows
 
     def children(self, backup_id: str) -> builtins.list[BackupRecord]:
         return list(self._rows("parent_id = ? AND status != 'deleted'", [backup_id],

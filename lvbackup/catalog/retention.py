@@ -73,8 +73,9 @@ class Plan:
 def select(backups: Iterable[BackupRecord], policy: Policy) -> Plan:
     """Apply `policy` to catalog rows (any mix of volumes; each volume on its own).
 
-    Pure: reads `id`, `volume_id`, `status`, `data_timestamp`, `created_at` and
-    `protected` of each row. An empty policy keeps everything (it never means "remove all").
+    Pure: reads `id`, `volume_id`, `status`, `data_timestamp`, `created_at`, `protected`
+    and `group_id` of each row. An empty policy keeps everything (it never means "remove
+    all"). A group backup is kept or removed as a whole: one member kept keeps them all.
     """
     plan = Plan()
     by_volume: dict[str, list[BackupRecord]] = {}
@@ -108,6 +109,11 @@ def select(backups: Iterable[BackupRecord], policy: Policy) -> Plan:
                 plan.keep[r["id"]] = reasons[r["id"]]
             else:
                 plan.remove.append(r["id"])
+    group_of = {r["id"]: r.get("group_id") for rows in by_volume.values() for r in rows}
+    kept_groups = {group_of[k] for k in plan.keep} - {None}
+    for bid in [b for b in plan.remove if group_of[b] in kept_groups]:
+        plan.remove.remove(bid)
+        plan.keep[bid] = [f"group {group_of[bid]}"]
     return plan
 
 

@@ -8,16 +8,18 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ..base.errors import NotFoundError
 from ..base.labels import parse_labels
 from ..base.units import human_size
 from ..catalog.catalog import STATUSES
 from ..operations.delete import delete_backup
 from ..operations.diff import diff_backups
+from ..operations.groups import delete_group, group_backups, one_group
 from ..operations.records import export_record as export_backup_record
 from ..operations.records import import_record as import_backup_record
 from ..operations.records import list_backups, set_protected, show_backup
 from . import App, command, label_option, pass_app, read_text_input, wait_option
-from .render import count, print_lineage, print_maps, print_records
+from .render import count, print_group, print_lineage, print_maps, print_records
 
 if TYPE_CHECKING:
     from .documents import ExportedRecord
@@ -28,10 +30,12 @@ if TYPE_CHECKING:
 @click.option("--status", type=click.Choice(STATUSES), help="Only backups in this status.")
 @click.option("--mapped", is_flag=True,
               help="List mapped backups instead (lvbackup map): device, backup, mount points.")
+@click.option("--group", metavar="NAME|ID",
+              help="Only the members of this group's backups (a group name or group id).")
 @label_option
 @pass_app
 def list_(app: App, volume: str | None, status: str | None, mapped: bool,
-          labels: tuple[str, ...]) -> None:
+          group: str | None, labels: tuple[str, ...]) -> None:
     """List backups (deleted ones only with --status deleted), with their lineage.
 
     \b
@@ -39,15 +43,19 @@ def list_(app: App, volume: str | None, status: str | None, mapped: bool,
       lvbackup list --volume vg0/data --status available
       lvbackup list --label job=nightly-data
       lvbackup list --mapped
+      lvbackup list --group db
     """
     if mapped:
-        if volume or status or labels:
+        if volume or status or labels or group:
             raise click.UsageError("--mapped takes no other option")
         # The NBD side is imported only here: a plain list need not pay for it.
         from ..operations.nbd import mapped_backups
         app.emit(mapped_backups(app.session()), print_maps)
         return
     rows = list_backups(app.session(), volume, status, parse_labels(labels))
+    if group is not None:
+        members = {m["id"] for m in group_backups(app.session(), group)}
+        rows = [r for r in rows if r["id"] in members]
     app.emit(rows, print_records)
 
 
@@ -65,8 +73,15 @@ def show(app: App, backup_id: str, chain: bool) -> None:
     Examples:
       lvbackup show 3f2a
       lvbackup --json show 3f2a --chain
+      lvbackup show 9c1e   # a group backup's id: the group and its members
     """
-    rec, lineage, dependents = show_backup(app.session(), backup_id)
+    try:
+        rec, lineage, dependents = show_backup(app.session(), backup_id)
+    except NotFoundError:
+        if chain or not app.session().catalog.group(backup_id):
+            raise
+        app.emit(one_group(app.session(), backup_id), print_group)
+        return
     if chain:
         app.emit(lineage, print_records)
         return
@@ -74,18 +89,30 @@ def show(app: App, backup_id: str, chain: bool) -> None:
 
 
 @command()
-@click.argument("backup_id")
+@click.argument("backup_id", required=False)
+@click.option("--group", "group_id", metavar="ID",
+              help="Delete every member of this group backup, or none.")
 @click.option("--force", is_flag=True,
               help="Delete whatever its status (not if it has dependents).")
 @wait_option
 @pass_app
-def delete(app: App, backup_id: str, force: bool, wait: float) -> None:
+def delete(app: App, backup_id: str | None, group_id: str | None, force: bool,
+           wait: float) -> None:
     """Delete a backup (its data is reclaimed by the next 'lvbackup gc').
 
     \b
     Example:
       lvbackup delete 3f2a
+      lvbackup delete --group 9c1e
     """
+    if (backup_id is None) == (group_id is None):
+        raise click.UsageError("give the backup to delete, or --group ID")
+    if group_id is not None:
+        app.emit(delete_group(app.session(wait), group_id, force=force),
+                 lambda g: click.echo(f"Deleted group backup {g['group_id']}: "
+                                      f"{count(len(g['backups']), 'backup')}"))
+        return
+    assert backup_id is not None
     rec = delete_backup(app.session(wait), backup_id, force=force)
     app.emit(rec, lambda r: click.echo(f"Deleted backup {r['id']}"))
 

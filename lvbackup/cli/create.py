@@ -6,13 +6,18 @@ import click
 
 from ..base.labels import parse_labels
 from ..base.units import human_size
-from ..operations.create import create_backup, select_source
+from ..operations.create import create_backup, quiesce_of, select_source
+from ..operations.groups import create_group
 from . import App, command, pass_app, wait_option
-from .render import print_record
+from .render import print_group, print_record
 
 
 @command()
-@click.option("--volume", metavar="VG/LV", help="Back up an LVM volume.")
+@click.option("--volume", "volumes", metavar="VG/LV", multiple=True,
+              help="Back up an LVM volume (with --group: repeatable, the group's members).")
+@click.option("--group", metavar="NAME",
+              help="Back up the volumes given as one consistency group: snapshots taken at "
+                   "one instant, their filesystems frozen meanwhile.")
 @click.option("--snapshot", metavar="VG/SNAP|UUID",
               help="Back up an LVM snapshot (classic or thin).")
 @click.option("--device", metavar="PATH", help="Back up a block device or image file.")
@@ -29,9 +34,10 @@ from .render import print_record
               help="Label the backup (repeatable); list and prune filter on labels.")
 @wait_option
 @pass_app
-def create(app: App, volume: str | None, snapshot: str | None, device: str | None,
-           incremental: bool, force: bool, keep_snapshot: bool, name: str | None,
-           description: str | None, labels: tuple[str, ...], wait: float) -> None:
+def create(app: App, volumes: tuple[str, ...], group: str | None, snapshot: str | None,
+           device: str | None, incremental: bool, force: bool, keep_snapshot: bool,
+           name: str | None, description: str | None, labels: tuple[str, ...],
+           wait: float) -> None:
     """Back up a volume, a snapshot or a device, and print the new backup record.
 
     \b
@@ -40,8 +46,21 @@ def create(app: App, volume: str | None, snapshot: str | None, device: str | Non
       lvbackup create --volume vg0/data --force --incremental
       lvbackup create --volume vg0/thin --force --incremental --keep-snapshot
       lvbackup --json create --device /srv/vm.img --name nightly --label tier=gold
+      lvbackup create --group db --volume vg0/db --volume vg0/wal --force --incremental
     """
     label_map = parse_labels(labels)
+    if group is not None:
+        if snapshot or device or name or description:
+            raise click.UsageError("--group takes volumes (--volume), not --snapshot, "
+                                   "--device, --name or --description")
+        app.emit(create_group(app.session(wait), group, list(volumes), incremental=incremental,
+                              force=force, keep_snapshot=keep_snapshot, labels=label_map,
+                              quiesce=quiesce_of(app.config), progress=app.progress),
+                 print_group)
+        return
+    if len(volumes) > 1:
+        raise click.UsageError("--volume is given once (several volumes: --group NAME)")
+    volume = volumes[0] if volumes else None
     source, source_name = select_source(app.config, volume=volume, snapshot=snapshot,
                                         device=device, force=force,
                                         keep_snapshot=keep_snapshot or None)

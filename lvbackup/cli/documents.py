@@ -47,6 +47,8 @@ class Record(TypedDict):
     source_snapshot_id: str | None
     source_snapshot_time: str | None
     source_pool_id: str | None
+    group_id: str | None
+    group_name: str | None
     has_dependent_backups: bool
 
 
@@ -135,10 +137,24 @@ class Job(TypedDict):
     kind: Literal["full", "incremental"] | None
     why: str | None
     backup: Record | None
+    group: Group | None
     pruned: list[str]
     reparented: list[Reparented]
     copied: list[str]
     duration_seconds: float
+
+
+class Group(TypedDict):
+    """A group backup (`create --group`, `show` of a group, `delete --group`)."""
+    group_id: str
+    name: str
+    backups: list[Record]
+
+
+class GroupRestore(TypedDict):
+    group_id: str
+    name: str
+    restored: list[RestoreResult]
 
 
 class Run(TypedDict):

@@ -133,7 +133,8 @@ def when(ts: str | None) -> str:
 
 def print_record(rec: Mapping[str, Any]) -> None:
     """Key and value per line: plain text (no rich), since `create` ends with it."""
-    keys = _SHOW_FIELDS + ("labels", "protected")
+    keys = _SHOW_FIELDS + (("group_id", "group_name") if rec.get("group_id") else ()) + (
+        "labels", "protected")
     width = max(map(len, keys))
     for key in keys:
         value = rec.get(key)
@@ -191,6 +192,13 @@ def print_records(recs: list[dict]) -> None:
              short(r["parent_id"]), str(r["num_dependent_backups"]), r["name"] or "",
              labels_text(r.get("labels"))] for r in recs]
     print_table(cols, rows)
+
+
+def print_group(group: dict) -> None:
+    """A group backup: its id and name, then its members."""
+    click.echo(f"group {group['name']}  {group['group_id']}  "
+               f"({count(len(group['backups']), 'backup')})")
+    print_records(group["backups"])
 
 
 def print_maps(rows: list[dict]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from ..operations.groups import restore_group
 from ..operations.instant import cancel as cancel_instant
 from ..operations.instant import instant_restore
 from ..operations.instant import release as release_instant
@@ -44,6 +45,8 @@ from .render import print_instant
               help="Stop the unfinished instant restore onto VG/NAME and undo it (an LV it "
                    "created is removed; an existing one, only with --force, is left partly "
                    "restored).")
+@click.option("--group", "group_of", metavar="ID",
+              help="Restore every member of this group backup to a new LV, all or nothing.")
 @click.option("--release", "release_of", metavar="VG/NAME",
               help="Remove the device of the finished instant restore onto VG/NAME: the LV "
                    "is used under its own name (done by itself once nothing holds it open).")
@@ -52,7 +55,8 @@ from .render import print_instant
 def restore(app: App, backup_id: str | None, to: str | None, new_volume: str | None,
             thin_pool: str | None, to_file: str | None, force: bool, instant: bool,
             rate: str | None, status_of: str | None, resume_of: str | None,
-            cancel_of: str | None, release_of: str | None, wait: float) -> None:
+            cancel_of: str | None, release_of: str | None, group_of: str | None,
+            wait: float) -> None:
     """Restore a backup to an LV, a device, a file, or standard output.
 
     With no target, a new LV restore_backup_<id> is created in the volume's VG. With
@@ -69,12 +73,19 @@ def restore(app: App, backup_id: str | None, to: str | None, new_volume: str | N
       lvbackup restore --resume vg0/data
       lvbackup restore --release vg0/data
       lvbackup restore --cancel vg0/data
+      lvbackup restore --group 9c1e
     """
     mode = restore_mode({"backup_id": backup_id, "to": to, "new_volume": new_volume,
                          "thin_pool": thin_pool, "to_file": to_file, "force": force,
                          "instant": instant, "rate": rate, "status_of": status_of,
                          "resume_of": resume_of, "cancel_of": cancel_of,
-                         "release_of": release_of})
+                         "release_of": release_of, "group_of": group_of})
+    if mode == "group_of":
+        assert group_of is not None
+        app.emit(restore_group(app.session(wait), group_of), lambda g: click.echo("\n".join(
+            f"Restored backup {r['backup_id']} to new volume {r['target']}"
+            for r in g["restored"])))
+        return
     if mode in ("cancel_of", "release_of"):
         _end_instant(app, app.session(wait), cancel_of, release_of, force)
         return
@@ -131,11 +142,13 @@ RESTORE_MODES: dict[str | None, frozenset[str]] = {
     "resume_of": frozenset({"rate"}),
     "cancel_of": frozenset({"force"}),
     "release_of": frozenset(),
+    "group_of": frozenset(),
 }
 _RESTORE_FLAGS = {"backup_id": "a backup", "to": "--to", "new_volume": "--new-volume",
                   "thin_pool": "--thin-pool", "to_file": "--to-file", "force": "--force",
                   "instant": "--instant", "rate": "--rate", "status_of": "--status",
-                  "resume_of": "--resume", "cancel_of": "--cancel", "release_of": "--release"}
+                  "resume_of": "--resume", "cancel_of": "--cancel", "release_of": "--release",
+                  "group_of": "--group"}
 
 
 def restore_mode(given: dict[str, object]) -> str | None:

@@ -28,6 +28,7 @@ from ..repository.repo import Packer
 from ..session import Session, reason, recover_dead_runs
 from ..volumes import lvm
 from ..volumes.changes import tracker
+from ..volumes.quiesce import Quiesce
 from ..volumes.sources import (
     Source,
     SourceFactory,
@@ -47,27 +48,36 @@ def create_backup(session: Session, open_source: SourceFactory, *, incremental: 
                   name: str | None = None, description: str | None = None,
                   labels: dict[str, str] | None = None,
                   progress: Callable[..., None] | None = None,
-                  source_name: str | None = None) -> CreateResult:
+                  source_name: str | None = None,
+                  group: tuple[str, str] | None = None) -> CreateResult:
     """Back up a source; returns the new record (status `available`) and what was stored.
 
     Sends backup.create.start / createprogress / end, or backup.create.error (also for a
     failure before the backup had a row: then the payload names `source_name`), and
     updates the metrics file. `progress(done, total, {"stored": n, "reused": n})`.
+    `group`: (group id, group name) of the group backup it is a member of; its parent is
+    then found among that group's backups (docs/lineage.md, "Groups").
     """
     session.keep_reserve()   # a full disk stops it with the room kept for delete and gc
     started = time.monotonic()
-    run: dict = {"volume": source_name, "record": None}
+    run: dict = {"volume": source_name, "record": None, "group": group}
     try:
         result = _create_backup(session, open_source, run, incremental=incremental, name=name,
-                                description=description, labels=labels, progress=progress)
+                                description=description, labels=labels, progress=progress,
+                                group=group)
     except BaseException as e:
-        payload = _failed_payload(session, run, e)
-        session.events.emit(ev.CREATE_ERROR, payload)
-        _record_metrics(session, run["volume"], started, ok=False)
+        report_failure(session, run, e, started)
         raise
     session.events.emit(ev.CREATE_END, result.record)
     _record_metrics(session, result.record["volume_name"], started, ok=True, stats=result.stats)
     return result
+
+
+def report_failure(session: Session, run: dict, e: BaseException, started: float) -> None:
+    """backup.create.error and the metrics of a failed backup; `run`: {"volume": its
+    name, "record": its row or None, "group": (group id, name) or None}."""
+    session.events.emit(ev.CREATE_ERROR, _failed_payload(session, run, e))
+    _record_metrics(session, run["volume"], started, ok=False)
 
 
 def _failed_payload(session: Session, run: dict, e: BaseException) -> dict:
@@ -79,8 +89,10 @@ def _failed_payload(session: Session, run: dict, e: BaseException) -> dict:
     except Exception:  # noqa: BLE001 - the catalog itself may be what failed
         rec = {**to_record(rec), "status": Status.ERROR, "fail_reason": reason(e)}
     if rec is None:
+        group_id, group_name = run.get("group") or (None, None)
         rec = to_record(as_record({}, volume_name=run["volume"], status=Status.ERROR,
-                                  fail_reason=reason(e)[:255], labels={}))
+                                  fail_reason=reason(e)[:255], labels={},
+                                  group_id=group_id, group_name=group_name))
     return {**rec, "reason": reason(e)}
 
 
@@ -98,7 +110,7 @@ def _record_metrics(session: Session, volume: str | None, started: float, *, ok:
 
 def _create_backup(session: Session, open_source: SourceFactory, run: dict, *, incremental: bool,
                    name: str | None, description: str | None, labels: dict[str, str] | None,
-                   progress) -> CreateResult:
+                   progress, group: tuple[str, str] | None) -> CreateResult:
     backup_id = str(uuid.uuid4())
     with ExitStack() as stack:
         stack.enter_context(session.shared_lock())
@@ -113,7 +125,9 @@ def _create_backup(session: Session, open_source: SourceFactory, run: dict, *, i
                                 .acquire(session.wait))
             run["volume"] = ident.volume_name
             recover_dead_runs(session)
-            parent = (choose_parent(cat.candidates(ident.volume_id), ident.snapshot_time)
+            group_id, group_name = group or (None, None)
+            parent = (choose_parent(cat.candidates(ident.volume_id, group_name),
+                                    ident.snapshot_time)
                       if incremental else None)
             now = now_iso()
             record: BackupRecord = {
@@ -126,6 +140,7 @@ def _create_backup(session: Session, open_source: SourceFactory, run: dict, *, i
                 "updated_at": now, "status": Status.CREATING, "fail_reason": None, "size": None,
                 "block_size": repo.block_size, "stored_bytes": 0, "num_dependent_backups": 0,
                 "labels": dict(labels or {}), "protected": False,
+                "group_id": group_id, "group_name": group_name,
             }
             cat.insert(record, Status.CREATING)
             run["record"], run["parent"] = record, parent
@@ -206,12 +221,14 @@ def _write_backup(session: Session, source: Source, file: FileBlocks, record: Ba
 
 def select_source(config: Config, *, volume: str | None = None, snapshot: str | None = None,
                   device: str | None = None, force: bool = False,
-                  keep_snapshot: bool | None = None) -> tuple[SourceFactory, str | None]:
+                  keep_snapshot: bool | None = None,
+                  quiesce: Quiesce | None = None) -> tuple[SourceFactory, str | None]:
     """The source `create` and `run` back up: an LVM snapshot (of `volume`, if given), an
     LVM volume (through a temporary snapshot with `force`), or a device or image file.
     Returns its factory and the name it goes by before it is opened (for metrics and the
     error event of a source that cannot be opened). `keep_snapshot` unset: the
-    configuration's `keep_snapshot:` for a volume read through its own snapshot."""
+    configuration's `keep_snapshot:` for a volume read through its own snapshot.
+    `quiesce` unset: the configuration's pre_snapshot and post_snapshot commands."""
     if device and (volume or snapshot):
         raise UsageError("--device cannot be combined with --volume or --snapshot")
     if keep_snapshot and not volume or keep_snapshot and snapshot:
@@ -223,11 +240,19 @@ def select_source(config: Config, *, volume: str | None = None, snapshot: str | 
         return snapshot_source(snapshot, volume, lock_dir=config.lock_dir), None
     if volume:
         return (volume_source(volume, force=force, snapshot_size=config.temp_snapshot_size,
-                              lock_dir=config.lock_dir, keep_snapshot=keep_snapshot),
+                              lock_dir=config.lock_dir, keep_snapshot=keep_snapshot,
+                              quiesce=quiesce or quiesce_of(config)),
                 volume.removeprefix("/dev/") if "/" in volume else None)
     if device:
         return device_source(device), os.path.realpath(device)
     raise UsageError("give the source: --volume VG/LV, --snapshot VG/SNAP or --device PATH")
+
+
+def quiesce_of(config: Config, pre: tuple[str, ...] | None = None,
+               post: tuple[str, ...] | None = None) -> Quiesce:
+    """The quiesce commands: `pre` and `post` (a job's), else the configuration's."""
+    return Quiesce(pre=pre or config.pre_snapshot, post=post or config.post_snapshot,
+                   warn=ev.stderr_warning)
 
 
 def newest_snapshot(origin_spec: str) -> tuple[lvm.LogicalVolume, lvm.LogicalVolume]:

@@ -34,7 +34,8 @@ from ..session import Session
 from ..volumes import lvm
 from ..volumes.sources import SourceFactory
 from .copy import copy_backups
-from .create import create_backup, newest_snapshot, select_source
+from .create import create_backup, newest_snapshot, quiesce_of, select_source
+from .groups import create_group
 from .prune import prune
 
 # Worst last: a locked run (retry later) is less alarming than a failure, an error that
@@ -95,7 +96,9 @@ def _source(session: Session, job: Job) -> tuple[SourceFactory, str, str, str | 
     if job.volume is not None:
         vol = lvm.find_lv(job.volume)
         factory, _ = select_source(session.config, volume=job.volume, force=job.force,
-                                   keep_snapshot=job.keep_snapshot)
+                                   keep_snapshot=job.keep_snapshot,
+                                   quiesce=quiesce_of(session.config, job.pre_snapshot,
+                                                      job.post_snapshot))
         return factory, vol.uuid, vol.full_name, None
     assert job.snapshot_of is not None
     origin, snap = newest_snapshot(job.snapshot_of)
@@ -114,10 +117,13 @@ def run_job(session: Session, job: Job, *, progress: ProgressFactory | None = No
     started = time.monotonic()
     result: dict = {"job": job.name, "source": job.source, "status": "failed",
                     "exit_code": EXIT_FAILED, "error": None, "kind": None, "why": None,
-                    "backup": None, "pruned": [], "reparented": [], "copied": [],
-                    "duration_seconds": None}
+                    "backup": None, "group": None, "pruned": [], "reparented": [],
+                    "copied": [], "duration_seconds": None}
     stage = "backup"
     try:
+        if job.volumes:
+            _run_group(session, job, result, progress, log)
+            return result
         factory, volume_key, volume_name, skip = _source(session, job)
         if skip:
             result.update(status="skipped", exit_code=EXIT_OK, why=skip)
@@ -154,6 +160,42 @@ def run_job(session: Session, job: Job, *, progress: ProgressFactory | None = No
     if result["error"]:
         log(f"job {job.name}: FAILED: {result['error']}")
     return result
+
+
+def _run_group(session: Session, job: Job, result: dict, progress: ProgressFactory | None,
+               log: Callable[[str], None]) -> None:
+    """A job with `volumes:`: a group backup named after the job, whose kind follows the
+    backups of its first volume in the group; its retention keeps or drops whole groups."""
+    first = lvm.find_lv(job.volumes[0])
+    history = [b for b in session.catalog.group(job.name) if b["volume_id"] == first.uuid]
+    incremental, why = full_or_incremental(job, history)
+    result.update(kind="incremental" if incremental else "full", why=why)
+    log(f"job {job.name}: backing up the group {', '.join(job.volumes)}: {why}")
+    group = create_group(
+        session, job.name, list(job.volumes), incremental=incremental, force=job.force,
+        keep_snapshot=bool(job.keep_snapshot if job.keep_snapshot is not None
+                           else session.config.keep_snapshot),
+        labels={**job.labels, JOB_LABEL: job.name},
+        quiesce=quiesce_of(session.config, job.pre_snapshot, job.post_snapshot),
+        progress=progress)
+    result["group"] = group
+    result["backup"] = group["backups"][0]
+    if job.keep is not None:
+        try:
+            report = prune(session, job.keep, volumes=[first.uuid],
+                           labels={JOB_LABEL: job.name})
+        except LvbackupError as e:
+            raise LvbackupError(f"the backup succeeded, but retention failed: {e}") from None
+        result["pruned"] = report["deleted"]
+        result["reparented"] = report["reparented"]
+    if job.copy_to is not None:
+        ids = [b["id"] for b in group["backups"]]
+        try:
+            result["copied"] = copy_backups(session, job.copy_to, ids, False, None).copied
+        except LvbackupError as e:
+            raise LvbackupError(f"the backup succeeded, but the copy to {job.copy_to} "
+                                f"failed: {e}") from None
+    result.update(status="ok", exit_code=EXIT_OK)
 
 
 def run_jobs(session: Session, names: list[str] | tuple[str, ...] = (), *,

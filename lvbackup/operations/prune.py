@@ -33,6 +33,12 @@ def prune(session: Session, policy: Policy, *, volumes: list[str] | None = None,
         names = list(volumes or [])
         names += [os.path.realpath(v) for v in names if os.path.exists(v)]
         rows = cat.list(volumes=names, status=Status.AVAILABLE, labels=labels)
+        # A group backup is kept or dropped as a whole: its members outside the selection
+        # are decided with it.
+        seen = {r["id"] for r in rows}
+        for group_id in sorted({r["group_id"] or "" for r in rows} - {""}):
+            rows += [m for m in cat.group(group_id)
+                     if m["id"] not in seen and m["status"] == Status.AVAILABLE]
         plan = select(rows, policy)
         by_id = {r["id"]: r for r in rows}
         for bid, why in plan.keep.items():

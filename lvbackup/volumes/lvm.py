@@ -281,6 +281,35 @@ def deactivate(lv: LogicalVolume) -> None:
 # that makes LVM's record of changes unusable, is a ChangeTrackingError, on which the
 # caller reads the whole volume instead.
 
+def dm_device_name(lv: LogicalVolume) -> str:
+    """The device-mapper name of `lv` (what dmsetup takes)."""
+    return _dm_name(lv.vg, lv.name)
+
+
+# A consistency group's instant (lvbackup.volumes.freeze): with its filesystem frozen, a member's
+# device is suspended without a second freeze (--nolockfs). lvcreate then finds the origin
+# suspended already, takes the snapshot without suspending it again (which would freeze the
+# filesystem again: EBUSY on a frozen one before Linux 6.8), and resumes it; the writes the
+# other members would take wait until their own snapshot is taken.
+def hold_io(dm_name: str) -> None:
+    _run(["dmsetup", "suspend", "--nolockfs", _dm_checked(dm_name)], f"suspending {dm_name}")
+
+
+def release_io(vg: str) -> list[str]:
+    """Resume every suspended device of `vg`: those hold_io suspended and lvcreate did not
+    resume (a snapshot that failed). Pools first: a thin volume resumes over a running
+    pool. The names resumed."""
+    out = _run(["dmsetup", "info", "-c", "--noheadings", "--separator", ":", "-o",
+                "name,suspended"], "listing device-mapper devices")
+    prefix = vg.replace("-", "--") + "-"
+    held = [name for name, _, state in (ln.strip().rpartition(":") for ln in out.splitlines())
+            if name.startswith(prefix) and state.lower() == "suspended"]
+    held.sort(key=lambda n: not n.endswith(("-tpool", "_tdata", "_tmeta")))
+    for name in held:
+        _run(["dmsetup", "resume", _dm_checked(name)], f"resuming {name}")
+    return held
+
+
 def _dm_name(vg: str, lv: str) -> str:
     """device-mapper's name for VG/LV: each dash in either name doubled, then joined by one."""
     return f"{vg.replace('-', '--')}-{lv.replace('-', '--')}"

@@ -21,6 +21,7 @@ from ..base.locks import run_is_alive
 from ..base.timeutil import now_iso
 from ..events import stderr_warning
 from . import lvm
+from .quiesce import Quiesce, quiesced
 
 # Fixed namespace so that the same path always maps to the same volume id.
 _DEVICE_NAMESPACE = uuid.UUID("5b0f9d3e-6c55-4b8e-9a8e-2f6f3f1c7d10")
@@ -219,10 +220,12 @@ def snapshot_source(spec: str, volume: str | None = None, lock_dir=None) -> Sour
 
 
 def volume_source(spec: str, *, force: bool, snapshot_size: str | None,
-                  lock_dir, keep_snapshot: bool = False) -> SourceFactory:
+                  lock_dir, keep_snapshot: bool = False,
+                  quiesce: Quiesce | None = None) -> SourceFactory:
     """An LVM volume: read directly when closed, through a temporary snapshot with --force
     when open (docs/lineage.md, rule 3). With `keep_snapshot`, always through a snapshot,
-    which a successful backup keeps as the volume's base for the next incremental."""
+    which a successful backup keeps as the volume's base for the next incremental.
+    `quiesce`: the commands run around the taking of that snapshot."""
     @contextmanager
     def open_source(run_id: str, begin: Begin) -> Iterator[Source]:
         lv, vg_lvs = lvm.lookup(spec)
@@ -242,17 +245,24 @@ def volume_source(spec: str, *, force: bool, snapshot_size: str | None,
                 yield source
             return
         remove_extra_bases(vg_lvs, lv)
-        with _active(lv), temporary_snapshot(lv, run_id, snapshot_size, keep_snapshot) as snap:
-            yield replace(source, path=snap.path, data_timestamp=snap.time or now_iso(),
-                          check=_still_valid(snap), lv=snap)
+        with _active(lv):
+            with quiesced(quiesce):
+                snap = make_temporary_snapshot(lv, run_id, snapshot_size)
+            with held_snapshot(lv, snap, keep_snapshot):
+                yield snapshot_read(source, snap)
     return open_source
 
 
-@contextmanager
-def temporary_snapshot(lv: lvm.LogicalVolume, run_id: str, size: str | None,
-                       keep: bool = False) -> Iterator[lvm.LogicalVolume]:
-    """A tagged snapshot of `lv`, active for reading and removed afterwards; with `keep`,
-    kept instead if the block ends without an error, as the volume's only base."""
+def snapshot_read(source: Source, snap: lvm.LogicalVolume) -> Source:
+    """`source`, a volume, as read through its temporary snapshot `snap`."""
+    return replace(source, path=snap.path, data_timestamp=snap.time or now_iso(),
+                   check=_still_valid(snap), lv=snap)
+
+
+def make_temporary_snapshot(lv: lvm.LogicalVolume, run_id: str,
+                            size: str | None) -> lvm.LogicalVolume:
+    """A snapshot of `lv` tagged as lvbackup's, of run `run_id` (the next run removes it
+    if this one dies: `remove_leftover_snapshots`)."""
     name = f"{lv.name[:80]}_lvbackup_{run_id[:8]}"
     try:
         snap = lvm.create_snapshot(lv, name, None if lv.is_thin else size,
@@ -273,6 +283,15 @@ def temporary_snapshot(lv: lvm.LogicalVolume, run_id: str, size: str | None,
         with contextlib.suppress(lvm.LvmError):  # it was not created after all
             lvm.remove_lv(f"{lv.vg}/{name}")
         raise
+    return snap
+
+
+@contextmanager
+def held_snapshot(lv: lvm.LogicalVolume, snap: lvm.LogicalVolume,
+                  keep: bool = False) -> Iterator[lvm.LogicalVolume]:
+    """`snap`, lvbackup's temporary snapshot of `lv`, active for the block and removed
+    after it; with `keep`, kept instead if the block ends without an error, as the
+    volume's only base."""
     kept = False
     try:
         if not snap.is_active:
