@@ -11,10 +11,17 @@
   `s3_bucket`: a bucket in it shared by the session (tests use their own prefixes).
 
 Helpers live in tests/support.py.
+
+Slow tests: a test is marked `slow` (left out of the fast run, README.md) when
+tests/durations.json records it taking more than SLOW_SECONDS. A run with
+LVBACKUP_STORE_DURATIONS=1 writes the durations it measured into that file (the others
+kept), as pytest-split stores its own: run it after adding or changing tests.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +30,31 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import support  # noqa: E402
+
+DURATIONS = Path(__file__).with_name("durations.json")
+SLOW_SECONDS = 1.0
+_measured: dict[str, float] = {}
+
+
+def _recorded() -> dict[str, float]:
+    return json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    recorded = _recorded()
+    for item in items:
+        if recorded.get(item.nodeid, 0.0) > SLOW_SECONDS:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _measured[report.nodeid] = _measured.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if os.environ.get("LVBACKUP_STORE_DURATIONS") == "1" and _measured:
+        durations = {**_recorded(), **{k: round(v, 3) for k, v in _measured.items()}}
+        DURATIONS.write_text(json.dumps(dict(sorted(durations.items())), indent=0) + "\n")
 
 
 @pytest.fixture(autouse=True, scope="session")
