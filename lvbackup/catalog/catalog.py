@@ -123,22 +123,23 @@ def m002_labels_protection(db: sqlite_utils.Database) -> None:
         db.execute("ALTER TABLE backups ADD COLUMN protected INTEGER DEFAULT 0")
 
 
-@migrations()
-def m003_change_tracking(db: sqlite_utils.Database) -> None:
+def _add_columns(db: sqlite_utils.Database, columns: dict[str, type]) -> sqlite_utils.db.Table:
     table = db.table("backups")
     have = set(table.columns_dict)
-    for name, kind in _V3_COLUMNS.items():
+    for name, kind in columns.items():
         if name not in have:
             table.add_column(name, kind)
+    return table
+
+
+@migrations()
+def m003_change_tracking(db: sqlite_utils.Database) -> None:
+    _add_columns(db, _V3_COLUMNS)
 
 
 @migrations()
 def m004_groups(db: sqlite_utils.Database) -> None:
-    table = db.table("backups")
-    have = set(table.columns_dict)
-    for name, kind in _V4_COLUMNS.items():
-        if name not in have:
-            table.add_column(name, kind)
+    table = _add_columns(db, _V4_COLUMNS)
     table.create_index(["group_id"], if_not_exists=True)
     table.create_index(["group_name"], if_not_exists=True)
 

@@ -36,6 +36,7 @@ from ..volumes.sources import (
     remove_extra_bases,
     remove_leftover_snapshots,
     snapshot_read,
+    volume_to_back_up,
 )
 from ..volumes.targets import is_lv_name
 from .create import create_backup, report_failure
@@ -118,15 +119,9 @@ def _create_group(session: Session, name: str, specs: list[str], *, incremental:
 def _members(session: Session, specs: list[str], force: bool) -> list[lvm.LogicalVolume]:
     lvs = []
     for spec in specs:
-        lv, vg_lvs = lvm.lookup(spec)
-        if lv.is_snapshot:
-            raise UsageError(f"{lv.full_name} is a snapshot; a group backs up volumes")
-        if lv.segtype == "thin-pool":
-            raise UsageError(f"{lv.full_name} is a thin pool, not a volume")
-        if lv.is_open and not force:
-            raise UsageError("Backing up an in-use volume must use the force flag. "
-                             f"({lv.full_name} is open; pass --force to back the group up "
-                             "through snapshots taken at one instant)")
+        lv, vg_lvs = volume_to_back_up(
+            spec, force, snapshot_hint="a group backs up volumes",
+            force_hint="back the group up through snapshots taken at one instant")
         remove_leftover_snapshots(vg_lvs, session.lock_dir)
         lvs.append(lv)
     return lvs

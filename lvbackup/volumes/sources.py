@@ -228,15 +228,8 @@ def volume_source(spec: str, *, force: bool, snapshot_size: str | None,
     `quiesce`: the commands run around the taking of that snapshot."""
     @contextmanager
     def open_source(run_id: str, begin: Begin) -> Iterator[Source]:
-        lv, vg_lvs = lvm.lookup(spec)
-        if lv.is_snapshot:
-            raise UsageError(f"{lv.full_name} is a snapshot; back it up with --snapshot")
-        if lv.segtype == "thin-pool":
-            raise UsageError(f"{lv.full_name} is a thin pool, not a volume")
-        if lv.is_open and not force:
-            raise UsageError("Backing up an in-use volume must use the force flag. "
-                             f"({lv.full_name} is open; pass --force to read it through a "
-                             "temporary snapshot)")
+        lv, vg_lvs = volume_to_back_up(spec, force, snapshot_hint="back it up with --snapshot",
+                                       force_hint="read it through a temporary snapshot")
         source = Source(path=lv.path, volume_id=lv.uuid, volume_name=lv.full_name, lv=lv)
         begin(source)
         remove_leftover_snapshots(vg_lvs, lock_dir)
@@ -322,6 +315,21 @@ def remove_extra_bases(vg_lvs: list[lvm.LogicalVolume], origin: lvm.LogicalVolum
         if keep is None or old.uuid != keep.uuid:
             with contextlib.suppress(lvm.LvmError):  # busy, or gone: the next run retries
                 lvm.remove_lv(old)
+
+
+def volume_to_back_up(spec: str, force: bool, *, snapshot_hint: str, force_hint: str
+                      ) -> tuple[lvm.LogicalVolume, list[lvm.LogicalVolume]]:
+    """The volume `spec` names and its VG's volumes; a snapshot, a thin pool or (without
+    `force`) an open volume refused, the line ending with the hint for the case."""
+    lv, vg_lvs = lvm.lookup(spec)
+    if lv.is_snapshot:
+        raise UsageError(f"{lv.full_name} is a snapshot; {snapshot_hint}")
+    if lv.segtype == "thin-pool":
+        raise UsageError(f"{lv.full_name} is a thin pool, not a volume")
+    if lv.is_open and not force:
+        raise UsageError("Backing up an in-use volume must use the force flag. "
+                         f"({lv.full_name} is open; pass --force to {force_hint})")
+    return lv, vg_lvs
 
 
 def remove_leftover_snapshots(vg_lvs: list[lvm.LogicalVolume], lock_dir) -> list[str]:
