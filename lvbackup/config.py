@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -406,6 +406,11 @@ def _sample(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= 100:
         raise ConfigError(f"config key 'change_sample' must be a percentage from {low} to 100")
     return float(value)
+
+
+def pinned(config: Config, when: float) -> Config:
+    """The configuration that reads the repository as it stood at `when` (--as-of)."""
+    return replace(config, s3=replace(config.s3, as_of=when))
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:

@@ -509,3 +509,50 @@ def test_run_extends_the_locks(gov, tmp_path, s3server):
                if latest and not name.startswith(("locks/", "index-changes"))]
     assert len(current) >= n
     assert all(until > horizon for _, until in current), current
+
+
+def test_a_map_as_of_serves_the_backup_as_it_stood_then(wd, tmp_path, s3server, monkeypatch):
+    """`map` under --as-of (after an attack): its nbdkit server reads every object as of the
+    same time. operations/nbd.map_backup() runs whole but for the kernel's part, which this
+    host has not (tests/lvm/test_map.py attaches for real); the served image is read
+    through the server's socket."""
+    import os
+    import signal
+
+    from nbdclient import NbdClient
+
+    from lvbackup.config import load_config, pinned
+    from lvbackup.nbd import devices
+    from lvbackup.nbd import registry as reg
+    from lvbackup.operations import nbd
+    from lvbackup.session import Session
+
+    wd.init()
+    disk = tmp_path / "disk.img"
+    image = make_image(disk, 2, seed=31)
+    rec = wd.create(disk)
+    before = a_second_boundary()
+    attack(s3server, wd)
+    host = fresh_host(wd, tmp_path / "new-host")
+    assert host.run("--as-of", before, "catalog", "rebuild").returncode == 0
+    when = datetime.strptime(before, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    monkeypatch.setattr(devices, "load_module", lambda: None)
+    monkeypatch.setattr(devices, "free_devices", lambda: ["/dev/nbd99"])
+    monkeypatch.setattr(devices, "attach", lambda *args, **kwargs: None)
+    session = Session(pinned(load_config(str(host.config)), when))
+    pids = []
+    try:
+        nbd.map_backup(session, rec["id"])
+        (record,) = reg.records(session.lock_dir)
+        pids.append(record["pid"])
+        cmdline = Path(f"/proc/{record['pid']}/cmdline").read_bytes().split(b"\0")
+        assert f"as_of={when!r}".encode() in cmdline
+        client = NbdClient(str(Path(record["run_dir"]) / "socket"))
+        try:
+            assert client.pread(0, len(image)) == (0, image)
+        finally:
+            client.close()
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        session.close()

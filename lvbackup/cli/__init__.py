@@ -68,8 +68,8 @@ class App:
             from ..config import load_config
             self._config = load_config(self.config_path)
             if self.as_of is not None:
-                from ..operations import as_of
-                self._config = as_of.pinned(self._config, self.as_of)
+                from ..config import pinned
+                self._config = pinned(self._config, self.as_of)
         return self._config
 
     def session(self, wait: float = 0.0) -> Session:

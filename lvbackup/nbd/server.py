@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..base.errors import LvbackupError
 from ..base.secretenv import drop_secrets_from_process
-from ..config import Config, load_config
+from ..config import Config, load_config, pinned
 from ..datapath.reader import BackupReader
 from ..repository import lease
 from ..repository.repo import Repository
@@ -33,6 +33,7 @@ class Export:
     # no secret is ever on nbdkit's command line; the environment's are dropped once the
     # repository is open.
     PARAMETERS: tuple[str, ...] = ("config", "backup", "lock")
+    OPTIONAL: tuple[str, ...] = ("as_of",)      # --as-of's time, seconds since the epoch
     writable = False
 
     def __init__(self) -> None:
@@ -45,9 +46,9 @@ class Export:
         self._lock_fd: int | None = None
 
     def config(self, key: str, value: str) -> None:
-        if key not in self.PARAMETERS:
+        if key not in self.PARAMETERS + self.OPTIONAL:
             raise ValueError(f"unknown parameter {key}= (expected "
-                             f"{', '.join(self.PARAMETERS)})")
+                             f"{', '.join(self.PARAMETERS + self.OPTIONAL)})")
         self.params[key] = value
 
     def config_complete(self) -> None:
@@ -60,6 +61,8 @@ class Export:
         open the repository and the backup's manifest."""
         self._lock_fd = hold(Path(self.params["lock"]))
         self.settings = load_config(self.params["config"] or None)
+        if "as_of" in self.params:
+            self.settings = pinned(self.settings, float(self.params["as_of"]))
         self._repo = open_repository(self.settings)
         # The server runs for days and needs no secret again (the store's client holds its
         # credentials, the codec the master key): nothing it starts or dumps shows them.

@@ -8,7 +8,6 @@ write that would still reach it.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from datetime import UTC, datetime
 
@@ -56,11 +55,6 @@ def refuse_writer(path: str) -> None:
         raise UsageError(f"--as-of opens the repository read-only: '{path}' writes it; "
                          "only list, show, restore, verify, map, mount, copy (from it) and "
                          "catalog rebuild (into a new catalog) run")
-
-
-def pinned(config: Config, when: float) -> Config:
-    """The configuration that reads the repository as of `when`."""
-    return dataclasses.replace(config, s3=dataclasses.replace(config.s3, as_of=when))
 
 
 def check_new_catalog(config: Config) -> None:

@@ -107,7 +107,9 @@ def start(session: Session, record: MapRecord, export: dict[str, str] | None = N
         # Absolute: nbdkit runs from / once in the background.
         "config": "" if config.source == "defaults" else os.path.abspath(config.source),
         "backup": record["backup_id"],
-        "lock": str(reg.lock_path(lock_dir, record["map_id"]))}, overlay,
+        "lock": str(reg.lock_path(lock_dir, record["map_id"])),
+        # --as-of: the server reads the repository as it stood then, as this command does.
+        **({"as_of": repr(config.s3.as_of)} if config.s3.as_of is not None else {})}, overlay,
         writable=export is not None and record["writable"])
     reg.save(lock_dir, record)
     candidates = [d for d in devices.free_devices()
