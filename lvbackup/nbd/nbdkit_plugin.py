@@ -1,6 +1,9 @@
 """The script nbdkit's Python plugin runs to serve a mapped backup:
 
     nbdkit python .../nbdkit_plugin.py python=3.11 path=DIRS config=FILE backup=ID lock=FILE
+        [as_of=SECONDS]
+
+(`as_of=`: the repository as it stood then, for a map under --as-of.)
 
 nbdkit embeds its own Python, so this file is loaded as a script, not as part of the
 lvbackup package: `python=` must match the version it runs under (the interpreter lvbackup
