@@ -197,3 +197,34 @@ def test_the_next_run_removes_what_killed_runs_left_and_finds_parents_in_its_gro
     assert not any(is_frozen(m) for m in site.mounts.values())
     # Each member's parent: the same volume's backup in the group's earlier backup.
     assert [b["parent_id"] for b in doc["backups"]] == [b["id"] for b in site.first["backups"]]
+
+
+def test_restore_group_removes_what_it_created_when_a_member_fails(site):
+    """All or nothing: with room in the VG for one member's new LV only, the second
+    member's restore fails and the first's LV, made by this restore, is removed."""
+    vg, lvb = site.vg, site.lvb
+    free = int(vg.lvm("vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free",
+                      vg.name).strip())
+    vg.lvm("lvcreate", "-q", "-y", "-L", f"{(free - SIZE - SIZE // 2) // MiB}m", "-n",
+           "filler", vg.name)
+    try:
+        p = lvb.parallel(("restore", "--group", site.first["group_id"]))[0]
+        assert_refused(p, "insufficient free space", code=1)
+        assert [r["lv_name"] for r in vg.lvs() if r["lv_name"].startswith("restore_")] == []
+    finally:
+        vg.lvm("lvremove", "-q", "-y", f"{vg.name}/filler")
+
+
+def test_a_group_job_backs_its_volumes_up_as_one_group(site):
+    """`volumes:` in a job makes `lvbackup run` back them up as a group named after it."""
+    jobs = Lvb(site.tmp / "jobs", repository=str(site.tmp / "lvb" / "repo"),
+               catalog=str(site.tmp / "lvb" / "catalog.db"),
+               jobs={"nightly": {"volumes": site.group, "force": True, "incremental": True}})
+    done = ok_json(jobs.parallel(("--json", "run"))[0])
+    assert done["exit_code"] == 0 and [j["status"] for j in done["jobs"]] == ["ok"], done
+    members = ok_json(jobs.parallel(("--json", "list", "--group", "nightly"))[0])
+    assert sorted(m["volume_name"] for m in members) == sorted(site.group), members
+    assert {m["group_name"] for m in members} == {"nightly"}
+    assert len({m["group_id"] for m in members}) == 1
+    assert temp_snapshots(site.vg) == []
+    assert not any(is_frozen(m) for m in site.mounts.values())
