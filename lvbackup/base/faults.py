@@ -2,7 +2,8 @@
 
 `LVBACKUP_FAULT=POINT[:N]` makes the process SIGKILL itself the N-th time (default: the
 first) it reaches `crash_point(POINT)`: a real crash at an exact step, as kill -9 would do
-at a lucky moment. `POINT:N:TERM` sends SIGTERM instead, which lvbackup unwinds from.
+at a lucky moment. `POINT:N:TERM` sends SIGTERM instead, which lvbackup unwinds from;
+`POINT:N:STOP` sends SIGSTOP (a hung process, until the test sends SIGCONT).
 Unset, a crash point costs a string comparison and a set lookup; a point the code names
 that POINTS does not list raises, and so does an LVBACKUP_FAULT that names none.
 """
@@ -78,6 +79,7 @@ def dropping_changes() -> bool:
 
 
 _KNOWN = frozenset(POINTS)
+_SIGNALS = {"TERM": signal.SIGTERM, "STOP": signal.SIGSTOP}
 
 
 def crash_point(name: str) -> None:
@@ -89,4 +91,4 @@ def crash_point(name: str) -> None:
     with _lock:
         _seen += 1
         if _seen == int(_NTH or 1):
-            os.kill(os.getpid(), signal.SIGTERM if _SIGNAL == "TERM" else signal.SIGKILL)
+            os.kill(os.getpid(), _SIGNALS.get(_SIGNAL, signal.SIGKILL))

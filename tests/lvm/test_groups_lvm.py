@@ -11,9 +11,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -226,5 +228,33 @@ def test_a_group_job_backs_its_volumes_up_as_one_group(site):
     assert sorted(m["volume_name"] for m in members) == sorted(site.group), members
     assert {m["group_name"] for m in members} == {"nightly"}
     assert len({m["group_id"] for m in members}) == 1
+    assert temp_snapshots(site.vg) == []
+    assert not any(is_frozen(m) for m in site.mounts.values())
+
+
+def test_a_hung_run_is_thawed_at_freeze_timeout_and_fails(site):
+    """lvbackup stopped (SIGSTOP) with every member frozen, as a hung lvcreate would hold
+    it: the watchdog thaws at freeze_timeout; resumed, the run fails saying so and leaves
+    no snapshot."""
+    hung = Lvb(site.tmp / "hung", repository=str(site.tmp / "lvb" / "repo"),
+               catalog=str(site.tmp / "lvb" / "catalog.db"), freeze_timeout=3)
+    p = hung.start(*group_args(site, "hung"),
+                   env={**os.environ, "LVBACKUP_FAULT": "group-frozen:1:STOP"})
+    try:
+        deadline = time.monotonic() + 300
+        # Stopped at the crash point, its filesystems frozen (polling them before could
+        # race the freeze itself).
+        while Path(f"/proc/{p.pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+            assert time.monotonic() < deadline and p.poll() is None, "never stopped"
+            time.sleep(0.1)
+        while any(is_frozen(m) for m in site.mounts.values()):
+            assert time.monotonic() < deadline, "still frozen past freeze_timeout"
+            time.sleep(0.2)
+        assert p.poll() is None, "the run was to be stopped, not ended"
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    out, err = p.communicate(timeout=600)
+    assert_refused(subprocess.CompletedProcess(p.args, p.returncode, out, err),
+                   "freeze_timeout", code=1)
     assert temp_snapshots(site.vg) == []
     assert not any(is_frozen(m) for m in site.mounts.values())
