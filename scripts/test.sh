@@ -19,7 +19,8 @@ step() {
 }
 
 vm_log=$(mktemp --tmpdir lvbackup-vm-tests.XXXXXX)
-tests/vm/run-lvm-tests --durations=20 >"$vm_log" 2>&1 &
+# The guest's time limit: past CI's expected length, short of its 90 minutes.
+LVBACKUP_VM_TIMEOUT=${LVBACKUP_VM_TIMEOUT:-4800} tests/vm/run-lvm-tests --durations=20 >"$vm_log" 2>&1 &
 vm_pid=$!
 trap 'kill "$vm_pid" 2>/dev/null; rm -f "$vm_log"' EXIT
 
