@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from lvbackup import lvm
 from lvbackup.base.errors import ChangeTrackingError, UsageError
-from lvbackup.volumes import lvm
 
 
 @pytest.fixture

@@ -454,7 +454,7 @@ def test_cancel_of_a_restore_onto_an_existing_lv_needs_force(served):
 
 
 def test_dmsetup_open_counts_are_read_by_exact_name():
-    from lvbackup.volumes import lvm
+    from lvbackup import lvm
     out = ("lvbackup-restore-vg-lv:1\nlvbackup-restore-vg-lv2:0\nodd:name:with:colons:3\n")
     assert lvm._parse_open_count(out, "lvbackup-restore-vg-lv") == 1
     assert lvm._parse_open_count(out, "lvbackup-restore-vg-lv2") == 0

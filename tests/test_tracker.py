@@ -11,11 +11,11 @@ from collections.abc import Iterator
 import pytest
 from test_datapath import BS, backup, restored
 
+from lvbackup import lvm
 from lvbackup.base.errors import ChangeTrackingError
 from lvbackup.config import ConfigError, load_config
 from lvbackup.datapath.blockmap import FileBlocks, Kind, Run
 from lvbackup.repository.repo import Repository
-from lvbackup.volumes import lvm
 from lvbackup.volumes.changes.tracker import (
     SAMPLE_CAP_BYTES,
     SAMPLE_MIN_BLOCKS,

@@ -22,12 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import events as ev
-from .. import metrics
+from .. import lvm, metrics
 from ..base.errors import LvbackupError
 from ..base.faults import crash_point
 from ..base.timeutil import now_iso
 from ..datapath.reader import BackupReader
-from ..volumes import lvm
 from . import devices
 from . import registry as reg
 from .hydrate import (

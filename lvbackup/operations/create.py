@@ -10,6 +10,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 from .. import events as ev
+from .. import lvm
 from ..base.errors import CorruptionError, LvbackupError, UsageError
 from ..base.lifecycle import Status
 from ..base.locks import RunLock, volume_lock
@@ -26,7 +27,6 @@ from ..datapath.blockmap import FileBlocks
 from ..metrics import best_effort, record_backup
 from ..repository.repo import Packer
 from ..session import Session, reason, recover_dead_runs
-from ..volumes import lvm
 from ..volumes.changes import tracker
 from ..volumes.quiesce import Quiesce
 from ..volumes.sources import (

@@ -18,13 +18,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
+from .. import lvm
 from ..base.errors import LvbackupError, UsageError
 from ..base.faults import crash_point
 from ..base.locks import RunLock
 from ..catalog.catalog import BackupRecord, to_record
 from ..metrics import best_effort, record_group
 from ..session import Session
-from ..volumes import lvm
 from ..volumes.freeze import frozen, thaw_leftovers
 from ..volumes.quiesce import Quiesce, quiesced
 from ..volumes.sources import (

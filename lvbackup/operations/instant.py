@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from .. import events as ev
+from .. import lvm
 from ..base.errors import CorruptionError, LvbackupError, NotFoundError, UsageError
 from ..base.faults import crash_point
 from ..base.timeutil import now_iso
@@ -41,7 +42,6 @@ from ..nbd.hydrate import (
 from ..nbd.instant_export import release_device
 from ..nbd.registry import MapRecord
 from ..session import Session, recover_dead_runs
-from ..volumes import lvm
 from ..volumes.targets import create_volume_target, is_lv_name, lv_target
 from .nbd import new_record, start
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import lvm
 from ..base.errors import UsageError
 from ..base.lifecycle import Status
 from ..base.timeutil import utcnow
 from ..catalog.catalog import BackupRecord, to_record
 from ..session import Session
-from ..volumes import lvm
 
 
 def lv_row(lv: lvm.LogicalVolume) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
 
+from .. import lvm
 from ..base.errors import (
     EXIT_DAMAGED,
     EXIT_FAILED,
@@ -31,7 +32,6 @@ from ..base.timeutil import parse_iso, utcnow
 from ..catalog.catalog import BackupRecord
 from ..config import JOB_LABEL, Job
 from ..session import Session
-from ..volumes import lvm
 from ..volumes.sources import SourceFactory
 from .copy import copy_backups
 from .create import create_backup, newest_snapshot, quiesce_of, select_source

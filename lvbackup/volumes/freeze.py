@@ -27,10 +27,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from .. import lvm
 from ..base import proc
 from ..base.errors import LvbackupError
 from ..base.locks import pid_alive
-from . import lvm
 
 FIFREEZE = 0xC0045877   # _IOWR('X', 119, int)
 FITHAW = 0xC0045878     # _IOWR('X', 120, int)

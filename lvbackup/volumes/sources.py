@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 
+from .. import lvm
 from ..base.errors import LvbackupError, UsageError
 from ..base.locks import run_is_alive
 from ..base.timeutil import now_iso
 from ..events import stderr_warning
-from . import lvm
 from .quiesce import Quiesce, quiesced
 
 # Fixed namespace so that the same path always maps to the same volume id.

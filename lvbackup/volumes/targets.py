@@ -11,10 +11,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import lvm
 from ..base.diskio import AtomicFile, open_file
 from ..base.errors import UsageError
 from ..datapath.blockmap import source_size
-from . import lvm
 
 
 @dataclass

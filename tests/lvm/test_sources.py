@@ -174,8 +174,9 @@ def test_snapshot_overflowing_during_backup_fails_it(world, tiny):
 
 
 def test_invalid_snapshot_is_refused(world, tiny):
+    from lvbackup import lvm
     from lvbackup.base.errors import LvbackupError
-    from lvbackup.volumes import lvm, sources
+    from lvbackup.volumes import sources
 
     vg = world.vg
     if vg.lv(tiny)["lv_attr"][4] != "I":

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import xxhash
 
+from ... import lvm
 from ...base.errors import ChangeTrackingError
 from ...base.faults import crash_point, dropping_changes
 from ...base.locks import FileLock
 from ...config import DEFAULT_SAMPLE_PERCENT
 from ...datapath.blockmap import FileBlocks, Kind, Run
 from ...repository.manifest import Manifest
-from .. import lvm
 from .cow import ExceptionStore, read_exception_store
 from .ranges import Change, Extent, block_runs
 from .thin import parse_delta, parse_mappings

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ..base import proc
-from ..base.errors import ChangeTrackingError, LvbackupError, NotFoundError, UsageError
-from ..base.faults import crash_point
-from ..base.timeutil import iso
-from ..config import DEFAULT_SNAPSHOT_SIZE
+from .base import proc
+from .base.errors import ChangeTrackingError, LvbackupError, NotFoundError, UsageError
+from .base.faults import crash_point
+from .base.timeutil import iso
+from .config import DEFAULT_SNAPSHOT_SIZE
 
 # What lvbackup tags its temporary snapshots with, so a later run can find leftovers.
 TEMP_TAG = "lvbackup_temp"
