@@ -408,7 +408,9 @@ def test_lock_extension_killed_midway_completes_on_the_next_gc(gov, tmp_path, s3
     p = wd.run("gc", env={"LVBACKUP_FAULT": "lock-extended:2"})
     assert p.returncode == -9, describe(p)
     stats = wd.run_json("gc")
-    assert 0 < stats["locks_extended"] <= n - 2     # the killed run extended some
+    # The killed run extended two at least (more of its requests in flight may have
+    # reached the server before the kill); this one extends what is left.
+    assert stats["locks_extended"] <= n - 2
     horizon = datetime.now(UTC) + timedelta(days=1)
     assert all(until > horizon for name, (current, until) in retention(s3server, wd).items()
                if current and not name.startswith(("locks/", "index-changes")))
