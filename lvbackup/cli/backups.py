@@ -14,7 +14,7 @@ from ..base.units import human_size
 from ..catalog.catalog import STATUSES
 from ..operations.delete import delete_backup
 from ..operations.diff import diff_backups
-from ..operations.groups import delete_group, group_backups, one_group
+from ..operations.groups import delete_group, one_group
 from ..operations.records import export_record as export_backup_record
 from ..operations.records import import_record as import_backup_record
 from ..operations.records import list_backups, set_protected, show_backup
@@ -52,11 +52,8 @@ def list_(app: App, volume: str | None, status: str | None, mapped: bool,
         from ..operations.nbd import mapped_backups
         app.emit(mapped_backups(app.session()), print_maps)
         return
-    rows = list_backups(app.session(), volume, status, parse_labels(labels))
-    if group is not None:
-        members = {m["id"] for m in group_backups(app.session(), group)}
-        rows = [r for r in rows if r["id"] in members]
-    app.emit(rows, print_records)
+    app.emit(list_backups(app.session(), volume, status, parse_labels(labels), group),
+             print_records)
 
 
 @command()

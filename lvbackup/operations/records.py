@@ -20,6 +20,7 @@ from ..catalog.catalog import (
     to_record,
 )
 from ..session import Session, recover_dead_runs
+from .groups import group_backups
 
 
 def export_record(session: Session, backup_id: str) -> tuple[str, str]:
@@ -92,14 +93,20 @@ def set_protected(session: Session, backup_id: str, protected: bool) -> BackupRe
 
 
 def list_backups(session: Session, volume: str | None = None, status: str | None = None,
-                 labels: dict[str, str] | None = None) -> list[BackupRecord]:
-    """Backups (of a volume given by name, id or image path; in a status; with labels)."""
+                 labels: dict[str, str] | None = None, group: str | None = None
+                 ) -> list[BackupRecord]:
+    """Backups (of a volume given by name, id or image path; in a status; with labels;
+    members of the group backups a group name or id names)."""
     recover_dead_runs(session)
     names = [volume] if volume else []
     if volume and os.path.exists(volume):  # an image path as given to create --device
         names.append(os.path.realpath(volume))
-    return [to_record(r) for r in session.catalog.list(volumes=names, status=status,
+    rows = [to_record(r) for r in session.catalog.list(volumes=names, status=status,
                                                        labels=labels or {})]
+    if group is not None:
+        members = {m["id"] for m in group_backups(session, group)}
+        rows = [r for r in rows if r["id"] in members]
+    return rows
 
 
 def show_backup(session: Session, backup_id: str
